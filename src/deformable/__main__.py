@@ -1,0 +1,7 @@
+"""``python -m deformable``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""Deformable convolution layers.
+
+``DeformConv2d`` takes offsets (and a mask) from the caller, like torchvision's. ``DCNv1`` and
+``DCNv2`` are drop-ins for ``nn.Conv2d`` that own the convolution predicting their offsets (and
+modulation masks), zero-initialised so that a fresh DCNv1 computes exactly the convolution and a
+fresh DCNv2 half of it (mask = sigmoid(0) = 0.5). State-dict names follow mmcv
+(``weight``, ``bias``, ``conv_offset.weight``, ``conv_offset.bias``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from ..ops import deform_conv2d
+
+_size_2 = int | tuple[int, int]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution whose offsets (and optional mask) are given to ``forward``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as
+            ``nn.Conv2d`` (zero padding only).
+        backend: passed to :func:`deformable.ops.deform_conv2d` (None = automatic).
+
+    Shapes:
+        input [N, C_in, H, W]; offset [N, 2*G*kh*kw, H_out, W_out]; mask [N, G*kh*kw, H_out, W_out]
+        or None; output [N, C_out, H_out, W_out].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2,
+        stride: _size_2 = 1,
+        padding: _size_2 = 0,
+        dilation: _size_2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        in_channels = _positive_int(in_channels, "in_channels")
+        out_channels = _positive_int(out_channels, "out_channels")
+        groups = _positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                f"groups ({groups})"
+            )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of ``nn.Conv2d``."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        return deform_conv2d(
+            input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
+            backend=self.backend,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}"
+        )
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s
+
+
+class _OffsetPredictingConv(DeformConv2d):
+    """A deformable convolution that predicts its own offsets with ``conv_offset`` (zero-initialised)."""
+
+    #: Channels of ``conv_offset`` per (offset group, kernel tap): 2 for (dy, dx), 3 with a mask.
+    _outputs_per_tap: ClassVar[int]
+    #: Learning-rate multiplier of ``conv_offset`` used by ``deformable.models.param_groups``.
+    offset_lr_mult: float
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2,
+        stride: _size_2 = 1,
+        padding: _size_2 = 0,
+        dilation: _size_2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        offset_groups: int = 1,
+        offset_lr_mult: float | None = None,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros' (the operator pads with zeros), got {padding_mode!r}"
+            )
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+            backend=backend, device=device, dtype=dtype,
+        )  # fmt: skip
+        offset_groups = _positive_int(offset_groups, "offset_groups")
+        if in_channels % offset_groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) must be divisible by offset_groups ({offset_groups})"
+            )
+        self.offset_groups = offset_groups
+        if offset_lr_mult is not None:
+            self.offset_lr_mult = float(offset_lr_mult)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            self._outputs_per_tap * offset_groups * taps,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=True,
+            device=device,
+            dtype=dtype,
+        )
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, **kwargs) -> _OffsetPredictingConv:
+        """A layer with ``conv``'s hyper-parameters and a copy of its weight and bias.
+
+        Keyword arguments (``offset_groups``, ``backend``, ...) go to the constructor.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
+        )  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", offset_groups={self.offset_groups}"
+
+
+class DCNv1(_OffsetPredictingConv):
+    """Deformable convolution v1: a drop-in for ``nn.Conv2d`` that learns its sampling offsets.
+
+    ``conv_offset`` (same kernel, stride, padding, dilation) predicts 2*G*kh*kw offset channels in
+    the operator's layout. Zero-initialised, so a fresh layer equals the plain convolution.
+    """
+
+    _outputs_per_tap = 2
+    offset_lr_mult = 1.0
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input, self.conv_offset(input))
+
+
+class DCNv2(_OffsetPredictingConv):
+    """Modulated deformable convolution (DCNv2): a drop-in for ``nn.Conv2d``.
+
+    ``conv_offset`` predicts 3*G*kh*kw channels: the first 2*G*kh*kw are the offsets, the last
+    G*kh*kw mask logits, turned into the modulation ``mask_scale * sigmoid(logits)``. Zero-initialised:
+    a fresh layer computes ``mask_scale / 2`` times the convolution (plus the bias). ``mask_scale=2``
+    reproduces the paper's released code, which starts equal to the convolution.
+    """
+
+    _outputs_per_tap = 3
+    offset_lr_mult = 0.1
+
+    def __init__(self, *args, mask_scale: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(mask_scale, int | float) or isinstance(mask_scale, bool) or mask_scale <= 0:
+            raise ValueError(f"mask_scale must be a positive number, got {mask_scale!r}")
+        self.mask_scale = float(mask_scale)
+
+    def offsets_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor]:
+        """The predicted offsets [N, 2*G*K, H_out, W_out] and mask [N, G*K, H_out, W_out]."""
+        prediction = self.conv_offset(input)
+        split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        mask = torch.sigmoid(prediction[:, split:])
+        if self.mask_scale != 1.0:
+            mask = mask * self.mask_scale
+        return prediction[:, :split], mask
+
+    def forward(self, input: Tensor) -> Tensor:
+        offset, mask = self.offsets_and_mask(input)
+        return super().forward(input, offset, mask)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.mask_scale == 1.0 else s + f", mask_scale={self.mask_scale}"

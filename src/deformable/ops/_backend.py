@@ -1,0 +1,75 @@
+"""Backend selection for the deformable operators.
+
+Three implementations stand behind every operator:
+
+``"reference"``
+    Readable pure-PyTorch code, differentiated by autograd: the executable specification.
+``"aten"``
+    The fast vectorised path built from ATen kernels (embedding_bag gathers + a strided
+    convolution), chunked under a memory budget, with its own deterministic backward. Runs on any
+    device PyTorch runs on; it is the automatic choice on CPU.
+``"triton"``
+    Fused Triton kernels; the automatic choice for CUDA tensors when Triton is installed. With
+    ``TRITON_INTERPRET=1`` it also runs on CPU tensors through Triton's interpreter (that is how
+    CI checks it).
+
+The choice is: the ``backend=`` argument, else the ``DEFORMABLE_BACKEND`` environment variable,
+else automatic. An explicitly requested backend that cannot run raises; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "aten", "triton")
+ENV_VAR = "DEFORMABLE_BACKEND"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is never imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels are to run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton backend cannot run on ``device``, or None when it can."""
+    if not triton_available():
+        return "the 'triton' package is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreted():
+        return None
+    return f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return the concrete backend name for tensors on ``device``.
+
+    Raises:
+        ValueError: ``backend`` (or ``DEFORMABLE_BACKEND``) names no backend, or names one that
+            cannot run on ``device``.
+    """
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = ENV_VAR
+    if backend is None:
+        if device.type == "cuda" and triton_unavailable_reason(device) is None:
+            return "triton"
+        return "aten"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"{source}='triton' cannot run: {reason}")
+    return backend

@@ -1,0 +1,276 @@
+"""``deform_conv2d``: deformable convolution v1 (no mask) and v2 (modulated), any device.
+
+The public function validates its arguments, applies autocast, picks a backend and calls either the
+readable reference (plain PyTorch, autograd) or the custom op ``deformable::deform_conv2d``, whose
+forward and backward are themselves custom ops with fake kernels, so ``torch.compile(fullgraph=True)``
+traces straight through them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _aten
+from ._backend import resolve_backend
+from ._reference import deform_conv2d_reference
+
+IntPair = int | tuple[int, int]
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _implementation(backend: str):
+    """The module holding ``forward``/``backward`` of a custom-op backend."""
+    if backend == "aten":
+        return _aten
+    if backend == "triton":
+        return importlib.import_module("deformable.ops._triton.deform_conv")
+    raise ValueError(f"backend must be 'aten' or 'triton' inside the custom op, got {backend!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        value = tuple(value)
+        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        expected = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def _check_tensor(t, name: str, ndim: int, like: Tensor | None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name} must be on the input's device {like.device}, got {t.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
+
+
+def _validate(input, offset, weight, bias, stride, padding, dilation, mask):
+    """Check every argument; return (stride, padding, dilation) as pairs."""
+    _check_tensor(input, "input", 4, None)
+    _check_tensor(offset, "offset", 4, input)
+    _check_tensor(weight, "weight", 4, input)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+
+    batch, in_channels, height, width = input.shape
+    out_channels, group_in, kh, kw = weight.shape
+    if kh == 0 or kw == 0 or group_in == 0:
+        raise ValueError(
+            f"weight must have non-zero input channels and kernel size, got {tuple(weight.shape)}"
+        )
+    if in_channels % group_in:
+        raise ValueError(
+            f"input channels ({in_channels}) must be divisible by weight.shape[1] ({group_in}), "
+            f"the input channels per weight group"
+        )
+    groups = in_channels // group_in
+    if out_channels % groups:
+        raise ValueError(
+            f"weight.shape[0] ({out_channels}) must be divisible by the weight groups ({groups})"
+        )
+    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"the output would be empty: input spatial size {(height, width)} with kernel {(kh, kw)}, "
+            f"stride {stride}, padding {padding}, dilation {dilation} gives {(out_h, out_w)}"
+        )
+    kernel = kh * kw
+    if offset.shape[0] != batch:
+        raise ValueError(f"offset batch size must equal the input's ({batch}), got {offset.shape[0]}")
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * kernel):
+        raise ValueError(
+            f"offset channels must be a positive multiple of 2*kh*kw = {2 * kernel}, got {offset.shape[1]}"
+        )
+    offset_groups = offset.shape[1] // (2 * kernel)
+    if in_channels % offset_groups:
+        raise ValueError(
+            f"input channels ({in_channels}) must be divisible by the offset groups ({offset_groups} = "
+            f"offset channels {offset.shape[1]} / (2*{kh}*{kw}))"
+        )
+    if tuple(offset.shape[2:]) != (out_h, out_w):
+        raise ValueError(
+            f"offset spatial size must be the output size {(out_h, out_w)}, got {tuple(offset.shape[2:])}"
+        )
+    if mask is not None:
+        _check_tensor(mask, "mask", 4, input)
+        expected = (batch, offset_groups * kernel, out_h, out_w)
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"mask must have shape {expected} (offset groups * kh * kw channels), got {tuple(mask.shape)}"
+            )
+    if bias is not None:
+        _check_tensor(bias, "bias", 1, input)
+        if bias.shape[0] != out_channels:
+            raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
+    return stride, padding, dilation
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops
+
+
+def _no_autocast(t: Tensor):
+    """Implementations choose their own precisions: autocast must not recast their inner ops."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+@torch.library.custom_op("deformable::deform_conv2d", mutates_args=())
+def _deform_conv2d_op(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    backend: str,
+) -> Tensor:
+    with _no_autocast(input):
+        return _implementation(backend).forward(
+            input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
+        )
+
+
+@_deform_conv2d_op.register_fake
+def _(input, offset, mask, weight, bias, stride, padding, dilation, backend):
+    return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+
+
+@torch.library.custom_op("deformable::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    output_mask: Sequence[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _no_autocast(input):
+        grads = _implementation(backend).backward(
+            grad_output.contiguous(), input, offset, mask, weight,
+            tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
+        )  # fmt: skip
+    # Custom ops return tensors only: a gradient that was not asked for comes back empty.
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
+
+
+@_deform_conv2d_backward_op.register_fake
+def _(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
+    need_input, need_offset, need_mask, need_weight, need_bias = output_mask
+    empty = input.new_empty(0)
+    return (
+        input.new_empty(input.shape) if need_input else empty,
+        offset.new_empty(offset.shape) if need_offset else empty,
+        mask.new_empty(mask.shape) if (need_mask and mask is not None) else empty,
+        weight.new_empty(weight.shape) if need_weight else empty,
+        weight.new_empty(weight.shape[0]) if need_bias else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, mask, weight, bias, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(input, offset, mask, weight)
+    ctx.params = (stride, padding, dilation, backend, bias is not None)
+
+
+def _backward(ctx, grad_output):
+    input, offset, mask, weight = ctx.saved_tensors
+    stride, padding, dilation, backend, has_bias = ctx.params
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], mask is not None and needs[2], needs[3], has_bias and needs[4]]
+    grads = _deform_conv2d_backward_op(
+        grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
+    )
+    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = (
+        g if wanted else None for g, wanted in zip(grads, output_mask, strict=True)
+    )
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None, None
+
+
+_deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
+    """Under torch.autocast, run in the autocast dtype (not silently in fp32)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Deformable convolution v1 (``mask=None``) and v2 (modulated), as torchvision's op.
+
+    Args:
+        input: [N, C_in, H, W].
+        offset: [N, 2*G*kh*kw, H_out, W_out]. Channel ``2*(g*kh*kw + i*kw + j)`` is the y offset of
+            kernel tap (i, j) in offset group g, the next channel its x offset. Input channel c
+            belongs to offset group ``c // (C_in / G)``.
+        weight: [C_out, C_in / groups, kh, kw]; the weight groups are ``C_in / weight.shape[1]``.
+        bias: [C_out] or None.
+        stride, padding, dilation: ints or (h, w) pairs, as for ``torch.nn.functional.conv2d``.
+        mask: [N, G*kh*kw, H_out, W_out] modulation scalars, applied as given (no sigmoid), or None.
+        backend: "reference", "aten" or "triton"; None reads ``DEFORMABLE_BACKEND``, then picks
+            Triton for CUDA tensors when available and the ATen path otherwise.
+
+    Returns:
+        [N, C_out, H_out, W_out] in the input's dtype (fp16/bf16 accumulate in fp32).
+
+    The sample of tap (i, j) at output (oy, ox) is taken at
+    ``y = oy*stride_h - pad_h + i*dil_h + dy``, ``x = ox*stride_w - pad_w + j*dil_w + dx`` by bilinear
+    interpolation; a sample with y <= -1, y >= H, x <= -1 or x >= W is 0, and neighbours outside the
+    map count as 0.
+    """
+    stride, padding, dilation = _validate(input, offset, weight, bias, stride, padding, dilation, mask)
+    input, offset, weight, bias, mask = _autocast([input, offset, weight, bias, mask], input.device.type)
+    backend = resolve_backend(backend, input.device)
+    if backend == "reference":
+        with _no_autocast(input):
+            return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _deform_conv2d_op(
+        input, offset, mask, weight, bias, list(stride), list(padding), list(dilation), backend
+    )

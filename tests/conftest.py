@@ -1,0 +1,21 @@
+"""Test-session set-up shared by every test module."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so the variable must be
+# set before any Triton kernel module is imported. Without CUDA, every Triton test runs interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

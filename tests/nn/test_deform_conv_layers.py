@@ -1,0 +1,119 @@
+"""DCNv1 / DCNv2 / DeformConv2d layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deformable.nn import DCNv1, DCNv2, DeformConv2d
+from deformable.ops import deform_conv2d
+
+
+def _conv(groups: int = 1, stride=1, dilation=1, bias=True) -> nn.Conv2d:
+    return nn.Conv2d(
+        6, 4, (3, 3), stride=stride, padding=1, dilation=dilation, groups=groups, bias=bias
+    ).double()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("stride, dilation", [(1, 1), (2, 1), (1, 2)])
+def test_fresh_dcnv1_equals_its_conv(groups, stride, dilation):
+    conv = _conv(groups, stride, dilation)
+    layer = DCNv1.from_conv2d(conv, offset_groups=3)
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_scale", [1.0, 2.0])
+def test_fresh_dcnv2_equals_scaled_conv(mask_scale):
+    conv = _conv(groups=2)
+    layer = DCNv2.from_conv2d(conv, offset_groups=2, mask_scale=mask_scale)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    no_bias = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    expected = mask_scale / 2 * no_bias + conv.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_offset_shapes_and_zero_init():
+    v1 = DCNv1(8, 16, 3, padding=1, offset_groups=2)
+    v2 = DCNv2(8, 16, (3, 2), padding=(1, 0), offset_groups=4)
+    assert v1.conv_offset.out_channels == 2 * 2 * 9
+    assert v2.conv_offset.out_channels == 3 * 4 * 6
+    assert v2.conv_offset.kernel_size == (3, 2) and v2.conv_offset.padding == (1, 0)
+    for layer in (v1, v2):
+        assert not layer.conv_offset.weight.any() and not layer.conv_offset.bias.any()
+
+
+def test_state_dict_names_follow_mmcv():
+    assert set(DCNv2(4, 4, 3).state_dict()) == {"weight", "bias", "conv_offset.weight", "conv_offset.bias"}
+    assert set(DCNv1(4, 4, 3, bias=False).state_dict()) == {
+        "weight",
+        "conv_offset.weight",
+        "conv_offset.bias",
+    }
+
+
+def test_from_conv2d_copies_weights_and_hyperparameters():
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=2, dilation=2, bias=False)
+    layer = DCNv2.from_conv2d(conv)
+    assert torch.equal(layer.weight, conv.weight) and layer.bias is None
+    assert (layer.stride, layer.padding, layer.dilation) == ((2, 2), (2, 2), (2, 2))
+    assert layer.weight is not conv.weight
+
+
+@pytest.mark.parametrize("cls", [DCNv1, DCNv2])
+def test_gradients_reach_the_offset_conv(cls):
+    layer = cls(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    layer(x).square().sum().backward()
+    assert layer.conv_offset.weight.grad.abs().sum() > 0
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_dcnv2_uses_predicted_offsets_and_mask():
+    torch.manual_seed(0)
+    layer = DCNv2(4, 6, 3, padding=1, offset_groups=2).double()
+    nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    raw = layer.conv_offset(x)
+    offset, logits = raw[:, :36], raw[:, 36:]
+    expected = deform_conv2d(x, offset, layer.weight, layer.bias, 1, 1, 1, torch.sigmoid(logits))
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_deform_conv2d_module_takes_offsets():
+    layer = DeformConv2d(4, 6, 3, padding=1, groups=2)
+    x = torch.randn(2, 4, 5, 5)
+    offset = torch.randn(2, 18, 5, 5)
+    torch.testing.assert_close(layer(x, offset), deform_conv2d(x, offset, layer.weight, layer.bias, 1, 1, 1))
+
+
+def test_learning_rate_multipliers():
+    assert DCNv2(4, 4, 3).offset_lr_mult == 0.1
+    assert DCNv1(4, 4, 3).offset_lr_mult == 1.0
+    assert DCNv2(4, 4, 3, offset_lr_mult=0.5).offset_lr_mult == 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(in_channels=0), ValueError, "in_channels"),
+        (dict(groups=3), ValueError, "groups"),
+        (dict(offset_groups=3), ValueError, "offset_groups"),
+        (dict(padding_mode="reflect"), ValueError, "padding_mode"),
+        (dict(padding="same"), ValueError, "padding"),
+        (dict(mask_scale=0), ValueError, "mask_scale"),
+    ],
+)
+def test_bad_layer_arguments(kwargs, error, words):
+    args = dict(in_channels=4, out_channels=4, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        DCNv2(**args)
+
+
+def test_from_conv2d_rejects_other_modules():
+    with pytest.raises(TypeError, match="conv"):
+        DCNv2.from_conv2d(nn.Linear(3, 3))
