@@ -10,6 +10,7 @@ fresh DCNv2 half of it (mask = sigmoid(0) = 0.5). State-dict names follow mmcv
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -159,6 +160,10 @@ class _OffsetPredictingConv(DeformConv2d):
         )
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
+
+    def offset_parameters(self) -> Iterator[nn.Parameter]:
+        """The offset (and mask) branch's parameters, trained at ``offset_lr_mult`` x the base rate."""
+        return self.conv_offset.parameters()
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, **kwargs) -> _OffsetPredictingConv:

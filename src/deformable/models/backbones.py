@@ -1,0 +1,214 @@
+"""ResNet / ResNeXt backbones with deformable convolutions in chosen stages.
+
+Built on torchvision's ResNet, so torchvision's ImageNet weights load unchanged (the deformable layers
+keep the convolution's ``weight``/``bias`` names and add a zero-initialised ``conv_offset``). Stages
+follow the paper's naming: conv2..conv5 are torchvision's ``layer1``..``layer4``. DCN replaces every
+3x3 convolution of the chosen stages: 13 layers in ResNet-50 for conv3-conv5 (4 + 6 + 3 blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import ResNet
+
+from ..nn import DCNv1, DCNv2
+
+DCNVersion = Literal["v1", "v2"] | None
+_STAGE_TO_LAYER = {2: "layer1", 3: "layer2", 4: "layer3", 5: "layer4"}
+_LAYERS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+    "resnext50_32x4d": "ResNeXt50_32X4D_Weights",
+    "resnext101_32x8d": "ResNeXt101_32X8D_Weights",
+}
+
+
+def _check_stages(dcn_stages: Iterable[int]) -> tuple[int, ...]:
+    stages = tuple(dcn_stages)
+    if not all(isinstance(s, int) and s in _STAGE_TO_LAYER for s in stages) or len(set(stages)) != len(
+        stages
+    ):
+        raise ValueError(
+            f"dcn_stages must be distinct stages among 2, 3, 4, 5 (conv2..conv5), got {stages!r}"
+        )
+    return tuple(sorted(stages))
+
+
+def _dcn_class(dcn: DCNVersion):
+    if dcn not in ("v1", "v2", None):
+        raise ValueError(f"dcn must be 'v1', 'v2' or None, got {dcn!r}")
+    return {"v1": DCNv1, "v2": DCNv2, None: None}[dcn]
+
+
+def convert_resnet_to_dcn(
+    model: ResNet,
+    dcn: DCNVersion = "v2",
+    dcn_stages: Iterable[int] = (3, 4, 5),
+    offset_groups: int = 1,
+    **layer_kwargs,
+) -> ResNet:
+    """Replace, in place, every 3x3 convolution of the chosen stages by a DCN layer keeping its weights.
+
+    Args:
+        model: a torchvision ResNet (or any module with ``layer1``..``layer4``).
+        dcn: "v2" (modulated, :class:`~deformable.nn.DCNv2`), "v1" or None (no change).
+        dcn_stages: paper stages 2-5 (conv2..conv5).
+        offset_groups: offset groups of every DCN layer.
+        layer_kwargs: further DCN layer arguments (``mask_scale``, ``backend``, ...).
+
+    Returns:
+        ``model`` itself.
+    """
+    cls = _dcn_class(dcn)
+    stages = _check_stages(dcn_stages)
+    if cls is None:
+        return model
+    for stage in stages:
+        layer = getattr(model, _STAGE_TO_LAYER[stage])
+        for block in layer:
+            for name, child in list(block.named_children()):
+                if type(child) is nn.Conv2d and child.kernel_size == (3, 3):
+                    setattr(block, name, cls.from_conv2d(child, offset_groups=offset_groups, **layer_kwargs))
+    return model
+
+
+def count_dcn_layers(model: nn.Module) -> int:
+    """Number of DCNv1/DCNv2 layers in ``model``."""
+    return sum(isinstance(m, DCNv1 | DCNv2) for m in model.modules())
+
+
+def _load_torchvision_weights(arch: str, model: ResNet, weights, progress: bool) -> None:
+    """Load ``weights`` (a local file, a torchvision Weights enum or its name) into a plain ResNet."""
+    if isinstance(weights, str | Path) and Path(weights).suffix in (".pth", ".pt", ".safetensors"):
+        from .checkpoint import read_state_dict
+
+        state = read_state_dict(weights)
+    else:
+        enum = getattr(torchvision.models, _LAYERS[arch])
+        if isinstance(weights, str):
+            try:
+                weights = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+            except KeyError:
+                choices = ["DEFAULT", *enum.__members__]
+                raise ValueError(
+                    f"weights must be a .pth/.safetensors path or one of {choices}, got {weights!r}"
+                ) from None
+        if not isinstance(weights, enum):
+            raise TypeError(f"weights must be a path, a {enum.__name__} or its name, got {weights!r}")
+        state = weights.get_state_dict(progress=progress)  # downloads only when the user asked for it
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not fit {arch}: missing {sorted(missing)[:5]}..., "
+            f"unexpected {sorted(unexpected)[:5]}..."
+        )
+
+
+def _build(
+    arch: str,
+    *,
+    dcn: DCNVersion,
+    dcn_stages: Iterable[int],
+    offset_groups: int,
+    replace_stride_with_dilation: list[bool] | None,
+    weights,
+    norm_layer: Callable[..., nn.Module] | None,
+    progress: bool,
+    **kwargs,
+) -> ResNet:
+    cls = _dcn_class(dcn)
+    stages = _check_stages(dcn_stages)
+    model = getattr(torchvision.models, arch)(
+        weights=None,
+        replace_stride_with_dilation=replace_stride_with_dilation,
+        norm_layer=norm_layer,
+        **kwargs,
+    )
+    if weights is not None:
+        _load_torchvision_weights(arch, model, weights, progress)
+    if cls is not None:
+        convert_resnet_to_dcn(model, dcn, stages, offset_groups)
+    return model
+
+
+def _make_builder(arch: str):
+    def builder(
+        *,
+        dcn: DCNVersion = "v2",
+        dcn_stages: Iterable[int] = (3, 4, 5),
+        offset_groups: int = 1,
+        replace_stride_with_dilation: list[bool] | None = None,
+        weights=None,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        progress: bool = True,
+        **kwargs,
+    ) -> ResNet:
+        return _build(
+            arch,
+            dcn=dcn,
+            dcn_stages=dcn_stages,
+            offset_groups=offset_groups,
+            replace_stride_with_dilation=replace_stride_with_dilation,
+            weights=weights,
+            norm_layer=norm_layer,
+            progress=progress,
+            **kwargs,
+        )
+
+    builder.__name__ = builder.__qualname__ = f"{arch}_dcn"
+    builder.__doc__ = f"""torchvision's ``{arch}`` with deformable convolutions in ``dcn_stages``.
+
+    Args:
+        dcn: "v2" (modulated deformable convolution), "v1" or None (the plain network).
+        dcn_stages: paper stages among 2-5 (conv2..conv5 = layer1..layer4); default conv3-conv5.
+        offset_groups: offset groups of every DCN layer.
+        replace_stride_with_dilation: as torchvision's (e.g. ``[False, False, True]`` dilates conv5).
+        weights: ImageNet weights: a local ``.pth``/``.safetensors`` file, or torchvision's weights
+            enum (or its name, e.g. "IMAGENET1K_V1"), which torchvision downloads on request.
+        norm_layer, progress, kwargs: passed to torchvision's builder.
+
+    Returns:
+        A torchvision ``ResNet``; input [N, 3, H, W] -> logits [N, num_classes].
+    """
+    return builder
+
+
+resnet18_dcn = _make_builder("resnet18")
+resnet34_dcn = _make_builder("resnet34")
+resnet50_dcn = _make_builder("resnet50")
+resnet101_dcn = _make_builder("resnet101")
+resnext50_32x4d_dcn = _make_builder("resnext50_32x4d")
+resnext101_32x8d_dcn = _make_builder("resnext101_32x8d")
+
+BACKBONES = {
+    "resnet18": resnet18_dcn,
+    "resnet34": resnet34_dcn,
+    "resnet50": resnet50_dcn,
+    "resnet101": resnet101_dcn,
+    "resnext50_32x4d": resnext50_32x4d_dcn,
+    "resnext101_32x8d": resnext101_32x8d_dcn,
+}
+
+
+@torch.no_grad()
+def freeze_offsets_to_identity(model: nn.Module) -> nn.Module:
+    """Zero every offset branch and fix DCNv2 masks at 1 (``mask_scale=2`` x sigmoid(0)).
+
+    The network then computes exactly its plain convolutional counterpart; used by tests and to
+    check converted checkpoints.
+    """
+    for module in model.modules():
+        if isinstance(module, DCNv1 | DCNv2):
+            module.conv_offset.weight.zero_()
+            module.conv_offset.bias.zero_()
+            if isinstance(module, DCNv2):
+                module.mask_scale = 2.0
+    return model

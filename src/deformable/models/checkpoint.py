@@ -1,0 +1,247 @@
+"""Load checkpoints written by deformable, torchvision, mmdetection or detectron2.
+
+Keys are renamed to torchvision's module names; class-specific detector heads are re-laid out
+(mmdetection and detectron2 put the background class last and have no background regression or mask
+rows; torchvision puts background first). DCN offset convolutions keep the operator's layout: both
+mmcv's and detectron2's deformable layers chunk their 3-way offset-conv output as [offsets | mask],
+which is exactly ours. Files are read with ``weights_only=True`` (``.pth``/``.pt``) or with
+safetensors (``.safetensors``, needs the ``safetensors`` package).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Source = Literal["deformable", "torchvision", "mmdet", "detectron2"]
+_IGNORABLE_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.pth``/``.pt`` (weights only) or ``.safetensors``.
+
+    Wrappers written by training frameworks (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise ImportError(
+                "reading .safetensors needs the 'safetensors' package: pip install safetensors"
+            ) from error
+        return dict(load_file(str(path)))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors, truncated files, foreign objects
+        raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {error}") from error
+    return unwrap_state_dict(data, str(path))
+
+
+def unwrap_state_dict(data, what: str = "checkpoint") -> dict[str, Tensor]:
+    """The tensors of a state dict, unwrapping ``model``/``state_dict`` entries."""
+    while isinstance(data, Mapping) and not any(isinstance(v, Tensor) for v in data.values()):
+        for key in ("model", "state_dict", "model_state"):
+            if key in data:
+                data = data[key]
+                break
+        else:
+            break
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(f"{what} holds no state dict (expected a mapping of names to tensors)")
+    return {k: v for k, v in data.items() if isinstance(v, Tensor)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Renaming rules: (pattern, replacement) applied in order; the first match wins.
+
+_MMDET_RULES = [
+    (r"^backbone\.(.*)$", r"backbone.body.\1"),
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.(.*)$", r"backbone.fpn.inner_blocks.\1.0.\2"),
+    (r"^neck\.fpn_convs\.(\d+)\.conv\.(.*)$", r"backbone.fpn.layer_blocks.\1.0.\2"),
+    (r"^rpn_head\.rpn_conv\.(.*)$", r"rpn.head.conv.0.0.\1"),
+    (r"^rpn_head\.rpn_cls\.(.*)$", r"rpn.head.cls_logits.\1"),
+    (r"^rpn_head\.rpn_reg\.(.*)$", r"rpn.head.bbox_pred.\1"),
+    (r"^roi_head\.bbox_head\.shared_fcs\.0\.(.*)$", r"roi_heads.box_head.fc6.\1"),
+    (r"^roi_head\.bbox_head\.shared_fcs\.1\.(.*)$", r"roi_heads.box_head.fc7.\1"),
+    (r"^roi_head\.bbox_head\.fc_cls\.(.*)$", r"roi_heads.box_predictor.cls_score.\1"),
+    (r"^roi_head\.bbox_head\.fc_reg\.(.*)$", r"roi_heads.box_predictor.bbox_pred.\1"),
+    (r"^roi_head\.mask_head\.convs\.(\d+)\.conv\.(.*)$", r"roi_heads.mask_head.\1.0.\2"),
+    (r"^roi_head\.mask_head\.upsample\.(.*)$", r"roi_heads.mask_predictor.conv5_mask.\1"),
+    (r"^roi_head\.mask_head\.conv_logits\.(.*)$", r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
+    (r"^roi_head\.bbox_roi_extractor\.roi_layers\.(\d+)\.(.*)$", r"roi_heads.box_roi_pool.pools.\1.\2"),
+    (r"^roi_head\.mask_roi_extractor\.roi_layers\.(\d+)\.(.*)$", r"roi_heads.mask_roi_pool.pools.\1.\2"),
+]
+
+
+def _detectron2_block(match: re.Match) -> str:
+    stage, block, rest = int(match[1]), match[2], match[3]
+    rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+    rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
+    rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
+    rest = re.sub(r"^conv(\d)_offset\.", r"conv\1.conv_offset.", rest)
+    return f"backbone.body.layer{stage - 1}.{block}.{rest}"
+
+
+_DETECTRON2_RULES = [
+    (r"^backbone\.bottom_up\.stem\.conv1\.norm\.(.*)$", r"backbone.body.bn1.\1"),
+    (r"^backbone\.bottom_up\.stem\.conv1\.(.*)$", r"backbone.body.conv1.\1"),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(.*)$", _detectron2_block),
+    (r"^backbone\.fpn_lateral(\d)\.(.*)$", lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.0.{m[2]}"),
+    (r"^backbone\.fpn_output(\d)\.(.*)$", lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.0.{m[2]}"),
+    (r"^proposal_generator\.rpn_head\.conv\.(.*)$", r"rpn.head.conv.0.0.\1"),
+    (r"^proposal_generator\.rpn_head\.objectness_logits\.(.*)$", r"rpn.head.cls_logits.\1"),
+    (r"^proposal_generator\.rpn_head\.anchor_deltas\.(.*)$", r"rpn.head.bbox_pred.\1"),
+    (r"^roi_heads\.box_head\.fc1\.(.*)$", r"roi_heads.box_head.fc6.\1"),
+    (r"^roi_heads\.box_head\.fc2\.(.*)$", r"roi_heads.box_head.fc7.\1"),
+    (r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(.*)$", r"roi_heads.box_predictor.\1.\2"),
+    (
+        r"^roi_heads\.mask_head\.mask_fcn(\d)\.(.*)$",
+        lambda m: f"roi_heads.mask_head.{int(m[1]) - 1}.0.{m[2]}",
+    ),
+    (r"^roi_heads\.mask_head\.deconv\.(.*)$", r"roi_heads.mask_predictor.conv5_mask.\1"),
+    (r"^roi_heads\.mask_head\.predictor\.(.*)$", r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
+]
+
+_RULES: dict[str, list[tuple[str, str | Callable]]] = {
+    "deformable": [],
+    "torchvision": [],
+    "mmdet": _MMDET_RULES,
+    "detectron2": _DETECTRON2_RULES,
+}
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, replacement in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, replacement, key)
+    return None
+
+
+def _background_first(key: str, value: Tensor, target: Tensor) -> Tensor | None:
+    """Re-lay out class-specific head rows from background-last/absent to torchvision's background-first."""
+    rows = target.shape[0]
+    if (
+        key.endswith(("box_predictor.cls_score.weight", "box_predictor.cls_score.bias"))
+        and value.shape[0] == rows
+    ):
+        return torch.cat([value[-1:], value[:-1]])
+    if (
+        key.endswith(("box_predictor.bbox_pred.weight", "box_predictor.bbox_pred.bias"))
+        and value.shape[0] == rows - 4
+    ):
+        return torch.cat([value.new_zeros(4, *value.shape[1:]), value])
+    if key.endswith(("mask_fcn_logits.weight", "mask_fcn_logits.bias")) and value.shape[0] == rows - 1:
+        return torch.cat([value.new_zeros(1, *value.shape[1:]), value])
+    return None
+
+
+@dataclass
+class LoadReport:
+    """What happened to every key: loaded, missing from the checkpoint, unexpected, or shape mismatches."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"checkpoint ({self.source}): {len(self.loaded)} tensors loaded"]
+        sections = [
+            ("missing in checkpoint (kept as initialised)", [(k, "") for k in self.missing]),
+            ("unexpected in checkpoint (ignored)", [(k, "") for k in self.unexpected]),
+            (
+                "shape mismatch (ignored)",
+                [(k, f"checkpoint {a} vs model {b}") for k, a, b in self.mismatched],
+            ),
+        ]
+        for title, rows in sections:
+            if rows:
+                lines.append(f"| {title} | |")
+                lines.append("|---|---|")
+                lines.extend(f"| {key} | {note} |" for key, note in rows)
+        return "\n".join(lines)
+
+
+def _align_prefix(keys: dict[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
+    """Add or strip a module prefix (``backbone.body.``) so that the names meet the model's."""
+    best, best_hits = keys, sum(k in model_keys for k in keys)
+    for strip in ("", "backbone.body.", "backbone.", "body.", "module."):
+        for add in ("", "backbone.body.", "body."):
+            if strip == add:
+                continue
+            moved = {(add + k[len(strip) :] if k.startswith(strip) else k): v for k, v in keys.items()}
+            hits = sum(k in model_keys for k in moved)
+            if hits > best_hits:
+                best, best_hits = moved, hits
+    return best
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: str | Path | Mapping[str, Tensor],
+    source: Source = "deformable",
+    *,
+    strict: bool = False,
+    verbose: bool = False,
+) -> LoadReport:
+    """Load a checkpoint into ``model``, renaming keys written by another framework.
+
+    Args:
+        model: a deformable backbone or detector (torchvision module names).
+        path_or_state_dict: a ``.pth``/``.pt``/``.safetensors`` file or a state dict.
+        source: who wrote it: "deformable", "torchvision", "mmdet" or "detectron2".
+        strict: raise ``ValueError`` unless every model tensor was loaded and nothing was left over.
+        verbose: print the report.
+
+    Returns:
+        A :class:`LoadReport` (its ``str`` is a readable table of missing and unexpected keys).
+    """
+    if source not in _RULES:
+        raise ValueError(f"source must be one of {sorted(_RULES)}, got {source!r}")
+    if isinstance(path_or_state_dict, str | Path):
+        state = read_state_dict(path_or_state_dict)
+    else:
+        state = unwrap_state_dict(path_or_state_dict)
+    target = model.state_dict()
+    rules = _RULES[source]
+    report = LoadReport(source)
+    renamed: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new = _rename(key, rules) if rules else key
+        if new is None:
+            report.unexpected.append(key)
+        else:
+            renamed[new] = value
+    renamed = _align_prefix(renamed, set(target))
+    accepted: dict[str, Tensor] = {}
+    for key, value in renamed.items():
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        if value.shape != target[key].shape:
+            relaid = _background_first(key, value, target[key]) if source in ("mmdet", "detectron2") else None
+            if relaid is None or relaid.shape != target[key].shape:
+                report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+                continue
+            value = relaid
+        elif source in ("mmdet", "detectron2") and key.endswith(("cls_score.weight", "cls_score.bias")):
+            value = torch.cat([value[-1:], value[:-1]])
+        accepted[key] = value
+    model.load_state_dict(accepted, strict=False)
+    report.loaded = sorted(accepted)
+    report.missing = sorted(k for k in target if k not in accepted and not _IGNORABLE_MISSING.search(k))
+    if verbose:
+        print(report)
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        raise ValueError(f"checkpoint does not match the model exactly:\n{report}")
+    return report

@@ -1,0 +1,389 @@
+"""Faster and Mask R-CNN with deformable backbones and deformable RoI pooling, on torchvision.
+
+Two layouts:
+
+- FPN (what most users run today): torchvision's ``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``
+  with DCN in the backbone's chosen stages and (modulated) deformable RoI pooling in place of
+  ``MultiScaleRoIAlign`` (box 7x7 and, for Mask R-CNN, mask 14x14).
+- C4 (the paper's): RPN on conv4 (stride 16); conv5 dilated so it stays at stride 16, reduced to 256
+  channels by a 1x1 convolution; RoI pooling on it, then the 2fc 1024 head.
+
+``roi_pool``: "mdpool" (DCNv2's modulated deformable RoI pooling), "dpool" (DCNv1's) or "align"
+(RoIAlign, torchvision's default). ``mimic=True`` adds R-CNN feature mimicking to training.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Literal
+
+from torch import Tensor, nn
+from torchvision.models import ResNet
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..nn.deform_roi_pool import MultiScaleDeformRoIPool
+from .backbones import BACKBONES, DCNVersion, convert_resnet_to_dcn
+from .mimic import FeatureMimicking, MimicOptions
+
+RoIPoolKind = Literal["mdpool", "dpool", "align"]
+
+
+def roi_pooler(
+    kind: RoIPoolKind,
+    featmap_names: list[str],
+    output_size: int,
+    in_channels: int,
+    sampling_ratio: int = 2,
+    **options,
+) -> nn.Module:
+    """The RoI feature extractor of a torchvision RoIHeads: RoIAlign or (modulated) deformable pooling.
+
+    ``options`` go to :class:`~deformable.nn.MultiScaleDeformRoIPool` (``gamma``, ``hidden_channels``,
+    ``share_offset_branch``, ``branch``...).
+    """
+    if kind == "align":
+        if options:
+            raise ValueError(f"roi_pool='align' takes no pooling options, got {sorted(options)}")
+        return MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio)
+    if kind not in ("mdpool", "dpool"):
+        raise ValueError(f"roi_pool must be 'mdpool', 'dpool' or 'align', got {kind!r}")
+    return MultiScaleDeformRoIPool(
+        featmap_names,
+        output_size,
+        sampling_ratio,
+        in_channels=in_channels,
+        modulated=kind == "mdpool",
+        **options,
+    )
+
+
+class _MimickingMixin:
+    """Adds the optional R-CNN feature-mimicking branch (``self.mimic``) to a torchvision R-CNN."""
+
+    mimic: FeatureMimicking | None
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """As torchvision's; in training with mimicking, the loss dict also has ``loss_mimic`` and
+        ``loss_rcnn_cls``."""
+        if self.mimic is None or not self.training:
+            return super().forward(images, targets)
+        if targets is None:
+            raise ValueError("targets must be given in training mode")
+        images, targets = self.transform(images, targets)
+        features = self.backbone(images.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, proposal_losses = self.rpn(images, features, targets)
+        with self.mimic.record(self.roi_heads):
+            _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
+        mimic_losses = self.mimic.losses(self, images.tensors)
+        return {**detector_losses, **proposal_losses, **mimic_losses}
+
+
+class DCNFasterRCNN(_MimickingMixin, FasterRCNN):
+    """torchvision's FasterRCNN with optional R-CNN feature mimicking (``mimic``)."""
+
+    def __init__(self, *args, mimic: FeatureMimicking | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mimic = mimic
+
+
+class DCNMaskRCNN(_MimickingMixin, MaskRCNN):
+    """torchvision's MaskRCNN with optional R-CNN feature mimicking (``mimic``)."""
+
+    def __init__(self, *args, mimic: FeatureMimicking | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mimic = mimic
+
+
+class FeatureSelectingRPN(RegionProposalNetwork):
+    """A RegionProposalNetwork that looks at one named feature map only (C4: conv4)."""
+
+    def __init__(self, feature: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.feature = feature
+
+    def forward(self, images, features, targets=None):
+        return super().forward(images, {self.feature: features[self.feature]}, targets)
+
+
+class C4Backbone(nn.Module):
+    """conv1..conv5 of a ResNet with conv5 dilated (stride 16), returning two maps.
+
+    Output: ``{"rpn": conv4 [N, C4, H/16, W/16], "roi": reduced conv5 [N, out_channels, H/16, W/16]}``.
+    """
+
+    def __init__(self, resnet: nn.Module, conv4_channels: int, conv5_channels: int, out_channels: int = 256):
+        super().__init__()
+        self.body = IntermediateLayerGetter(resnet, {"layer3": "rpn", "layer4": "conv5"})
+        self.reduce = nn.Sequential(nn.Conv2d(conv5_channels, out_channels, 1), nn.ReLU(inplace=True))
+        self.conv4_channels = conv4_channels
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        maps = self.body(x)
+        return OrderedDict([("rpn", maps["rpn"]), ("roi", self.reduce(maps["conv5"]))])
+
+
+def _resnet(
+    backbone: str,
+    dcn: DCNVersion,
+    dcn_stages: Iterable[int],
+    offset_groups: int,
+    weights_backbone,
+    norm_layer,
+    replace_stride_with_dilation=None,
+):
+    if isinstance(backbone, ResNet):
+        if weights_backbone is not None:
+            raise ValueError("weights_backbone cannot be combined with a ResNet instance as backbone")
+        return convert_resnet_to_dcn(backbone, dcn, dcn_stages, offset_groups)
+    if backbone not in BACKBONES:
+        raise ValueError(
+            f"backbone must be one of {sorted(BACKBONES)} or a torchvision ResNet, got {backbone!r}"
+        )
+    if norm_layer is None:
+        # As torchvision: frozen statistics on top of pretrained weights, batch norm when from scratch.
+        norm_layer = FrozenBatchNorm2d if weights_backbone is not None else nn.BatchNorm2d
+    return BACKBONES[backbone](
+        dcn=dcn,
+        dcn_stages=dcn_stages,
+        offset_groups=offset_groups,
+        weights=weights_backbone,
+        norm_layer=norm_layer,
+        replace_stride_with_dilation=replace_stride_with_dilation,
+    )
+
+
+def _trainable_layers(value: int | None, pretrained: bool) -> int:
+    if value is None:
+        return 3 if pretrained else 5
+    if not isinstance(value, int) or not 0 <= value <= 5:
+        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {value!r}")
+    return value
+
+
+def _mimicking(mimic: bool, mimic_options, model) -> FeatureMimicking | None:
+    """The mimicking branch, built last so that every other module is initialised as without it."""
+    if not mimic:
+        if mimic_options:
+            raise ValueError("mimic_options needs mimic=True")
+        return None
+    options = (
+        mimic_options if isinstance(mimic_options, MimicOptions) else MimicOptions(**(mimic_options or {}))
+    )
+    classifier = model.roi_heads.box_predictor.cls_score
+    return FeatureMimicking(classifier.in_features, classifier.out_features, options)
+
+
+def _fpn_detector(
+    cls,
+    *,
+    num_classes: int,
+    dcn: DCNVersion,
+    dcn_stages: Iterable[int],
+    offset_groups: int,
+    roi_pool: RoIPoolKind,
+    roi_pool_options: dict | None,
+    mimic: bool,
+    mimic_options,
+    backbone: str | ResNet,
+    weights_backbone,
+    trainable_backbone_layers: int | None,
+    norm_layer,
+    **kwargs,
+):
+    resnet = _resnet(backbone, dcn, dcn_stages, offset_groups, weights_backbone, norm_layer)
+    trainable = _trainable_layers(trainable_backbone_layers, weights_backbone is not None)
+    body = _resnet_fpn_extractor(resnet, trainable)
+    model = cls(body, num_classes=num_classes, **kwargs)
+    _install_roi_poolers(model, roi_pool, roi_pool_options, ["0", "1", "2", "3"], body.out_channels, kwargs)
+    model.mimic = _mimicking(mimic, mimic_options, model)
+    return model
+
+
+def _install_roi_poolers(model, kind, options, names, channels, kwargs) -> None:
+    """Replace RoIAlign by deformable pooling after construction (torchvision type-checks the argument)."""
+    if kind == "align" and not options:
+        return
+    if "box_roi_pool" not in kwargs:
+        model.roi_heads.box_roi_pool = roi_pooler(kind, names, 7, channels, **(options or {}))
+    if isinstance(model, DCNMaskRCNN) and "mask_roi_pool" not in kwargs:
+        model.roi_heads.mask_roi_pool = roi_pooler(kind, names, 14, channels, **(options or {}))
+
+
+def _c4_detector(
+    cls,
+    *,
+    num_classes: int,
+    dcn: DCNVersion,
+    dcn_stages: Iterable[int],
+    offset_groups: int,
+    roi_pool: RoIPoolKind,
+    roi_pool_options: dict | None,
+    mimic: bool,
+    mimic_options,
+    backbone: str | ResNet,
+    weights_backbone,
+    trainable_backbone_layers: int | None,
+    norm_layer,
+    roi_channels: int = 256,
+    **kwargs,
+):
+    if isinstance(backbone, ResNet):
+        if not hasattr(backbone.layer4[-1], "conv3") or backbone.layer4[0].conv2.stride != (1, 1):
+            raise ValueError(
+                "a ResNet instance for the C4 layout must be a bottleneck ResNet built with "
+                "replace_stride_with_dilation=[False, False, True]"
+            )
+    elif backbone in ("resnet18", "resnet34"):
+        raise ValueError(
+            f"the C4 layout dilates conv5, which needs a bottleneck ResNet; got backbone={backbone!r}"
+        )
+    resnet = _resnet(
+        backbone, dcn, dcn_stages, offset_groups, weights_backbone, norm_layer, [False, False, True]
+    )
+    trainable = _trainable_layers(trainable_backbone_layers, weights_backbone is not None)
+    frozen = ["layer4", "layer3", "layer2", "layer1", "conv1"][trainable:]
+    if trainable < 5:
+        frozen.append("bn1")
+    for name, param in resnet.named_parameters():
+        if any(name.startswith(prefix) for prefix in frozen):
+            param.requires_grad_(False)
+    conv4, conv5 = resnet.layer3[-1].conv3.out_channels, resnet.layer4[-1].conv3.out_channels
+    body = C4Backbone(resnet, conv4, conv5, roi_channels)
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
+    user_kwargs = dict(kwargs)
+    kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["roi"], 7, 2))
+    kwargs.setdefault("box_head", TwoMLPHead(roi_channels * 7 * 7, 1024))
+    if cls is DCNMaskRCNN:
+        kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(["roi"], 14, 2))
+        kwargs.setdefault("mask_head", MaskRCNNHeads(roi_channels, [256, 256, 256, 256], 1))
+    rpn_settings = {
+        key: kwargs.pop(f"rpn_{key}", default)
+        for key, default in (
+            ("pre_nms_top_n_train", 2000),
+            ("pre_nms_top_n_test", 1000),
+            ("post_nms_top_n_train", 2000),
+            ("post_nms_top_n_test", 1000),
+            ("nms_thresh", 0.7),
+            ("fg_iou_thresh", 0.7),
+            ("bg_iou_thresh", 0.3),
+            ("batch_size_per_image", 256),
+            ("positive_fraction", 0.5),
+            ("score_thresh", 0.0),
+        )
+    }
+    model = cls(body, num_classes=num_classes, rpn_anchor_generator=anchors, **kwargs)
+    _install_roi_poolers(model, roi_pool, roi_pool_options, ["roi"], roi_channels, user_kwargs)
+    model.rpn = FeatureSelectingRPN(
+        "rpn",
+        anchors,
+        RPNHead(conv4, anchors.num_anchors_per_location()[0]),
+        rpn_settings["fg_iou_thresh"],
+        rpn_settings["bg_iou_thresh"],
+        rpn_settings["batch_size_per_image"],
+        rpn_settings["positive_fraction"],
+        {"training": rpn_settings["pre_nms_top_n_train"], "testing": rpn_settings["pre_nms_top_n_test"]},
+        {"training": rpn_settings["post_nms_top_n_train"], "testing": rpn_settings["post_nms_top_n_test"]},
+        rpn_settings["nms_thresh"],
+        score_thresh=rpn_settings["score_thresh"],
+    )
+    model.mimic = _mimicking(mimic, mimic_options, model)
+    return model
+
+
+def _make_detector(cls, layout: str, name: str):
+    build = _fpn_detector if layout == "fpn" else _c4_detector
+
+    def builder(
+        *,
+        num_classes: int = 91,
+        dcn: DCNVersion = "v2",
+        dcn_stages: Iterable[int] = (3, 4, 5),
+        offset_groups: int = 1,
+        roi_pool: RoIPoolKind = "mdpool",
+        roi_pool_options: dict | None = None,
+        mimic: bool = False,
+        mimic_options: MimicOptions | dict | None = None,
+        backbone: str | ResNet = "resnet50",
+        weights_backbone=None,
+        trainable_backbone_layers: int | None = None,
+        norm_layer=None,
+        **kwargs,
+    ):
+        return build(
+            cls,
+            num_classes=num_classes,
+            dcn=dcn,
+            dcn_stages=dcn_stages,
+            offset_groups=offset_groups,
+            roi_pool=roi_pool,
+            roi_pool_options=roi_pool_options,
+            mimic=mimic,
+            mimic_options=mimic_options,
+            backbone=backbone,
+            weights_backbone=weights_backbone,
+            trainable_backbone_layers=trainable_backbone_layers,
+            norm_layer=norm_layer,
+            **kwargs,
+        )
+
+    kind = "Mask R-CNN" if cls is DCNMaskRCNN else "Faster R-CNN"
+    where = (
+        "FPN on conv2-conv5"
+        if layout == "fpn"
+        else "the paper's C4 layout (RPN on conv4, RoI head on dilated conv5)"
+    )
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = f"""{kind} with {where}, DCN in the backbone and deformable RoI pooling.
+
+    Args:
+        num_classes: classes including background.
+        dcn: "v2", "v1" or None for the backbone's DCN layers; ``dcn_stages`` among 2-5 (default conv3-5).
+        offset_groups: offset groups of the DCN layers.
+        roi_pool: "mdpool" (modulated deformable RoI pooling), "dpool" (deformable) or "align"; Mask
+            R-CNN replaces the 14x14 mask pooling too. ``roi_pool_options`` go to
+            :class:`~deformable.nn.MultiScaleDeformRoIPool`.
+        mimic: add R-CNN feature mimicking in training (``mimic_options``: :class:`MimicOptions` or dict).
+        backbone: any of {sorted(BACKBONES)}, or a torchvision ``ResNet`` instance (converted in place).
+        weights_backbone: ImageNet weights for the backbone (local file or torchvision enum/name).
+        trainable_backbone_layers: 0-5 (default 3 with weights, 5 without), as torchvision.
+        norm_layer: the backbone's normalisation (default FrozenBatchNorm2d with weights, else BatchNorm2d).
+        kwargs: torchvision's {kind} arguments (min_size, max_size, rpn_*, box_*...).
+    """
+    return builder
+
+
+fasterrcnn_resnet50_fpn_dcn = _make_detector(DCNFasterRCNN, "fpn", "fasterrcnn_resnet50_fpn_dcn")
+maskrcnn_resnet50_fpn_dcn = _make_detector(DCNMaskRCNN, "fpn", "maskrcnn_resnet50_fpn_dcn")
+fasterrcnn_resnet50_c4_dcn = _make_detector(DCNFasterRCNN, "c4", "fasterrcnn_resnet50_c4_dcn")
+maskrcnn_resnet50_c4_dcn = _make_detector(DCNMaskRCNN, "c4", "maskrcnn_resnet50_c4_dcn")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "C4Backbone",
+    "DCNFasterRCNN",
+    "DCNMaskRCNN",
+    "FeatureSelectingRPN",
+    "count_parameters",
+    "fasterrcnn_resnet50_c4_dcn",
+    "fasterrcnn_resnet50_fpn_dcn",
+    "maskrcnn_resnet50_c4_dcn",
+    "maskrcnn_resnet50_fpn_dcn",
+    "roi_pooler",
+]

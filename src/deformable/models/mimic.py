@@ -1,0 +1,147 @@
+"""R-CNN feature mimicking (DCNv2 paper, section 3.3), training only.
+
+For each training image, up to ``rois_per_image`` sampled RoIs (foreground by default: proposals
+matched with IoU >= the box head's foreground threshold, 0.5) are cropped from the image, resized to
+``patch_size`` x ``patch_size`` and run through the *shared* backbone; the shared RoI pooling over the
+whole patch and the shared 2fc box head give ``f_RCNN(b)``. The detector's own box-head feature of the
+same RoI is ``f_FRCNN(b)``. Losses:
+
+- ``loss_mimic = mimic_weight * reduce_b (1 - cos(f_RCNN(b), f_FRCNN(b)))``
+- ``loss_rcnn_cls = cls_weight * cross_entropy(classifier(f_RCNN(b)), label(b))`` with an unshared
+  (C+1)-way classifier.
+
+The paper sums over RoIs; ``reduction="mean"`` (default) averages instead, which keeps the term
+commensurate with torchvision's mean-reduced detection losses whatever the number of RoIs. Nothing
+of this runs in eval mode: a model built with mimicking predicts exactly what it would without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+Selection = Literal["foreground", "all", "background"]
+
+
+@dataclass
+class MimicOptions:
+    """Settings of R-CNN feature mimicking (defaults: the paper's)."""
+
+    rois_per_image: int = 32
+    patch_size: int = 224
+    select: Selection = "foreground"
+    mimic_weight: float = 0.1
+    cls_weight: float = 0.1
+    reduction: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.select not in ("foreground", "all", "background"):
+            raise ValueError(f"select must be 'foreground', 'all' or 'background', got {self.select!r}")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        if self.rois_per_image <= 0 or self.patch_size <= 0:
+            raise ValueError(
+                "rois_per_image and patch_size must be positive, "
+                f"got {self.rois_per_image}, {self.patch_size}"
+            )
+
+
+class FeatureMimicking(nn.Module):
+    """The mimicking branch of a torchvision R-CNN: the unshared classifier and the loss computation.
+
+    Args:
+        representation_size: width of the box head's output (1024 for the 2fc head).
+        num_classes: classes including background (the detector's ``num_classes``).
+        options: :class:`MimicOptions`.
+    """
+
+    def __init__(
+        self, representation_size: int, num_classes: int, options: MimicOptions | None = None
+    ) -> None:
+        super().__init__()
+        self.options = options or MimicOptions()
+        self.classifier = nn.Linear(representation_size, num_classes)
+        self._recorded: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def record(self, roi_heads: nn.Module) -> Iterator[None]:
+        """While active, keep the RoIs ``roi_heads`` samples for training and their box-head features."""
+        self._recorded.clear()
+        original = roi_heads.select_training_samples
+
+        def select_and_keep(proposals, targets):
+            result = original(proposals, targets)
+            self._recorded["samples"] = result
+            return result
+
+        def keep_features(module, args, output):
+            self._recorded.setdefault("box_features", output)  # the first call is the box branch
+
+        roi_heads.select_training_samples = select_and_keep
+        handle = roi_heads.box_head.register_forward_hook(keep_features)
+        try:
+            yield
+        finally:
+            del roi_heads.select_training_samples  # the class's method shows through again
+            handle.remove()
+
+    def _choose(self, labels: list[Tensor]) -> list[Tensor]:
+        """Indices (within each image's sampled RoIs) of the RoIs to mimic."""
+        chosen = []
+        for image_labels in labels:
+            if self.options.select == "foreground":
+                candidates = torch.nonzero(image_labels > 0).flatten()
+            elif self.options.select == "background":
+                candidates = torch.nonzero(image_labels == 0).flatten()
+            else:
+                candidates = torch.arange(image_labels.numel(), device=image_labels.device)
+            order = torch.randperm(candidates.numel(), device=candidates.device)
+            chosen.append(candidates[order[: self.options.rois_per_image]])
+        return chosen
+
+    def losses(self, detector: nn.Module, image_tensors: Tensor) -> dict[str, Tensor]:
+        """The two mimicking losses for the RoIs recorded during the detector's last training pass.
+
+        Args:
+            detector: the torchvision R-CNN (its ``backbone`` and ``roi_heads`` are shared).
+            image_tensors: the transformed batch [N, 3, H, W] the proposals refer to.
+        """
+        proposals, _, labels, _ = self._recorded["samples"]
+        box_features: Tensor = self._recorded["box_features"]
+        chosen = self._choose(labels)
+        starts = torch.tensor([0] + [p.shape[0] for p in proposals[:-1]], device=box_features.device).cumsum(
+            0
+        )
+        flat = torch.cat([index + start for index, start in zip(chosen, starts, strict=True)])
+        if flat.numel() == 0:
+            zero = box_features.sum() * 0.0 + sum(p.sum() for p in self.classifier.parameters()) * 0.0
+            return {"loss_mimic": zero, "loss_rcnn_cls": zero.clone()}
+        boxes = [p[index] for p, index in zip(proposals, chosen, strict=True)]
+        size = self.options.patch_size
+        patches = roi_align(
+            image_tensors, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
+        patch_features = detector.backbone(patches)
+        if isinstance(patch_features, Tensor):
+            patch_features = {"0": patch_features}
+        whole = patches.new_tensor([[0.0, 0.0, size, size]])
+        pooled = detector.roi_heads.box_roi_pool(
+            patch_features, [whole] * patches.shape[0], [(size, size)] * patches.shape[0]
+        )
+        rcnn_features = detector.roi_heads.box_head(pooled)
+        detector_features = box_features[flat]
+        dissimilarity = 1.0 - F.cosine_similarity(rcnn_features, detector_features, dim=1)
+        target = torch.cat([label[index] for label, index in zip(labels, chosen, strict=True)])
+        cls = F.cross_entropy(self.classifier(rcnn_features), target, reduction=self.options.reduction)
+        mimic = dissimilarity.mean() if self.options.reduction == "mean" else dissimilarity.sum()
+        return {
+            "loss_mimic": self.options.mimic_weight * mimic,
+            "loss_rcnn_cls": self.options.cls_weight * cls,
+        }

@@ -1,0 +1,67 @@
+"""Optimizer parameter groups with the paper's learning-rate multipliers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # torchvision's FrozenBatchNorm2d holds buffers only, so it never reaches here with parameters.
+    return isinstance(module, _NORMS)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 1e-4,
+    *,
+    norm_weight_decay: float = 0.0,
+    bias_weight_decay: float = 0.0,
+    offset_weight_decay: float | None = None,
+) -> list[dict]:
+    """Parameter groups for ``torch.optim`` with per-branch learning rates.
+
+    Every module exposing ``offset_lr_mult`` and ``offset_parameters()`` (the DCN layers' ``conv_offset``:
+    0.1x for DCNv2 and 1x for DCNv1; deformable RoI pooling branches: 1x for DCNv2's modulated pooling,
+    0.01x for DCNv1's) has those parameters trained at ``lr * offset_lr_mult``. Norm parameters and
+    biases get no weight decay unless asked (``norm_weight_decay``, ``bias_weight_decay``).
+    Parameters with ``requires_grad=False`` are left out.
+
+    Returns:
+        A list of dicts with ``params``, ``lr``, ``weight_decay`` and a ``name`` for logging; empty
+        groups are dropped. Each group also records ``lr_mult`` so schedulers can rescale.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    offset_decay = weight_decay if offset_weight_decay is None else offset_weight_decay
+    assigned: dict[int, tuple[str, float, float]] = {}
+
+    for module in model.modules():
+        mult = getattr(module, "offset_lr_mult", None)
+        if mult is None or not hasattr(module, "offset_parameters"):
+            continue
+        for param in module.offset_parameters():
+            # The outermost module wins (a multi-scale pool before the pools it wraps).
+            assigned.setdefault(id(param), (f"offsets x{mult:g}", float(mult), offset_decay))
+
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in assigned:
+                continue
+            if _is_norm(module):
+                assigned[id(param)] = ("norm", 1.0, norm_weight_decay)
+            elif name == "bias":
+                assigned[id(param)] = ("bias", 1.0, bias_weight_decay)
+            else:
+                assigned[id(param)] = ("weights", 1.0, weight_decay)
+
+    groups: dict[tuple[str, float, float], list] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault(assigned[id(param)], []).append(param)
+    return [
+        {"name": name, "params": params, "lr": lr * mult, "lr_mult": mult, "weight_decay": decay}
+        for (name, mult, decay), params in groups.items()
+    ]

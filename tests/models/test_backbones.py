@@ -1,0 +1,116 @@
+"""DCN backbones: placement, equivalence with torchvision's ResNet, parameter groups, compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from deformable.models import (
+    count_dcn_layers,
+    freeze_offsets_to_identity,
+    param_groups,
+    resnet18_dcn,
+    resnet50_dcn,
+    resnext50_32x4d_dcn,
+)
+from deformable.nn import DCNv1, DCNv2
+
+
+def _dcn_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, DCNv1 | DCNv2)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, count, stages",
+    [
+        (dict(), 13, {"layer2", "layer3", "layer4"}),
+        (dict(dcn="v1", dcn_stages=(5,)), 3, {"layer4"}),
+        (dict(dcn_stages=(2,)), 3, {"layer1"}),
+        (dict(dcn_stages=(2, 3, 4, 5)), 16, {"layer1", "layer2", "layer3", "layer4"}),
+        (dict(dcn=None), 0, set()),
+    ],
+)
+def test_resnet50_dcn_placement(kwargs, count, stages):
+    model = resnet50_dcn(**kwargs)
+    names = _dcn_names(model)
+    assert len(names) == count == count_dcn_layers(model)
+    assert {n.split(".")[0] for n in names} == stages
+    assert all(n.endswith(".conv2") for n in names)  # the bottleneck's 3x3 convolution
+    expected_cls = DCNv1 if kwargs.get("dcn") == "v1" else DCNv2
+    assert all(isinstance(model.get_submodule(n), expected_cls) for n in names)
+
+
+def test_resnext_keeps_groups_and_resnet18_converts_both_3x3():
+    resnext = resnext50_32x4d_dcn(offset_groups=2)
+    layer = resnext.layer3[0].conv2
+    assert isinstance(layer, DCNv2) and layer.groups == 32 and layer.offset_groups == 2
+    assert count_dcn_layers(resnext) == 13
+    assert count_dcn_layers(resnet18_dcn()) == 12  # 2 blocks x two 3x3 convolutions x 3 stages
+
+
+def test_dilated_stage_keeps_dilation():
+    model = resnet50_dcn(replace_stride_with_dilation=[False, False, True])
+    conv = model.layer4[1].conv2
+    assert conv.dilation == (2, 2) and conv.padding == (2, 2)
+    assert conv.conv_offset.dilation == (2, 2)
+
+
+@pytest.mark.parametrize("dcn", ["v1", "v2"])
+def test_identity_offsets_compute_the_plain_backbone(dcn):
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=10).double().eval()
+    model = resnet18_dcn(dcn=dcn, num_classes=10).double().eval()
+    report = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not report.unexpected_keys
+    assert all(".conv_offset." in k for k in report.missing_keys)
+    freeze_offsets_to_identity(model)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-10, atol=1e-10)
+
+
+def test_local_weights_file_loads(tmp_path):
+    plain = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(plain.state_dict(), path)
+    model = resnet18_dcn(weights=path)
+    assert torch.equal(model.layer3[0].conv2.weight, plain.layer3[0].conv2.weight)
+    with pytest.raises(ValueError, match="weights"):
+        resnet18_dcn(weights="NOT_A_WEIGHT")
+
+
+@pytest.mark.parametrize("kwargs", [dict(dcn="v3"), dict(dcn_stages=(1,)), dict(dcn_stages=(3, 3))])
+def test_bad_backbone_arguments(kwargs):
+    with pytest.raises(ValueError):
+        resnet50_dcn(**kwargs)
+
+
+def test_param_groups_multipliers_and_decay():
+    model = resnet18_dcn(dcn="v2", dcn_stages=(5,))
+    model.layer2[0].conv2 = DCNv1.from_conv2d(model.layer2[0].conv2)
+    groups = {g["name"]: g for g in param_groups(model, lr=0.02, weight_decay=1e-4)}
+    offsets_v2 = {id(p) for p in model.layer4[0].conv2.conv_offset.parameters()}
+    offsets_v1 = {id(p) for p in model.layer2[0].conv2.conv_offset.parameters()}
+    assert {id(p) for p in groups["offsets x0.1"]["params"]} >= offsets_v2
+    assert groups["offsets x0.1"]["lr"] == pytest.approx(0.002)
+    assert {id(p) for p in groups["offsets x1"]["params"]} == offsets_v1
+    assert groups["norm"]["weight_decay"] == 0.0 and groups["bias"]["weight_decay"] == 0.0
+    assert groups["weights"]["weight_decay"] == 1e-4
+    every = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(every) == len(set(every)) == len(list(model.parameters()))
+
+
+@pytest.mark.slow
+def test_torch_compile_dcn_backbone():
+    torch._dynamo.reset()
+    model = resnet18_dcn(num_classes=4).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, DCNv2):
+                m.conv_offset.weight.normal_(0, 0.01)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,186 @@
+"""Faster / Mask R-CNN with DCN: every variant trains and predicts; mimicking is training-only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from deformable.models import (
+    count_dcn_layers,
+    fasterrcnn_resnet50_c4_dcn,
+    fasterrcnn_resnet50_fpn_dcn,
+    maskrcnn_resnet50_c4_dcn,
+    maskrcnn_resnet50_fpn_dcn,
+)
+from deformable.nn import MultiScaleDeformRoIPool
+
+BUILDERS = {
+    ("faster", "fpn"): fasterrcnn_resnet50_fpn_dcn,
+    ("mask", "fpn"): maskrcnn_resnet50_fpn_dcn,
+    ("faster", "c4"): fasterrcnn_resnet50_c4_dcn,
+    ("mask", "c4"): maskrcnn_resnet50_c4_dcn,
+}
+# The paper's rows: regular with aligned RoI pooling; DCNv1 = conv5 + dpool; DCNv2 = conv3-5 + mdpool.
+VARIANTS = {
+    "regular": dict(dcn=None, roi_pool="align"),
+    "v1-dpool": dict(dcn="v1", dcn_stages=(5,), roi_pool="dpool"),
+    "v2-mdpool": dict(dcn="v2", roi_pool="mdpool"),
+    "v2-mdpool-mimic": dict(dcn="v2", roi_pool="mdpool", mimic=True),
+}
+
+
+def _small_bottleneck_resnet() -> ResNet:
+    """A one-block-per-stage bottleneck ResNet, dilated conv5 (valid for both layouts)."""
+    return ResNet(
+        Bottleneck, [1, 1, 1, 1], width_per_group=16, replace_stride_with_dilation=[False, False, True]
+    )
+
+
+def build(kind: str, layout: str, **variant):
+    torch.manual_seed(0)
+    options = dict(
+        num_classes=4,
+        backbone="resnet18" if layout == "fpn" else _small_bottleneck_resnet(),
+        min_size=96,
+        max_size=128,
+        rpn_pre_nms_top_n_train=200,
+        rpn_post_nms_top_n_train=100,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=50,
+        box_batch_size_per_image=64,
+    )
+    if variant.get("roi_pool", "mdpool") != "align":
+        options["roi_pool_options"] = dict(
+            hidden_channels=(64, 64) if variant.get("roi_pool") != "dpool" else (64,)
+        )
+    if variant.get("mimic"):
+        options["mimic_options"] = dict(rois_per_image=4, patch_size=64)
+    options.update(variant)
+    return BUILDERS[(kind, layout)](**options)
+
+
+def batch(with_masks: bool):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 112, generator=g), torch.rand(3, 100, 96, generator=g)]
+    boxes = [
+        torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 100.0, 90.0]]),
+        torch.tensor([[8.0, 6.0, 70.0, 80.0]]),
+    ]
+    labels = [torch.tensor([1, 3]), torch.tensor([2])]
+    targets = []
+    for image, b, lab in zip(images, boxes, labels, strict=True):
+        target = {"boxes": b, "labels": lab}
+        if with_masks:
+            masks = torch.zeros(len(b), *image.shape[1:], dtype=torch.uint8)
+            for m, (x1, y1, x2, y2) in zip(masks, b.long().tolist(), strict=True):
+                m[y1 + 5 : y2 - 5, x1 + 5 : x2 - 5] = 1
+            target["masks"] = masks
+        # Objects of a fixed brightness so that there is something to learn.
+        for x1, y1, x2, y2 in b.long().tolist():
+            image[:, y1:y2, x1:x2] = 0.9
+        targets.append(target)
+    return images, targets
+
+
+def _loss(model, images, targets) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(123)  # the same anchor and RoI sampling for every evaluation
+    losses = model(images, targets)
+    return sum(losses.values()), losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_training_reduces_loss_and_eval_is_well_formed(variant, kind, layout):
+    model = build(kind, layout, **VARIANTS[variant])
+    images, targets = batch(kind == "mask")
+    model.train()
+    before, losses = _loss(model, images, targets)
+    if VARIANTS[variant].get("mimic"):
+        assert {"loss_mimic", "loss_rcnn_cls"} <= set(losses)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(5):
+        optimizer.zero_grad()
+        _loss(model, images, targets)[0].backward()
+        optimizer.step()
+    after, _ = _loss(model, images, targets)
+    assert after.item() < before.item()
+    model.eval()
+    with torch.no_grad():
+        outputs = model(images)
+    for image, out in zip(images, outputs, strict=True):
+        n = out["boxes"].shape[0]
+        assert out["boxes"].shape == (n, 4) and out["scores"].shape == (n,) and out["labels"].shape == (n,)
+        assert torch.isfinite(out["boxes"]).all()
+        assert (out["boxes"][:, 2:] >= out["boxes"][:, :2]).all()
+        assert (out["boxes"][:, 2] <= image.shape[2] + 1e-3).all() and (
+            out["boxes"][:, 3] <= image.shape[1] + 1e-3
+        ).all()
+        if kind == "mask":
+            assert out["masks"].shape == (n, 1, *image.shape[1:])
+
+
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+def test_mimicking_changes_nothing_at_inference(kind):
+    plain = build(kind, "fpn", mimic=False)
+    mimic = build(kind, "fpn", mimic=True)
+    missing, unexpected = mimic.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("mimic.") for k in missing)
+    # Built with the same seed, the shared modules start identical even without loading.
+    shared = {k: v for k, v in mimic.state_dict().items() if not k.startswith("mimic.")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    images, _ = batch(kind == "mask")
+    plain.eval()
+    mimic.eval()
+    with torch.no_grad():
+        a, b = plain(images), mimic(images)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key])
+
+
+@pytest.mark.parametrize("select", ["foreground", "all", "background"])
+def test_mimicking_selection(select):
+    model = build(
+        "faster", "fpn", mimic=True, mimic_options=dict(rois_per_image=3, patch_size=64, select=select)
+    )
+    images, targets = batch(False)
+    model.train()
+    losses = model(images, targets)
+    assert torch.isfinite(losses["loss_mimic"]) and torch.isfinite(losses["loss_rcnn_cls"])
+    sum(losses.values()).backward()
+    assert model.mimic.classifier.weight.grad is not None
+
+
+def test_placement_of_deformable_parts():
+    model = build("mask", "fpn", dcn="v2", roi_pool="mdpool")
+    assert count_dcn_layers(model.backbone.body) == 12  # resnet18: 2 blocks x two 3x3 convs x conv3-5
+    assert isinstance(model.roi_heads.box_roi_pool, MultiScaleDeformRoIPool)
+    assert isinstance(model.roi_heads.mask_roi_pool, MultiScaleDeformRoIPool)
+    assert model.roi_heads.mask_roi_pool.output_size == (14, 14)
+    c4 = build("faster", "c4", dcn="v2", roi_pool="dpool")
+    assert c4.roi_heads.box_roi_pool.featmap_names == ["roi"]
+    assert c4.rpn.feature == "rpn" and c4.rpn.head.conv[0][0].in_channels == 1024
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(roi_pool="max"), "roi_pool"),
+        (dict(backbone="vgg16"), "backbone"),
+        (dict(mimic_options=dict(rois_per_image=2)), "mimic"),
+        (dict(mimic=True, mimic_options=dict(select="some")), "select"),
+        (dict(trainable_backbone_layers=7), "trainable_backbone_layers"),
+    ],
+)
+def test_bad_detector_arguments(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        fasterrcnn_resnet50_fpn_dcn(num_classes=3, **{"backbone": "resnet18", **kwargs})
+
+
+def test_c4_needs_a_bottleneck_resnet():
+    with pytest.raises(ValueError, match="bottleneck"):
+        fasterrcnn_resnet50_c4_dcn(num_classes=3, backbone="resnet18")
