@@ -1,0 +1,330 @@
+"""Deformable RoI pooling (DCNv1) and modulated deformable RoI pooling (DCNv2).
+
+``deform_roi_pool`` validates its arguments, picks a backend and runs it:
+
+* ``"reference"``: :mod:`._roi_reference`, readable PyTorch differentiated by autograd;
+* ``"aten"``: :mod:`._roi_aten`, the fast vectorised path, registered as the custom operator
+  ``torch.ops.deformable.deform_roi_pool`` (with a fake kernel and an autograd formula whose
+  backward is itself the custom operator ``deformable::deform_roi_pool_backward``, so
+  ``torch.compile(fullgraph=True)`` traces both directions).  It runs on every device and is the
+  automatic choice everywhere, CUDA included;
+* ``"triton"``: there is no Triton kernel for RoI pooling; asking for it raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+from . import _roi_aten, _roi_reference
+from ._backend import ENV_VAR, resolve_backend
+
+__all__ = ["deform_roi_pool"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom operators (the "aten" backend)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("deformable::deform_roi_pool", mutates_args=())
+def _deform_roi_pool_op(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    mask: Tensor | None,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool,
+) -> Tensor:
+    return _roi_aten.deform_roi_pool_forward(
+        input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned
+    )
+
+
+@_deform_roi_pool_op.register_fake
+def _(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned):
+    return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
+
+
+@torch.library.custom_op("deformable::deform_roi_pool_backward", mutates_args=())
+def _deform_roi_pool_backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None,
+    mask: Tensor | None,
+    pooled_height: int,
+    pooled_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    gamma: float,
+    aligned: bool,
+    need_input: bool,
+    need_offset: bool,
+    need_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _roi_aten.deform_roi_pool_backward(
+        grad_output,
+        input,
+        rois,
+        offset,
+        mask,
+        pooled_height,
+        pooled_width,
+        spatial_scale,
+        sampling_ratio,
+        gamma,
+        aligned,
+        need_input,
+        need_offset,
+        need_mask,
+    )
+    # Custom operators cannot return None: a gradient that was not asked for is an empty tensor.
+    return tuple(input.new_empty(0) if g is None else g for g in grads)
+
+
+@_deform_roi_pool_backward_op.register_fake
+def _(
+    grad_output,
+    input,
+    rois,
+    offset,
+    mask,
+    pooled_height,
+    pooled_width,
+    spatial_scale,
+    sampling_ratio,
+    gamma,
+    aligned,
+    need_input,
+    need_offset,
+    need_mask,
+):
+    grad_input = _roi_aten.grad_input_like(input) if need_input else input.new_empty(0)
+    grad_offset = torch.empty_like(offset) if need_offset and offset is not None else input.new_empty(0)
+    grad_mask = torch.empty_like(mask) if need_mask and mask is not None else input.new_empty(0)
+    return grad_input, grad_offset, grad_mask
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, offset, mask, *params = inputs
+    ctx.save_for_backward(input, rois, offset, mask)
+    ctx.params = params
+
+
+def _backward(ctx, grad_output):
+    input, rois, offset, mask = ctx.saved_tensors
+    need_input, _, need_offset, need_mask = ctx.needs_input_grad[:4]
+    need_offset = need_offset and offset is not None
+    need_mask = need_mask and mask is not None
+    grad_input = grad_offset = grad_mask = None
+    if need_input or need_offset or need_mask:
+        grad_input, grad_offset, grad_mask = _deform_roi_pool_backward_op(
+            grad_output.contiguous(),
+            input,
+            rois,
+            offset,
+            mask,
+            *ctx.params,
+            need_input,
+            need_offset,
+            need_mask,
+        )
+    return (
+        grad_input if need_input else None,
+        None,
+        grad_offset if need_offset else None,
+        grad_mask if need_mask else None,
+        *([None] * len(ctx.params)),
+    )
+
+
+_deform_roi_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _output_size(output_size) -> tuple[int, int]:
+    if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool):
+        size = (int(output_size), int(output_size))
+    elif (
+        isinstance(output_size, (tuple, list))
+        and len(output_size) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in output_size)
+    ):
+        size = (int(output_size[0]), int(output_size[1]))
+    else:
+        raise TypeError(f"output_size must be an int or a pair of ints (height, width), got {output_size!r}")
+    if min(size) < 1:
+        raise ValueError(f"output_size must be positive, got {output_size!r}")
+    return size
+
+
+def _check_tensor(name: str, value, input: Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(value).__name__}")
+    if value.dtype != input.dtype:
+        raise TypeError(f"{name} must have the dtype of input ({input.dtype}), got {value.dtype}")
+    if value.device != input.device:
+        raise ValueError(f"{name} must be on the device of input ({input.device}), got {value.device}")
+    if tuple(value.shape) != shape:
+        raise ValueError(
+            f"{name} must have shape [K, {shape[1]}, output_height, output_width] = {list(shape)}, "
+            f"got {list(value.shape)}"
+        )
+
+
+def _check_roi_values(rois: Tensor, batch_size: int) -> None:
+    """Data-dependent checks of the RoIs (one host synchronisation)."""
+    if rois.shape[0] == 0:
+        return
+    batch = rois[:, 0]
+    flags = torch.stack(
+        (
+            (~torch.isfinite(rois)).any(),
+            (batch != torch.round(batch)).any(),
+            ((batch < 0) | (batch >= batch_size)).any(),
+        )
+    ).tolist()
+    if flags[0]:
+        raise ValueError("rois must be finite, got NaN or infinite coordinates")
+    if flags[1]:
+        bad = batch[batch != torch.round(batch)][0].item()
+        raise ValueError(f"rois[:, 0] must hold integer batch indices, got {bad}")
+    if flags[2]:
+        bad = batch[(batch < 0) | (batch >= batch_size)][0].item()
+        raise ValueError(f"rois[:, 0] must be a batch index in [0, {batch_size - 1}], got {bad:g}")
+
+
+def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must have shape [N, C, H, W], got {list(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if input.shape[2] < 1 or input.shape[3] < 1:
+        raise ValueError(f"input must have non-empty spatial dimensions, got {list(input.shape)}")
+    if not isinstance(rois, Tensor):
+        raise TypeError(f"rois must be a Tensor of shape [K, 5], got {type(rois).__name__}")
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(f"rois must have shape [K, 5] (batch_index, x1, y1, x2, y2), got {list(rois.shape)}")
+    if not rois.is_floating_point():
+        raise TypeError(f"rois must be a floating-point tensor, got {rois.dtype}")
+    if rois.device != input.device:
+        raise ValueError(f"rois must be on the device of input ({input.device}), got {rois.device}")
+    pooled_height, pooled_width = _output_size(output_size)
+    if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, numbers.Real):
+        raise TypeError(f"spatial_scale must be a positive float, got {spatial_scale!r}")
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise ValueError(f"spatial_scale must be a positive finite float, got {spatial_scale!r}")
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
+        raise TypeError(
+            "sampling_ratio must be an int (> 0: samples per bin side, <= 0: adaptive), "
+            f"got {sampling_ratio!r}"
+        )
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
+        raise TypeError(f"gamma must be a finite float, got {gamma!r}")
+    if not isinstance(aligned, bool):
+        raise TypeError(f"aligned must be a bool, got {aligned!r}")
+    num_rois = rois.shape[0]
+    if offset is not None:
+        _check_tensor("offset", offset, input, (num_rois, 2, pooled_height, pooled_width))
+    if mask is not None:
+        _check_tensor("mask", mask, input, (num_rois, 1, pooled_height, pooled_width))
+    if not torch.compiler.is_compiling():
+        _check_roi_values(rois, input.shape[0])
+    return pooled_height, pooled_width
+
+
+def _select_backend(backend: str | None, device: torch.device) -> str:
+    chosen = resolve_backend(backend, device)
+    if chosen == "triton":
+        if backend is None and not _env_backend():
+            return "aten"  # automatic choice: there is no Triton kernel for RoI pooling
+        source = "backend" if backend is not None else ENV_VAR
+        raise ValueError(
+            f"{source}='triton' cannot run deform_roi_pool: it has no Triton kernel; "
+            "use backend='aten' (fast, any device) or backend='reference'"
+        )
+    return chosen
+
+
+def _env_backend() -> str | None:
+    return os.environ.get(ENV_VAR) or None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public operator
+# --------------------------------------------------------------------------------------------------
+
+
+def deform_roi_pool(
+    input: Tensor,
+    rois: Tensor,
+    offset: Tensor | None = None,
+    mask: Tensor | None = None,
+    output_size: int | tuple[int, int] = 7,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = 0,
+    gamma: float = 0.1,
+    aligned: bool = False,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """(Modulated) deformable RoI pooling; RoIAlign when ``offset`` and ``mask`` are None.
+
+    Each RoI is divided into ``output_size`` bins exactly as ``torchvision.ops.roi_align`` divides it
+    (same ``aligned`` convention, same adaptive sampling grid, same bilinear rule); each bin is the mean
+    of a grid of bilinear samples, moved by ``gamma * offset * (roi_width, roi_height)`` and multiplied
+    by ``mask``.
+
+    Args:
+        input: features ``[N, C, H, W]`` (float64, float32, float16 or bfloat16).
+        rois: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in image coordinates (any floating
+            dtype; positions are computed in float32, or float64 for float64 input).
+        offset: ``[K, 2, ph, pw]`` normalised bin offsets, channel 0 = x, channel 1 = y, or None. The
+            shift in feature-map units is ``gamma * offset * roi_size``, with the RoI size as
+            roi_align computes it (after ``spatial_scale``; clamped to >= 1 when ``aligned=False``).
+        mask: ``[K, 1, ph, pw]`` multiplier of each bin (applied as given, no sigmoid), or None.
+            ``offset`` and ``mask`` must have the dtype of ``input``, except under autocast, where they
+            are cast to it.
+        output_size: ``(ph, pw)`` or one int for both.
+        spatial_scale: feature-map size / image size (e.g. 1/16).
+        sampling_ratio: samples per bin side; ``<= 0`` means adaptive, ``ceil(roi_size / output_size)``.
+        gamma: scale of the normalised offsets (0.1 in the papers).
+        aligned: False = roi_align's legacy convention (torchvision's detectors); True = the half-pixel
+            shift of Detectron2 and mmcv's deformable RoI pooling.
+        backend: ``"reference"``, ``"aten"`` or None (automatic: ``DEFORMABLE_BACKEND``, else "aten").
+
+    Returns:
+        ``[K, C, ph, pw]`` in the dtype of ``input`` (low precision accumulates in float32).
+        Differentiable in ``input``, ``offset`` and ``mask`` (not in ``rois``).
+
+    Raises:
+        TypeError, ValueError: an argument has the wrong type, shape, dtype, device or value; the
+            message names it. ``backend="triton"`` raises ValueError (no Triton kernel).
+    """
+    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        # Under autocast the offset branch may run in another precision than the features: compute in
+        # the features' dtype (fp16/bf16 accumulate in fp32), as outside autocast.
+        offset = offset.to(input.dtype) if isinstance(offset, Tensor) else offset
+        mask = mask.to(input.dtype) if isinstance(mask, Tensor) else mask
+    pooled_height, pooled_width = _validate(
+        input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned
+    )
+    args = (pooled_height, pooled_width, float(spatial_scale), int(sampling_ratio), float(gamma), aligned)
+    if _select_backend(backend, input.device) == "reference":
+        return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
+    return _deform_roi_pool_op(input, rois, offset, mask, *args)
