@@ -1,8 +1,9 @@
-"""The ``deformable`` command line: ``deformable demo | bench | info``."""
+"""The ``deformable`` command line: ``deformable demo | train | eval | bench | convert | info``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -56,35 +57,119 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .nn import DCNv2
+    if args.task == "classification":
+        from .engine.classification import run_classification_demo
 
-    torch.manual_seed(0)
-    print("DCNv2 layer demo: a drop-in for nn.Conv2d that predicts its own offsets and masks.")
-    conv = torch.nn.Conv2d(16, 32, 3, padding=1)
-    layer = DCNv2.from_conv2d(conv)
-    x = torch.randn(2, 16, 20, 20)
-    y = layer(x)
-    print(f"  input {tuple(x.shape)} -> output {tuple(y.shape)}")
-    same = torch.allclose(
-        y, 0.5 * (conv(x) - conv.bias.view(1, -1, 1, 1)) + conv.bias.view(1, -1, 1, 1), atol=1e-5
+        run_classification_demo(args.preset, args.out, args.set)
+        return 0
+    from .engine.demo import run_demo
+
+    run_demo(args.preset, args.out, args.set, resume=not args.restart)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine.config import load_config
+    from .engine.trainer import train
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    result = train(load_config(args.config, overrides), resume=args.resume, evaluate_at_end=not args.no_eval)
+    if result.metrics:
+        print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.config import config_from_dict, load_config
+    from .engine.trainer import _device, build_datasets, evaluate, load_trained_model
+
+    data = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    else:
+        from .engine.config import parse_overrides
+
+        cfg = config_from_dict({**data["config"], **parse_overrides(args.set)})
+    model = load_trained_model(args.checkpoint, cfg)
+    device = _device(cfg)
+    _, val = build_datasets(cfg)
+    metrics = evaluate(model.to(device), val, cfg, device)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from . import models
+    from .engine.checkpointing import atomic_save
+
+    builder = getattr(models, args.model, None)
+    if builder is None:
+        raise SystemExit(f"--model must name a builder in deformable.models, got {args.model!r}")
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = builder(**kwargs)
+    report = models.load_checkpoint(model, args.input, source=args.source)
+    print(report)
+    atomic_save(
+        {"model": model.state_dict(), "source": args.source, "builder": args.model, "kwargs": kwargs},
+        args.out,
     )
-    print(f"  at initialisation (zero offsets, mask 0.5) it equals half the convolution: {same}")
-    y.square().mean().backward()
-    norm = layer.conv_offset.weight.grad.norm().item()
-    print(f"  gradient reaches the offset/mask branch: |grad| = {norm:.3e}")
-    print("\nOperator benchmark at a small size (median ms, ratios vs F.conv2d in the same run):")
-    bench = argparse.Namespace(
-        device="cpu", threads=None, small=True, dtypes=["fp32"], repeats=5, backend=None, out=None
-    )
-    return _cmd_bench(bench)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deformable", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: a short demonstration (see README)")
+    demo = sub.add_parser(
+        "demo", help="the main job: the paper's ablation (Table 1) on the embedded dataset, with a report"
+    )
+    demo.add_argument(
+        "--preset",
+        default="default",
+        choices=["smoke", "default", "full"],
+        help="smoke: the whole path in minutes; default: ~20 min on a 2-core CPU; full: GPU, 3 seeds",
+    )
+    demo.add_argument("--task", default="detection", choices=["detection", "classification"])
+    demo.add_argument("--out", default="demo_out", help="report folder (default: demo_out)")
+    demo.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    demo.add_argument(
+        "--restart", action="store_true", help="ignore checkpoints of an interrupted earlier run"
+    )
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train a detector from a config")
+    train.add_argument("--config", required=True, help="a YAML file or the name of one in deformable/configs")
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    train.add_argument("--out", help="run folder (overrides out_dir)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    train.add_argument("--no-eval", action="store_true", help="skip the COCO evaluation at the end")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="COCO AP of a trained checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint_last.pth")
+    evaluate.add_argument("--config", help="config (default: the one stored in the checkpoint)")
+    evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    convert = sub.add_parser("convert", help="import a torchvision/mmdet/detectron2 checkpoint")
+    convert.add_argument("--input", required=True, help=".pth/.pt/.safetensors file")
+    convert.add_argument(
+        "--source", required=True, choices=["deformable", "torchvision", "mmdet", "detectron2"]
+    )
+    convert.add_argument("--model", required=True, help="builder name, e.g. maskrcnn_resnet50_fpn_dcn")
+    convert.add_argument("--num-classes", type=int, help="classes including background")
+    convert.add_argument("--model-kwargs", help='JSON of further builder arguments, e.g. \'{"dcn": "v2"}\'')
+    convert.add_argument("--out", required=True, help="where to write the converted state dict")
+    convert.set_defaults(func=_cmd_convert)
 
     bench = sub.add_parser("bench", help="time deform_conv2d against F.conv2d and torchvision")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -97,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--small", action="store_true", help="one small shape, for a quick check")
     bench.add_argument("--out", help="write the markdown table here (e.g. benchmarks/results/ops_cpu.md)")
     bench.set_defaults(func=_cmd_bench)
+
+    from .export import add_cli as add_export_cli
+
+    add_export_cli(sub)
 
     info = sub.add_parser("info", help="versions, devices and backends")
     info.set_defaults(func=_cmd_info)
