@@ -1,0 +1,210 @@
+"""Flat experiment configs: YAML files in ``configs/`` plus ``--set key=value`` overrides.
+
+A config is one flat mapping (no inheritance chains): every key is a field of :class:`TrainConfig`,
+checked for type on load, and the resolved config is written into every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Shipped inside the package so that pip-installed users have them too.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Iterations are counted in optimizer steps."""
+
+    # model
+    model: str = "fasterrcnn_resnet50_fpn_dcn"
+    backbone: str = "resnet50"
+    dcn: str | None = "v2"
+    dcn_stages: list[int] = field(default_factory=lambda: [3, 4, 5])
+    offset_groups: int = 1
+    roi_pool: str = "mdpool"
+    roi_pool_hidden: list[int] | None = None
+    mimic: bool = False
+    mimic_rois_per_image: int = 32
+    mimic_patch_size: int = 224
+    mimic_select: str = "foreground"
+    weights_backbone: str | None = None
+    trainable_backbone_layers: int | None = None
+    norm: str = "auto"  # auto (frozen BN with weights, else BN) | bn | frozen_bn | gn
+    num_classes: int | None = None  # None: from the dataset (categories + background)
+    min_size: int = 800
+    max_size: int = 1333
+    anchor_sizes: list[int] | None = None
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    box_batch_size_per_image: int = 512
+    box_detections_per_img: int = 100
+    # data
+    dataset: str = "deformed_fashion"  # deformed_fashion | coco
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    data_preset: str = "default"  # deformed_fashion generation preset
+    data_dir: str | None = None  # deformed_fashion cache folder (default ~/.cache/deformable)
+    hflip: bool = True
+    scale_jitter: list[float] | None = None  # e.g. [0.8, 1.2]
+    workers: int = 0
+    # optimisation (the paper: batch 16, lr 0.02, /10 at epochs 10 and 14 of 16)
+    batch_size: int = 2
+    iterations: int = 1000
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 500
+    warmup_factor: float = 0.001
+    lr_steps: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    amp: str = "none"  # none | bf16 | fp16
+    seed: int = 0
+    deterministic: bool = False
+    # bookkeeping
+    out_dir: str = "runs/default"
+    checkpoint_every: int = 500
+    log_every: int = 20
+    eval_every: int = 0  # 0: only at the end
+    eval_max_images: int | None = None
+    progress: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> TrainConfig:
+        """Check values that types alone cannot; raise ValueError naming the key."""
+        choices = {
+            "dcn": (None, "v1", "v2"),
+            "roi_pool": ("mdpool", "dpool", "align"),
+            "dataset": ("deformed_fashion", "coco"),
+            "amp": ("none", "bf16", "fp16"),
+            "norm": ("auto", "bn", "frozen_bn", "gn"),
+            "device": ("auto", "cpu", "cuda"),
+            "mimic_select": ("foreground", "all", "background"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
+        positive = ("batch_size", "iterations", "checkpoint_every", "log_every", "min_size", "max_size")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"config key 'lr' must be positive, got {self.lr}")
+        if self.dataset == "coco":
+            for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
+                if not getattr(self, key):
+                    raise ValueError(f"config key {key!r} is required when dataset is 'coco'")
+        if sorted(self.lr_steps) != list(self.lr_steps):
+            raise ValueError(f"config key 'lr_steps' must be increasing, got {self.lr_steps}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Coerce ``value`` to the field's annotated type or raise a ValueError naming the key."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        last_error = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(key, value, option)
+            except ValueError as error:
+                last_error = error
+        raise last_error or ValueError(f"config key {key!r}: bad value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config key {key!r} must be a list, got {value!r}")
+        return [_check_type(key, v, item) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a flat mapping; unknown keys are errors."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(hints)}")
+    checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
+    return TrainConfig(**checked).validate()
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["lr=0.01", "dcn_stages=[5]"]`` -> ``{"lr": 0.01, "dcn_stages": [5]}`` (values read as YAML)."""
+    result = {}
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        result[key.strip()] = yaml.safe_load(text) if text.strip() else None
+    return result
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file: a path, or the name of a file in ``configs/`` (with or without ``.yaml``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"config not found: {name_or_path} (looked in the working directory and {CONFIG_DIR})"
+    )
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config {path} is not valid YAML: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path} must hold a flat mapping of keys to values")
+        values.update(loaded)
+    values.update(parse_overrides(overrides))
+    return config_from_dict(values)
+
+
+def dump_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
