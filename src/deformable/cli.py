@@ -1,4 +1,4 @@
-"""The ``deformable`` command line: ``deformable demo | train | eval | bench | convert | info``."""
+"""The ``deformable`` command line: ``demo | train | eval | analyze | bench | convert | export | info``."""
 
 from __future__ import annotations
 
@@ -183,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="write the markdown table here (e.g. benchmarks/results/ops_cpu.md)")
     bench.set_defaults(func=_cmd_bench)
 
+    from .analysis import add_cli as add_analyze_cli
     from .export import add_cli as add_export_cli
 
     add_export_cli(sub)
+    add_analyze_cli(sub)
 
     info = sub.add_parser("info", help="versions, devices and backends")
     info.set_defaults(func=_cmd_info)

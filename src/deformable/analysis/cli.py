@@ -1,0 +1,255 @@
+"""``deformable analyze``: draw the support figure of one or more checkpoints on an image.
+
+Example (a regular, a DCNv1 and a DCNv2 Faster R-CNN, a node on an object and one on the background, and
+the RoI head for a box)::
+
+    deformable analyze --model fasterrcnn_resnet50_fpn_dcn --num-classes 11 --backbone resnet18 \\
+        --checkpoint regular.pth dcnv1.pth dcnv2.pth --dcn none v1 v2 --labels regular DCNv1 DCNv2 \\
+        --image street.png --out figure1.png --fg 120 200 --bg 20 20 --box 150 80 260 170
+
+Node positions (``--fg``, ``--bg``) are image pixels (y, x), mapped to the nearest position of ``--layer``'s
+output map; ``--box`` is (x1, y1, x2, y2). Wire the command into the main parser with
+``add_cli(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+__all__ = ["CLASSIFIERS", "DETECTORS", "add_cli", "build_model", "load_image", "run_analyze"]
+
+CLASSIFIERS = (
+    "resnet18_dcn",
+    "resnet34_dcn",
+    "resnet50_dcn",
+    "resnet101_dcn",
+    "resnext50_32x4d_dcn",
+    "resnext101_32x8d_dcn",
+)
+DETECTORS = (
+    "fasterrcnn_resnet50_fpn_dcn",
+    "maskrcnn_resnet50_fpn_dcn",
+    "fasterrcnn_resnet50_c4_dcn",
+    "maskrcnn_resnet50_c4_dcn",
+)
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_DEFAULT_ROI_POOL = {"none": "align", "v1": "dpool", "v2": "mdpool"}
+EXAMPLE = """example (regular, DCNv1 and DCNv2 detectors; an object node, a background node and a RoI):
+  deformable analyze --model fasterrcnn_resnet50_fpn_dcn --num-classes 11 --backbone resnet18 \\
+      --checkpoint regular.pth dcnv1.pth dcnv2.pth --dcn none v1 v2 --labels regular DCNv1 DCNv2 \\
+      --image street.png --out figure1.png --fg 120 200 --bg 20 20 --box 150 80 260 170
+"""
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Add the ``analyze`` sub-command (handler in ``func``) to an ``argparse`` sub-parsers object."""
+    parser = subparsers.add_parser(
+        "analyze",
+        help="effective receptive fields, sampling locations and saliency regions of checkpoints",
+        description=(
+            "Draw the DCNv2 paper's Figure 1/2 layout: for every checkpoint (one row each) and every node "
+            "(a foreground point, a background point, optionally a RoI box), the effective receptive "
+            "field, the effective sampling/bin locations and the error-bounded saliency region."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", help="one file per row")
+    parser.add_argument(
+        "--model", required=True, choices=CLASSIFIERS + DETECTORS, help="builder in deformable.models"
+    )
+    parser.add_argument(
+        "--dcn", nargs="+", default=["v2"], choices=["none", "v1", "v2"],
+        help="DCN version of each checkpoint's model (one value, or one per checkpoint; default v2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dcn-stages", nargs="+", type=int, default=[3, 4, 5], help="paper stages with DCN (default 3 4 5)"
+    )
+    parser.add_argument(
+        "--roi-pool", nargs="+", choices=["align", "dpool", "mdpool"],
+        help="detectors' RoI pooling per checkpoint (default: align / dpool / mdpool for none / v1 / v2)",
+    )  # fmt: skip
+    parser.add_argument("--backbone", default="resnet50", help="detectors: backbone (default resnet50)")
+    parser.add_argument("--num-classes", type=int, help="classes incl. background (default 91 / 1000)")
+    parser.add_argument("--min-size", type=int, help="detectors: transform min_size (default torchvision's)")
+    parser.add_argument("--max-size", type=int, help="detectors: transform max_size (default torchvision's)")
+    parser.add_argument(
+        "--source", default="deformable", choices=["deformable", "torchvision", "mmdet", "detectron2"],
+        help="who wrote the checkpoints (key renaming; default deformable)",
+    )  # fmt: skip
+    parser.add_argument("--labels", nargs="+", help="row labels (default: the checkpoints' file names)")
+    parser.add_argument("--image", required=True, help="PNG or JPEG image")
+    parser.add_argument("--out", required=True, help="the figure to write (PNG)")
+    parser.add_argument(
+        "--layer", help="module whose output positions are the nodes (default layer4 / backbone.body.layer4)"
+    )
+    parser.add_argument("--channel", type=int, help="node channel (default: sum over channels)")
+    parser.add_argument(
+        "--fg", nargs=2, type=float, metavar=("Y", "X"), help="foreground node, image pixels (default centre)"
+    )
+    parser.add_argument(
+        "--bg",
+        nargs=2,
+        type=float,
+        metavar=("Y", "X"),
+        help="background node, image pixels (default H/8, W/8)",
+    )
+    parser.add_argument(
+        "--box", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"), help="detectors: add a RoI node"
+    )
+    parser.add_argument("--class", dest="roi_class", type=int, help="RoI node class (default: best)")
+    parser.add_argument(
+        "--weighting", default="value", choices=["value", "contribution", "location"],
+        help="weight of the sampling locations (default value)",
+    )  # fmt: skip
+    parser.add_argument("--error-bound", type=float, default=0.1, help="saliency error bound (default 0.1)")
+    parser.add_argument("--block-size", type=int, help="saliency search block, pixels (default max(H,W)/16)")
+    parser.add_argument("--fill", default="mean", help="masked pixels: mean, zero or a number (default mean)")
+    parser.add_argument("--no-saliency", action="store_true", help="skip the saliency search")
+    parser.add_argument("--max-points", type=int, default=2000, help="sampling points drawn per panel")
+    parser.add_argument(
+        "--normalize", default="auto", choices=["auto", "imagenet", "none"],
+        help="input normalisation (auto: ImageNet for classifiers; detectors normalise themselves)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100)")
+    parser.set_defaults(func=run_analyze)
+    return parser
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file as ``[3, H, W]`` float32 RGB in [0, 1] (read by matplotlib: PNG natively, JPEG and
+    others through Pillow); grey images are repeated to 3 channels, alpha is dropped."""
+    try:
+        from matplotlib.image import imread
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("deformable analyze needs matplotlib: pip install matplotlib") from error
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    pixels = torch.from_numpy(imread(str(path)).copy())
+    if not pixels.is_floating_point():
+        pixels = pixels.float() / 255
+    if pixels.dim() == 2:
+        pixels = pixels[..., None].expand(-1, -1, 3)
+    if pixels.dim() != 3 or pixels.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"cannot read {path} as an RGB image (array shape {list(pixels.shape)})")
+    pixels = pixels[..., :3] if pixels.shape[-1] != 1 else pixels.expand(-1, -1, 3)
+    return pixels.permute(2, 0, 1).float().contiguous()
+
+
+def build_model(
+    name: str,
+    *,
+    dcn: str | None = "v2",
+    dcn_stages=(3, 4, 5),
+    roi_pool: str | None = None,
+    backbone: str = "resnet50",
+    num_classes: int | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+) -> torch.nn.Module:
+    """A model from :mod:`deformable.models` by builder name, with the options of ``deformable analyze``.
+
+    ``dcn`` is ``"v1"``, ``"v2"`` or None/"none"; ``roi_pool`` (detectors) defaults to align / dpool /
+    mdpool for none / v1 / v2.
+    """
+    from .. import models
+
+    dcn = None if dcn in (None, "none") else dcn
+    if name in CLASSIFIERS:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        return getattr(models, name)(dcn=dcn, dcn_stages=tuple(dcn_stages), **kwargs)
+    if name in DETECTORS:
+        kwargs: dict = {"num_classes": 91 if num_classes is None else num_classes, "backbone": backbone}
+        kwargs["roi_pool"] = roi_pool or _DEFAULT_ROI_POOL[dcn or "none"]
+        if min_size is not None:
+            kwargs["min_size"] = min_size
+        if max_size is not None:
+            kwargs["max_size"] = max_size
+        return getattr(models, name)(dcn=dcn, dcn_stages=tuple(dcn_stages), **kwargs)
+    raise ValueError(f"model must be one of {CLASSIFIERS + DETECTORS}, got {name!r}")
+
+
+def _per_checkpoint(values, count: int, option: str) -> list:
+    if values is None:
+        return [None] * count
+    if len(values) == 1:
+        return list(values) * count
+    if len(values) != count:
+        raise SystemExit(f"{option} takes one value or one per checkpoint ({count}), got {len(values)}")
+    return list(values)
+
+
+def _fill(text: str):
+    if text in ("mean", "zero"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"--fill must be mean, zero or a number, got {text!r}") from None
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """The ``analyze`` handler: build, load, analyse, draw; prints the figure's path."""
+    from ..models import load_checkpoint
+    from .geometry import image_to_position
+    from .plotting import FigureNode, plot_support_figure
+
+    count = len(args.checkpoint)
+    dcns = _per_checkpoint(args.dcn, count, "--dcn")
+    pools = _per_checkpoint(args.roi_pool, count, "--roi-pool")
+    if args.labels and len(args.labels) != count:
+        raise SystemExit(f"--labels needs one label per checkpoint ({count}), got {len(args.labels)}")
+    labels = args.labels or [Path(p).stem for p in args.checkpoint]
+    detector = args.model in DETECTORS
+    if args.box is not None and not detector:
+        raise SystemExit("--box (a RoI node) needs a detector model")
+    device = torch.device(args.device)
+
+    rows = []
+    for path, dcn, pool, label in zip(args.checkpoint, dcns, pools, labels, strict=True):
+        model = build_model(
+            args.model, dcn=dcn, dcn_stages=args.dcn_stages, roi_pool=pool, backbone=args.backbone,
+            num_classes=args.num_classes, min_size=args.min_size, max_size=args.max_size,
+        )  # fmt: skip
+        report = load_checkpoint(model, path, source=args.source)
+        if not report.loaded:
+            raise SystemExit(f"{path}: no tensor of the checkpoint fits {args.model} (dcn={dcn})")
+        if report.missing or report.unexpected or report.mismatched:
+            print(
+                f"{path}: {len(report.loaded)} tensors loaded, {len(report.missing)} missing, "
+                f"{len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
+            )
+        rows.append((label, model.to(device).eval()))
+
+    shown = load_image(args.image).to(device)
+    image = shown
+    if args.normalize == "imagenet" or (args.normalize == "auto" and not detector):
+        mean = torch.tensor(_IMAGENET_MEAN, device=device)[:, None, None]
+        std = torch.tensor(_IMAGENET_STD, device=device)[:, None, None]
+        image = (shown - mean) / std
+    height, width = image.shape[-2:]
+    layer = args.layer or ("backbone.body.layer4" if detector else "layer4")
+    first = rows[0][1]
+    fg = args.fg if args.fg is not None else ((height - 1) / 2, (width - 1) / 2)
+    bg = args.bg if args.bg is not None else (height / 8, width / 8)
+    nodes = [
+        FigureNode("foreground", layer, image_to_position(first, image, layer, fg), args.channel),
+        FigureNode("background", layer, image_to_position(first, image, layer, bg), args.channel),
+    ]
+    if args.box is not None:
+        nodes.append(FigureNode("RoI", "roi", tuple(args.box), args.roi_class))
+    out = plot_support_figure(
+        rows, image, nodes, args.out, display_image=shown, weighting=args.weighting,
+        saliency=not args.no_saliency, error_bound=args.error_bound, fill=_fill(args.fill),
+        block_size=args.block_size, max_points=args.max_points, dpi=args.dpi,
+        title=f"{args.model}: {layer}",
+    )  # fmt: skip
+    print(f"wrote {out}")
+    return 0

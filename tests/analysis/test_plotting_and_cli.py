@@ -1,0 +1,86 @@
+"""Figures, statistics and the ``deformable analyze`` command."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from deformable.analysis import FigureNode, add_cli, plot_support_figure, size_category, support_statistics
+from deformable.models import resnet18_dcn
+
+from .helpers import randomise_offsets, stack
+
+image_io = pytest.importorskip("matplotlib.image")
+
+
+def _non_blank(path) -> bool:
+    pixels = image_io.imread(str(path))
+    return pixels.ndim == 3 and float(pixels[..., :3].std()) > 0.02
+
+
+def test_support_figure_for_regular_dcnv1_dcnv2(tmp_path):
+    models = {
+        "regular": stack("regular"),
+        "DCNv1": randomise_offsets(stack("v1")),
+        "DCNv2": randomise_offsets(stack("v2")),
+    }
+    image = torch.rand(3, 12, 12, dtype=torch.float64)
+    nodes = [FigureNode("object", "4", (3, 3)), FigureNode("background", "4", (0, 5), channel=1)]
+    out = plot_support_figure(
+        models, image, nodes, tmp_path / "figs" / "figure1.png", block_size=3, title="t"
+    )
+    assert out.is_file() and _non_blank(out)
+
+
+def test_roi_figure_on_a_detector(tmp_path, detector):
+    image = torch.rand(3, 64, 64)
+    nodes = [FigureNode("RoI", "roi", (10, 12, 40, 50))]
+    out = plot_support_figure({"DCNv2": detector}, image, nodes, tmp_path / "figure2.png", saliency=False)
+    assert out.is_file() and _non_blank(out)
+
+
+def test_support_statistics_by_object_size_and_background():
+    model = stack("v1")
+    image = torch.rand(3, 16, 16, dtype=torch.float64)
+    samples = [(image, torch.tensor([[2.0, 2.0, 7.0, 7.0]])), (image.flip(-1), torch.zeros(0, 4))]
+    stats = support_statistics(model, samples, "4", block_size=8, generator=torch.Generator().manual_seed(0))
+    summary = stats.summary()
+    assert summary["small"]["nodes"] == 1 and summary["background"]["nodes"] == 2
+    assert math.isnan(summary["large"]["erf_spread"])
+    assert (
+        0 < summary["small"]["erf_spread"] < 16 and 0 <= summary["background"]["saliency_area_fraction"] <= 1
+    )
+    dilation = stats.effective_dilation()
+    assert list(dilation) == ["2", "4"]
+    assert dilation["2"]["background"] == pytest.approx(2.0) and dilation["4"]["small"] == pytest.approx(1.0)
+    assert "| small | 1 |" in stats.to_markdown()
+    assert [size_category(a) for a in (10, 32**2, 96**2)] == ["small", "medium", "large"]
+
+
+def test_analyze_command(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="deformable")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    paths = []
+    for dcn in (None, "v2"):
+        torch.manual_seed(0)
+        path = tmp_path / f"{dcn or 'regular'}.pth"
+        torch.save(resnet18_dcn(dcn=dcn, dcn_stages=(5,), num_classes=4).state_dict(), path)
+        paths.append(str(path))
+    image_io.imsave(str(tmp_path / "image.png"), torch.rand(32, 32, 3).numpy())
+    out = tmp_path / "analysis.png"
+    args = parser.parse_args(
+        ["analyze", "--model", "resnet18_dcn", "--num-classes", "4", "--checkpoint", *paths,
+         "--dcn", "none", "v2", "--dcn-stages", "5", "--labels", "regular", "DCNv2",
+         "--image", str(tmp_path / "image.png"), "--out", str(out), "--layer", "layer4",
+         "--fg", "16", "16", "--no-saliency"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert out.is_file() and _non_blank(out)
+    assert "wrote" in capsys.readouterr().out
+    bad = parser.parse_args(["analyze", "--model", "resnet18_dcn", "--checkpoint", *paths, "--dcn", "none",
+                             "v1", "v2", "--image", "x.png", "--out", "y.png"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        bad.func(bad)

@@ -1,0 +1,74 @@
+"""Error-bounded saliency regions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deformable.analysis import saliency_region
+from deformable.analysis.saliency import fill_value
+
+from .helpers import randomise_offsets, stack
+
+
+def _response(model, image, mask, fill, layer, position, channel):
+    masked = torch.where(mask[None], image, fill.expand_as(image))
+    with torch.no_grad():
+        values = model(masked[None])[0, :, position[0], position[1]]
+    return values.sum() if channel is None else values[channel]
+
+
+def _relative_error(model, image, mask, fill, node):
+    reference = _response(model, image, torch.ones_like(mask), fill, *node)
+    return float((_response(model, image, mask, fill, *node) - reference).abs() / reference.abs())
+
+
+@pytest.mark.parametrize(("kind", "fill"), [("v2", "zero"), ("regular", "mean")])
+def test_saliency_region_keeps_the_response_within_the_bound_and_no_block_can_go(kind, fill):
+    model = randomise_offsets(stack(kind, bias=False))
+    image = torch.rand(3, 14, 14, dtype=torch.float64) + 0.5
+    node = ("4", (4, 3), 0)
+    bound, block = 0.1, 2
+    result = saliency_region(model, image, *node, error_bound=bound, fill=fill, block_size=block)
+    fill_tensor = fill_value(image, fill)
+
+    assert result.mask.shape == (14, 14) and result.mask.dtype == torch.bool
+    assert 0 < result.area_fraction < 1
+    assert result.area_fraction == pytest.approx(float(result.mask.double().mean()))
+    error = _relative_error(model, image, result.mask, fill_tensor, node)
+    assert error <= bound and error == pytest.approx(result.error, rel=1e-9, abs=1e-12)
+    # The region lies inside the theoretical receptive field (rows/cols 3..13 around image (8, 6)).
+    rows, cols = result.mask.nonzero().unbind(1)
+    assert rows.min() >= 2 and rows.max() <= 13 and cols.min() >= 0 and cols.max() <= 11
+
+    # Removing any further block of the search breaks the bound.
+    for by, bx in result.blocks.nonzero().tolist():
+        smaller = result.mask.clone()
+        smaller[by * block : (by + 1) * block, bx * block : (bx + 1) * block] = False
+        assert _relative_error(model, image, smaller, fill_tensor, node) > bound
+
+
+def test_saliency_region_tight_bound_and_loose_bound():
+    model = stack("v1", bias=False)
+    image = torch.rand(3, 12, 12, dtype=torch.float64) + 0.5
+    exact = saliency_region(model, image, "4", (3, 3), error_bound=0.0, fill="zero", block_size=3)
+    assert exact.error == 0.0
+    rows, cols = exact.mask.nonzero().unbind(1)  # keeps (at least) the receptive field rows/cols 1..11
+    assert rows.min() <= 1 and cols.min() <= 1
+    loose = saliency_region(model, image, "4", (3, 3), error_bound=1.0, fill="zero", block_size=3)
+    assert loose.area_fraction == 0.0 and loose.error == pytest.approx(1.0)  # all masked: response 0
+
+
+def test_fill_values_and_argument_errors():
+    image = torch.arange(2 * 2 * 2, dtype=torch.float64).reshape(2, 2, 2)
+    assert fill_value(image, "mean").flatten().tolist() == [1.5, 5.5]
+    assert float(fill_value(image, 0.25)) == 0.25
+    assert fill_value(image, torch.tensor([1.0, 2.0])).shape == (2, 1, 1)
+    with pytest.raises(ValueError, match="fill"):
+        fill_value(image, "blur")
+    model = stack()
+    image = torch.rand(3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="error_bound"):
+        saliency_region(model, image, "4", (0, 0), error_bound=-1)
+    with pytest.raises(ValueError, match="block_size"):
+        saliency_region(model, image, "4", (0, 0), block_size=0)
