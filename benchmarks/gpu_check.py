@@ -1,0 +1,699 @@
+"""One GPU run that checks and measures the Triton deform_conv2d kernels (issue 8).
+
+    python benchmarks/gpu_check.py                  # everything, under 6 minutes on an H100
+    python benchmarks/gpu_check.py --out "$OUT"     # write the table there too (device machine)
+    python benchmarks/gpu_check.py --smoke          # the same logic on CPU through Triton's interpreter,
+                                                    # tiny shapes: checks this script, measures nothing
+
+1. Correctness at real sizes, every output and gradient, fp32 (TF32 off and on), fp16, bf16, against
+   torchvision's op in float64 on the GPU (exact, the contract's semantics) on the same rounded
+   inputs. Each error is reported in units of the dtype's epsilon times its scale (the sum of |terms|
+   from the same op on absolute values; the largest |gradient| for the offset), so 1 is one rounding;
+   the pass limits are 4 (outputs) and 8 (gradients), 32 and 64 for full fp32. Also: the deterministic
+   mode is bitwise repeatable, fp32 parity with torchvision's fp32 op, autocast, channels_last
+   inputs, NaN/inf offsets, batch 0.
+2. Timing and peak memory, the seven anchor shapes (shared/anchors) x fp32/fp16/bf16: ours (the
+   public op, backend="triton") against cuDNN conv2d (the faster of NCHW and channels_last) and
+   torchvision's deform_conv2d, forward and forward+backward (triton.testing.do_bench medians, cold
+   L2), plus our backward's two halves and the deterministic mode. fp32 runs with PyTorch's default
+   TF32 setting for convolutions, which both cuDNN and our kernels follow.
+3. With time left: a small configuration sweep of our forward and weight kernels (fp16, two shapes),
+   to retune the heuristics in src/deformable/ops/_triton/deform_conv.py.
+
+A time budget (--budget, seconds) skips whatever would not fit; the table says what was skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # must precede any Triton import
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torchvision  # noqa: E402
+
+from deformable.ops import deform_conv2d  # noqa: E402
+from deformable.ops._triton import deform_conv as tdc  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TF32_EPS = 2.0**-10
+LIMITS = {"out": 4.0, "grad": 8.0}
+FP32_LIMITS = {"out": 32.0, "grad": 64.0}
+GRAD_NAMES = ("input", "offset", "mask", "weight", "bias")
+
+
+# --------------------------------------------------------------------------------------------------
+# Problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    size: tuple[int, int]
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    offset_groups: int = 1
+    mask: bool = True
+    bias: bool = True
+    offset_std: float = 2.0
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, p, d, k, st in zip(
+                self.size, self.padding, self.dilation, self.kernel, self.stride, strict=True
+            )
+        )
+
+    def tensors(self, dtype: torch.dtype, device, seed: int = 0):
+        """(input, offset, mask, weight, bias): randn input, offsets N(0, std^2), mask U(0, 1)."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        kh, kw = self.kernel
+        oh, ow = self.out_size
+        taps = self.offset_groups * kh * kw
+
+        def rand(*shape, scale=1.0, uniform=False):
+            t = torch.rand(*shape, generator=g) if uniform else torch.randn(*shape, generator=g)
+            return (t * scale).to(dtype).to(device)
+
+        fan_in = self.in_channels // self.groups * kh * kw
+        offset = rand(self.batch, 2 * taps, oh, ow, scale=self.offset_std)
+        # Rounded to fp16/bf16, many offsets are integers, and a sample exactly on the line y = -1 or
+        # x = -1 is outside (value 0, offset gradient 0) where torchvision's offset gradient is not 0.
+        offset = torch.where(offset == offset.floor(), offset + 0.25, offset)
+        return (
+            rand(self.batch, self.in_channels, *self.size),
+            offset,
+            rand(self.batch, taps, oh, ow, uniform=True) if self.mask else None,
+            rand(self.out_channels, self.in_channels // self.groups, kh, kw, scale=fan_in**-0.5),
+            rand(self.out_channels, scale=0.1) if self.bias else None,
+        )
+
+    def call(self, fn, tensors):
+        x, offset, mask, weight, bias = tensors
+        return fn(x, offset, weight, bias, self.stride, self.padding, self.dilation, mask)
+
+
+def anchors(smoke: bool) -> list[Problem]:
+    """The seven 3x3 convs of shared/anchors (ResNet-50 conv3-conv5, detector and classifier size)."""
+    rows = [
+        ("det-c3", 2, 128, (100, 168), 1), ("det-c4", 2, 256, (50, 84), 1),
+        ("det-c5", 2, 512, (25, 42), 1), ("det-c4-s2", 2, 256, (100, 168), 2),
+        ("cls-c3", 64, 128, (28, 28), 1), ("cls-c4", 64, 256, (14, 14), 1), ("cls-c5", 64, 512, (7, 7), 1),
+    ]  # fmt: skip
+    if smoke:
+        rows = [(name, 1, 16, (6, 7), s) for name, _, _, _, s in rows[:2]]
+    return [Problem(name, n, c, c, size, stride=(s, s)) for name, n, c, size, s in rows]
+
+
+def correctness_problems(smoke: bool) -> list[Problem]:
+    if smoke:
+        return [
+            Problem("tiny", 1, 16, 16, (6, 7)),
+            Problem(
+                "tiny-groups", 1, 6, 4, (5, 6), groups=2, offset_groups=3, dilation=(2, 1), padding=(2, 1)
+            ),
+        ]
+    return [
+        Problem("det-c4", 2, 256, 256, (50, 84)),
+        Problem("det-c4-s2 (batch 1)", 1, 256, 256, (100, 168), stride=(2, 2)),
+        Problem("cls-c5 (batch 16)", 16, 512, 512, (7, 7)),
+        # Offset groups (3, 64 channels each) straddle the weight groups (2, 96 channels each).
+        Problem(
+            "groups2-og3-dil2", 2, 192, 128, (40, 60), padding=(2, 2), dilation=(2, 2), groups=2,
+            offset_groups=3,
+        ),
+        Problem(
+            "dcnv1-5x5-no-bias", 2, 64, 96, (48, 64), kernel=(5, 5), padding=(2, 2), mask=False, bias=False
+        ),
+        # Channel counts off the 16-grid, a non-square kernel, mixed stride and dilation, odd sizes.
+        Problem(
+            "odd-72to40-k32", 3, 72, 40, (37, 29), kernel=(3, 2), stride=(2, 1), padding=(1, 0),
+            dilation=(1, 2), offset_groups=2,
+        ),
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+
+class Clock:
+    def __init__(self, budget: float):
+        self.start = time.perf_counter()
+        self.budget = budget
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget - self.elapsed()
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn: Callable[[], object], device) -> float:
+    """Median milliseconds of fn (do_bench on CUDA; a few plain timings under --smoke)."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    fn()
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_mib(fn: Callable[[], object], device) -> float:
+    """Peak memory allocated while fn runs, above what was allocated before (MiB); NaN off CUDA."""
+    if torch.device(device).type != "cuda":
+        fn()
+        return math.nan
+    sync(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """cuDNN's TF32 switch for convolutions, which our fp32 kernels follow too."""
+    with torch.backends.cudnn.flags(allow_tf32=enabled):
+        yield
+
+
+def fwd_bwd(problem: Problem, fn, tensors, grad_output):
+    """Closure: forward + backward through autograd, returning the gradients of every tensor given."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+    wanted = [t for t in leaves if t is not None]
+
+    def run():
+        out = problem.call(fn, leaves)
+        return torch.autograd.grad(out, wanted, grad_output)
+
+    return run
+
+
+def ours(x, offset, weight, bias, stride, padding, dilation, mask):
+    return deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask, backend="triton")
+
+
+def torchvision_op(x, offset, weight, bias, stride, padding, dilation, mask):
+    return torchvision.ops.deform_conv2d(x, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def conv(x, weight, bias, stride, padding):
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Correctness
+
+
+def reference(problem: Problem, tensors, grad_output, absolute: bool):
+    """torchvision's op in float64 on the same device: output and the five gradients (None if absent).
+
+    With ``absolute``, every tensor but the offset (and grad_output) is replaced by its absolute value:
+    the results then bound the sum of |terms| of the output and of the input, mask, weight and bias
+    gradients (bilinear weights are non-negative).
+    """
+    leaves = []
+    for i, t in enumerate(tensors):
+        if t is None:
+            leaves.append(None)
+            continue
+        t = t.detach().double()
+        leaves.append((t.abs() if absolute and i != 1 else t).requires_grad_())
+    go = grad_output.double().abs() if absolute else grad_output.double()
+    out = problem.call(torchvision_op, leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], go)
+    it = iter(grads)
+    return out.detach(), [None if t is None else next(it) for t in leaves]
+
+
+def scaled_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | float, eps: float) -> float:
+    """max |got - ref| / (eps * scale): the error in roundings of the terms' scale."""
+    err = (got.double() - ref).abs()
+    return ((err / (eps * scale + 1e-300)).max().item()) if err.numel() else 0.0
+
+
+def check_problem(problem: Problem, mode: str, device, report: Report) -> None:
+    """Output and gradients of ours in ``mode`` (fp32-ieee, fp32-tf32, fp16, bf16) against float64."""
+    dtype = torch.float32 if mode.startswith("fp32") else DTYPES[mode]
+    eps = TF32_EPS if mode == "fp32-tf32" else torch.finfo(dtype).eps
+    limits = FP32_LIMITS if mode == "fp32-ieee" else LIMITS
+    tensors = problem.tensors(dtype, device)
+    with tf32(mode == "fp32-tf32"):
+        out = problem.call(ours, tensors)
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        grads = fwd_bwd(problem, ours, tensors, grad_output)()
+    grads = iter(grads)
+    grads = [None if t is None else next(grads) for t in tensors]
+    ref_out, ref_grads = reference(problem, tensors, grad_output, absolute=False)
+    abs_out, abs_grads = reference(problem, tensors, grad_output, absolute=True)
+
+    errors = {"out": scaled_error(out, ref_out, abs_out, eps)}
+    for name, g, r, b in zip(GRAD_NAMES, grads, ref_grads, abs_grads, strict=True):
+        if g is None:
+            continue
+        scale = (r if name == "offset" else b).abs().max().item()
+        errors[name] = scaled_error(g, r, scale, eps)
+    bad = [k for k, v in errors.items() if not v <= limits["out" if k == "out" else "grad"]]
+    status = "ok" if not bad else "FAIL " + ",".join(bad)
+    if bad:
+        report.failures.append(f"{problem.name} {mode}: {bad}")
+    cells = " | ".join(fmt(errors.get(k), 2) for k in ("out", *GRAD_NAMES))
+    report.add(f"| {problem.name} | {mode} | {cells} | {status} |")
+
+
+def check_deterministic(problem: Problem, dtype: torch.dtype, device, report: Report) -> None:
+    tensors = problem.tensors(dtype, device)
+    grad_output = torch.randn(problem.call(ours, tensors).shape, device=device).to(dtype)
+    run = fwd_bwd(problem, ours, tensors, grad_output)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    atomic = run()
+    repeatable = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    diff = (first[0].double() - atomic[0].double()).abs().max().item() / (atomic[0].abs().max().item() or 1.0)
+    ok = repeatable and diff < 64 * torch.finfo(dtype).eps
+    if not ok:
+        report.failures.append(f"deterministic {problem.name} {dtype}")
+    report.add(
+        f"- deterministic mode, {problem.name} {str(dtype)[6:]}: bitwise repeatable: {repeatable}; "
+        f"grad_input vs the atomic path: max diff {diff:.2g} of max |grad|: {'ok' if ok else 'FAIL'}"
+    )
+
+
+def check_misc(device, report: Report, smoke: bool) -> None:
+    """torchvision fp32 parity, autocast, channels_last, NaN/inf offsets, batch 0."""
+    problem = correctness_problems(smoke)[0]
+    tensors = problem.tensors(torch.float32, device)
+    with tf32(False):
+        a = problem.call(ours, tensors)
+        b = problem.call(torchvision_op, tensors)
+    rel = ((a - b).abs().max() / b.abs().max()).item()
+    ok = rel < 1e-5
+    verdict = "ok" if ok else "FAIL"
+    report.add(f"- fp32 (TF32 off) vs torchvision's fp32 op: max diff {rel:.2g} of max |out|: {verdict}")
+    if not ok:
+        report.failures.append("torchvision fp32 parity")
+
+    if torch.device(device).type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            auto = problem.call(ours, tensors)
+        direct = problem.call(ours, [None if t is None else t.bfloat16() for t in tensors])
+        ok = auto.dtype == torch.bfloat16 and torch.equal(auto, direct)
+        report.add(
+            f"- autocast(bf16) on fp32 tensors: runs in bf16, equals the bf16 call: {'ok' if ok else 'FAIL'}"
+        )
+        if not ok:
+            report.failures.append("autocast")
+
+    x, offset, mask, weight, bias = tensors
+    strided = (
+        x.to(memory_format=torch.channels_last),
+        offset.transpose(2, 3).contiguous().transpose(2, 3),
+        mask,
+    )
+    same = torch.equal(problem.call(ours, (*strided, weight, bias)), problem.call(ours, tensors))
+    report.add(f"- channels_last / transposed inputs give identical outputs: {'ok' if same else 'FAIL'}")
+    if not same:
+        report.failures.append("non-contiguous inputs")
+
+    edge = offset.clone()
+    edge[0, 0, 0, 0] = math.inf
+    edge[0, 1, 1, 1] = -math.inf
+    edge[0, 2, 2, 2] = 1e30
+    far = edge.clamp(-1e4, 1e4)
+    edge[0, 3, 3, 3] = math.nan  # tap 1's dx at pixel (3, 3)
+    far[0, 3, 3, 3] = 0.0
+    got = problem.call(ours, (x, edge, mask, weight, bias))
+    want = problem.call(ours, (x, far, mask, weight, bias))
+    nan_at = got.isnan().any(dim=1)
+    expected = torch.zeros_like(nan_at)
+    expected[0, 3, 3] = True
+    ok = torch.equal(nan_at, expected) and torch.equal(got[~got.isnan()], want[~got.isnan()])
+    verdict = "ok" if ok else "FAIL"
+    report.add(f"- inf / huge offsets are just outside, a NaN offset poisons only its pixel: {verdict}")
+    if not ok:
+        report.failures.append("NaN/inf offsets")
+
+    empty = Problem("batch0", 0, 16, 16, (6, 7)).tensors(torch.float32, device)
+    out = Problem("batch0", 0, 16, 16, (6, 7)).call(ours, empty)
+    report.add(f"- batch 0: output shape {tuple(out.shape)}: {'ok' if out.shape[0] == 0 else 'FAIL'}")
+
+
+def correctness(device, report: Report, clock: Clock, smoke: bool) -> None:
+    report.add("## Correctness")
+    report.add("")
+    report.add(
+        "Errors in units of eps x scale (scale: sum of |terms| per output element; per gradient the "
+        "largest such sum, the largest |gradient| for the offset); eps of the dtype, 2^-10 for TF32. "
+        f"Limits: {LIMITS['out']:g} (out), {LIMITS['grad']:g} (gradients); full fp32 "
+        f"{FP32_LIMITS['out']:g} and {FP32_LIMITS['grad']:g}."
+    )
+    report.add("")
+    report.add("| problem | mode | out | " + " | ".join(f"grad {n}" for n in GRAD_NAMES) + " | |")
+    report.add("|---|---|---|---|---|---|---|---|---|")
+    for problem in correctness_problems(smoke):
+        for mode in ("fp32-ieee", "fp32-tf32", "fp16", "bf16"):
+            if clock.left() < 0.55 * clock.budget:
+                report.skipped.append(f"correctness {problem.name} {mode}")
+                continue
+            try:
+                check_problem(problem, mode, device, report)
+            except Exception as e:
+                report.failures.append(f"{problem.name} {mode}: {e!r}")
+                report.add(f"| {problem.name} | {mode} | error: {type(e).__name__}: {str(e)[:120]} |")
+                traceback.print_exc()
+    report.add("")
+    for problem, dtype in [
+        (correctness_problems(smoke)[0], torch.float16),
+        (correctness_problems(smoke)[0], torch.float32),
+    ]:
+        try:
+            check_deterministic(problem, dtype, device, report)
+        except Exception as e:
+            report.failures.append(f"deterministic: {e!r}")
+            traceback.print_exc()
+    try:
+        check_misc(device, report, smoke)
+    except Exception as e:
+        report.failures.append(f"misc checks: {e!r}")
+        traceback.print_exc()
+    report.add("")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Timing
+
+
+def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
+    """Milliseconds and MiB of every contender on one problem."""
+    r: dict[str, float] = {}
+    tensors = problem.tensors(dtype, device)
+    x, offset, mask, weight, bias = tensors
+    grad_output = torch.randn(problem.call(ours, tensors).shape, device=device).to(dtype)
+
+    conv_fwd, conv_fb, conv_peak = [], [], []
+    for fmt_ in (torch.contiguous_format, torch.channels_last):
+        xc, wc, go = (t.to(memory_format=fmt_) for t in (x, weight, grad_output))
+        conv_fwd.append(
+            bench_ms(lambda xc=xc, wc=wc: conv(xc, wc, bias, problem.stride, problem.padding), device)
+        )
+        leaves = [t.detach().requires_grad_() for t in (xc, wc, bias)]
+
+        def conv_train(leaves=leaves, go=go):
+            out = conv(leaves[0], leaves[1], leaves[2], problem.stride, problem.padding)
+            return torch.autograd.grad(out, leaves, go)
+
+        conv_fb.append(bench_ms(conv_train, device))
+        conv_peak.append(peak_mib(conv_train, device))
+    best = min(range(2), key=lambda i: conv_fb[i])
+    r["conv_fwd"], r["conv_fb"], r["conv_peak"] = min(conv_fwd), min(conv_fb), conv_peak[best]
+
+    r["ours_fwd"] = bench_ms(lambda: problem.call(ours, tensors), device)
+    train = fwd_bwd(problem, ours, tensors, grad_output)
+    r["ours_fb"] = bench_ms(train, device)
+    r["ours_peak"] = peak_mib(train, device)
+    geometry = (problem.stride, problem.padding, problem.dilation)
+    r["ours_bwd_data"] = bench_ms(
+        lambda: tdc.backward(
+            grad_output, x, offset, mask, weight, *geometry, (True, True, True, False, False)
+        ),
+        device,
+    )
+    r["ours_bwd_weight"] = bench_ms(
+        lambda: tdc.backward(
+            grad_output, x, offset, mask, weight, *geometry, (False, False, False, True, True)
+        ),
+        device,
+    )
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        r["ours_det_fb"] = bench_ms(train, device)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+    if dtype == torch.bfloat16:  # torchvision has no bf16 kernels
+        r["tv_fwd"] = r["tv_fb"] = r["tv_peak"] = math.nan
+    else:
+        r["tv_fwd"] = bench_ms(lambda: problem.call(torchvision_op, tensors), device)
+        tv_train = fwd_bwd(problem, torchvision_op, tensors, grad_output)
+        r["tv_fb"] = bench_ms(tv_train, device)
+        r["tv_peak"] = peak_mib(tv_train, device)
+    return r
+
+
+def timing(device, report: Report, clock: Clock, smoke: bool) -> list[tuple[str, str, dict]]:
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        for problem in anchors(smoke):
+            if clock.left() < 0.15 * clock.budget:
+                report.skipped.append(f"timing {problem.name} {dtype_name}")
+                continue
+            try:
+                r = measure(problem, dtype, device)
+            except Exception as e:
+                report.failures.append(f"timing {problem.name} {dtype_name}: {e!r}")
+                traceback.print_exc()
+                continue
+            rows.append((problem.name, dtype_name, r))
+            print(
+                f"  {problem.name} {dtype_name}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()),
+                flush=True,
+            )
+    return rows
+
+
+def timing_tables(rows, report: Report) -> None:
+    def ratio(r, a, b):
+        return r[a] / r[b] if r[b] and not math.isnan(r[a]) else math.nan
+
+    report.add("## Speed and memory")
+    report.add("")
+    report.add(
+        "Median ms (triton.testing.do_bench). conv = cuDNN F.conv2d, the faster of NCHW and channels_last; "
+        "tv = torchvision.ops.deform_conv2d; ours = deform_conv2d(backend='triton') with a mask "
+        "(offsets ~ N(0, 2^2) px); fwd+bwd = all gradients via torch.autograd.grad; peak = MiB allocated "
+        "during fwd+bwd above the inputs. fp32 uses PyTorch's default TF32 setting for convolutions "
+        "(on), which both cuDNN and ours follow (torchvision's GEMMs follow the matmul switch: full "
+        "fp32). ours det = deterministic mode. Targets: fwd <= 2.0x conv, fwd+bwd <= 3.0x, "
+        "peak <= 1.5x, faster than tv."
+    )
+    report.add("")
+    report.add(
+        "| shape | dtype | conv fwd | tv fwd | ours fwd | ours/conv fwd | conv f+b | tv f+b | ours f+b | "
+        "ours/conv f+b | ours bwd data | ours bwd weight | ours det f+b | conv peak | tv peak | ours peak | "
+        "ours/conv peak | targets |"
+    )
+    report.add("|" + "---|" * 18)
+    for name, dtype_name, r in rows:
+        f_ratio = ratio(r, "ours_fwd", "conv_fwd")
+        fb_ratio = ratio(r, "ours_fb", "conv_fb")
+        peak_ratio = ratio(r, "ours_peak", "conv_peak")
+        beats_tv = math.isnan(r["tv_fwd"]) or (r["ours_fwd"] < r["tv_fwd"] and r["ours_fb"] < r["tv_fb"])
+        met = (
+            f_ratio <= 2.0 and fb_ratio <= 3.0 and (math.isnan(peak_ratio) or peak_ratio <= 1.5) and beats_tv
+        )
+        cells = [
+            name, dtype_name, fmt(r["conv_fwd"]), fmt(r["tv_fwd"]), fmt(r["ours_fwd"]), fmt(f_ratio),
+            fmt(r["conv_fb"]), fmt(r["tv_fb"]), fmt(r["ours_fb"]), fmt(fb_ratio), fmt(r["ours_bwd_data"]),
+            fmt(r["ours_bwd_weight"]), fmt(r["ours_det_fb"]), fmt(r["conv_peak"]), fmt(r["tv_peak"]),
+            fmt(r["ours_peak"]), fmt(peak_ratio), "met" if met else "missed",
+        ]  # fmt: skip
+        report.add("| " + " | ".join(cells) + " |")
+    report.add("")
+    for dtype_name in DTYPES:
+        sel = [r for _, d, r in rows if d == dtype_name]
+        if not sel:
+            continue
+        span = []
+        for key, label in (("ours_fwd", "fwd"), ("ours_fb", "fwd+bwd")):
+            base = "conv_fwd" if key == "ours_fwd" else "conv_fb"
+            values = [ratio(r, key, base) for r in sel]
+            span.append(f"{label} {min(values):.2f}-{max(values):.2f}x conv")
+        report.add(f"- {dtype_name}: ours " + ", ".join(span))
+    report.add("")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Configuration sweep
+
+
+def _kernel_runs(problem: Problem, device):
+    """(geometry, {kernel name: closure running just that kernel's launch path}, input) in fp16."""
+    x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
+    geometry = (problem.stride, problem.padding, problem.dilation)
+    grad_output = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
+    data_only, weight_only = (True, True, True, False, False), (False, False, False, True, False)
+    runs = {
+        "forward": lambda: tdc.forward(x, offset, mask, weight, bias, *geometry),
+        "data": lambda: tdc.backward(grad_output, x, offset, mask, weight, *geometry, data_only),
+        "weight": lambda: tdc.backward(grad_output, x, offset, mask, weight, *geometry, weight_only),
+    }
+    return tdc._Geometry.of(x, offset, weight, *geometry), runs, x
+
+
+def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
+    """Time a few launch configurations per kernel (fp16) through CONFIG_OVERRIDES."""
+    report.add("## Configuration sweep (fp16)")
+    report.add("")
+    report.add("| shape | kernel | config (m, n, k, warps, stages) | ms | |")
+    report.add("|---|---|---|---|---|")
+    problems = anchors(smoke)
+    problems = [problems[1], problems[-1]] if not smoke else problems[:1]
+    for problem in problems:
+        geo, runs, x = _kernel_runs(problem, device)
+        for kernel, run in runs.items():
+            default = tdc._default_config(kernel, geo, x)
+            candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, torch.float16)]))
+            if smoke:
+                candidates = candidates[:1]
+            results = []
+            for config in candidates:
+                if clock.left() < 0.03 * clock.budget:
+                    report.skipped.append(f"sweep {problem.name} {kernel} {config}")
+                    continue
+                tdc.CONFIG_OVERRIDES[kernel] = config
+                try:
+                    results.append((bench_ms(run, device), config))
+                except Exception as e:
+                    results.append((math.inf, config))
+                    print(f"  {kernel} {config}: {type(e).__name__}", flush=True)
+                finally:
+                    tdc.CONFIG_OVERRIDES.pop(kernel, None)
+            best = min(results, key=lambda t: t[0], default=None)
+            for ms, config in sorted(results, key=lambda t: t[0]):
+                tag = ("default " if config == default else "") + (
+                    "best" if best and config == best[1] else ""
+                )
+                c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
+                report.add(f"| {problem.name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
+    report.add("")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+
+
+def environment(device) -> str:
+    import triton
+
+    name = (
+        torch.cuda.get_device_name()
+        if torch.device(device).type == "cuda"
+        else f"CPU ({platform.processor()})"
+    )
+    return (
+        f"{name}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"torchvision {torchvision.__version__}, CUDA {torch.version.cuda}; "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+    parser.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run (default 330)")
+    parser.add_argument("--out", type=Path, action="append", default=[], help="also write the table here")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-sweep", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        device = "cpu"
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --smoke to check this script on CPU)", file=sys.stderr)
+        return 2
+    else:
+        device = "cuda"
+        torch.backends.cudnn.benchmark = True
+    clock = Clock(args.budget)
+    report = Report()
+    report.add(f"# deform_conv2d Triton kernels on {environment(device)}")
+    report.add("")
+    if not args.skip_correctness:
+        correctness(device, report, clock, args.smoke)
+    rows = []
+    if not args.skip_timing:
+        rows = timing(device, report, clock, args.smoke)
+        timing_tables(rows, report)
+    if not args.skip_sweep:
+        sweep(device, report, clock, args.smoke)
+    report.add(f"Total {clock.elapsed():.0f} s.")
+    if report.skipped:
+        report.add("Skipped for time: " + "; ".join(report.skipped))
+    report.add("Failures: " + ("; ".join(report.failures) if report.failures else "none"))
+
+    slug = re.sub(
+        r"[^a-z0-9]+", "-", (torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke").lower()
+    )
+    text = "\n".join(report.lines) + "\n"
+    # A smoke run measures nothing: it writes only where --out says.
+    for folder in [*([] if args.smoke else [ROOT / "benchmarks" / "results"]), *args.out]:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"gpu_{slug.strip('-')}.md").write_text(text)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

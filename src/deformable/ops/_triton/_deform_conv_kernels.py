@@ -1,0 +1,489 @@
+"""Triton kernels of deformable convolution v1/v2; the host side is ``deform_conv.py``.
+
+Layouts every kernel shares (M = N*Ho*Wo output pixels, K = kh*kw taps, G offset groups,
+CPG = C_in / G channels per offset group, CG_IN / CG_OUT channels per weight group):
+
+- ``x``: the input, channels-last contiguous [N, H, W, C_in], so that the channels of one
+  bilinear neighbour are one contiguous vector;
+- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` / ``go`` [N, C_out, Ho, Wo]: contiguous;
+- ``w``: the weight in GEMM layout [groups, K, CG_IN, CG_OUT] (contiguous over output channels).
+
+All arithmetic on positions, bilinear weights and accumulators is in ``CT`` (float32, or float64 for
+float64 tensors); the matrix products take the tensors' own dtype (fp16/bf16/fp32, TF32 when
+``PRECISION`` says so) and accumulate in ``CT``; for float64 (``MMA == MMA_SUM``) a product is a
+broadcast multiply and a sum instead of ``tl.dot``. ``INDEX64`` makes every index derived from a
+pixel or a sample 64-bit, for tensors of 2**31 elements or more.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Integer arguments that only enter index arithmetic: not specialised, so that one compiled kernel
+# serves every spatial size. Channel counts and HoWo = Ho*Wo stay specialised: their divisibility by
+# 16 lets the compiler vectorise the channel-vector gathers and the NCHW loads and stores.
+_SPATIAL_ARGS = ["N", "H", "W", "Wo", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
+
+
+MMA_SUM = 0  # broadcast multiply + sum: float64
+MMA_DOT = 1  # tl.dot in the operands' dtype
+MMA_DOT_FP32 = 2  # tl.dot on operands upcast to fp32: bf16 under the interpreter (see _mma)
+
+
+@triton.jit
+def _mma(a, b, acc, MMA: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` for a [P, Q], b [Q, R], acc [P, R]."""
+    if MMA == 0:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif MMA == 1:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        # Triton's interpreter multiplies bf16 operands' raw bits; products of bf16 values are exact
+        # in fp32, so upcasting first gives the hardware's bf16 x bf16 -> fp32 result.
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _pixel_tile(tile, HoWo, Wo, BLOCK: tl.constexpr):
+    """Pixel tile ``tile`` -> (image n: scalar, flat spatial index p, oy, ox, p < HoWo).
+
+    Tiles never cross images: p is then a contiguous range, which lets the compiler vectorise the
+    NCHW loads and stores along it, and everything indexed by n alone is a scalar.
+    """
+    tiles_per_image = tl.cdiv(HoWo, BLOCK)
+    n = tile // tiles_per_image
+    p = (tile % tiles_per_image) * BLOCK + tl.arange(0, BLOCK)
+    return n, p, p // Wo, p % Wo, p < HoWo
+
+
+@triton.jit
+def _sample(
+    off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, CT: tl.constexpr,
+):  # fmt: skip
+    """Bilinear set-up of the samples of tap ``gk`` (= g*K + k, tap (i, j)) for a vector of pixels.
+
+    Returns, each a [BLOCK] vector:
+        y0, x0: the top-left neighbour (int32, meaningful where ``inside``);
+        ly, lx: the fractional parts;
+        inside: the sample lies in the open range (-1, H) x (-1, W);
+        outside: the sample's value where not inside: 0, or NaN for a NaN position;
+        mod: the mask value (1 without a mask).
+    Positions outside are replaced by 0 before the floor, so no huge or infinite coordinate is
+    ever converted to an integer.
+    """
+    base = (n * (2 * GK) + 2 * gk) * HoWo + p
+    dy = tl.load(off_ptr + base, mask=row_ok, other=0.0).to(CT)
+    dx = tl.load(off_ptr + base + HoWo, mask=row_ok, other=0.0).to(CT)
+    y = (oy * stride_h - pad_h + i * dil_h).to(CT) + dy
+    x = (ox * stride_w - pad_w + j * dil_w).to(CT) + dx
+    inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+    # Where y or x is NaN, so is y + x.
+    outside = tl.where((y != y) | (x != x), y + x, 0.0)
+    ys = tl.where(inside, y, 0.0)
+    xs = tl.where(inside, x, 0.0)
+    y0f = tl.floor(ys)
+    x0f = tl.floor(xs)
+    if HAS_MASK:
+        mod = tl.load(msk_ptr + (n * GK + gk) * HoWo + p, mask=row_ok, other=0.0).to(CT)
+    else:
+        mod = tl.zeros_like(ys) + 1.0
+    return y0f.to(tl.int32), x0f.to(tl.int32), ys - y0f, xs - x0f, inside, outside, mod
+
+
+@triton.jit
+def _corners(n, y0, x0, inside, row_ok, H, W):
+    """Flat pixel index (into [N*H*W]) of the top-left neighbour and the in-map masks of all four."""
+    ok = inside & row_ok
+    ok_y0 = ok & (y0 >= 0)
+    ok_y1 = ok & (y0 + 1 < H)
+    ok_x0 = x0 >= 0
+    ok_x1 = x0 + 1 < W
+    r00 = (n * H + y0) * W + x0
+    return r00, ok_y0 & ok_x0, ok_y0 & ok_x1, ok_y1 & ok_x0, ok_y1 & ok_x1
+
+
+@triton.jit
+def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.constexpr):
+    """The four neighbours [BLOCK, len(cols)] of each sample: channel vectors of the channels-last input."""
+    ptr = x_ptr + r00[:, None] * C + cols[None, :]
+    cm = cmask[None, :]
+    v00 = tl.load(ptr, mask=ok00[:, None] & cm, other=0.0).to(CT)
+    v01 = tl.load(ptr + C, mask=ok01[:, None] & cm, other=0.0).to(CT)
+    v10 = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0).to(CT)
+    v11 = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0).to(CT)
+    return v00, v01, v10, v11
+
+
+@triton.jit
+def _load_grad_out(go_ptr, n, p, row_ok, oc, omask, C_OUT, HoWo):
+    """grad_out [BLOCK, len(oc)] of image n, pixels p, output channels oc (NCHW)."""
+    return tl.load(
+        go_ptr + (n * C_OUT + oc)[None, :] * HoWo + p[:, None],
+        mask=row_ok[:, None] & omask[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def _columns(
+    x_ptr, off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W, C,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, cmask,
+    HAS_MASK: tl.constexpr, CT: tl.constexpr,
+):  # fmt: skip
+    """Sampled columns [BLOCK, len(cols)] of tap ``gk`` (mask applied); channels outside cmask are 0
+    unless the sample is NaN."""
+    y0, x0, ly, lx, inside, outside, mod = _sample(
+        off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+    )  # fmt: skip
+    scale = tl.where(inside, 1.0, outside) * mod
+    r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
+    v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
+    return (
+        ((1.0 - ly) * (1.0 - lx) * scale)[:, None] * v00
+        + ((1.0 - ly) * lx * scale)[:, None] * v01
+        + (ly * (1.0 - lx) * scale)[:, None] * v10
+        + (ly * lx * scale)[:, None] * v11
+    )
+
+
+@triton.jit(do_not_specialize=_SPATIAL_ARGS)
+def deform_conv_fwd_kernel(
+    x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, out_ptr,
+    N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out[m, o] = bias[o] + sum over taps k and input channels c of w[k, c, o] * sample(m, k, c).
+
+    Implicit GEMM: one program owns BLOCK_M output pixels x BLOCK_N output channels of one weight
+    group. For every tap and every offset group meeting the weight group it sets up the bilinear
+    samples once, then for each BLOCK_K slice of the channels gathers the four neighbours, blends
+    them (bilinear weight x mask folded into one factor per neighbour) and feeds the matrix unit.
+    Grid: (N * cdiv(Ho*Wo, BLOCK_M) * groups * cdiv(CG_OUT, BLOCK_N),), output-channel blocks fastest
+    so that the programs re-gathering the same pixels run together and hit L2.
+    """
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    n_blocks = tl.cdiv(CG_OUT, BLOCK_N)
+    groups = C // CG_IN
+    wg = (pid // n_blocks) % groups
+    nb = pid % n_blocks
+    n, p, oy, ox, row_ok = _pixel_tile(pid // (groups * n_blocks), HoWo, Wo, BLOCK_M)
+    ocols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    omask = ocols < CG_OUT
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=CT)
+    c_lo = wg * CG_IN
+    c_hi = c_lo + CG_IN
+    g_lo = c_lo // CPG
+    g_hi = (c_hi - 1) // CPG + 1
+    for k in range(0, NTAPS):
+        i = k // KW
+        j = k % KW
+        for g in range(g_lo, g_hi):
+            y0, x0, ly, lx, inside, outside, mod = _sample(
+                off_ptr, msk_ptr, n, p, oy, ox, row_ok, g * NTAPS + k, i, j, GK, HoWo, H, W,
+                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+            )  # fmt: skip
+            scale = tl.where(inside, 1.0, outside) * mod
+            w00 = (1.0 - ly) * (1.0 - lx) * scale
+            w01 = (1.0 - ly) * lx * scale
+            w10 = ly * (1.0 - lx) * scale
+            w11 = ly * lx * scale
+            r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
+            seg_lo = tl.maximum(c_lo, g * CPG)
+            seg_hi = tl.minimum(c_hi, g * CPG + CPG)
+            for c0 in range(seg_lo, seg_hi, BLOCK_K):
+                cols = c0 + tl.arange(0, BLOCK_K)
+                cmask = cols < seg_hi
+                v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
+                a = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
+                # Padding channels must be exact zeros: a NaN sample times a zero-padded weight row
+                # would otherwise leak into every output channel.
+                a = tl.where(cmask[None, :], a, 0.0)
+                wrow = (wg * NTAPS + k) * CG_IN + (cols - c_lo)
+                wt = tl.load(
+                    w_ptr + wrow[:, None] * CG_OUT + ocols[None, :],
+                    mask=cmask[:, None] & omask[None, :],
+                    other=0.0,
+                )
+                acc = _mma(a.to(w_ptr.dtype.element_ty), wt, acc, MMA, PRECISION)
+
+    oc = wg * CG_OUT + ocols
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=omask, other=0.0).to(CT)[None, :]
+    optr = out_ptr + (n * C_OUT + oc)[None, :] * HoWo + p[:, None]
+    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & omask[None, :])
+
+
+@triton.jit(do_not_specialize=_SPATIAL_ARGS)
+def deform_conv_bwd_data_kernel(
+    x_ptr, off_ptr, msk_ptr, w_ptr, go_ptr,
+    gx_ptr, goff_ptr, gmsk_ptr, colgrad_ptr, frac_ptr, key_ptr,
+    N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, G, NTAPS, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SENTINEL,
+    HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """Gradients through the sampled columns for one (pixel block, offset group g, tap k).
+
+    For each BLOCK_C slice of g's channels (split where a weight group ends):
+        gcol[m, c] = sum_o go[m, o] * w[k, c, o]                       (matrix unit, CT accumulation)
+        grad_mask[m, g, k]   += sum_c gcol * bilinear(m, c)
+        grad_offset[m, g, k] += mod * sum_c gcol * d bilinear(m, c) / d(y, x)
+        grad_input[corner]   += gcol * mod * (corner's bilinear weight)
+    The program owns every channel of (m, g, k), so grad_offset and grad_mask are plain stores.
+    ``ONE_O_BLOCK`` (BLOCK_O >= CG_OUT) keeps the grad_out tile in registers across the channel blocks.
+    grad_input is either scattered with atomics into the float accumulator ``gx`` [N, H, W, C]
+    (channels-last), or, with DETERMINISTIC, not scattered at all: the program stores
+    gcol * mod to ``colgrad`` [M*G*K, CPG], the fractional parts (ly, lx) to ``frac`` [M*G*K, 2]
+    and the sample's neighbourhood cell to ``key`` [M*G*K] (SENTINEL for samples outside), for
+    ``deform_conv_gather_input_grad_kernel``. Sample s = (m*G + g)*K + k.
+    Grid: (N * cdiv(Ho*Wo, BLOCK_M) * G * K,), (g, k) fastest.
+    """
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    GK = G * NTAPS
+    gk = pid % GK
+    g = gk // NTAPS
+    k = gk % NTAPS
+    i = k // KW
+    j = k % KW
+    n, p, oy, ox, row_ok = _pixel_tile(pid // GK, HoWo, Wo, BLOCK_M)
+    y0, x0, ly, lx, inside, outside, mod = _sample(
+        off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+    )  # fmt: skip
+    r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
+    b00 = (1.0 - ly) * (1.0 - lx)
+    b01 = (1.0 - ly) * lx
+    b10 = ly * (1.0 - lx)
+    b11 = ly * lx
+    scale = tl.where(inside, 1.0, outside) * mod
+    sample = ((n * HoWo + p) * G + g) * NTAPS + k
+
+    grad_y = tl.zeros([BLOCK_M], dtype=CT)
+    grad_x = tl.zeros([BLOCK_M], dtype=CT)
+    grad_m = tl.zeros([BLOCK_M], dtype=CT)
+    cg_lo = g * CPG
+    cg_hi = cg_lo + CPG
+    wg_lo = cg_lo // CG_IN
+    wg_hi = (cg_hi - 1) // CG_IN + 1
+    for wg in range(wg_lo, wg_hi):
+        seg_lo = tl.maximum(cg_lo, wg * CG_IN)
+        seg_hi = tl.minimum(cg_hi, wg * CG_IN + CG_IN)
+        if ONE_O_BLOCK:  # the grad_out tile of this weight group, loaded once for all channel blocks
+            ocols = tl.arange(0, BLOCK_O)
+            go_tile = _load_grad_out(go_ptr, n, p, row_ok, wg * CG_OUT + ocols, ocols < CG_OUT, C_OUT, HoWo)
+        for c0 in range(seg_lo, seg_hi, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < seg_hi
+            wrow = (wg * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
+            gcol = tl.zeros([BLOCK_M, BLOCK_C], dtype=CT)
+            if ONE_O_BLOCK:
+                wt = tl.load(
+                    w_ptr + wrow[None, :] * CG_OUT + ocols[:, None],
+                    mask=(ocols < CG_OUT)[:, None] & cmask[None, :],
+                    other=0.0,
+                )
+                gcol = _mma(go_tile, wt, gcol, MMA, PRECISION)
+            else:
+                for o0 in range(0, CG_OUT, BLOCK_O):
+                    ocols = o0 + tl.arange(0, BLOCK_O)
+                    omask = ocols < CG_OUT
+                    go = _load_grad_out(go_ptr, n, p, row_ok, wg * CG_OUT + ocols, omask, C_OUT, HoWo)
+                    wt = tl.load(
+                        w_ptr + wrow[None, :] * CG_OUT + ocols[:, None],
+                        mask=omask[:, None] & cmask[None, :],
+                        other=0.0,
+                    )
+                    gcol = _mma(go, wt, gcol, MMA, PRECISION)
+            gcol = tl.where(cmask[None, :], gcol, 0.0)
+
+            if NEED_OFFSET or NEED_MASK:
+                v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
+                if NEED_MASK:
+                    val = b00[:, None] * v00 + b01[:, None] * v01 + b10[:, None] * v10 + b11[:, None] * v11
+                    grad_m += tl.sum(gcol * val, axis=1)
+                if NEED_OFFSET:
+                    dvy = (1.0 - lx)[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
+                    dvx = (1.0 - ly)[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
+                    grad_y += tl.sum(gcol * dvy, axis=1)
+                    grad_x += tl.sum(gcol * dvx, axis=1)
+
+            if NEED_INPUT:
+                gm = gcol * scale[:, None]
+                if DETERMINISTIC:
+                    tl.store(
+                        colgrad_ptr + sample[:, None] * CPG + (cols - cg_lo)[None, :],
+                        gm,
+                        mask=row_ok[:, None] & cmask[None, :],
+                    )
+                else:
+                    ptr = gx_ptr + r00[:, None] * C + cols[None, :]
+                    cm = cmask[None, :]
+                    tl.atomic_add(ptr, gm * b00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
+                    tl.atomic_add(ptr + C, gm * b01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
+                    tl.atomic_add(ptr + W * C, gm * b10[:, None], mask=ok10[:, None] & cm, sem="relaxed")
+                    tl.atomic_add(
+                        ptr + (W + 1) * C, gm * b11[:, None], mask=ok11[:, None] & cm, sem="relaxed"
+                    )
+
+    if NEED_OFFSET:
+        obase = (n * (2 * GK) + 2 * gk) * HoWo + p
+        gy = tl.where(inside, grad_y * mod, outside)
+        gx = tl.where(inside, grad_x * mod, outside)
+        tl.store(goff_ptr + obase, gy.to(goff_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(goff_ptr + obase + HoWo, gx.to(goff_ptr.dtype.element_ty), mask=row_ok)
+    if NEED_MASK:
+        gmv = tl.where(inside, grad_m, outside)
+        tl.store(gmsk_ptr + (n * GK + gk) * HoWo + p, gmv.to(gmsk_ptr.dtype.element_ty), mask=row_ok)
+    if NEED_INPUT and DETERMINISTIC:
+        tl.store(frac_ptr + sample * 2, ly, mask=row_ok)
+        tl.store(frac_ptr + sample * 2 + 1, lx, mask=row_ok)
+        cell = ((n.to(tl.int64) * G + g) * (H + 1) + (y0 + 1)) * (W + 1) + (x0 + 1)
+        tl.store(key_ptr + sample, tl.where(inside, cell, SENTINEL), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["N", "H", "W"])
+def deform_conv_gather_input_grad_kernel(
+    colgrad_ptr, frac_ptr, order_ptr, start_ptr, gx_ptr,
+    N, H, W, HW, C, G, CPG,
+    CT: tl.constexpr, INDEX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Deterministic grad_input: each input pixel gathers the samples that touch it, in a fixed order.
+
+    The samples were sorted (stably) by neighbourhood cell: cell (n, g, y0 + 1, x0 + 1) of the
+    [N, G, H + 1, W + 1] cell grid holds the samples whose top-left neighbour is (y0, x0), and
+    ``start`` [cells + 1] delimits each cell's run in ``order``. Input pixel (y, x) is the
+    top-left neighbour of the samples in cell (y + 1, x + 1), the top-right one of cell (y + 1, x),
+    the bottom-left one of cell (y, x + 1) and the bottom-right one of cell (y, x). Summing those
+    runs in this order involves no atomics, so the result is bitwise repeatable.
+    ``gx`` is written directly as [N, C, H, W] in its own dtype.
+    Grid: (N * cdiv(H*W, BLOCK_P) * G * cdiv(CPG, BLOCK_C),).
+    """
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    c_blocks = tl.cdiv(CPG, BLOCK_C)
+    g = (pid // c_blocks) % G
+    cb = pid % c_blocks
+    n, q, y, x, pix_ok = _pixel_tile(pid // (G * c_blocks), HW, W, BLOCK_P)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < CPG
+
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=CT)
+    cell_row = (n * G + g) * (H + 1)
+    for t in tl.static_range(4):
+        cell = (cell_row + y + 1 - t // 2) * (W + 1) + x + 1 - t % 2
+        lo = tl.load(start_ptr + cell, mask=pix_ok, other=0)
+        hi = tl.load(start_ptr + cell + 1, mask=pix_ok, other=0)
+        for e in range(0, tl.max(hi - lo, axis=0)):
+            idx = lo + e
+            act = idx < hi
+            s = tl.load(order_ptr + idx, mask=act, other=0)
+            ly = tl.load(frac_ptr + s * 2, mask=act, other=0.0)
+            lx = tl.load(frac_ptr + s * 2 + 1, mask=act, other=0.0)
+            wy = 1.0 - ly if t // 2 == 0 else ly
+            wx = 1.0 - lx if t % 2 == 0 else lx
+            v = tl.load(
+                colgrad_ptr + s[:, None] * CPG + cols[None, :], mask=act[:, None] & cmask[None, :], other=0.0
+            )
+            acc += tl.where(act[:, None], (wy * wx)[:, None] * v, 0.0)
+
+    optr = gx_ptr + (n * C + g * CPG + cols)[None, :] * HW + q[:, None]
+    tl.store(optr, acc.to(gx_ptr.dtype.element_ty), mask=pix_ok[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES_PER_SPLIT"])
+def deform_conv_bwd_weight_kernel(
+    x_ptr, off_ptr, msk_ptr, go_ptr, part_ptr,
+    N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES_PER_SPLIT,
+    HAS_MASK: tl.constexpr, ONE_GROUP: tl.constexpr, ATOMIC: tl.constexpr, MMA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Split-K weight gradient: part[s, wg, k, c, o] = sum over split s's pixels m of col[m, k, c] * go[m, o].
+
+    The columns are recomputed (gathered and blended as in the forward), never stored. One program
+    owns BLOCK_K input channels x BLOCK_N output channels of one (weight group, tap) and the pixel
+    tiles [s*TILES_PER_SPLIT, (s+1)*TILES_PER_SPLIT) of all N * cdiv(Ho*Wo, BLOCK_M). With ``ATOMIC``
+    the splits add into part[0] (zeroed) with fp32 atomics; otherwise each writes its own slice and the
+    host sums ``part`` over s in a fixed order (deterministic mode). A channel block that crosses
+    offset groups blends each group's channels with that group's samples; ``ONE_GROUP`` (no block
+    crosses one) drops that inner loop, leaving the pixel loop innermost for software pipelining.
+    Grid: (splits * groups * K * cdiv(CG_IN, BLOCK_K) * cdiv(CG_OUT, BLOCK_N),), output blocks fastest.
+    """
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    groups = C // CG_IN
+    n_ob = tl.cdiv(CG_OUT, BLOCK_N)
+    n_cb = tl.cdiv(CG_IN, BLOCK_K)
+    ob = pid % n_ob
+    rest = pid // n_ob
+    cb = rest % n_cb
+    rest = rest // n_cb
+    k = rest % NTAPS
+    rest = rest // NTAPS
+    wg = rest % groups
+    split = rest // groups
+    i = k // KW
+    j = k % KW
+
+    c_start = wg * CG_IN + cb * BLOCK_K
+    c_end = wg * CG_IN + CG_IN
+    cols = c_start + tl.arange(0, BLOCK_K)
+    cmask = cols < c_end
+    g_first = c_start // CPG
+    g_last = (tl.minimum(c_start + BLOCK_K, c_end) - 1) // CPG
+    ocols = ob * BLOCK_N + tl.arange(0, BLOCK_N)
+    omask = ocols < CG_OUT
+    oc = wg * CG_OUT + ocols
+
+    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=CT)
+    t_start = split * TILES_PER_SPLIT
+    t_end = tl.minimum(N * tl.cdiv(HoWo, BLOCK_M), t_start + TILES_PER_SPLIT)
+    for t in range(t_start, t_end):
+        n, p, oy, ox, row_ok = _pixel_tile(t, HoWo, Wo, BLOCK_M)
+        if ONE_GROUP:
+            a = _columns(
+                x_ptr, off_ptr, msk_ptr, n, p, oy, ox, row_ok, g_first * NTAPS + k, i, j, GK, HoWo, H, W, C,
+                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, cmask, HAS_MASK, CT,
+            )  # fmt: skip
+        else:
+            a = tl.zeros([BLOCK_M, BLOCK_K], dtype=CT)
+            for g in range(g_first, g_last + 1):
+                gmask = cmask & (cols >= g * CPG) & (cols < g * CPG + CPG)
+                blend = _columns(
+                    x_ptr, off_ptr, msk_ptr, n, p, oy, ox, row_ok, g * NTAPS + k, i, j, GK, HoWo, H, W, C,
+                    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, gmask, HAS_MASK, CT,
+                )  # fmt: skip
+                a = tl.where(gmask[None, :], blend, a)
+        go = _load_grad_out(go_ptr, n, p, row_ok, oc, omask, C_OUT, HoWo)
+        acc = _mma(tl.trans(a.to(go_ptr.dtype.element_ty)), go, acc, MMA, PRECISION)
+
+    if ATOMIC:
+        prow = (wg * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
+        tl.atomic_add(
+            part_ptr + prow[:, None] * CG_OUT + ocols[None, :], acc, mask=cmask[:, None] & omask[None, :],
+            sem="relaxed",
+        )  # fmt: skip
+    else:
+        prow = ((split * groups + wg) * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
+        tl.store(
+            part_ptr + prow[:, None] * CG_OUT + ocols[None, :], acc, mask=cmask[:, None] & omask[None, :]
+        )

@@ -1,0 +1,167 @@
+"""Cross-compile the deform_conv2d kernels for an NVIDIA target without a GPU and report their resources.
+
+    python -m deformable.ops._triton.compile_check             # sm_90 (H100), the anchor shapes
+    python -m deformable.ops._triton.compile_check --arch 80   # another compute capability
+
+For every kernel, dtype and launch configuration the heuristic picks for the seven anchor shapes of
+``shared/anchors``, Triton compiles to PTX and Triton's bundled ``ptxas`` assembles it, which needs no
+driver. Printed per configuration: registers per thread, bytes spilled, shared memory, whether the
+matrix products use wgmma (Hopper) or mma.sync, and the compile time. Exits 1 if anything fails to
+compile or spills registers: a check a session without a GPU can run before handing kernels over.
+Uses Triton internals (``ASTSource``, ``GPUTarget``), so it may need updating with Triton; it does
+not work under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _deform_conv_kernels as _k
+from .deform_conv import _Geometry, _heuristic
+
+ANCHORS = {
+    "det-c3": (2, 128, 100, 168, 1), "det-c4": (2, 256, 50, 84, 1), "det-c5": (2, 512, 25, 42, 1),
+    "det-c4-s2": (2, 256, 100, 168, 2), "cls-c3": (64, 128, 28, 28, 1), "cls-c4": (64, 256, 14, 14, 1),
+    "cls-c5": (64, 512, 7, 7, 1),
+}  # fmt: skip
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+# Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
+_CHANNEL_ARGS = ("C", "C_OUT", "CG_IN", "CG_OUT", "CPG")
+
+
+def _compile(
+    fn, pointers: dict[str, str], constexprs: dict, ints16: set[str], warps: int, stages: int, arch: int
+):
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name in ints16:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    start = time.perf_counter()
+    kernel = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    seconds = time.perf_counter() - start
+    ptx = kernel.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        result = subprocess.run(
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+    mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
+    return {
+        "registers": int(registers.group(1)) if registers else -1,
+        "spill_bytes": int(spills.group(1)) if spills else 0,
+        "shared_bytes": kernel.metadata.shared,
+        "mma": mma,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geometry):
+    """(jit function, pointer types, constexprs) for one kernel, as deform_conv.py launches it."""
+    t = "*" + _TL[dtype]
+    acc = "*fp64" if dtype == torch.float64 else "*fp32"
+    ct = tl.float64 if dtype == torch.float64 else tl.float32
+    mma = _k.MMA_SUM if dtype == torch.float64 else _k.MMA_DOT
+    precision = ("tf32" if tf32 else "ieee") if dtype == torch.float32 else "tf32"
+    common = {"MMA": mma, "PRECISION": precision, "CT": ct, "INDEX64": False}
+    if kernel == "forward":
+        pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "b_ptr", "out_ptr"), t)
+        constexprs = {"HAS_MASK": True, "HAS_BIAS": True, **common}
+        constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+        return _k.deform_conv_fwd_kernel, pointers, constexprs
+    if kernel == "data":
+        pointers = dict.fromkeys(
+            ("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "go_ptr", "goff_ptr", "gmsk_ptr"), t
+        )
+        pointers.update(gx_ptr=acc, colgrad_ptr=acc, frac_ptr=acc, key_ptr="*i64")
+        constexprs = {"HAS_MASK": True, "NEED_INPUT": True, "NEED_OFFSET": True, "NEED_MASK": True}
+        constexprs.update(DETERMINISTIC=False, ONE_O_BLOCK=config.block_k >= geo.group_out, **common)
+        constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
+        return _k.deform_conv_bwd_data_kernel, pointers, constexprs
+    if kernel == "weight":
+        pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "go_ptr"), t)
+        pointers["part_ptr"] = acc
+        one_group = geo.channels_per_offset_group % config.block_k == 0 and geo.group_in % config.block_k == 0
+        constexprs = {"HAS_MASK": True, "ONE_GROUP": one_group, "ATOMIC": True, **common}
+        constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+        return _k.deform_conv_bwd_weight_kernel, pointers, constexprs
+    pointers = {"colgrad_ptr": acc, "frac_ptr": acc, "order_ptr": "*i64", "start_ptr": "*i64", "gx_ptr": t}
+    constexprs = {"CT": ct, "INDEX64": False, "BLOCK_P": config.block_m, "BLOCK_C": config.block_n}
+    return _k.deform_conv_gather_input_grad_kernel, pointers, constexprs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors the heuristic assumes")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+
+    modes = [(torch.float16, True), (torch.bfloat16, True), (torch.float32, True), (torch.float32, False)]
+    modes.append((torch.float64, False))
+    seen: dict[tuple, dict | str] = {}
+    bad = 0
+    for name, (n, c, h, w, s) in ANCHORS.items():
+        ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
+        geo = _Geometry(n, c, h, w, c, c, c, 1, 3, 3, 1, c, ho, wo, (s, s), (1, 1), (1, 1))
+        ints16 = set(_CHANNEL_ARGS)
+        if (ho * wo) % 16 == 0:
+            ints16.add("HoWo")
+        if (h * w) % 16 == 0:
+            ints16.add("HW")
+        for dtype, tf32 in modes:
+            for kernel in ("forward", "data", "weight", "gather"):
+                config = _heuristic(kernel, geo, dtype, interpreted=False, sms=args.sms, tf32=tf32)
+                key = (kernel, dtype, tf32, config, frozenset(ints16))
+                if key in seen:
+                    continue
+                fn, pointers, constexprs = _kernel_args(kernel, dtype, config, tf32, geo)
+                try:
+                    seen[key] = result = _compile(
+                        fn, pointers, constexprs, ints16, config.num_warps, config.num_stages, args.arch
+                    )
+                    bad += result["spill_bytes"] > 0
+                except Exception as e:  # report every failure, then fail
+                    seen[key] = result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+                    bad += 1
+                mode = _TL[dtype] + ("" if dtype != torch.float32 else ("-tf32" if tf32 else "-ieee"))
+                blocks = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
+                print(f"{name:10s} {kernel:8s} {mode:10s} {blocks} {result}", flush=True)
+    print(f"{len(seen)} compilations, {bad} failed or spilled")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""Fused Triton deformable convolution (DCNv1/DCNv2): the ``"triton"`` backend of ``deform_conv2d``.
+
+Semantics are those of ``torchvision.ops.deform_conv2d`` (``shared/design.md`` §3), with one
+deliberate difference of measure zero: a sample exactly on the line y = -1 or x = -1 is outside, so
+its offset gradient is 0, where torchvision's is the one-sided derivative from inside. Pixel tiles
+never cross images (so NCHW loads and stores are contiguous and vectorised). Four kernels
+(``_deform_conv_kernels.py``):
+
+forward
+    Implicit GEMM over (output pixels) x (output channels of one weight group), reduced over
+    (taps x input channels). Sampling positions and bilinear weights are computed once per
+    (pixel block, tap, offset group); the four neighbours are gathered as contiguous channel
+    vectors from a channels-last copy of the input, blended and fed to ``tl.dot``. The sampled
+    columns never exist in memory. Output-channel tiles cover a whole weight group where it fits
+    (up to 256 channels for fp16/bf16, 128 for fp32), so most shapes gather each sample once.
+backward, data part
+    One program per (pixel block, offset group, tap): the column gradient
+    ``grad_out @ weight_k`` by ``tl.dot``, reduced in the same pass into the offset and mask
+    gradients (plain stores: the program owns those elements) and scattered into the input
+    gradient with fp32 atomics (fp64 for float64).
+backward, weight part
+    Split-K over pixels: each program recomputes its sampled columns and accumulates
+    ``columns^T @ grad_out`` in fp32; the splits add up with fp32 atomics into one buffer (in
+    deterministic mode: per-split partial sums, added by ``torch.sum`` in a fixed order). The bias
+    gradient is ``grad_out.sum``.
+
+Nothing is saved between forward and backward but the op's inputs; each call makes one
+channels-last copy of the input (free when the input is channels_last already).
+
+Deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no float atomics anywhere.
+The data kernel stores the per-sample column gradients instead of scattering them, the samples are
+sorted stably by the input cell their neighbours fall in, and a gather kernel sums, for every input
+pixel, the samples of its four neighbouring cells in that fixed order. It costs one
+[N*Ho*Wo*kh*kw, C_in] fp32 buffer and a sort; the weight kernel writes per-split partial sums
+instead of adding them atomically. The offset, mask and bias gradients are deterministic in both
+modes.
+
+Precision: fp16/bf16 run the matrix products in their dtype with fp32 accumulation; positions,
+bilinear weights and blends are fp32 (fp64 for float64 inputs, whose products avoid ``tl.dot`` and
+are exact fp64). float32 products follow the switch that governs F.conv2d on cuDNN: TF32 when
+``torch.backends.cudnn.conv.fp32_precision`` is "tf32" (legacy: ``torch.backends.cudnn.allow_tf32``),
+PyTorch's default, so a deformable layer is as precise as the convolutions around it; full fp32
+after ``torch.backends.cudnn.allow_tf32 = False``. (torchvision's op follows the matmul switch instead,
+whose default is full fp32: compare the two in fp32 with TF32 off.)
+
+Launch configurations: a heuristic keyed by shape and dtype picks block sizes, warps and stages,
+so the first call compiles once and never benchmarks. ``DEFORMABLE_TRITON_AUTOTUNE=1`` instead
+benchmarks a short candidate list per kernel the first time each (shape, dtype, flags) key is seen
+and caches the fastest for the process (a few seconds per new shape). Tests may pin configurations
+through :data:`CONFIG_OVERRIDES`. ``python -m deformable.ops._triton.compile_check`` compiles every
+default configuration for sm_90 without a GPU and reports registers, spills and shared memory.
+
+The same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks it), with small tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _deform_conv_kernels as _k
+
+AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
+
+__all__ = ["AUTOTUNE_ENV", "CONFIG_OVERRIDES", "Config", "backward", "forward"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration of one kernel.
+
+    ``block_m`` / ``block_n`` / ``block_k`` mean, per kernel:
+    forward: pixels / output channels / input channels (the reduction);
+    data: pixels / input channels / output channels (the reduction);
+    weight: pixels (the reduction) / output channels / input channels;
+    gather: input pixels / input channels / unused.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Kernel name ("forward", "data", "weight", "gather") -> Config used instead of the heuristic.
+CONFIG_OVERRIDES: dict[str, Config] = {}
+
+_INT32_SAFE = 2**30  # elements; above this, index arithmetic is 64-bit (margin for corner offsets)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    group_in: int
+    group_out: int
+    groups: int
+    kh: int
+    kw: int
+    offset_groups: int
+    channels_per_offset_group: int
+    out_h: int
+    out_w: int
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    @staticmethod
+    def of(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> _Geometry:
+        batch, in_channels, height, width = input.shape
+        out_channels, group_in, kh, kw = weight.shape
+        groups = in_channels // group_in
+        offset_groups = offset.shape[1] // (2 * kh * kw)
+        return _Geometry(
+            batch, in_channels, height, width, out_channels, group_in, out_channels // groups, groups,
+            kh, kw, offset_groups, in_channels // offset_groups, offset.shape[2], offset.shape[3],
+            tuple(stride), tuple(padding), tuple(dilation),
+        )  # fmt: skip
+
+    @property
+    def pixels(self) -> int:
+        return self.batch * self.out_h * self.out_w
+
+    def pixel_tiles(self, block: int) -> int:
+        """Number of pixel tiles of ``block`` output pixels (tiles never cross images)."""
+        return self.batch * _cdiv(self.out_h * self.out_w, block)
+
+    @property
+    def taps(self) -> int:
+        return self.kh * self.kw
+
+    def spatial_args(self) -> tuple[int, ...]:
+        """stride_h, stride_w, pad_h, pad_w, dil_h, dil_w."""
+        return (*self.stride, *self.padding, *self.dilation)
+
+    def index64(self, *extra_numels: int) -> bool:
+        """Whether any tensor a kernel indexes is too large for 32-bit index arithmetic."""
+        numels = (
+            self.batch * self.in_channels * (self.height + 1) * (self.width + 1),
+            self.pixels * self.out_channels,
+            self.pixels * 3 * self.offset_groups * self.taps,
+            self.pixels * self.taps * self.in_channels,
+            *extra_numels,
+        )
+        return max(numels) >= _INT32_SAFE
+
+
+# --------------------------------------------------------------------------------------------------
+# Dtypes, devices, configurations
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _fp32_precision() -> str:
+    """The ``tl.dot`` input precision for float32 operands: whatever F.conv2d uses on cuDNN.
+
+    PyTorch's default lets cuDNN convolutions use TF32 (``torch.backends.cudnn.conv.fp32_precision``
+    is "tf32", legacy ``torch.backends.cudnn.allow_tf32`` is True); "none" inherits the cuDNN-wide,
+    then the global setting.
+    """
+    try:
+        setting = torch.backends.cudnn.conv.fp32_precision
+        if setting == "none":
+            setting = torch.backends.cudnn.fp32_precision
+        if setting == "none":
+            setting = torch.backends.fp32_precision
+        return "tf32" if setting == "tf32" else "ieee"
+    except (AttributeError, RuntimeError):  # PyTorch without the fp32_precision API
+        try:
+            return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+        except RuntimeError:
+            return "ieee"
+
+
+def _dot_args(t: Tensor) -> dict:
+    """MMA / PRECISION / CT constexprs for kernels on tensors like ``t``."""
+    if t.dtype == torch.float64:
+        mma = _k.MMA_SUM
+    elif t.dtype == torch.bfloat16 and t.device.type != "cuda":
+        mma = _k.MMA_DOT_FP32
+    else:
+        mma = _k.MMA_DOT
+    precision = _fp32_precision() if t.dtype == torch.float32 else "tf32"
+    return {"MMA": mma, "PRECISION": precision, "CT": _tl_compute_dtype(t.dtype)}
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _multiprocessors(t: Tensor) -> int:
+    if t.device.type != "cuda":
+        return 4
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile_efficiency(geo: _Geometry, block: int) -> float:
+    """Fraction of a pixel tile's rows that are real pixels (tiles never cross images)."""
+    hw = geo.out_h * geo.out_w
+    return hw / (_cdiv(hw, block) * block)
+
+
+def _heuristic(
+    kernel: str, geo: _Geometry, dtype: torch.dtype, *, interpreted: bool, sms: int, tf32: bool = True
+) -> Config:
+    """Default launch configuration: small tiles when ``interpreted``, else for an H100-class GPU
+    with ``sms`` multiprocessors (every default compiles for sm_90 without register spills)."""
+    if interpreted:
+        # Interpreter: tl.dot needs every dimension >= 16; tiles stay small so that tests straddle them.
+        if kernel == "forward":
+            return Config(32, _pow2(geo.group_out, 16, 32), 16)
+        if kernel == "data":
+            return Config(32, 16, _pow2(geo.group_out, 16, 32))
+        if kernel == "weight":
+            return Config(32, _pow2(geo.group_out, 16, 32), 16)
+        return Config(32, _pow2(geo.channels_per_offset_group, 16, 32), 1)
+
+    if kernel == "gather":
+        return Config(64, _pow2(geo.channels_per_offset_group, 1, 32 if dtype == torch.float64 else 64), 1)
+    if dtype == torch.float64:  # broadcast-and-sum products: small 3-D tiles
+        return {
+            "forward": Config(32, 32, 8, 4, 1),
+            "data": Config(32, 16, 8, 4, 1),
+            "weight": Config(8, 32, 32, 4, 1),
+        }[kernel]
+    wide = dtype in (torch.float16, torch.bfloat16)
+    fma = dtype == torch.float32 and not tf32  # full-fp32 products run on the FMA units
+    if kernel == "forward":
+        if fma:
+            return Config(64, _pow2(geo.group_out, 16, 128), 16, 8, 2)
+        # One output-channel tile per weight group where it fits: every extra tile gathers again.
+        block_n = _pow2(geo.group_out, 16, 256 if wide else 128)
+        block_m = (
+            64 if block_n > 128 or _tile_efficiency(geo, 64) > _tile_efficiency(geo, 128) + 0.03 else 128
+        )
+        # Fewer programs than multiprocessors: shrink the pixel tile, then the channel tile.
+        while geo.pixel_tiles(block_m) * geo.groups * _cdiv(geo.group_out, block_n) < sms:
+            if block_m > 64:
+                block_m //= 2
+            elif block_n > 64:
+                block_n //= 2
+            else:
+                break
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+        return Config(block_m, block_n, 32, warps, 3 if wide else 2)
+    if kernel == "data":
+        if fma:
+            return Config(32, 32, 32, 4, 2)
+        if geo.group_out <= 256:  # one grad_out tile per weight group, kept across channel blocks
+            return Config(64, 64 if wide else 32, _pow2(geo.group_out, 16, 256), 8, 2)
+        return Config(64, 32, 64, 4 if wide else 8, 2)
+    # weight: the channel tile is the matrix unit's M dimension (>= 64 for wgmma); a whole weight
+    # group of output channels per tile where it fits, so that each column is gathered once.
+    block_k = _pow2(geo.group_in, 16, 64)
+    block_n = _pow2(geo.group_out, 16, 256)
+    warps = 8 if block_k * block_n >= 64 * 128 else 4
+    return Config(64 if wide else 32, block_n, block_k, warps, 2)
+
+
+def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
+    """The override for ``kernel`` if any, else the heuristic for tensors like ``t``."""
+    if kernel in CONFIG_OVERRIDES:
+        return CONFIG_OVERRIDES[kernel]
+    return _heuristic(
+        kernel, geo, t.dtype, interpreted=t.device.type != "cuda", sms=_multiprocessors(t),
+        tf32=_fp32_precision() == "tf32",
+    )  # fmt: skip
+
+
+def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]:
+    """The short list DEFORMABLE_TRITON_AUTOTUNE=1 benchmarks (block sizes capped to the shape)."""
+    if dtype == torch.float64:
+        return []
+    if kernel == "forward":
+        cap_n = _pow2(geo.group_out, 16, 256)
+        raw = [
+            (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 3),
+            (128, 128, 64, 8, 3), (64, 64, 32, 4, 4), (32, 128, 32, 4, 3), (128, 64, 32, 4, 3),
+            (64, 128, 32, 4, 2), (128, 128, 16, 8, 4),
+        ]  # fmt: skip
+        configs = [Config(m, min(n, cap_n), kk, w, s) for m, n, kk, w, s in raw]
+    elif kernel == "data":
+        cap_o = _pow2(geo.group_out, 16, 256)
+        raw = [
+            (64, 64, 256, 8, 2), (64, 32, 256, 8, 2), (128, 32, 256, 8, 2), (64, 32, 64, 4, 2),
+            (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (32, 64, 64, 4, 2), (64, 64, 256, 8, 3),
+        ]  # fmt: skip
+        configs = [Config(m, c, min(o, cap_o), w, s) for m, c, o, w, s in raw]
+    elif kernel == "weight":
+        cap_n = _pow2(geo.group_out, 16, 256)
+        cap_k = _pow2(geo.group_in, 16, 128)
+        raw = [
+            (64, 128, 64, 8, 2), (32, 128, 64, 4, 2), (64, 64, 64, 4, 2), (64, 128, 32, 4, 2),
+            (128, 128, 64, 8, 2), (32, 64, 32, 4, 2), (64, 256, 64, 8, 2), (64, 128, 128, 8, 2),
+        ]  # fmt: skip
+        configs = [Config(m, min(n, cap_n), min(kk, cap_k), w, s) for m, n, kk, w, s in raw]
+    else:
+        return []
+    return list(dict.fromkeys(configs))
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def _autotune_enabled(t: Tensor) -> bool:
+    return t.device.type == "cuda" and os.environ.get(AUTOTUNE_ENV, "0") == "1"
+
+
+def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[[Config], object]) -> Config:
+    """The configuration for ``kernel``: override, else (autotuned or) heuristic.
+
+    ``run(config)`` launches the kernel; when autotuning it is called repeatedly, so it must leave
+    its outputs valid after any number of calls (e.g. zero an accumulator itself).
+    """
+    default = _default_config(kernel, geo, t)
+    if kernel in CONFIG_OVERRIDES or not _autotune_enabled(t):
+        return default
+    key = (kernel, geo, t.dtype, t.device.index, flags, _fp32_precision())
+    if key not in _TUNED:
+        best, best_ms = default, float("inf")
+        for config in dict.fromkeys([default, *_candidates(kernel, geo, t.dtype)]):
+            try:
+                ms = triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20)
+            except Exception:  # a candidate that does not fit (shared memory, registers) is skipped
+                continue
+            if ms < best_ms:
+                best, best_ms = config, ms
+        _TUNED[key] = best
+    return _TUNED[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def _channels_last(input: Tensor) -> Tensor:
+    """[N, C, H, W] -> contiguous [N, H, W, C] (free when the input is channels_last already)."""
+    return input.permute(0, 2, 3, 1).contiguous()
+
+
+def _weight_gemm(weight: Tensor, geo: _Geometry) -> Tensor:
+    """[C_out, C_in/groups, kh, kw] -> contiguous [groups, kh*kw, C_in/groups, C_out/groups]."""
+    w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
+    return w.permute(0, 3, 2, 1).contiguous()
+
+
+def _grid(programs: int) -> tuple[int]:
+    return (programs,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+
+
+def forward(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """Deformable convolution forward (arguments validated by ``deform_conv2d``).
+
+    Args:
+        input: [N, C_in, H, W]; offset: [N, 2*G*kh*kw, Ho, Wo]; mask: [N, G*kh*kw, Ho, Wo] or None;
+        weight: [C_out, C_in/groups, kh, kw]; bias: [C_out] or None; all one dtype and device,
+        any strides.
+
+    Returns:
+        [N, C_out, Ho, Wo], contiguous, in the input's dtype.
+    """
+    geo = _Geometry.of(input, offset, weight, stride, padding, dilation)
+    out = torch.empty(
+        (geo.batch, geo.out_channels, geo.out_h, geo.out_w), dtype=input.dtype, device=input.device
+    )
+    if out.numel() == 0:
+        return out
+    if input.numel() == 0:  # an empty map: every sample is 0 (no launch with empty tensors)
+        return out.fill_(0) if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
+    x = _channels_last(input)
+    offset = offset.contiguous()
+    mask_c = mask.contiguous() if mask is not None else offset
+    w = _weight_gemm(weight, geo)
+    bias_c = bias.contiguous() if bias is not None else w
+    flags = (mask is not None, bias is not None)
+
+    def run(cfg: Config) -> None:
+        programs = geo.pixel_tiles(cfg.block_m) * geo.groups * _cdiv(geo.group_out, cfg.block_n)
+        _k.deform_conv_fwd_kernel[_grid(programs)](
+            x, offset, mask_c, w, bias_c, out,
+            geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
+            geo.out_channels,
+            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.offset_groups * geo.taps,
+            geo.taps, geo.kw, *geo.spatial_args(),
+            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, INDEX64=geo.index64(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(input),
+        )  # fmt: skip
+
+    with _device_guard(input):
+        run(_choose("forward", geo, input, flags, run))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+
+
+def backward(
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    output_mask: tuple[bool, bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the forward with respect to (input, offset, mask, weight, bias).
+
+    Args:
+        grad_output: [N, C_out, Ho, Wo]; the others as for :func:`forward`.
+        output_mask: which of the five gradients to compute.
+
+    Returns:
+        (grad_input [N, C_in, H, W], grad_offset, grad_mask, grad_weight, grad_bias [C_out]), each
+        contiguous in its tensor's dtype, None where not requested (grad_mask also when ``mask`` is
+        None). Deterministic when ``torch.are_deterministic_algorithms_enabled()``.
+    """
+    need_input, need_offset, need_mask, need_weight, need_bias = (bool(v) for v in output_mask)
+    need_mask = need_mask and mask is not None
+    geo = _Geometry.of(input, offset, weight, stride, padding, dilation)
+    dtype, acc = input.dtype, _compute_dtype(input.dtype)
+    go = grad_output.to(dtype).contiguous()
+
+    grad_bias = go.sum(dim=(0, 2, 3), dtype=acc).to(dtype) if need_bias else None
+    if geo.pixels == 0 or input.numel() == 0 or weight.numel() == 0:  # no launch: all other gradients are 0
+        zeros = torch.zeros_like
+        return (
+            zeros(input, memory_format=torch.contiguous_format) if need_input else None,
+            zeros(offset, memory_format=torch.contiguous_format) if need_offset else None,
+            zeros(mask, memory_format=torch.contiguous_format) if need_mask else None,
+            zeros(weight, memory_format=torch.contiguous_format) if need_weight else None,
+            grad_bias,
+        )
+
+    x = _channels_last(input)
+    offset_c = offset.contiguous()
+    mask_c = mask.contiguous() if mask is not None else offset_c
+    grad_input = grad_offset = grad_mask = grad_weight = None
+    with _device_guard(input):
+        if need_input or need_offset or need_mask:
+            w = _weight_gemm(weight, geo)
+            grad_input, grad_offset, grad_mask = _data_grads(
+                geo, x, offset_c, mask_c, mask is not None, w, go, need_input, need_offset, need_mask
+            )
+        if need_weight:
+            grad_weight = _weight_grad(geo, x, offset_c, mask_c, mask is not None, go, weight.dtype)
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+
+
+def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, need_mask):
+    """grad_input, grad_offset, grad_mask (None where not needed) via the data kernel."""
+    dtype, acc = x.dtype, _compute_dtype(x.dtype)
+    device = x.device
+    deterministic = need_input and torch.are_deterministic_algorithms_enabled()
+    samples = geo.pixels * geo.offset_groups * geo.taps
+    grad_offset = torch.empty(offset.shape, dtype=dtype, device=device) if need_offset else None
+    grad_mask = torch.empty(mask.shape, dtype=dtype, device=device) if need_mask else None
+    gx = colgrad = frac = keys = None
+    if need_input and deterministic:
+        colgrad = torch.empty((samples, geo.channels_per_offset_group), dtype=acc, device=device)
+        frac = torch.empty((samples, 2), dtype=acc, device=device)
+        keys = torch.empty(samples, dtype=torch.int64, device=device)
+    elif need_input:
+        gx = torch.empty((geo.batch, geo.height, geo.width, geo.in_channels), dtype=acc, device=device)
+    dummy = offset
+    cells = geo.batch * geo.offset_groups * (geo.height + 1) * (geo.width + 1)
+    flags = (has_mask, need_input, need_offset, need_mask, deterministic)
+
+    def run(cfg: Config) -> None:
+        if gx is not None:
+            gx.zero_()
+        programs = geo.pixel_tiles(cfg.block_m) * geo.offset_groups * geo.taps
+        _k.deform_conv_bwd_data_kernel[_grid(programs)](
+            x, offset, mask, w, go,
+            gx if gx is not None else dummy,
+            grad_offset if grad_offset is not None else dummy,
+            grad_mask if grad_mask is not None else dummy,
+            colgrad if colgrad is not None else dummy,
+            frac if frac is not None else dummy,
+            keys if keys is not None else dummy,
+            geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
+            geo.out_channels,
+            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.offset_groups, geo.taps,
+            geo.kw, *geo.spatial_args(), cells,
+            HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
+            DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= geo.group_out,
+            INDEX64=geo.index64(samples * 2),
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
+        )  # fmt: skip
+
+    run(_choose("data", geo, x, flags, run))
+
+    grad_input = None
+    if need_input and deterministic:
+        grad_input = _gather_input_grad(geo, colgrad, frac, keys, cells, dtype)
+    elif need_input:
+        grad_input = torch.empty(
+            (geo.batch, geo.in_channels, geo.height, geo.width), dtype=dtype, device=device
+        )
+        grad_input.copy_(gx.permute(0, 3, 1, 2))
+    return grad_input, grad_offset, grad_mask
+
+
+def _gather_input_grad(geo, colgrad, frac, keys, cells, dtype) -> Tensor:
+    """Deterministic grad_input [N, C_in, H, W] from the per-sample column gradients."""
+    sorted_keys, order = torch.sort(keys, stable=True)
+    start = torch.searchsorted(sorted_keys, torch.arange(cells + 1, device=keys.device, dtype=torch.int64))
+    grad_input = torch.empty(
+        (geo.batch, geo.in_channels, geo.height, geo.width), dtype=dtype, device=colgrad.device
+    )
+    if grad_input.numel() == 0:
+        return grad_input
+    cfg = _default_config("gather", geo, colgrad)
+    cpg = geo.channels_per_offset_group
+    hw = geo.height * geo.width
+    programs = geo.batch * _cdiv(hw, cfg.block_m) * geo.offset_groups * _cdiv(cpg, cfg.block_n)
+    _k.deform_conv_gather_input_grad_kernel[_grid(programs)](
+        colgrad, frac, order, start, grad_input,
+        geo.batch, geo.height, geo.width, hw, geo.in_channels, geo.offset_groups, cpg,
+        CT=_tl_compute_dtype(dtype), INDEX64=geo.index64(colgrad.numel(), cells + 1),
+        BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return grad_input
+
+
+def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
+    """grad_weight [C_out, C_in/groups, kh, kw] by the split-K weight kernel.
+
+    The splits add up with atomics into one fp32 buffer, or, in deterministic mode, write partial
+    sums (at most 256 MiB of them) that ``torch.sum`` reduces in a fixed order.
+    """
+    acc = _compute_dtype(dtype)
+    cpg = geo.channels_per_offset_group
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    result: list[Tensor] = []
+
+    def run(cfg: Config) -> None:
+        others = geo.groups * geo.taps * _cdiv(geo.group_in, cfg.block_k) * _cdiv(geo.group_out, cfg.block_n)
+        tiles = geo.pixel_tiles(cfg.block_m)
+        # Enough programs for ~4 waves, each split at least 4 pixel tiles.
+        splits = max(1, min(_cdiv(4 * _multiprocessors(x), others), _cdiv(tiles, 4), 64))
+        if deterministic:
+            per_split = geo.groups * geo.taps * geo.group_in * geo.group_out * torch.finfo(acc).bits // 8
+            splits = max(1, min(splits, (256 * 2**20) // max(per_split, 1)))
+        tiles_per_split = _cdiv(tiles, splits)
+        splits = _cdiv(tiles, tiles_per_split)
+        shape = (splits if deterministic else 1, geo.groups, geo.taps, geo.group_in, geo.group_out)
+        part = (torch.empty if deterministic else torch.zeros)(shape, dtype=acc, device=x.device)
+        _k.deform_conv_bwd_weight_kernel[_grid(splits * others)](
+            x, offset, mask, go, part,
+            geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
+            geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,
+            geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(), tiles_per_split,
+            HAS_MASK=has_mask, INDEX64=geo.index64(part.numel()),
+            ONE_GROUP=cpg % cfg.block_k == 0 and geo.group_in % cfg.block_k == 0, ATOMIC=not deterministic,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
+        )  # fmt: skip
+        result[:] = [part.sum(dim=0) if part.shape[0] > 1 else part[0]]
+
+    run(_choose("weight", geo, x, (has_mask, deterministic), run))
+    gw = result[0].permute(0, 3, 2, 1).reshape(geo.out_channels, geo.group_in, geo.kh, geo.kw)
+    return gw.to(dtype).contiguous()

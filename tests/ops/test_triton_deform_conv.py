@@ -1,0 +1,493 @@
+"""The Triton deform_conv2d kernels, judged by the float64 oracle (outputs) and torchvision in float64
+(gradients). Without CUDA they run through Triton's interpreter (conftest sets TRITON_INTERPRET=1),
+which is slow: shapes stay tiny and tiles are pinned small so that they straddle every boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+torchvision = pytest.importorskip("torchvision")
+
+from deformable.ops._backend import triton_unavailable_reason  # noqa: E402
+from tests.oracles import deform_conv2d_oracle  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_reason = triton_unavailable_reason(DEVICE)
+if _reason is not None:
+    pytest.skip(_reason, allow_module_level=True)
+
+from deformable.ops._triton import deform_conv as tdc  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+ALL = (True, True, True, True, True)
+GRAD_NAMES = ("input", "offset", "mask", "weight", "bias")
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int = 2
+    in_channels: int = 4
+    out_channels: int = 6
+    size: tuple[int, int] = (5, 6)
+    kernel: tuple[int, int] = (3, 3)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    offset_groups: int = 1
+    mask: bool = True
+    bias: bool = True
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, p, d, k, st in zip(
+                self.size, self.padding, self.dilation, self.kernel, self.stride, strict=True
+            )
+        )
+
+    @property
+    def geometry(self):
+        return self.stride, self.padding, self.dilation
+
+
+CASES = {
+    "plain": Case(),
+    # 16 channels fill whole 16-wide channel blocks: the weight kernel's single-offset-group fast path.
+    "dcnv1-no-bias-16ch": Case(batch=1, in_channels=16, out_channels=5, size=(4, 5), mask=False, bias=False),
+    # Offset group 1 (channels 2-3) spans both weight groups (channels 0-2 and 3-5).
+    "groups2-offset-groups3": Case(batch=1, in_channels=6, out_channels=4, groups=2, offset_groups=3),
+    "kernel32-stride21-pad10-dil21-odd": Case(
+        in_channels=3,
+        out_channels=5,
+        size=(7, 5),
+        kernel=(3, 2),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(2, 1),
+    ),
+}
+# With 16-wide tiles, 35 pixels, 18 input channels (2 offset groups of 9) and 17 output channels straddle
+# tile boundaries in every dimension of every kernel, and channel blocks cross offset groups.
+STRADDLE = Case(batch=1, in_channels=18, out_channels=17, size=(5, 7), offset_groups=2)
+SMALL_TILES = {
+    "forward": tdc.Config(16, 16, 16),
+    "data": tdc.Config(16, 16, 16),
+    "weight": tdc.Config(16, 16, 16),
+    "gather": tdc.Config(16, 8, 1),
+}
+
+EPS = {
+    dtype: torch.finfo(dtype).eps for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def make_inputs(case: Case, dtype: torch.dtype, offset_scale: float = 2.0, seed: int = 0):
+    """(input, offset, mask, weight, bias) in ``dtype`` on DEVICE; offsets of a few pixels."""
+    g = torch.Generator().manual_seed(seed)
+    kh, kw = case.kernel
+    oh, ow = case.out_size
+    taps = case.offset_groups * kh * kw
+
+    def rand(*shape, uniform=False):
+        t = torch.rand(*shape, generator=g) if uniform else torch.randn(*shape, generator=g)
+        return t.double().to(dtype).to(DEVICE)
+
+    x = rand(case.batch, case.in_channels, *case.size)
+    offset = rand(case.batch, 2 * taps, oh, ow) * offset_scale
+    # fp16/bf16 round many offsets to integers; exactly on the line y = -1 or x = -1 a sample is outside
+    # (offset gradient 0) while torchvision, the gradient reference, takes the one-sided derivative.
+    offset = torch.where(offset == offset.floor(), offset + 0.25, offset)
+    mask = rand(case.batch, taps, oh, ow, uniform=True) if case.mask else None
+    weight = rand(case.out_channels, case.in_channels // case.groups, kh, kw)
+    bias = rand(case.out_channels) if case.bias else None
+    return x, offset, mask, weight, bias
+
+
+def _f64(t):
+    return None if t is None else t.detach().double().cpu()
+
+
+def oracle(case: Case, tensors) -> torch.Tensor:
+    x, offset, mask, weight, bias = (_f64(t) for t in tensors)
+    return deform_conv2d_oracle(x, offset, weight, bias, case.stride, case.padding, case.dilation, mask)
+
+
+def abs_oracle(case: Case, tensors) -> torch.Tensor:
+    """Oracle on absolute values: bounds sum |w * sample| per output (bilinear weights are >= 0)."""
+    x, offset, mask, weight, bias = (_f64(t) for t in tensors)
+    absolute = [None if t is None else t.abs() for t in (x, mask, weight, bias)]
+    x, mask, weight, bias = absolute
+    return deform_conv2d_oracle(x, offset, weight, bias, case.stride, case.padding, case.dilation, mask)
+
+
+def torchvision_grads(case: Case, tensors, grad_output, absolute: bool = False):
+    """Gradients of <deform_conv2d(...), grad_output> by torchvision's op in float64 on CPU.
+
+    With ``absolute``, every tensor but the offset is replaced by its absolute value: the result then
+    bounds sum |term| of the input, mask, weight and bias gradients (not the offset's).
+    """
+    leaves = [_f64(t) for t in tensors]
+    go = _f64(grad_output)
+    if absolute:
+        leaves = [t if i == 1 or t is None else t.abs() for i, t in enumerate(leaves)]
+        go = go.abs()
+    leaves = [None if t is None else t.requires_grad_() for t in leaves]
+    x, offset, mask, weight, bias = leaves
+    out = torchvision.ops.deform_conv2d(
+        x, offset, weight, bias, case.stride, case.padding, case.dilation, mask
+    )
+    (out * go).sum().backward()
+    return [None if t is None else t.grad for t in leaves]
+
+
+def forward(case: Case, tensors) -> torch.Tensor:
+    x, offset, mask, weight, bias = tensors
+    return tdc.forward(x, offset, mask, weight, bias, *case.geometry)
+
+
+def backward(case: Case, tensors, grad_output, output_mask=ALL):
+    """The kernels' gradients; the bias gradient is asked for only when there is a bias, as the op does."""
+    x, offset, mask, weight, bias = tensors
+    output_mask = (*output_mask[:4], output_mask[4] and bias is not None)
+    return tdc.backward(grad_output, x, offset, mask, weight, *case.geometry, output_mask)
+
+
+def check_forward(case: Case, tensors, out: torch.Tensor, dtype: torch.dtype) -> None:
+    """|out - exact| <= c * eps * sum |terms|: c = 2 where one rounding of the samples and one of the
+    output dominate (fp16/bf16), 32 where the fp32/fp64 accumulation does."""
+    assert out.dtype == dtype and out.is_contiguous()
+    expected = oracle(case, tensors)
+    factor = 2.0 if dtype in (torch.float16, torch.bfloat16) else 32.0
+    tol = factor * EPS[dtype] * abs_oracle(case, tensors) + 1e-300
+    err = (out.double().cpu() - expected).abs()
+    assert out.shape == expected.shape
+    assert bool((err <= tol).all()), (
+        f"max error {err.max().item():.3g}, max excess {(err - tol).max().item():.3g}"
+    )
+
+
+def check_grads(case: Case, tensors, grad_output, grads, dtype: torch.dtype, output_mask=ALL) -> None:
+    """Each gradient within c * eps * (its largest sum of |terms|) of torchvision's float64 gradient."""
+    ref = torchvision_grads(case, tensors, grad_output)
+    bound = torchvision_grads(case, tensors, grad_output, absolute=True)
+    factor = 8.0 if dtype in (torch.float16, torch.bfloat16) else 64.0
+    for name, wanted, got, r, b, t in zip(GRAD_NAMES, output_mask, grads, ref, bound, tensors, strict=True):
+        if not wanted or t is None:
+            assert got is None, name
+            continue
+        assert got is not None and got.shape == t.shape and got.dtype == t.dtype, name
+        assert got.is_contiguous(), name
+        scale = r.abs().max() if name == "offset" else b.abs().max()
+        tol = factor * EPS[dtype] * scale.item() + 1e-300
+        err = (got.double().cpu() - r).abs().max().item()
+        assert err <= tol, f"grad_{name}: max error {err:.3g} > {tol:.3g}"
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bitwise equal under the interpreter (programs run in order); on CUDA float atomics let the
+    summation order of the input and weight gradients vary, so equal within a few roundings there."""
+    if a.device.type == "cuda":
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * EPS[b.dtype] * scale)
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    """fp32 products follow cuDNN's TF32 switch (on by default); the tolerances here assume full fp32."""
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        yield
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    for kernel, config in SMALL_TILES.items():
+        monkeypatch.setitem(tdc.CONFIG_OVERRIDES, kernel, config)
+
+
+@pytest.fixture
+def deterministic():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and backward against the references
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_backward(name, dtype):
+    case = CASES[name]
+    tensors = make_inputs(case, dtype)
+    out = forward(case, tensors)
+    check_forward(case, tensors, out, dtype)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
+
+
+def test_tiles_straddle_every_boundary(small_tiles):
+    dtype = torch.float32
+    tensors = make_inputs(STRADDLE, dtype)
+    out = forward(STRADDLE, tensors)
+    check_forward(STRADDLE, tensors, out, dtype)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    check_grads(STRADDLE, tensors, grad_output, backward(STRADDLE, tensors, grad_output), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision(dtype):
+    case = CASES["groups2-offset-groups3"]
+    tensors = make_inputs(case, dtype)
+    out = forward(case, tensors)
+    check_forward(case, tensors, out, dtype)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
+
+
+def test_output_mask_selects_gradients():
+    """Each subset of gradients is computed alone and equals the full computation bitwise."""
+    case = CASES["plain"]
+    tensors = make_inputs(case, torch.float64)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+    full = backward(case, tensors, grad_output)
+    for output_mask in [
+        (True, False, False, False, False),
+        (False, True, False, False, False),
+        (False, False, True, False, False),
+        (False, False, False, True, True),
+        (False, False, False, False, False),
+    ]:
+        grads = backward(case, tensors, grad_output, output_mask)
+        for wanted, got, reference in zip(output_mask, grads, full, strict=True):
+            assert (got is None) != wanted
+            if wanted:
+                assert_same(got, reference)
+    no_mask = (*tensors[:2], None, *tensors[3:])
+    assert backward(case, no_mask, grad_output)[2] is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout, sizes and values at the edges of the contract
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(batch=0), Case(size=(0, 3), kernel=(1, 1)), Case(out_channels=0, bias=False)],
+    ids=["batch0", "empty-map", "no-output-channels"],
+)
+def test_empty_sizes(case):
+    """Nothing to compute: outputs are the bias (or empty), gradients zeros, and nothing is launched."""
+    tensors = make_inputs(case, torch.float32)
+    out = forward(case, tensors)
+    assert out.shape == (case.batch, case.out_channels, *case.out_size)
+    bias = tensors[4]
+    assert torch.equal(out, torch.zeros_like(out) if bias is None else bias.view(1, -1, 1, 1).expand_as(out))
+    grads = backward(case, tensors, torch.ones_like(out))
+    for got, t in zip(grads, tensors, strict=True):
+        if t is not None:
+            assert got.shape == t.shape
+    assert not any(g.any() for g in grads[:4] if g is not None)
+    if bias is not None:
+        assert torch.equal(grads[4], torch.ones_like(out).sum(dim=(0, 2, 3)))
+
+
+def test_non_contiguous_inputs_give_identical_results():
+    case = CASES["plain"]
+    dense = make_inputs(case, torch.float64)
+    x, offset, mask, weight, bias = dense
+
+    def transposed(t):  # same values, spatial dims stored transposed
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    strided = (
+        x.to(memory_format=torch.channels_last),
+        transposed(offset),
+        torch.cat([mask, mask], dim=3)[..., : mask.shape[3]],
+        weight.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3),
+        torch.stack([bias, bias], dim=1)[:, 0],
+    )
+    assert not any(t.is_contiguous() for t in strided)
+    assert_same(forward(case, strided), forward(case, dense))
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+    for a, b in zip(
+        backward(case, strided, transposed(grad_output)), backward(case, dense, grad_output), strict=True
+    ):
+        assert_same(a, b)
+
+
+def test_extreme_offsets_and_nan():
+    """Infinite and huge offsets are simply outside; NaN offsets and masks make NaN only what they feed."""
+    case = Case(batch=1, in_channels=4, out_channels=3, offset_groups=2)
+    x, offset, mask, weight, bias = make_inputs(case, torch.float64)
+    offset = offset.clone()
+    offset[0, 0, 0, 0] = float("inf")  # group 0, tap 0, dy at pixel (0, 0)
+    offset[0, 3, 1, 1] = -float("inf")
+    offset[0, 4, 2, 2] = 1e30
+    offset[0, 5, 2, 3] = -1e300
+    offset[0, 19, 3, 3] = 3e9  # group 1, tap 0, dx
+    far = (offset, offset.clamp(-50, 50))  # equivalent: the clamped ones are still far outside
+    tensors = (x, far[0], mask, weight, bias)
+    out = forward(case, tensors)
+    check_forward(case, tensors, out, torch.float64)
+    grad_output = torch.randn(out.shape, dtype=torch.float64).to(DEVICE)
+    grads = backward(case, tensors, grad_output)
+    ref = torchvision_grads(case, (x, far[1], mask, weight, bias), grad_output)
+    for name, got, r in zip(GRAD_NAMES, grads, ref, strict=True):
+        torch.testing.assert_close(got.cpu(), r, rtol=1e-10, atol=1e-10, msg=name)
+
+    nan_offset = offset.clamp(-50, 50)
+    nan_offset[0, 0, 1, 2] = float("nan")  # group 0 (channels 0-1) at pixel (1, 2)
+    nan_mask = mask.clone()
+    nan_mask[0, 9 + 4, 3, 0] = float("nan")  # group 1, centre tap, pixel (3, 0)
+    tensors = (x, nan_offset, nan_mask, weight, bias)
+    out = forward(case, tensors)
+    nan_pixels = out.isnan().any(dim=1)[0]
+    expected = torch.zeros_like(nan_pixels)
+    expected[1, 2] = expected[3, 0] = True
+    assert torch.equal(nan_pixels, expected)
+    torch.testing.assert_close(out.cpu(), oracle(case, tensors), rtol=1e-10, atol=1e-10, equal_nan=True)
+    grads = backward(case, tensors, grad_output)  # must not crash or read out of bounds
+    nan_grad_offset = torch.zeros(grads[1].shape, dtype=torch.bool)
+    nan_grad_offset[0, 0:2, 1, 2] = True  # the NaN position's dy, dx
+    nan_grad_offset[0, 26:28, 3, 0] = True  # d/d(dy, dx) carries the NaN mask
+    assert torch.equal(grads[1].isnan().cpu(), nan_grad_offset)
+    # d(mask * sample)/d(mask) = sample: NaN for the NaN position only, finite for the NaN mask itself.
+    assert grads[2].isnan().sum() == 1 and grads[2][0, 0, 1, 2].isnan()
+
+
+def test_int64_indexing_path_matches(monkeypatch):
+    """The 64-bit index arithmetic (used for tensors of 2**30+ elements) gives identical results."""
+    case = Case(batch=1, in_channels=4, out_channels=4, size=(4, 5), groups=2, offset_groups=2)
+    tensors = make_inputs(case, torch.float32)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+
+    def run_all():
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            deterministic_grad_input = backward(
+                case, tensors, grad_output, (True, False, False, False, False)
+            )[0]
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        return [forward(case, tensors), *backward(case, tensors, grad_output), deterministic_grad_input]
+
+    narrow = run_all()
+    monkeypatch.setattr(tdc, "_INT32_SAFE", 0)
+    for a, b in zip(run_all(), narrow, strict=True):
+        assert_same(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_deterministic_mode_is_correct_and_bitwise_repeatable(deterministic, dtype):
+    """Samples pile onto few input pixels (long runs per cell in the gather kernel)."""
+    case = Case(batch=1, in_channels=6, out_channels=5, size=(4, 5), offset_groups=2)
+    x, offset, mask, weight, bias = make_inputs(case, dtype, offset_scale=0.5)
+    oh, ow = case.out_size
+    oy = torch.arange(oh, dtype=dtype, device=DEVICE).view(1, 1, oh, 1)
+    ox = torch.arange(ow, dtype=dtype, device=DEVICE).view(1, 1, 1, ow)
+    offset = offset.clone()
+    offset[:, 0::2] += 1.5 - oy  # every sample near (1.5 + i - 1, 2.5 + j - 1)
+    offset[:, 1::2] += 2.5 - ox
+    tensors = (x, offset, mask, weight, bias)
+    grad_output = torch.randn(case.batch, case.out_channels, oh, ow, dtype=torch.float64).to(dtype).to(DEVICE)
+    first = backward(case, tensors, grad_output)
+    second = backward(case, tensors, grad_output)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    check_grads(case, tensors, grad_output, first, dtype)
+    torch.use_deterministic_algorithms(False)
+    atomic = backward(case, tensors, grad_output)
+    for index in (0, 3):  # grad_input and grad_weight have separate deterministic paths
+        scale = first[index].abs().max().item()
+        torch.testing.assert_close(first[index], atomic[index], rtol=0, atol=64 * EPS[dtype] * scale)
+    for index in (1, 2, 4):
+        assert torch.equal(first[index], atomic[index])
+
+
+# --------------------------------------------------------------------------------------------------
+# Integration and configuration
+
+
+def test_custom_op_dispatches_to_triton():
+    ops = pytest.importorskip("deformable.ops")
+    case = CASES["kernel32-stride21-pad10-dil21-odd"]
+    x, offset, mask, weight, bias = make_inputs(case, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight, bias)]
+    out = ops.deform_conv2d(
+        leaves[0], leaves[1], leaves[3], leaves[4], case.stride, case.padding, case.dilation, leaves[2],
+        backend="triton",
+    )  # fmt: skip
+    torch.testing.assert_close(out.detach().cpu(), oracle(case, (x, offset, mask, weight, bias)))
+    grad_output = torch.randn(out.shape, dtype=torch.float64).to(DEVICE)
+    out.backward(grad_output)
+    ref = torchvision_grads(case, (x, offset, mask, weight, bias), grad_output)
+    for name, leaf, r in zip(GRAD_NAMES, leaves, ref, strict=True):
+        torch.testing.assert_close(leaf.grad.cpu(), r, msg=name)
+
+
+def test_heuristic_and_candidate_configs_are_valid():
+    """GPU configurations (checked here without a GPU): powers of two, >= 16 wherever tl.dot needs it."""
+    shapes = [(2, 128, 100, 168, 1), (2, 256, 50, 84, 1), (2, 512, 25, 42, 1), (2, 256, 100, 168, 2),
+              (64, 128, 28, 28, 1), (64, 512, 7, 7, 1), (1, 6, 5, 5, 1)]  # fmt: skip
+    for n, c, h, w, s in shapes:
+        geo = tdc._Geometry(n, c, h, w, c, c, c, 1, 3, 3, 1, c, h // s, w // s, (s, s), (1, 1), (1, 1))
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            for kernel in ("forward", "data", "weight", "gather"):
+                configs = tdc._candidates(kernel, geo, dtype)
+                configs.append(tdc._heuristic(kernel, geo, dtype, interpreted=False, sms=132))
+                configs.append(tdc._heuristic(kernel, geo, dtype, interpreted=True, sms=4))
+                for config in configs:
+                    blocks = (config.block_m, config.block_n, config.block_k)
+                    assert all(b >= 1 and b & (b - 1) == 0 for b in blocks), (kernel, config)
+                    if dtype != torch.float64 and kernel != "gather":
+                        assert min(blocks) >= 16, (kernel, dtype, config)
+
+
+def test_autotune_picks_the_fastest_candidate_and_caches_it(monkeypatch):
+    """The DEFORMABLE_TRITON_AUTOTUNE path (CUDA only) with a fake clock: each candidate runs, the
+    fastest is cached per key, and repeated runs leave correct results (the atomic accumulator is reset)."""
+    import triton.testing
+
+    case = Case(batch=1, in_channels=2, out_channels=3, size=(3, 4), kernel=(2, 2), padding=(0, 0))
+    tensors = make_inputs(case, torch.float64)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+    expected_out, expected_grads = forward(case, tensors), backward(case, tensors, grad_output)
+
+    candidates = [tdc.Config(16, 16, 16)]
+    timed = []
+
+    def fake_bench(fn, **kwargs):
+        fn()  # a second run below: results must not depend on how often a candidate ran
+        timed.append(len(timed))
+        return 1.0 if len(timed) % 2 == 0 else 2.0  # the candidate, benchmarked second, wins
+
+    monkeypatch.setattr(tdc, "_autotune_enabled", lambda t: True)
+    monkeypatch.setattr(tdc, "_candidates", lambda kernel, geo, dtype: candidates)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tdc, "_TUNED", {})
+    torch.testing.assert_close(forward(case, tensors), expected_out, rtol=1e-12, atol=1e-12)
+    for got, want in zip(backward(case, tensors, grad_output), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert {key[0] for key in tdc._TUNED} == {"forward", "data", "weight"}
+    assert all(config == candidates[0] for config in tdc._TUNED.values())
+    calls = len(timed)
+    forward(case, tensors)
+    backward(case, tensors, grad_output)
+    assert len(timed) == calls  # cached: no second benchmark
