@@ -100,10 +100,11 @@ def test_training_reduces_loss_and_eval_is_well_formed(variant, kind, layout):
     before, losses = _loss(model, images, targets)
     if VARIANTS[variant].get("mimic"):
         assert {"loss_mimic", "loss_rcnn_cls"} <= set(losses)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
     for _ in range(5):
         optimizer.zero_grad()
         _loss(model, images, targets)[0].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)  # batch norm on 2 images is jumpy
         optimizer.step()
     after, _ = _loss(model, images, targets)
     assert after.item() < before.item()
