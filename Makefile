@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/deformable demo
+	$(VENV)/bin/deformable demo --out demo_out
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

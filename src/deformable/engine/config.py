@@ -48,6 +48,7 @@ class TrainConfig:
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
     box_detections_per_img: int = 100
+    representation_size: int = 1024  # width of the 2fc box head (the paper's 1024)
     # data
     dataset: str = "deformed_fashion"  # deformed_fashion | coco
     train_images: str | None = None
@@ -96,7 +97,10 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
-        positive = ("batch_size", "iterations", "checkpoint_every", "log_every", "min_size", "max_size")
+        positive = (
+            "batch_size", "iterations", "checkpoint_every", "log_every", "min_size", "max_size",
+            "representation_size",
+        )  # fmt: skip
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)!r}")

@@ -175,12 +175,14 @@ def _plot_curves(out: Path, results: list[RowResult]) -> Path | None:
     ax.grid(alpha=0.3)
     path = out / "training_curves.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
 
-def _plot_examples(out: Path, results: list[RowResult], images: int = 3) -> Path | None:
+def _plot_examples(
+    out: Path, results: list[RowResult], images: int = 3, score_threshold: float = 0.05, max_boxes: int = 4
+) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,20 +207,25 @@ def _plot_examples(out: Path, results: list[RowResult], images: int = 3) -> Path
                 det = model([image])[0]
             ax = axes[row][col]
             ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
-            keep = det["scores"] > 0.5
-            for (x1, y1, x2, y2), label in zip(
-                det["boxes"][keep].tolist(), det["labels"][keep].tolist(), strict=True
-            ):
-                ax.add_patch(
-                    plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", linewidth=1.2)
+            # The most confident detections (short CPU trainings rarely reach high scores).
+            keep = (det["scores"] > score_threshold).nonzero().flatten()[:max_boxes]
+            boxes, labels, scores = (
+                det["boxes"][keep].tolist(),
+                det["labels"][keep].tolist(),
+                det["scores"][keep],
+            )
+            for (x1, y1, x2, y2), label, score in zip(boxes, labels, scores.tolist(), strict=True):
+                rectangle = plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", linewidth=1.2)
+                ax.add_patch(rectangle)
+                ax.text(
+                    x1, y1, f"{val.class_names[label]} {score:.2f}", color="yellow", fontsize=6, va="bottom"
                 )
-                ax.text(x1, y1, val.class_names[label], color="yellow", fontsize=6, va="bottom")
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(r.name, fontsize=7)
     path = out / "example_detections.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -170,6 +170,13 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img,
     )
+    if cfg.representation_size != 1024:
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+        channels = 256  # the FPN and C4 layouts both pool 256-channel maps
+        kwargs["box_head"] = TwoMLPHead(channels * 7 * 7, cfg.representation_size)
+        kwargs["box_predictor"] = FastRCNNPredictor(cfg.representation_size, num_classes)
+        kwargs["num_classes"] = None  # torchvision takes the classes from the given predictor
     if cfg.roi_pool != "align" and cfg.roi_pool_hidden:
         kwargs["roi_pool_options"] = {"hidden_channels": tuple(cfg.roi_pool_hidden)}
     if cfg.mimic:
