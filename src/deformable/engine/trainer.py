@@ -218,9 +218,9 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def _check_out_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as error:
         raise ValueError(f"output folder {path} is not writable: {error}") from error
 
