@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,34 +15,10 @@ import torchvision
 
 from deformable.ops import deform_conv2d, memory_budget
 from deformable.ops._backend import resolve_backend
+from tests.ops.conv_cases import ConvCase as Config
 from tests.oracles import deform_conv2d_oracle
 
 BACKENDS = ["reference", "aten"]
-
-
-@dataclass(frozen=True)
-class Config:
-    batch: int = 2
-    in_channels: int = 4
-    out_channels: int = 4
-    size: tuple[int, int] = (6, 7)
-    kernel: tuple[int, int] = (3, 3)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    offset_groups: int = 1
-    mask: bool = True
-    bias: bool = True
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return tuple(
-            (s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, p, d, k, st in zip(
-                self.size, self.padding, self.dilation, self.kernel, self.stride, strict=True
-            )
-        )
 
 
 CONFIGS = {

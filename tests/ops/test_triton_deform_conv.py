@@ -5,8 +5,6 @@ which is slow: shapes stay tiny and tiles are pinned small so that they straddle
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ pytest.importorskip("triton")
 torchvision = pytest.importorskip("torchvision")
 
 from deformable.ops._backend import triton_unavailable_reason  # noqa: E402
+from tests.ops.conv_cases import ConvCase as Case  # noqa: E402
 from tests.oracles import deform_conv2d_oracle  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,37 +28,8 @@ ALL = (True, True, True, True, True)
 GRAD_NAMES = ("input", "offset", "mask", "weight", "bias")
 
 
-@dataclass(frozen=True)
-class Case:
-    batch: int = 2
-    in_channels: int = 4
-    out_channels: int = 6
-    size: tuple[int, int] = (5, 6)
-    kernel: tuple[int, int] = (3, 3)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (1, 1)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    offset_groups: int = 1
-    mask: bool = True
-    bias: bool = True
-
-    @property
-    def out_size(self) -> tuple[int, int]:
-        return tuple(
-            (s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, p, d, k, st in zip(
-                self.size, self.padding, self.dilation, self.kernel, self.stride, strict=True
-            )
-        )
-
-    @property
-    def geometry(self):
-        return self.stride, self.padding, self.dilation
-
-
 CASES = {
-    "plain": Case(),
+    "plain": Case(out_channels=6, size=(5, 6)),
     # 16 channels fill whole 16-wide channel blocks: the weight kernel's single-offset-group fast path.
     "dcnv1-no-bias-16ch": Case(batch=1, in_channels=16, out_channels=5, size=(4, 5), mask=False, bias=False),
     # Offset group 1 (channels 2-3) spans both weight groups (channels 0-2 and 3-5).
