@@ -417,7 +417,7 @@ def test_heuristic_and_candidate_configs_are_valid():
     shapes = [(2, 128, 100, 168, 1), (2, 256, 50, 84, 1), (2, 512, 25, 42, 1), (2, 256, 100, 168, 2),
               (64, 128, 28, 28, 1), (64, 512, 7, 7, 1), (1, 6, 5, 5, 1)]  # fmt: skip
     for n, c, h, w, s in shapes:
-        geo = tdc._Geometry(n, c, h, w, c, c, c, 1, 3, 3, 1, c, h // s, w // s, (s, s), (1, 1), (1, 1))
+        geo = tdc._Geometry(n, c, h, w, c, 1, 3, 3, 1, h // s, w // s, (s, s), (1, 1), (1, 1))
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             for kernel in ("forward", "data", "weight", "gather"):
                 configs = tdc._candidates(kernel, geo, dtype)

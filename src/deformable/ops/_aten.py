@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._geometry import ConvGeometry
+
 _DEFAULT_BUDGET_BYTES = 256 * 2**20
 _budget_bytes: int | None = None
 
@@ -74,37 +76,8 @@ def memory_budget(num_bytes: int) -> Iterator[None]:
         set_memory_budget(previous)
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    groups: int
-    kh: int
-    kw: int
-    offset_groups: int
-    out_h: int
-    out_w: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    @classmethod
-    def of(cls, input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> _Geometry:
-        batch, in_channels, height, width = input.shape
-        out_channels, group_in, kh, kw = weight.shape
-        return cls(
-            batch, in_channels, height, width, out_channels, in_channels // group_in, kh, kw,
-            offset.shape[1] // (2 * kh * kw), offset.shape[2], offset.shape[3],
-            tuple(stride), tuple(padding), tuple(dilation),
-        )  # fmt: skip
-
-    @property
-    def group_channels(self) -> int:
-        """Input channels per offset group."""
-        return self.in_channels // self.offset_groups
+class _Geometry(ConvGeometry):
+    """:class:`ConvGeometry` plus the layout of the channels-last row table."""
 
     @property
     def image_rows(self) -> int:
@@ -130,7 +103,7 @@ def _chunks(geo: _Geometry, element_size: int, budget: int) -> list[_Chunk]:
     # and offset group: indices, weights, their gradients and temporaries).
     row_bytes = geo.out_w * taps * (3 * geo.in_channels * element_size + 200 * geo.offset_groups)
     # Per image: the channels-last row table and its gradient, and the re-laid-out input gradient.
-    image_bytes = 3 * geo.image_rows * geo.group_channels * element_size
+    image_bytes = 3 * geo.image_rows * geo.channels_per_offset_group * element_size
     per_image = image_bytes + geo.out_h * row_bytes
     if per_image <= budget:
         step = max(1, budget // per_image)
@@ -146,16 +119,16 @@ def _chunks(geo: _Geometry, element_size: int, budget: int) -> list[_Chunk]:
 def _row_table(input: Tensor, geo: _Geometry, chunk: _Chunk, dtype: torch.dtype) -> Tensor:
     """Channels-last rows of the chunk's images: [B*(G*H*W + 1), C_in/G], zero row last per image."""
     images = chunk.n1 - chunk.n0
-    table = input.new_empty(images, geo.image_rows, geo.group_channels, dtype=dtype)
+    table = input.new_empty(images, geo.image_rows, geo.channels_per_offset_group, dtype=dtype)
     pixels = geo.image_rows - 1
     source = input[chunk.n0 : chunk.n1].view(
-        images, geo.offset_groups, geo.group_channels, geo.height, geo.width
+        images, geo.offset_groups, geo.channels_per_offset_group, geo.height, geo.width
     )
-    table[:, :pixels].view(images, geo.offset_groups, geo.height, geo.width, geo.group_channels).copy_(
-        source.permute(0, 1, 3, 4, 2)
-    )
+    table[:, :pixels].view(
+        images, geo.offset_groups, geo.height, geo.width, geo.channels_per_offset_group
+    ).copy_(source.permute(0, 1, 3, 4, 2))
     table[:, pixels].zero_()
-    return table.view(-1, geo.group_channels)
+    return table.view(-1, geo.channels_per_offset_group)
 
 
 @dataclass
@@ -244,7 +217,7 @@ def _tap_major(matrix: Tensor, geo: _Geometry) -> Tensor:
     if geo.groups > 1:
         per_group = geo.in_channels // geo.groups
         matrix = matrix.reshape(-1, geo.groups, geo.kh * geo.kw, per_group).transpose(1, 2)
-    return matrix.reshape(-1, geo.group_channels)
+    return matrix.reshape(-1, geo.channels_per_offset_group)
 
 
 def _as_image(matrix: Tensor, images: int, rows: int, width: int) -> Tensor:
@@ -412,10 +385,12 @@ def _backward_chunk(
             grad_columns, flat_indices, bag_starts, offset2bag, bag_size, max_indices, table.shape[0],
             False, 0, False, flat_weights, -1,
         )  # fmt: skip
-        grad_table = grad_table.view(images, geo.image_rows, geo.group_channels)[:, :-1]
-        grad_table = grad_table.reshape(images, geo.offset_groups, geo.height, geo.width, geo.group_channels)
+        grad_table = grad_table.view(images, geo.image_rows, geo.channels_per_offset_group)[:, :-1]
+        grad_table = grad_table.reshape(
+            images, geo.offset_groups, geo.height, geo.width, geo.channels_per_offset_group
+        )
         grads.input[chunk.n0 : chunk.n1].view(
-            images, geo.offset_groups, geo.group_channels, geo.height, geo.width
+            images, geo.offset_groups, geo.channels_per_offset_group, geo.height, geo.width
         ).add_(grad_table.permute(0, 1, 4, 2, 3))
     if grads.offset is None and grads.mask is None:
         return

@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._geometry import ConvGeometry
 from . import _deform_conv_kernels as _k
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
@@ -97,37 +98,8 @@ CONFIG_OVERRIDES: dict[str, Config] = {}
 _INT32_SAFE = 2**30  # elements; above this, index arithmetic is 64-bit (margin for corner offsets)
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    group_in: int
-    group_out: int
-    groups: int
-    kh: int
-    kw: int
-    offset_groups: int
-    channels_per_offset_group: int
-    out_h: int
-    out_w: int
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    @staticmethod
-    def of(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> _Geometry:
-        batch, in_channels, height, width = input.shape
-        out_channels, group_in, kh, kw = weight.shape
-        groups = in_channels // group_in
-        offset_groups = offset.shape[1] // (2 * kh * kw)
-        return _Geometry(
-            batch, in_channels, height, width, out_channels, group_in, out_channels // groups, groups,
-            kh, kw, offset_groups, in_channels // offset_groups, offset.shape[2], offset.shape[3],
-            tuple(stride), tuple(padding), tuple(dilation),
-        )  # fmt: skip
+class _Geometry(ConvGeometry):
+    """:class:`ConvGeometry` plus the tiling and index-width questions of the kernels."""
 
     @property
     def pixels(self) -> int:
@@ -136,10 +108,6 @@ class _Geometry:
     def pixel_tiles(self, block: int) -> int:
         """Number of pixel tiles of ``block`` output pixels (tiles never cross images)."""
         return self.batch * _cdiv(self.out_h * self.out_w, block)
-
-    @property
-    def taps(self) -> int:
-        return self.kh * self.kw
 
     def spatial_args(self) -> tuple[int, ...]:
         """stride_h, stride_w, pad_h, pad_w, dil_h, dil_w."""
