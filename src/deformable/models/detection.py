@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor, nn
@@ -185,29 +186,41 @@ def _mimicking(mimic: bool, mimic_options, model) -> FeatureMimicking | None:
     return FeatureMimicking(classifier.in_features, classifier.out_features, options)
 
 
-def _fpn_detector(
-    cls,
-    *,
-    num_classes: int,
-    dcn: DCNVersion,
-    dcn_stages: Iterable[int],
-    offset_groups: int,
-    roi_pool: RoIPoolKind,
-    roi_pool_options: dict | None,
-    mimic: bool,
-    mimic_options,
-    backbone: str | ResNet,
-    weights_backbone,
-    trainable_backbone_layers: int | None,
-    norm_layer,
-    **kwargs,
-):
-    resnet = _resnet(backbone, dcn, dcn_stages, offset_groups, weights_backbone, norm_layer)
-    trainable = _trainable_layers(trainable_backbone_layers, weights_backbone is not None)
-    body = _resnet_fpn_extractor(resnet, trainable)
-    model = cls(body, num_classes=num_classes, **kwargs)
-    _install_roi_poolers(model, roi_pool, roi_pool_options, ["0", "1", "2", "3"], body.out_channels, kwargs)
-    model.mimic = _mimicking(mimic, mimic_options, model)
+@dataclass(frozen=True)
+class _DetectorOptions:
+    """The arguments every detector builder shares (see the builders' docstring)."""
+
+    num_classes: int
+    dcn: DCNVersion
+    dcn_stages: Iterable[int]
+    offset_groups: int
+    roi_pool: RoIPoolKind
+    roi_pool_options: dict | None
+    mimic: bool
+    mimic_options: MimicOptions | dict | None
+    backbone: str | ResNet
+    weights_backbone: object
+    trainable_backbone_layers: int | None
+    norm_layer: object
+
+    def resnet(self, replace_stride_with_dilation=None) -> ResNet:
+        return _resnet(
+            self.backbone, self.dcn, self.dcn_stages, self.offset_groups, self.weights_backbone,
+            self.norm_layer, replace_stride_with_dilation,
+        )  # fmt: skip
+
+    @property
+    def trainable_layers(self) -> int:
+        return _trainable_layers(self.trainable_backbone_layers, self.weights_backbone is not None)
+
+
+def _fpn_detector(cls, o: _DetectorOptions, kwargs: dict):
+    body = _resnet_fpn_extractor(o.resnet(), o.trainable_layers)
+    model = cls(body, num_classes=o.num_classes, **kwargs)
+    _install_roi_poolers(
+        model, o.roi_pool, o.roi_pool_options, ["0", "1", "2", "3"], body.out_channels, kwargs
+    )
+    model.mimic = _mimicking(o.mimic, o.mimic_options, model)
     return model
 
 
@@ -221,24 +234,9 @@ def _install_roi_poolers(model, kind, options, names, channels, kwargs) -> None:
         model.roi_heads.mask_roi_pool = roi_pooler(kind, names, 14, channels, **(options or {}))
 
 
-def _c4_detector(
-    cls,
-    *,
-    num_classes: int,
-    dcn: DCNVersion,
-    dcn_stages: Iterable[int],
-    offset_groups: int,
-    roi_pool: RoIPoolKind,
-    roi_pool_options: dict | None,
-    mimic: bool,
-    mimic_options,
-    backbone: str | ResNet,
-    weights_backbone,
-    trainable_backbone_layers: int | None,
-    norm_layer,
-    roi_channels: int = 256,
-    **kwargs,
-):
+def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
+    roi_channels = kwargs.pop("roi_channels", 256)
+    backbone = o.backbone
     if isinstance(backbone, ResNet):
         if not hasattr(backbone.layer4[-1], "conv3") or backbone.layer4[0].conv2.stride != (1, 1):
             raise ValueError(
@@ -249,10 +247,8 @@ def _c4_detector(
         raise ValueError(
             f"the C4 layout dilates conv5, which needs a bottleneck ResNet; got backbone={backbone!r}"
         )
-    resnet = _resnet(
-        backbone, dcn, dcn_stages, offset_groups, weights_backbone, norm_layer, [False, False, True]
-    )
-    trainable = _trainable_layers(trainable_backbone_layers, weights_backbone is not None)
+    resnet = o.resnet([False, False, True])
+    trainable = o.trainable_layers
     frozen = ["layer4", "layer3", "layer2", "layer1", "conv1"][trainable:]
     if trainable < 5:
         frozen.append("bn1")
@@ -283,8 +279,8 @@ def _c4_detector(
             ("score_thresh", 0.0),
         )
     }
-    model = cls(body, num_classes=num_classes, rpn_anchor_generator=anchors, **kwargs)
-    _install_roi_poolers(model, roi_pool, roi_pool_options, ["roi"], roi_channels, user_kwargs)
+    model = cls(body, num_classes=o.num_classes, rpn_anchor_generator=anchors, **kwargs)
+    _install_roi_poolers(model, o.roi_pool, o.roi_pool_options, ["roi"], roi_channels, user_kwargs)
     model.rpn = FeatureSelectingRPN(
         "rpn",
         anchors,
@@ -298,7 +294,7 @@ def _c4_detector(
         rpn_settings["nms_thresh"],
         score_thresh=rpn_settings["score_thresh"],
     )
-    model.mimic = _mimicking(mimic, mimic_options, model)
+    model.mimic = _mimicking(o.mimic, o.mimic_options, model)
     return model
 
 
@@ -321,22 +317,11 @@ def _make_detector(cls, layout: str, name: str):
         norm_layer=None,
         **kwargs,
     ):
-        return build(
-            cls,
-            num_classes=num_classes,
-            dcn=dcn,
-            dcn_stages=dcn_stages,
-            offset_groups=offset_groups,
-            roi_pool=roi_pool,
-            roi_pool_options=roi_pool_options,
-            mimic=mimic,
-            mimic_options=mimic_options,
-            backbone=backbone,
-            weights_backbone=weights_backbone,
-            trainable_backbone_layers=trainable_backbone_layers,
-            norm_layer=norm_layer,
-            **kwargs,
-        )
+        options = _DetectorOptions(
+            num_classes, dcn, dcn_stages, offset_groups, roi_pool, roi_pool_options, mimic, mimic_options,
+            backbone, weights_backbone, trainable_backbone_layers, norm_layer,
+        )  # fmt: skip
+        return build(cls, options, kwargs)
 
     kind = "Mask R-CNN" if cls is DCNMaskRCNN else "Faster R-CNN"
     where = (
