@@ -369,6 +369,18 @@ def test_autocast_runs_in_autocast_dtype():
     assert torch.equal(out, expected)
 
 
+def test_autocast_accepts_mixed_dtypes_as_a_network_produces_them():
+    """Inside a network under autocast the activations arrive in bf16 and the weights stay fp32."""
+    cfg = CONFIGS["plain"]
+    x, offset, weight, bias, mask = [t.float() for t in make_inputs(cfg)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d(x.bfloat16(), offset, weight, bias, 1, 1, 1, mask.bfloat16())
+    expected = deform_conv2d(*(t.bfloat16() for t in (x, offset, weight, bias)), 1, 1, 1, mask.bfloat16())
+    assert torch.equal(out, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="weight"):
+        deform_conv2d(x.double(), offset.double(), weight, bias.double(), 1, 1, 1, mask.double())
+
+
 # ------------------------------------------------------------------------------------------------
 # Backend selection
 

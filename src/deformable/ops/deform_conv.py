@@ -223,12 +223,18 @@ _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 
 
-def _autocast(tensors: list[Tensor | None], device_type: str) -> list[Tensor | None]:
-    """Under torch.autocast, run in the autocast dtype (not silently in fp32)."""
+def _autocast(tensors: list, device_type: str) -> list:
+    """Under torch.autocast, run in the autocast dtype (not silently in fp32).
+
+    As autocast does for its own ops, fp32/fp16/bf16 tensors are cast and anything else (float64,
+    non-tensors, left for validation to reject) passes through: so a layer's fp32 weight meets the
+    bf16 activations of the layer before it.
+    """
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+    castable = (torch.float32, torch.float16, torch.bfloat16)
+    return [t.to(dtype) if isinstance(t, Tensor) and t.dtype in castable else t for t in tensors]
 
 
 def deform_conv2d(
@@ -265,8 +271,9 @@ def deform_conv2d(
     interpolation; a sample with y <= -1, y >= H, x <= -1 or x >= W is 0, and neighbours outside the
     map count as 0.
     """
+    if isinstance(input, Tensor):
+        input, offset, weight, bias, mask = _autocast([input, offset, weight, bias, mask], input.device.type)
     stride, padding, dilation = _validate(input, offset, weight, bias, stride, padding, dilation, mask)
-    input, offset, weight, bias, mask = _autocast([input, offset, weight, bias, mask], input.device.type)
     backend = resolve_backend(backend, input.device)
     if backend == "reference":
         with _no_autocast(input):

@@ -397,9 +397,9 @@ def deform_conv_gather_input_grad_kernel(
             lx = tl.load(frac_ptr + s * 2 + 1, mask=act, other=0.0)
             wy = 1.0 - ly if t // 2 == 0 else ly
             wx = 1.0 - lx if t % 2 == 0 else lx
-            v = tl.load(
-                colgrad_ptr + s[:, None] * CPG + cols[None, :], mask=act[:, None] & cmask[None, :], other=0.0
-            )
+            # Rows past their run read sample 0 (s = 0) and discard it: the load's mask is over
+            # channels only, as a 2-D mask here trips Triton 3.6's layout pass.
+            v = tl.load(colgrad_ptr + s[:, None] * CPG + cols[None, :], mask=cmask[None, :], other=0.0)
             acc += tl.where(act[:, None], (wy * wx)[:, None] * v, 0.0)
 
     optr = gx_ptr + (n * C + g * CPG + cols)[None, :] * HW + q[:, None]

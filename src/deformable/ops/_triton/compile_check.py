@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for name, (n, c, h, w, s) in ANCHORS.items():
         ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
-        geo = _Geometry(n, c, h, w, c, c, c, 1, 3, 3, 1, c, ho, wo, (s, s), (1, 1), (1, 1))
+        geo = _Geometry(n, c, h, w, c, 1, 3, 3, 1, ho, wo, (s, s), (1, 1), (1, 1))
         ints16 = set(_CHANNEL_ARGS)
         if (ho * wo) % 16 == 0:
             ints16.add("HoWo")
