@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import math
 import os
 import platform
@@ -206,6 +207,19 @@ def bench_ms(fn: Callable[[], object], device) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def host_ms(fn: Callable[[], object], device, calls: int = 30) -> float:
+    """Milliseconds of host (Python + launch) time per call: the calls are timed without waiting for
+    the GPU, so when this is close to bench_ms the GPU waits on the host (launch-bound)."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    sync(device)
+    return elapsed / calls * 1e3
+
+
 def peak_mib(fn: Callable[[], object], device) -> float:
     """Peak memory allocated while fn runs, above what was allocated before (MiB); NaN off CUDA."""
     if torch.device(device).type != "cuda":
@@ -362,22 +376,28 @@ def check_roi_pool(device, report: Report, smoke: bool) -> None:
         grads = torch.autograd.grad(out, leaves, grad_out.to(dev, dtype))
         return [t.double().cpu() for t in (out, *grads)]
 
-    for aligned in (False, True):
-        want = run(torch.float64, "cpu", "reference")
-        for dtype, limit in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-            got = run(dtype, device, None)
-            errors = [
-                ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
-                for g, r in zip(got, want, strict=True)
-            ]
-            ok = max(errors) < limit
-            listed = ", ".join(f"{e:.1g}" for e in errors)
-            report.add(
-                f"- deform_roi_pool {str(dtype)[6:]} aligned={aligned} on {device} vs the CPU reference: "
-                f"max relative error out / grad input / offset / mask {listed}: " + ("ok" if ok else "FAIL")
-            )
-            if not ok:
-                report.failures.append(f"deform_roi_pool {dtype} aligned={aligned}")
+    backends = (None, "aten") if torch.device(device).type == "cuda" else (None,)
+    references: dict[bool, list[torch.Tensor]] = {}
+    for aligned, backend, (dtype, limit) in itertools.product(
+        (False, True), backends, ((torch.float64, 1e-10), (torch.float32, 1e-4))
+    ):
+        if aligned not in references:
+            references[aligned] = run(torch.float64, "cpu", "reference")
+        want = references[aligned]
+        got = run(dtype, device, backend)
+        errors = [
+            ((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+            for g, r in zip(got, want, strict=True)
+        ]
+        ok = max(errors) < limit
+        listed = ", ".join(f"{e:.1g}" for e in errors)
+        report.add(
+            f"- deform_roi_pool {str(dtype)[6:]} aligned={aligned} backend={backend or 'auto'} on {device} "
+            "vs the CPU reference: "
+            f"max relative error out / grad input / offset / mask {listed}: " + ("ok" if ok else "FAIL")
+        )
+        if not ok:
+            report.failures.append(f"deform_roi_pool {dtype} aligned={aligned}")
 
 
 def check_misc(device, report: Report, smoke: bool) -> None:
@@ -492,7 +512,7 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
     x, offset, mask, weight, bias = tensors
     grad_output = torch.randn(problem.call(ours, tensors).shape, device=device).to(dtype)
 
-    conv_fwd, conv_fb, conv_peak = [], [], []
+    conv_fwd, conv_fb, conv_peak, conv_trains = [], [], [], []
     for fmt_ in (torch.contiguous_format, torch.channels_last):
         xc, wc, go = (t.to(memory_format=fmt_) for t in (x, weight, grad_output))
         conv_fwd.append(
@@ -506,12 +526,15 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
 
         conv_fb.append(bench_ms(conv_train, device))
         conv_peak.append(peak_mib(conv_train, device))
+        conv_trains.append(conv_train)
     best = min(range(2), key=lambda i: conv_fb[i])
     r["conv_fwd"], r["conv_fb"], r["conv_peak"] = min(conv_fwd), min(conv_fb), conv_peak[best]
 
     r["ours_fwd"] = bench_ms(lambda: problem.call(ours, tensors), device)
     train = fwd_bwd(problem, ours, tensors, grad_output)
     r["ours_fb"] = bench_ms(train, device)
+    r["ours_host_fb"] = host_ms(train, device)
+    r["conv_host_fb"] = host_ms(conv_trains[best], device)
     r["ours_peak"] = peak_mib(train, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
     r["ours_bwd_data"] = bench_ms(
@@ -601,6 +624,17 @@ def timing_tables(rows, report: Report) -> None:
             fmt(r["ours_bwd_weight"]), fmt(r["ours_det_fb"]), fmt(r["conv_peak"]), fmt(r["tv_peak"]),
             fmt(r["ours_peak"]), fmt(peak_ratio), "met" if met else "missed",
         ]  # fmt: skip
+        report.add("| " + " | ".join(cells) + " |")
+    report.add("")
+    report.add(
+        "Host time per fwd+bwd call (ms, Python + launches, not waiting for the GPU): where it is close "
+        "to the f+b time above, the GPU waits on the host and the ratio measures launch overhead."
+    )
+    report.add("")
+    report.add("| shape | dtype | conv host f+b | ours host f+b | ours f+b |")
+    report.add("|---|---|---|---|---|")
+    for name, dtype_name, r in rows:
+        cells = [name, dtype_name, fmt(r["conv_host_fb"]), fmt(r["ours_host_fb"]), fmt(r["ours_fb"])]
         report.add("| " + " | ".join(cells) + " |")
     report.add("")
     for dtype_name in DTYPES:

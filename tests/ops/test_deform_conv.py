@@ -359,6 +359,26 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grad, expected)
 
 
+def test_eager_route_equals_custom_op():
+    """Plain eager calls skip the custom-op dispatcher (autograd.Function); both routes run the same
+    backend code, so outputs and all five gradients agree bit for bit."""
+    x, offset, weight, bias, mask = make_inputs(CONFIGS["plain"])
+    grad_out = None
+    results = []
+    for route in ("eager", "op"):
+        leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight, bias)]
+        if route == "eager":
+            out = deform_conv2d(
+                leaves[0], leaves[1], leaves[3], leaves[4], 1, 1, 1, leaves[2], backend="aten"
+            )
+        else:
+            out = torch.ops.deformable.deform_conv2d(*leaves, [1, 1], [1, 1], [1, 1], "aten")
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    for eager, op in zip(*results, strict=True):
+        assert torch.equal(eager, op)
+
+
 def test_autocast_runs_in_autocast_dtype():
     cfg = CONFIGS["plain"]
     x, offset, weight, bias, mask = [t.float() for t in make_inputs(cfg)]

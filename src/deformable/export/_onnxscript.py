@@ -73,8 +73,10 @@ def deform_roi_pool(
     sampling_ratio: int,
     gamma: float,
     aligned: bool,
+    backend: str = "aten",
 ):
-    """``deformable::deform_roi_pool`` as ``RoiAlign`` over the K*ph*pw moved bins (see ``_roi_graph``)."""
+    """``deformable::deform_roi_pool`` as ``RoiAlign`` over the K*ph*pw moved bins (see ``_roi_graph``);
+    ``backend`` picks the PyTorch implementation and does not change the graph."""
     double = getattr(input.dtype, "name", "") == "DOUBLE"
     return _roi_graph.build(
         op, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma,

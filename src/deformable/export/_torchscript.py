@@ -86,8 +86,10 @@ def _attribute_name(name: str, value) -> str:
 
 
 def _deform_roi_pool(
-    g, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned
-):
+    g, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned,
+    backend=None,
+):  # fmt: skip
+    # ``backend`` picks the PyTorch implementation; the ONNX graph is the same for every backend.
     parse = symbolic_helper._parse_arg
     return _roi_graph.build(
         _Emitter(g),

@@ -1,13 +1,17 @@
 """``deform_conv2d``: deformable convolution v1 (no mask) and v2 (modulated), any device.
 
 The public function validates its arguments, applies autocast, picks a backend and calls either the
-readable reference (plain PyTorch, autograd) or the custom op ``deformable::deform_conv2d``, whose
-forward and backward are themselves custom ops with fake kernels, so ``torch.compile(fullgraph=True)``
-traces straight through them.
+readable reference (plain PyTorch, autograd) or the backend's forward/backward. Those are reached in
+one of two ways that run the same code: the custom op ``deformable::deform_conv2d``, whose forward
+and backward are themselves custom ops with fake kernels, so ``torch.compile(fullgraph=True)``,
+export and tracing see one op; and, in plain eager mode, an ``autograd.Function`` that calls the
+backend directly. The second exists for speed: the custom-op dispatcher costs tens of microseconds
+per call in Python, which on a GPU is more than the kernels of a small convolution take.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Sequence
 
@@ -135,6 +139,8 @@ def _validate(input, offset, weight, bias, stride, padding, dilation, mask):
 
 def _no_autocast(t: Tensor):
     """Implementations choose their own precisions: autocast must not recast their inner ops."""
+    if not torch.is_autocast_enabled(t.device.type):
+        return contextlib.nullcontext()  # entering torch.autocast costs microseconds per call
     return torch.autocast(t.device.type, enabled=False)
 
 
@@ -223,6 +229,45 @@ _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 
 
+class _DeformConv2dFunction(torch.autograd.Function):
+    """The eager-mode route to a backend: what the custom op does, without its dispatcher."""
+
+    @staticmethod
+    def forward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend):
+        with _no_autocast(input):
+            out = _implementation(backend).forward(
+                input, offset, mask, weight, bias, stride, padding, dilation
+            )
+        ctx.save_for_backward(input, offset, mask, weight)
+        ctx.params = (stride, padding, dilation, backend, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, offset, mask, weight = ctx.saved_tensors
+        stride, padding, dilation, backend, has_bias = ctx.params
+        needs = ctx.needs_input_grad
+        output_mask = (needs[0], needs[1], mask is not None and needs[2], needs[3], has_bias and needs[4])
+        with _no_autocast(input):
+            grads = _implementation(backend).backward(
+                grad_output.contiguous(), input, offset, mask, weight, stride, padding, dilation, output_mask
+            )
+        return (*grads, None, None, None, None)
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(*tensors: Tensor | None) -> bool:
+    """True when nothing but eager autograd will see this call: no compiler, tracer, functorch
+    transform, dispatch mode or tensor subclass (those need the custom op)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
 def _autocast(tensors: list, device_type: str) -> list:
     """Under torch.autocast, run in the autocast dtype (not silently in fp32).
 
@@ -278,6 +323,10 @@ def deform_conv2d(
     if backend == "reference":
         with _no_autocast(input):
             return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+    if _plain_eager(input, offset, mask, weight, bias):
+        return _DeformConv2dFunction.apply(
+            input, offset, mask, weight, bias, stride, padding, dilation, backend
+        )
     return _deform_conv2d_op(
         input, offset, mask, weight, bias, list(stride), list(padding), list(dilation), backend
     )

@@ -3,16 +3,22 @@
 ``deform_roi_pool`` validates its arguments, picks a backend and runs it:
 
 * ``"reference"``: :mod:`._roi_reference`, readable PyTorch differentiated by autograd;
-* ``"aten"``: :mod:`._roi_aten`, the fast vectorised path, registered as the custom operator
-  ``torch.ops.deformable.deform_roi_pool`` (with a fake kernel and an autograd formula whose
-  backward is itself the custom operator ``deformable::deform_roi_pool_backward``, so
+* ``"aten"``: :mod:`._roi_aten`, the fast vectorised path, registered (with the Triton backend) as
+  the custom operator ``torch.ops.deformable.deform_roi_pool`` (with a fake kernel and an autograd
+  formula whose backward is itself the custom operator ``deformable::deform_roi_pool_backward``, so
   ``torch.compile(fullgraph=True)`` traces both directions).  It runs on every device and is the
-  automatic choice everywhere, CUDA included;
-* ``"triton"``: there is no Triton kernel for RoI pooling; asking for it raises ``ValueError``.
+  automatic choice except for CUDA tensors;
+* ``"triton"``: :mod:`._triton.deform_roi_pool`, one fused kernel per direction; the automatic
+  choice for CUDA tensors (except under deterministic algorithms: its input gradient uses atomics).
+
+Both fast backends are reached through the custom operators above (what ``torch.compile``, export and
+tracing see) or, in plain eager mode, through an ``autograd.Function`` that skips the custom-op
+dispatcher's per-call cost.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 import os
@@ -22,13 +28,21 @@ from torch import Tensor
 
 from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
+from .deform_conv import _plain_eager
 
 __all__ = ["deform_roi_pool"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Custom operators (the "aten" backend)
+# Backends, custom operators and the eager route
 # --------------------------------------------------------------------------------------------------
+
+
+def _implementation(backend: str):
+    """The module holding ``deform_roi_pool_forward``/``_backward`` of a fast backend."""
+    if backend == "triton":
+        return importlib.import_module("deformable.ops._triton.deform_roi_pool")
+    return _roi_aten
 
 
 @torch.library.custom_op("deformable::deform_roi_pool", mutates_args=())
@@ -43,14 +57,27 @@ def _deform_roi_pool_op(
     sampling_ratio: int,
     gamma: float,
     aligned: bool,
+    backend: str = "aten",
 ) -> Tensor:
-    return _roi_aten.deform_roi_pool_forward(
+    return _implementation(backend).deform_roi_pool_forward(
         input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned
     )
 
 
 @_deform_roi_pool_op.register_fake
-def _(input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned):
+def _(
+    input,
+    rois,
+    offset,
+    mask,
+    pooled_height,
+    pooled_width,
+    spatial_scale,
+    sampling_ratio,
+    gamma,
+    aligned,
+    backend,
+):
     return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
 
@@ -67,64 +94,42 @@ def _deform_roi_pool_backward_op(
     sampling_ratio: int,
     gamma: float,
     aligned: bool,
+    backend: str,
     need_input: bool,
     need_offset: bool,
     need_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _roi_aten.deform_roi_pool_backward(
-        grad_output,
-        input,
-        rois,
-        offset,
-        mask,
-        pooled_height,
-        pooled_width,
-        spatial_scale,
-        sampling_ratio,
-        gamma,
-        aligned,
-        need_input,
-        need_offset,
-        need_mask,
-    )
+    grads = _implementation(backend).deform_roi_pool_backward(
+        grad_output, input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio,
+        gamma, aligned, need_input, need_offset, need_mask,
+    )  # fmt: skip
     # Custom operators cannot return None: a gradient that was not asked for is an empty tensor.
     return tuple(input.new_empty(0) if g is None else g for g in grads)
 
 
 @_deform_roi_pool_backward_op.register_fake
-def _(
-    grad_output,
-    input,
-    rois,
-    offset,
-    mask,
-    pooled_height,
-    pooled_width,
-    spatial_scale,
-    sampling_ratio,
-    gamma,
-    aligned,
-    need_input,
-    need_offset,
-    need_mask,
-):
+def _(grad_output, input, rois, offset, mask, *params_backend_and_needs):
+    need_input, need_offset, need_mask = params_backend_and_needs[-3:]
     grad_input = _roi_aten.grad_input_like(input) if need_input else input.new_empty(0)
     grad_offset = torch.empty_like(offset) if need_offset and offset is not None else input.new_empty(0)
     grad_mask = torch.empty_like(mask) if need_mask and mask is not None else input.new_empty(0)
     return grad_input, grad_offset, grad_mask
 
 
+def _needs(ctx, offset, mask) -> tuple[bool, bool, bool]:
+    need_input, _, need_offset, need_mask = ctx.needs_input_grad[:4]
+    return need_input, need_offset and offset is not None, need_mask and mask is not None
+
+
 def _setup_context(ctx, inputs, output):
     input, rois, offset, mask, *params = inputs
     ctx.save_for_backward(input, rois, offset, mask)
-    ctx.params = params
+    ctx.params = params  # the seven parameters, the backend last
 
 
 def _backward(ctx, grad_output):
     input, rois, offset, mask = ctx.saved_tensors
-    need_input, _, need_offset, need_mask = ctx.needs_input_grad[:4]
-    need_offset = need_offset and offset is not None
-    need_mask = need_mask and mask is not None
+    need_input, need_offset, need_mask = _needs(ctx, offset, mask)
     grad_input = grad_offset = grad_mask = None
     if need_input or need_offset or need_mask:
         grad_input, grad_offset, grad_mask = _deform_roi_pool_backward_op(
@@ -148,6 +153,37 @@ def _backward(ctx, grad_output):
 
 
 _deform_roi_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DeformRoIPoolFunction(torch.autograd.Function):
+    """The eager-mode route: what the custom op does, without its dispatcher (see deform_conv)."""
+
+    @staticmethod
+    def forward(ctx, input, rois, offset, mask, *params):
+        ctx.save_for_backward(input, rois, offset, mask)
+        ctx.params = params
+        return _implementation(params[-1]).deform_roi_pool_forward(input, rois, offset, mask, *params[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, rois, offset, mask = ctx.saved_tensors
+        need_input, need_offset, need_mask = _needs(ctx, offset, mask)
+        grads = (None, None, None)
+        if need_input or need_offset or need_mask:
+            *params, backend = ctx.params
+            grads = _implementation(backend).deform_roi_pool_backward(
+                grad_output.contiguous(),
+                input,
+                rois,
+                offset,
+                mask,
+                *params,
+                need_input,
+                need_offset,
+                need_mask,
+            )
+        grad_input, grad_offset, grad_mask = grads
+        return grad_input, None, grad_offset, grad_mask, *([None] * len(ctx.params))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,20 +285,18 @@ def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ra
 
 
 def _select_backend(backend: str | None, device: torch.device) -> str:
+    """The backend for tensors on ``device``: as deform_conv2d's choice, except that the Triton kernel's
+    atomics are not repeatable, so the automatic choice under deterministic algorithms is "aten"."""
     chosen = resolve_backend(backend, device)
-    if chosen == "triton":
-        if backend is None and not _env_backend():
-            return "aten"  # automatic choice: there is no Triton kernel for RoI pooling
-        source = "backend" if backend is not None else ENV_VAR
-        raise ValueError(
-            f"{source}='triton' cannot run deform_roi_pool: it has no Triton kernel; "
-            "use backend='aten' (fast, any device) or backend='reference'"
+    if chosen == "triton" and torch.are_deterministic_algorithms_enabled():
+        if backend is None and not os.environ.get(ENV_VAR):
+            return "aten"
+        raise RuntimeError(
+            "deform_roi_pool with backend='triton' has no deterministic backward (its input gradient is "
+            "accumulated with atomics) and torch.use_deterministic_algorithms(True) is set: use "
+            "backend='aten', whose backward is deterministic"
         )
     return chosen
-
-
-def _env_backend() -> str | None:
-    return os.environ.get(ENV_VAR) or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +340,9 @@ def deform_roi_pool(
         gamma: scale of the normalised offsets (0.1 in the papers).
         aligned: False = roi_align's legacy convention (torchvision's detectors); True = the half-pixel
             shift of Detectron2 and mmcv's deformable RoI pooling.
-        backend: ``"reference"``, ``"aten"`` or None (automatic: ``DEFORMABLE_BACKEND``, else "aten").
+        backend: ``"reference"``, ``"aten"``, ``"triton"`` or None (automatic: ``DEFORMABLE_BACKEND``,
+            else "triton" for CUDA tensors when Triton is installed and "aten" otherwise; "aten" under
+            ``torch.use_deterministic_algorithms(True)``, as Triton's input gradient uses atomics).
 
     Returns:
         ``[K, C, ph, pw]`` in the dtype of ``input`` (low precision accumulates in float32).
@@ -314,7 +350,8 @@ def deform_roi_pool(
 
     Raises:
         TypeError, ValueError: an argument has the wrong type, shape, dtype, device or value; the
-            message names it. ``backend="triton"`` raises ValueError (no Triton kernel).
+            message names it.
+        RuntimeError: ``backend="triton"`` requested under deterministic algorithms.
     """
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
         # Under autocast the offset branch may run in another precision than the features: compute in
@@ -325,6 +362,9 @@ def deform_roi_pool(
         input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned
     )
     args = (pooled_height, pooled_width, float(spatial_scale), int(sampling_ratio), float(gamma), aligned)
-    if _select_backend(backend, input.device) == "reference":
+    chosen = _select_backend(backend, input.device)
+    if chosen == "reference":
         return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
-    return _deform_roi_pool_op(input, rois, offset, mask, *args)
+    if _plain_eager(input, rois, offset, mask):
+        return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)
+    return _deform_roi_pool_op(input, rois, offset, mask, *args, chosen)

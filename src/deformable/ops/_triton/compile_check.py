@@ -1,13 +1,16 @@
-"""Cross-compile the deform_conv2d kernels for an NVIDIA target without a GPU and report their resources.
+"""Cross-compile the Triton kernels for an NVIDIA target without a GPU and report their resources.
 
     python -m deformable.ops._triton.compile_check             # sm_90 (H100), the anchor shapes
     python -m deformable.ops._triton.compile_check --arch 80   # another compute capability
 
-For every kernel, dtype and launch configuration the heuristic picks for the seven anchor shapes of
-``shared/anchors``, Triton compiles to PTX and Triton's bundled ``ptxas`` assembles it, which needs no
+For every deform_conv2d kernel, dtype and launch configuration the heuristic picks for the seven
+anchor shapes of ``shared/anchors``, and for the deformable RoI pooling kernels (7x7 bins, 256
+channels, every dtype), Triton compiles to PTX and Triton's bundled ``ptxas`` assembles it, which needs no
 driver. Printed per configuration: registers per thread, bytes spilled, shared memory, whether the
 matrix products use wgmma (Hopper) or mma.sync, and the compile time. Exits 1 if anything fails to
-compile or spills registers: a check a session without a GPU can run before handing kernels over.
+compile or spills more than ``--max-spill-bytes`` (default 0): a check a session without a GPU can run
+before handing kernels over (the test suite runs it with a small allowance, as ptxas may keep a few
+bytes of a loop's state on the stack).
 Uses Triton internals (``ASTSource``, ``GPUTarget``), so it may need updating with Triton; it does
 not work under ``TRITON_INTERPRET=1``.
 """
@@ -29,7 +32,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import _deform_conv_kernels as _k
+from . import _deform_roi_pool_kernels as _roi_k
 from .deform_conv import _Geometry, _heuristic
+from .deform_roi_pool import _launch_args as _roi_launch_args
 
 ANCHORS = {
     "det-c3": (2, 128, 100, 168, 1), "det-c4": (2, 256, 50, 84, 1), "det-c5": (2, 512, 25, 42, 1),
@@ -118,12 +123,35 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
     return _k.deform_conv_gather_input_grad_kernel, pointers, constexprs
 
 
+def _roi_kernel_args(kernel: str, dtype: torch.dtype):
+    """(jit function, pointer types, constexprs, warps) of a deformable RoI pooling kernel (7x7, 256 ch)."""
+    t = "*" + _TL[dtype]
+    acc = "*fp64" if dtype == torch.float64 else "*fp32"
+    names = ["x_ptr", "rois_ptr", "off_ptr", "mask_ptr"]
+    launch = _roi_launch_args(
+        torch.empty(1, 256, 1, 1, dtype=dtype, device="meta"), torch.empty(512, 5), 7, 7
+    )
+    warps = launch.pop("num_warps")
+    constexprs = {"ALIGNED": False, "HAS_OFFSET": True, "HAS_MASK": True, **launch}
+    if kernel == "roi-forward":
+        pointers = dict.fromkeys([*names, "out_ptr"], t)
+        fn = _roi_k.deform_roi_pool_fwd_kernel
+    else:
+        pointers = dict.fromkeys([*names, "go_ptr", "goff_ptr", "gmask_ptr"], t)
+        pointers["gx_ptr"] = acc
+        constexprs.update(NEED_INPUT=True, NEED_OFFSET=True, NEED_MASK=True)
+        fn = _roi_k.deform_roi_pool_bwd_kernel
+    pointers["params_ptr"] = acc
+    return fn, pointers, constexprs, warps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors the heuristic assumes")
+    parser.add_argument("--max-spill-bytes", type=int, default=0, help="spill allowance per kernel")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET", file=sys.stderr)
@@ -152,14 +180,25 @@ def main(argv: list[str] | None = None) -> int:
                     seen[key] = result = _compile(
                         fn, pointers, constexprs, ints16, config.num_warps, config.num_stages, args.arch
                     )
-                    bad += result["spill_bytes"] > 0
+                    bad += result["spill_bytes"] > args.max_spill_bytes
                 except Exception as e:  # report every failure, then fail
                     seen[key] = result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
                     bad += 1
                 mode = _TL[dtype] + ("" if dtype != torch.float32 else ("-tf32" if tf32 else "-ieee"))
                 blocks = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
                 print(f"{name:10s} {kernel:8s} {mode:10s} {blocks} {result}", flush=True)
-    print(f"{len(seen)} compilations, {bad} failed or spilled")
+    for dtype, _ in modes[:3] + modes[4:]:
+        for kernel in ("roi-forward", "roi-backward"):
+            fn, pointers, constexprs, warps = _roi_kernel_args(kernel, dtype)
+            try:
+                result = _compile(fn, pointers, constexprs, {"C"}, warps, 1, args.arch)
+                bad += result["spill_bytes"] > args.max_spill_bytes
+            except Exception as e:
+                result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+                bad += 1
+            seen[(kernel, dtype)] = result
+            print(f"{'fpn-7x7':10s} {kernel:12s} {_TL[dtype]:10s} {result}", flush=True)
+    print(f"{len(seen)} compilations, {bad} failed or spilled more than {args.max_spill_bytes} bytes")
     return 1 if bad else 0
 
 

@@ -199,6 +199,7 @@ def _tile_efficiency(geo: _Geometry, block: int) -> float:
     return hw / (_cdiv(hw, block) * block)
 
 
+@functools.lru_cache(maxsize=1024)  # called on every launch: a cache hit costs far less than the rules
 def _heuristic(
     kernel: str, geo: _Geometry, dtype: torch.dtype, *, interpreted: bool, sms: int, tf32: bool = True
 ) -> Config:
@@ -262,7 +263,7 @@ def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
         return CONFIG_OVERRIDES[kernel]
     return _heuristic(
         kernel, geo, t.dtype, interpreted=t.device.type != "cuda", sms=_multiprocessors(t),
-        tf32=_fp32_precision() == "tf32",
+        tf32=t.dtype != torch.float32 or _fp32_precision() == "tf32",
     )  # fmt: skip
 
 
@@ -453,10 +454,13 @@ def backward(
     grad_input = grad_offset = grad_mask = grad_weight = None
     with _device_guard(input):
         if need_input or need_offset or need_mask:
+            # The weight's GEMM copy is a temporary: freed before the weight gradient's buffers exist.
             w = _weight_gemm(weight, geo)
-            grad_input, grad_offset, grad_mask = _data_grads(
+            grads = _data_grads(
                 geo, x, offset_c, mask_c, mask is not None, w, go, need_input, need_offset, need_mask
             )
+            grad_input, grad_offset, grad_mask = grads
+            del w
         if need_weight:
             grad_weight = _weight_grad(geo, x, offset_c, mask_c, mask is not None, go, weight.dtype)
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
@@ -575,5 +579,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
         result[:] = [part.sum(dim=0) if part.shape[0] > 1 else part[0]]
 
     run(_choose("weight", geo, x, (has_mask, deterministic), run))
-    gw = result[0].permute(0, 3, 2, 1).reshape(geo.out_channels, geo.group_in, geo.kh, geo.kw)
-    return gw.to(dtype).contiguous()
+    # One copy converts and reorders [groups, taps, C_in/g, C_out/g] -> [C_out, C_in/g, kh, kw].
+    gw = torch.empty((geo.out_channels, geo.group_in, geo.kh, geo.kw), dtype=dtype, device=x.device)
+    gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 2, 1))
+    return gw
