@@ -1,0 +1,125 @@
+"""Where the host (Python) time of one deform_conv2d call goes, on a GPU.
+
+At the anchor shapes a deformable convolution's kernels take tens of microseconds, so the GPU waits
+on the host: the time per call is the Python and launch overhead. This script calibrates what one
+PyTorch op and one convolution cost on this host, times the public op's forward and forward+backward
+and the backend functions alone without waiting for the GPU, and profiles forward+backward with
+cProfile (top functions by own time).
+
+    python benchmarks/profile_host.py                 # CUDA, det-c4 (2x256x50x84), fp16
+    python benchmarks/profile_host.py --out FILE.txt  # also write the report there
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from deformable.ops import deform_conv2d  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_us(fn, device: str, calls: int = 200) -> float:
+    """Microseconds of host time per call (the GPU is not waited for inside the loop)."""
+    for _ in range(10):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    sync(device)
+    return elapsed / calls * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
+    args = parser.parse_args()
+    device, dtype, (n, c, h, w) = "cuda", torch.float16, (2, 256, 50, 84)
+    if args.smoke:
+        device, dtype, (n, c, h, w) = "cpu", torch.float32, (1, 4, 5, 6)
+    from deformable.ops._triton import deform_conv as tdc
+
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype)
+    offset = torch.randn(n, 18, h, w, device=device, dtype=dtype) * 2
+    mask = torch.rand(n, 9, h, w, device=device, dtype=dtype)
+    weight = torch.randn(c, c, 3, 3, device=device, dtype=dtype) * 0.02
+    bias = torch.randn(c, device=device, dtype=dtype)
+    grad_out = torch.randn(n, c, h, w, device=device, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask, weight, bias)]
+    conv_leaves = [leaves[0], leaves[3], leaves[4]]
+    geometry = ((1, 1), (1, 1), (1, 1))
+
+    def ours_fwd():
+        with torch.no_grad():
+            return deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask)
+
+    def ours_fb():
+        out = deform_conv2d(leaves[0], leaves[1], leaves[3], leaves[4], 1, 1, 1, leaves[2])
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    def conv_fb():
+        out = F.conv2d(conv_leaves[0], conv_leaves[1], conv_leaves[2], 1, 1)
+        return torch.autograd.grad(out, conv_leaves, grad_out)
+
+    rows = {
+        "one small PyTorch op (bias.add_(0))": lambda: bias.add_(0),
+        "torch.empty": lambda: torch.empty(100, device=device),
+        "F.conv2d forward": lambda: F.conv2d(x, weight, bias, 1, 1),
+        "F.conv2d forward+backward": conv_fb,
+        "ours forward (public op)": ours_fwd,
+        "ours forward (tdc.forward alone)": lambda: tdc.forward(x, offset, mask, weight, bias, *geometry),
+        "ours backward (tdc.backward alone)": lambda: tdc.backward(
+            grad_out, x, offset, mask, weight, *geometry, (True,) * 5
+        ),
+        "ours forward+backward (public op, autograd)": ours_fb,
+    }
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke: measures nothing)"
+    lines = [f"# Host time per call on {name} (torch {torch.__version__}), {dtype}, {(n, c, h, w)}", ""]
+    lines += ["| call | host us |", "|---|---|"]
+    for row, fn in rows.items():
+        lines.append(f"| {row} | {host_us(fn, device, 200 if not args.smoke else 2):.1f} |")
+        print(lines[-1], flush=True)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(200 if not args.smoke else 5):
+        ours_fb()
+    profiler.disable()
+    sync(device)
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(35)
+    lines += [
+        "",
+        "## cProfile of 200 forward+backward calls (by own time)",
+        "",
+        "```",
+        stream.getvalue(),
+        "```",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
