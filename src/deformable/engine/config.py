@@ -36,6 +36,9 @@ class TrainConfig:
     mimic_patch_size: int = 224
     mimic_select: str = "foreground"
     weights_backbone: str | None = None
+    # > 0 (and no weights_backbone): start from a backbone pre-trained for this many iterations on the
+    # deformed-fashion classification images, trained once and cached (engine/pretrain.py)
+    pretrain_iterations: int = 0
     trainable_backbone_layers: int | None = None
     norm: str = "auto"  # auto (frozen BN with weights, else BN) | bn | frozen_bn | gn
     num_classes: int | None = None  # None: from the dataset (categories + background)
@@ -106,6 +109,12 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)!r}")
         if self.lr <= 0:
             raise ValueError(f"config key 'lr' must be positive, got {self.lr}")
+        if self.pretrain_iterations < 0:
+            raise ValueError(f"config key 'pretrain_iterations' must be >= 0, got {self.pretrain_iterations}")
+        if self.pretrain_iterations and self.norm == "frozen_bn":
+            raise ValueError(
+                "config key 'pretrain_iterations' needs norm 'gn', 'bn' or 'auto', got 'frozen_bn'"
+            )
         if self.dataset == "coco":
             for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
                 if not getattr(self, key):

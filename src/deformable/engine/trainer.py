@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import models
 from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, dump_config
+from .pretrain import norm_layer_for, pretrained_backbone
 
 CHECKPOINT_NAME = "checkpoint_last.pth"
 FINAL_NAME = "model_final.pth"
@@ -139,7 +140,7 @@ def _norm_layer(cfg: TrainConfig):
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     if cfg.norm == "gn":
-        return lambda channels: nn.GroupNorm(min(32, channels), channels)
+        return norm_layer_for("gn")
     return {"auto": None, "bn": nn.BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}[cfg.norm]
 
 
@@ -304,6 +305,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
             f"config key 'num_classes' is {cfg.num_classes} but the dataset has {train_set.num_classes} "
             f"categories (+1 background = {num_classes})"
         )
+    if cfg.pretrain_iterations and cfg.weights_backbone is None:
+        if rank == 0:  # trained once (then cached); the other ranks wait and read the cache
+            pretrained_backbone(
+                cfg.backbone, cfg.norm, cfg.pretrain_iterations, cache_dir=cfg.data_dir, progress=cfg.progress
+            )
+        _barrier()
+        path = pretrained_backbone(cfg.backbone, cfg.norm, cfg.pretrain_iterations, cache_dir=cfg.data_dir)
+        cfg.weights_backbone = str(path)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes).to(device)
     parameters = sum(p.numel() for p in model.parameters())

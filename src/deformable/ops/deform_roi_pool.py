@@ -57,7 +57,7 @@ def _deform_roi_pool_op(
     sampling_ratio: int,
     gamma: float,
     aligned: bool,
-    backend: str = "aten",
+    backend: str,
 ) -> Tensor:
     return _implementation(backend).deform_roi_pool_forward(
         input, rois, offset, mask, pooled_height, pooled_width, spatial_scale, sampling_ratio, gamma, aligned

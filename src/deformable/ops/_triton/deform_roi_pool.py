@@ -95,7 +95,8 @@ def deform_roi_pool_backward(
     need_offset: bool,
     need_mask: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad_input [N, C, H, W], grad_offset, grad_mask), None where not requested or absent."""
+    """(grad_input [N, C, H, W] with channels-last strides, grad_offset, grad_mask), None where not
+    requested or absent."""
     need_offset = need_offset and offset is not None
     need_mask = need_mask and mask is not None
     acc = compute_dtype(input.dtype)
@@ -131,8 +132,6 @@ def deform_roi_pool_backward(
         for g in (grad_offset, grad_mask):
             if g is not None:
                 g.zero_()
-    grad_input = None
-    if need_input:
-        grad_input = torch.empty(input.shape, dtype=input.dtype, device=device)
-        grad_input.copy_(gx.permute(0, 3, 1, 2))
+    # Channels-last strides, as the ATen backend's (and the op's fake kernel's) grad_input: no copy.
+    grad_input = gx.to(input.dtype).permute(0, 3, 1, 2) if need_input else None
     return grad_input, grad_offset, grad_mask
