@@ -47,12 +47,14 @@ def norm_layer_for(norm: str):
     raise ValueError(f"pre-training supports norm 'gn', 'bn' or 'auto', got {norm!r}")
 
 
+_MEAN = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+
+
 def _normalise(images: torch.Tensor) -> torch.Tensor:
     """Grey uint8 [B, H, W] -> float [B, 3, H, W] (grey repeated, as the detection canvases are),
     normalised as the detector's transform does."""
-    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-    return (images.unsqueeze(1).float() / 255 - mean) / std
+    return (images.unsqueeze(1).float() / 255 - _MEAN) / _STD
 
 
 def pretrained_backbone(

@@ -144,6 +144,35 @@ def _no_autocast(t: Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
+# What both routes (the custom ops and the eager autograd.Function) run.
+
+
+def _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
+    with _no_autocast(input):
+        return _implementation(backend).forward(
+            input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
+        )
+
+
+def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
+    with _no_autocast(input):
+        return _implementation(backend).backward(
+            grad_output.contiguous(), input, offset, mask, weight,
+            tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
+        )  # fmt: skip
+
+
+def _save_for_backward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend) -> None:
+    ctx.save_for_backward(input, offset, mask, weight)
+    ctx.params = (stride, padding, dilation, backend, bias is not None)
+
+
+def _output_mask(ctx, mask: Tensor | None, has_bias: bool) -> list[bool]:
+    """Which of (input, offset, mask, weight, bias) gradients autograd needs and exist."""
+    needs = ctx.needs_input_grad
+    return [needs[0], needs[1], mask is not None and needs[2], needs[3], has_bias and needs[4]]
+
+
 @torch.library.custom_op("deformable::deform_conv2d", mutates_args=())
 def _deform_conv2d_op(
     input: Tensor,
@@ -156,10 +185,7 @@ def _deform_conv2d_op(
     dilation: Sequence[int],
     backend: str,
 ) -> Tensor:
-    with _no_autocast(input):
-        return _implementation(backend).forward(
-            input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
-        )
+    return _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend)
 
 
 @_deform_conv2d_op.register_fake
@@ -180,11 +206,9 @@ def _deform_conv2d_backward_op(
     output_mask: Sequence[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    with _no_autocast(input):
-        grads = _implementation(backend).backward(
-            grad_output.contiguous(), input, offset, mask, weight,
-            tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
-        )  # fmt: skip
+    grads = _run_backward(
+        grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
+    )
     # Custom ops return tensors only: a gradient that was not asked for comes back empty.
     return tuple(input.new_empty(0) if g is None else g for g in grads)
 
@@ -203,16 +227,13 @@ def _(grad_output, input, offset, mask, weight, stride, padding, dilation, outpu
 
 
 def _setup_context(ctx, inputs, output):
-    input, offset, mask, weight, bias, stride, padding, dilation, backend = inputs
-    ctx.save_for_backward(input, offset, mask, weight)
-    ctx.params = (stride, padding, dilation, backend, bias is not None)
+    _save_for_backward(ctx, *inputs)
 
 
 def _backward(ctx, grad_output):
     input, offset, mask, weight = ctx.saved_tensors
     stride, padding, dilation, backend, has_bias = ctx.params
-    needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[1], mask is not None and needs[2], needs[3], has_bias and needs[4]]
+    output_mask = _output_mask(ctx, mask, has_bias)
     grads = _deform_conv2d_backward_op(
         grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
     )
@@ -234,24 +255,17 @@ class _DeformConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend):
-        with _no_autocast(input):
-            out = _implementation(backend).forward(
-                input, offset, mask, weight, bias, stride, padding, dilation
-            )
-        ctx.save_for_backward(input, offset, mask, weight)
-        ctx.params = (stride, padding, dilation, backend, bias is not None)
-        return out
+        _save_for_backward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend)
+        return _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, offset, mask, weight = ctx.saved_tensors
         stride, padding, dilation, backend, has_bias = ctx.params
-        needs = ctx.needs_input_grad
-        output_mask = (needs[0], needs[1], mask is not None and needs[2], needs[3], has_bias and needs[4])
-        with _no_autocast(input):
-            grads = _implementation(backend).backward(
-                grad_output.contiguous(), input, offset, mask, weight, stride, padding, dilation, output_mask
-            )
+        output_mask = _output_mask(ctx, mask, has_bias)
+        grads = _run_backward(
+            grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
+        )
         return (*grads, None, None, None, None)
 
 

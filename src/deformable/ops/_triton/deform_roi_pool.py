@@ -19,9 +19,7 @@ from torch import Tensor
 
 from .._roi_aten import _MAX_GRID, compute_dtype
 from . import _deform_roi_pool_kernels as _k
-from .deform_conv import _device_guard, _tl_compute_dtype
-
-_INT32_SAFE = 2**30
+from .deform_conv import _INT32_SAFE, _channels_last, _device_guard, _tl_compute_dtype
 
 
 @functools.lru_cache(maxsize=64)
@@ -39,10 +37,6 @@ def _launch_args(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: 
         "PH": pooled_height, "PW": pooled_width, "CT": _tl_compute_dtype(input.dtype),
         "INDEX64": max(sizes) >= _INT32_SAFE, "BLOCK_C": block_c, "num_warps": 4 if block_c >= 128 else 2,
     }  # fmt: skip
-
-
-def _channels_last(input: Tensor) -> Tensor:
-    return input.permute(0, 2, 3, 1).contiguous()
 
 
 def deform_roi_pool_forward(
