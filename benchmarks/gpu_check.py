@@ -220,6 +220,28 @@ def host_ms(fn: Callable[[], object], device, calls: int = 30) -> float:
     return elapsed / calls * 1e3
 
 
+def graph_ms(fn: Callable[[], object], device) -> float:
+    """Median milliseconds of fn captured in a CUDA graph and replayed: the GPU time alone, with no
+    Python or launch cost (what torch.compile(mode="reduce-overhead") or CUDA graphs give a user).
+    NaN off CUDA, or if capture fails (the failure is printed)."""
+    if torch.device(device).type != "cuda":
+        return math.nan
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: compilation, allocator, autotuning
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_ms(graph.replay, device)
+    except Exception:
+        traceback.print_exc()
+        return math.nan
+
+
 def peak_mib(fn: Callable[[], object], device) -> float:
     """Peak memory allocated while fn runs, above what was allocated before (MiB); NaN off CUDA."""
     if torch.device(device).type != "cuda":
@@ -529,11 +551,13 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
         conv_trains.append(conv_train)
     best = min(range(2), key=lambda i: conv_fb[i])
     r["conv_fwd"], r["conv_fb"], r["conv_peak"] = min(conv_fwd), min(conv_fb), conv_peak[best]
+    r["conv_graph_fb"] = graph_ms(conv_trains[best], device)
 
     r["ours_fwd"] = bench_ms(lambda: problem.call(ours, tensors), device)
     train = fwd_bwd(problem, ours, tensors, grad_output)
     r["ours_fb"] = bench_ms(train, device)
     r["ours_host_fb"] = host_ms(train, device)
+    r["ours_graph_fb"] = graph_ms(train, device)
     r["conv_host_fb"] = host_ms(conv_trains[best], device)
     r["ours_peak"] = peak_mib(train, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
@@ -628,13 +652,21 @@ def timing_tables(rows, report: Report) -> None:
     report.add("")
     report.add(
         "Host time per fwd+bwd call (ms, Python + launches, not waiting for the GPU): where it is close "
-        "to the f+b time above, the GPU waits on the host and the ratio measures launch overhead."
+        "to the f+b time above, the GPU waits on the host and the ratio measures launch overhead. "
+        "graph = the same fwd+bwd captured in a CUDA graph and replayed (GPU time alone, what CUDA "
+        "graphs or torch.compile(mode='reduce-overhead') give): the kernels' own cost."
     )
     report.add("")
-    report.add("| shape | dtype | conv host f+b | ours host f+b | ours f+b |")
-    report.add("|---|---|---|---|---|")
+    report.add(
+        "| shape | dtype | conv host f+b | ours host f+b | ours f+b | conv graph f+b | ours graph f+b | "
+        "ours/conv graph f+b |"
+    )
+    report.add("|---|---|---|---|---|---|---|---|")
     for name, dtype_name, r in rows:
-        cells = [name, dtype_name, fmt(r["conv_host_fb"]), fmt(r["ours_host_fb"]), fmt(r["ours_fb"])]
+        cells = [
+            name, dtype_name, fmt(r["conv_host_fb"]), fmt(r["ours_host_fb"]), fmt(r["ours_fb"]),
+            fmt(r["conv_graph_fb"]), fmt(r["ours_graph_fb"]), fmt(ratio(r, "ours_graph_fb", "conv_graph_fb")),
+        ]  # fmt: skip
         report.add("| " + " | ".join(cells) + " |")
     report.add("")
     for dtype_name in DTYPES:
@@ -642,10 +674,13 @@ def timing_tables(rows, report: Report) -> None:
         if not sel:
             continue
         span = []
-        for key, label in (("ours_fwd", "fwd"), ("ours_fb", "fwd+bwd")):
-            base = "conv_fwd" if key == "ours_fwd" else "conv_fb"
-            values = [ratio(r, key, base) for r in sel]
-            span.append(f"{label} {min(values):.2f}-{max(values):.2f}x conv")
+        for key, base, label in (
+            ("ours_fwd", "conv_fwd", "fwd"), ("ours_fb", "conv_fb", "fwd+bwd"),
+            ("ours_graph_fb", "conv_graph_fb", "fwd+bwd in a CUDA graph"),
+        ):  # fmt: skip
+            values = [v for v in (ratio(r, key, base) for r in sel) if not math.isnan(v)]
+            if values:
+                span.append(f"{label} {min(values):.2f}-{max(values):.2f}x conv")
         report.add(f"- {dtype_name}: ours " + ", ".join(span))
     report.add("")
 

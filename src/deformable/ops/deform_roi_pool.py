@@ -221,6 +221,11 @@ def _check_tensor(name: str, value, input: Tensor, shape: tuple[int, ...]) -> No
         )
 
 
+def _capturing(input: Tensor) -> bool:
+    """Whether a CUDA graph is being captured (a host synchronisation would abort the capture)."""
+    return input.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _check_roi_values(rois: Tensor, batch_size: int) -> None:
     """Data-dependent checks of the RoIs (one host synchronisation)."""
     if rois.shape[0] == 0:
@@ -279,7 +284,7 @@ def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ra
         _check_tensor("offset", offset, input, (num_rois, 2, pooled_height, pooled_width))
     if mask is not None:
         _check_tensor("mask", mask, input, (num_rois, 1, pooled_height, pooled_width))
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not _capturing(input):
         _check_roi_values(rois, input.shape[0])
     return pooled_height, pooled_width
 
@@ -350,7 +355,9 @@ def deform_roi_pool(
 
     Raises:
         TypeError, ValueError: an argument has the wrong type, shape, dtype, device or value; the
-            message names it.
+            message names it. The RoIs' values (finite, integer batch indices in range) cost one
+            host synchronisation to check, so the check is skipped while torch.compile traces and
+            while a CUDA graph is captured.
         RuntimeError: ``backend="triton"`` requested under deterministic algorithms.
     """
     if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):

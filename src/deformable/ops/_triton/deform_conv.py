@@ -49,6 +49,9 @@ benchmarks a short candidate list per kernel the first time each (shape, dtype, 
 and caches the fastest for the process (a few seconds per new shape). Tests may pin configurations
 through :data:`CONFIG_OVERRIDES`. ``python -m deformable.ops._triton.compile_check`` compiles every
 default configuration for sm_90 without a GPU and reports registers, spills and shared memory.
+Every launch goes through ``_launch.launch``, which from a shape's second call on skips Triton's
+dispatcher and calls the compiled kernel directly (the host cost, not the GPU's, dominates these ops
+at detector sizes).
 
 The same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks it), with small tiles.
 """
@@ -68,6 +71,7 @@ from torch import Tensor
 
 from .._geometry import ConvGeometry
 from . import _deform_conv_kernels as _k
+from ._launch import launch
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
 
@@ -389,7 +393,8 @@ def forward(
 
     def run(cfg: Config) -> None:
         programs = geo.pixel_tiles(cfg.block_m) * geo.groups * _cdiv(geo.group_out, cfg.block_n)
-        _k.deform_conv_fwd_kernel[_grid(programs)](
+        launch(
+            _k.deform_conv_fwd_kernel, _grid(programs),
             x, offset, mask_c, w, bias_c, out,
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.out_channels,
@@ -489,7 +494,8 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
         if gx is not None:
             gx.zero_()
         programs = geo.pixel_tiles(cfg.block_m) * geo.offset_groups * geo.taps
-        _k.deform_conv_bwd_data_kernel[_grid(programs)](
+        launch(
+            _k.deform_conv_bwd_data_kernel, _grid(programs),
             x, offset, mask, w, go,
             gx if gx is not None else dummy,
             grad_offset if grad_offset is not None else dummy,
@@ -534,7 +540,8 @@ def _gather_input_grad(geo, colgrad, frac, keys, cells, dtype) -> Tensor:
     cpg = geo.channels_per_offset_group
     hw = geo.height * geo.width
     programs = geo.batch * _cdiv(hw, cfg.block_m) * geo.offset_groups * _cdiv(cpg, cfg.block_n)
-    _k.deform_conv_gather_input_grad_kernel[_grid(programs)](
+    launch(
+        _k.deform_conv_gather_input_grad_kernel, _grid(programs),
         colgrad, frac, order, start, grad_input,
         geo.batch, geo.height, geo.width, hw, geo.in_channels, geo.offset_groups, cpg,
         CT=_tl_compute_dtype(dtype), INDEX64=geo.index64(colgrad.numel(), cells + 1),
@@ -566,7 +573,8 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
         splits = _cdiv(tiles, tiles_per_split)
         shape = (splits if deterministic else 1, geo.groups, geo.taps, geo.group_in, geo.group_out)
         part = (torch.empty if deterministic else torch.zeros)(shape, dtype=acc, device=x.device)
-        _k.deform_conv_bwd_weight_kernel[_grid(splits * others)](
+        launch(
+            _k.deform_conv_bwd_weight_kernel, _grid(splits * others),
             x, offset, mask, go, part,
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .._roi_aten import _MAX_GRID, compute_dtype
 from . import _deform_roi_pool_kernels as _k
+from ._launch import launch
 from .deform_conv import _INT32_SAFE, _channels_last, _device_guard, _tl_compute_dtype
 
 
@@ -64,7 +65,8 @@ def deform_roi_pool_forward(
     offset_c = offset.contiguous() if offset is not None else rois_c
     mask_c = mask.contiguous() if mask is not None else rois_c
     with _device_guard(input):
-        _k.deform_roi_pool_fwd_kernel[(num_rois * pooled_height * pooled_width,)](
+        launch(
+            _k.deform_roi_pool_fwd_kernel, (num_rois * pooled_height * pooled_width,),
             x, rois_c, params, offset_c, mask_c, out,
             input.shape[0], height, width, channels, int(sampling_ratio), _MAX_GRID,
             ALIGNED=bool(aligned), HAS_OFFSET=offset is not None, HAS_MASK=mask is not None,
@@ -109,7 +111,8 @@ def deform_roi_pool_backward(
         rois_c = rois.contiguous()
         dummy = rois_c
         with _device_guard(input):
-            _k.deform_roi_pool_bwd_kernel[(num_rois * pooled_height * pooled_width,)](
+            launch(
+                _k.deform_roi_pool_bwd_kernel, (num_rois * pooled_height * pooled_width,),
                 x, rois_c, params,
                 offset.contiguous() if offset is not None else dummy,
                 mask.contiguous() if mask is not None else dummy,

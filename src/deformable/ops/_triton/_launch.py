@@ -1,0 +1,164 @@
+"""Launch Triton kernels with a fraction of ``JITFunction``'s per-call host time.
+
+``kernel[grid](*args, **kwargs)`` re-derives Triton's specialisation of every argument (dtype,
+16-byte alignment, integer divisibility), builds a cache key from it and looks the compiled kernel
+up on every call: about 30 us per launch on a 2-core EPYC and about 100 us on the H200 host
+measured (``benchmarks/results/profile_host_h200.md``), where the kernels themselves often run for
+less. :func:`launch` keys its own cache by the arguments themselves instead: tensors by dtype and
+16-byte alignment, integers and constexprs by value, plus device, warps and stages. Equal keys
+therefore mean an equal Triton specialisation, so a hit can launch the ``CompiledKernel`` directly
+through its own launcher (``compiled[grid](*all_arguments)``), the convention Triton's
+``JITFunction.run`` itself uses (identical in Triton 3.6 and 3.8).
+
+A miss launches through ``JITFunction`` as usual (compiling if needed) and caches the kernel it
+returns only after checking, once per kernel, that the positional argument list built here is
+exactly the one Triton's own binder produces. Anything unexpected (a Triton without these
+internals, a pre-run hook, ``DEFORMABLE_TRITON_FAST_LAUNCH=0`` (read at import), CPU tensors under
+``TRITON_INTERPRET=1``) takes the ordinary path; launch hooks (profilers) still run, as the compiled
+kernel's launcher calls them, so the fast path can only ever
+skip work, never change what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+try:  # the interpreter and exotic builds may lack these internals: then every launch is ordinary
+    from triton.runtime.jit import JITFunction
+except ImportError:  # pragma: no cover
+    JITFunction = None
+
+FAST_LAUNCH_ENV = "DEFORMABLE_TRITON_FAST_LAUNCH"
+# Read once: an environment lookup would cost a tenth of the launch it saves.
+ENABLED = JITFunction is not None and os.environ.get(FAST_LAUNCH_ENV, "1") != "0"
+
+__all__ = ["ENABLED", "FAST_LAUNCH_ENV", "clear_cache", "launch"]
+
+_MAX_ENTRIES = 4096  # shapes x configurations; detectors with varying image sizes keep adding keys
+
+_compiled: dict[tuple, object] = {}
+# id(kernel) -> (names of the parameters after the positional ones, their defaults); None = never
+# fast. Keyed by id: the kernels are module globals, and JITFunction.__hash__ is a Python call.
+_tails: dict[int, tuple[tuple[str, ...], tuple] | None] = {}
+
+
+def clear_cache() -> None:
+    """Forget every cached kernel and check (tests; a changed Triton configuration)."""
+    _compiled.clear()
+    _tails.clear()
+
+
+def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int = 2, **constexprs) -> None:
+    """``kernel[grid](*args, num_warps=..., num_stages=..., **constexprs)``, faster when repeated.
+
+    Args:
+        kernel: a ``triton.jit`` function; ``args`` its leading runtime arguments in order (the
+            first a tensor), ``constexprs`` the remaining parameters by name.
+        grid: one to three program counts.
+    """
+    device = _cuda_device(args[0]) if ENABLED else None
+    if device is None or _tails.get(id(kernel), ()) is None or getattr(kernel, "pre_run_hooks", None):
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return
+    key = _key(kernel, device, args, constexprs, num_warps, num_stages)
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        compiled[_full_grid(grid)](*args, *_tail_values(kernel, constexprs))
+        return
+    compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    if compiled is not None and _binder_agrees(kernel, device, args, constexprs, num_warps, num_stages):
+        if len(_compiled) >= _MAX_ENTRIES:
+            _compiled.clear()
+        _compiled[key] = compiled
+
+
+def _cuda_device(first) -> int | None:
+    """Index of the CUDA device of ``first``; None unless it is a CUDA tensor."""
+    if not isinstance(first, Tensor) or first.device.type != "cuda":
+        return None
+    return first.device.index if first.device.index is not None else torch.cuda.current_device()
+
+
+def _key(kernel, device: int, args: Sequence, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
+    """Everything Triton could specialise a launch on, and more (integers by value), flat."""
+    parts: list = [id(kernel), device, num_warps, num_stages]
+    append = parts.append
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            append(a)
+        elif kind is float:
+            append(float)  # Triton never specialises floats; keying by value would only miss
+        elif isinstance(a, Tensor):
+            append(a.dtype)
+            append(a.data_ptr() % 16 == 0)
+        else:
+            append(kind)
+            append(a)
+    parts.extend(constexprs)
+    parts.extend(constexprs.values())
+    return tuple(parts)
+
+
+def _tail_values(kernel, constexprs: dict) -> tuple:
+    names, defaults = _tails[id(kernel)]
+    return tuple(constexprs.get(name, default) for name, default in zip(names, defaults, strict=True))
+
+
+def _full_grid(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    return (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+
+
+def _tail_spec(kernel, num_positional: int) -> tuple[tuple[str, ...], tuple]:
+    """Names and defaults of the parameters after the first ``num_positional`` ones."""
+    params = kernel.params[num_positional:]
+    names = tuple(p.name for p in params)
+    defaults = tuple(p.default for p in params)
+    return names, defaults
+
+
+def _binder_agrees(
+    kernel, device: int, args: Sequence, constexprs: dict, num_warps: int, num_stages: int
+) -> bool:
+    """Whether the argument list :func:`launch` would pass equals Triton's own, checked once per kernel.
+
+    Also rejects calls that name a parameter not in the kernel's signature.
+    """
+    if id(kernel) in _tails:
+        known = _tails[id(kernel)]
+        return known is not None and known[0] == tuple(p.name for p in kernel.params[len(args) :])
+    if JITFunction is None or not isinstance(kernel, JITFunction):  # e.g. interpreted: nothing to skip
+        _tails[id(kernel)] = None
+        return False
+    try:
+        tail = _tail_spec(kernel, len(args))
+        if set(constexprs) - set(tail[0]):
+            raise TypeError(f"unknown parameters {sorted(set(constexprs) - set(tail[0]))}")
+        _tails[id(kernel)] = tail
+        binder = kernel.device_caches[device][4]
+        bound, _, _ = binder(*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        ours = (*args, *_tail_values(kernel, constexprs))
+        theirs = tuple(bound.values())
+        if len(ours) != len(theirs) or not all(map(_same, ours, theirs)):
+            raise RuntimeError("argument lists differ")
+    except Exception as e:  # any surprise: this kernel always launches through JITFunction
+        _tails[id(kernel)] = None
+        warnings.warn(
+            f"deformable: fast Triton launches disabled for {getattr(kernel, '__name__', kernel)} "
+            f"({type(e).__name__}: {e}); launches stay correct, with Triton's usual host overhead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    return not isinstance(a, Tensor) and not isinstance(b, Tensor) and type(a) is type(b) and a == b
