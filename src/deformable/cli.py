@@ -64,7 +64,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from .engine.demo import run_demo
 
-    run_demo(args.preset, args.out, args.set, resume=not args.restart)
+    run_demo(args.preset, args.out, args.set, resume=not args.restart, seeds=args.seeds)
     return 0
 
 
@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         choices=["smoke", "default", "full"],
         help="smoke: the whole path in minutes; default: ~20 min on a 2-core CPU; full: GPU, 3 seeds",
+    )
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="detection: run seeds 0..N-1 of every row, table as mean +- std (default: smoke 1, default 1, "
+        "full 3)",
     )
     demo.add_argument("--task", default="detection", choices=["detection", "classification"])
     demo.add_argument("--out", default="demo_out", help="report folder (default: demo_out)")

@@ -81,15 +81,25 @@ def test_resume_reproduces_the_next_iteration(smoke_overrides, tmp_path):
     first = load_config(
         "demo_smoke", [*base, f"out_dir={tmp_path / 'b'}", "iterations=2", "checkpoint_every=2"]
     )
-    train(first, evaluate_at_end=False)
+    first_result = train(first, evaluate_at_end=False)
     second = load_config(
         "demo_smoke", [*base, f"out_dir={tmp_path / 'b'}", "iterations=4", "checkpoint_every=2"]
     )
-    train(second, resume=True, evaluate_at_end=False)
+    second_result = train(second, resume=True, evaluate_at_end=False)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(b) == [1, 2, 3, 4]
     for iteration in (3, 4):
         assert b[iteration] == pytest.approx(a[iteration], rel=1e-6, abs=1e-7)
+    # The resumed run reports the training time of all 4 iterations (the demo's ms/iter), and
+    # resuming a finished run trains nothing and still reports it.
+    assert second_result.iterations == 4
+    assert second_result.train_seconds > first_result.train_seconds > 0
+    saved = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)["train_seconds"]
+    assert first_result.train_seconds < saved <= second_result.train_seconds
+    again = train(second, resume=True, evaluate_at_end=False)
+    assert again.iterations == 4
+    assert saved <= again.train_seconds < saved + 1.0
+    assert sorted(_losses(tmp_path / "b")) == [1, 2, 3, 4]
 
 
 def _cli(*args: str) -> list[str]:

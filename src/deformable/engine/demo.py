@@ -59,22 +59,30 @@ def run_demo(
     out: str | Path = "demo_out",
     overrides: list[str] | None = None,
     resume: bool = True,
+    seeds: int | None = None,
 ) -> Path:
     """Train and evaluate every row; write and print the report. Returns the report folder.
 
-    ``resume=True`` lets an interrupted demo continue from each row's last checkpoint.
+    ``resume=True`` lets an interrupted demo continue from each row's last checkpoint (a finished
+    row is evaluated from its final checkpoint, not retrained). ``seeds`` runs seeds 0..seeds-1 of
+    every row (default: the preset's, see :data:`PRESETS`); with more than one the table gives
+    mean +- standard deviation.
     """
     from .trainer import train
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if seeds is None:
+        seeds = PRESETS[preset]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     start = ""
     for name, row in ROWS:
         metrics, train_ms, infer_ms, dirs, parameters = [], [], [], [], 0
-        for seed in range(PRESETS[preset]):
+        for seed in range(seeds):
             run_dir = out / _slug(name) / f"seed{seed}"
             cfg = load_config(
                 f"demo_{preset}", [*row, f"seed={seed}", f"out_dir={run_dir}", *(overrides or [])]

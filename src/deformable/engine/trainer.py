@@ -321,7 +321,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
-    start = 0
+    start, seconds_before = 0, 0.0  # iterations and training seconds of earlier (interrupted) runs
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume and checkpoint_path.exists():
         state = load_training_checkpoint(checkpoint_path)
@@ -330,6 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start = state["iteration"]
+        seconds_before = float(state.get("train_seconds", 0.0))
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
     else:
         torch.manual_seed(cfg.seed * 31 + rank)
@@ -396,7 +397,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
                 record = {"iteration": iteration, "lr": scheduler.get_last_lr()[0], "data_time": data_time}
                 _write_jsonl(metrics_path, {**record, **losses_float, "time": time.perf_counter() - began})
         if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, iteration, cfg)
+            seconds = seconds_before + time.perf_counter() - began
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, iteration, cfg, seconds)
         if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < cfg.iterations:
             metrics = evaluate(model, val_set, cfg, device)
             if _is_main():
@@ -404,7 +406,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
         data_clock = time.perf_counter()
     if progress is not None:
         progress.close()
-    seconds = time.perf_counter() - began
+    seconds = seconds_before + time.perf_counter() - began  # all runs: a resumed row reports its whole cost
     if _is_main():
         atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / FINAL_NAME)
     metrics = None
@@ -417,7 +419,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
     return TrainResult(out_dir, iteration, losses_float, metrics, seconds, parameters)
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, cfg) -> None:
+def _save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, cfg, train_seconds) -> None:
     states = rng_state()
     if dist.is_initialized():
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -433,6 +435,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, cfg) 
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": states,
+                "train_seconds": train_seconds,
                 "config": cfg.to_dict(),
             },
             path,
