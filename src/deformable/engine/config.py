@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_max_images: int | None = None
     progress: bool = True
+    tensorboard: bool = True  # scalars to out_dir/tb as well, when the tensorboard package is installed
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self) -> TrainConfig:

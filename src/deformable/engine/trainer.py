@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import models
 from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, dump_config
+from .metrics_log import MetricsLog
 from .pretrain import norm_layer_for, pretrained_backbone
 
 CHECKPOINT_NAME = "checkpoint_last.pth"
@@ -277,11 +278,6 @@ class TrainResult:
     parameters: int
 
 
-def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = True) -> TrainResult:
     """Train the detector ``cfg`` describes; checkpoints and metrics go to ``cfg.out_dir``.
 
@@ -356,7 +352,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
         # run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
-    metrics_path = out_dir / "metrics.jsonl"
+    log = MetricsLog(out_dir, cfg.tensorboard) if _is_main() else None
     progress = None
     if cfg.progress and _is_main():
         from tqdm import tqdm
@@ -395,14 +391,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
                 progress.update(1)
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
                 record = {"iteration": iteration, "lr": scheduler.get_last_lr()[0], "data_time": data_time}
-                _write_jsonl(metrics_path, {**record, **losses_float, "time": time.perf_counter() - began})
+                log.write({**record, **losses_float, "time": time.perf_counter() - began})
         if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
             seconds = seconds_before + time.perf_counter() - began
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, iteration, cfg, seconds)
         if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < cfg.iterations:
             metrics = evaluate(model, val_set, cfg, device)
             if _is_main():
-                _write_jsonl(metrics_path, {"iteration": iteration, "eval": metrics})
+                log.write({"iteration": iteration, "eval": metrics})
         data_clock = time.perf_counter()
     if progress is not None:
         progress.close()
@@ -413,8 +409,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
     if evaluate_at_end:
         metrics = evaluate(model, val_set, cfg, device)
         if _is_main():
-            _write_jsonl(metrics_path, {"iteration": iteration, "eval": metrics})
+            log.write({"iteration": iteration, "eval": metrics})
             (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    if log is not None:
+        log.close()
     _barrier()
     return TrainResult(out_dir, iteration, losses_float, metrics, seconds, parameters)
 
