@@ -69,33 +69,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.config import load_config
-    from .engine.trainer import train
+    from .engine.config import ClassifierConfig, load_any_config
 
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"out_dir={args.out}")
-    result = train(load_config(args.config, overrides), resume=args.resume, evaluate_at_end=not args.no_eval)
+    cfg = load_any_config(args.config, overrides)
+    if isinstance(cfg, ClassifierConfig):
+        from .engine.classifier import train_classifier
+
+        result = train_classifier(cfg, resume=args.resume, evaluate_at_end=not args.no_eval)
+    else:
+        from .engine.trainer import train
+
+        result = train(cfg, resume=args.resume, evaluate_at_end=not args.no_eval)
     if result.metrics:
         print(json.dumps(result.metrics, indent=2))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.config import config_from_dict, load_config
-    from .engine.trainer import _device, build_datasets, evaluate, load_trained_model
+    from .engine.config import ClassifierConfig, config_from_dict, load_any_config, parse_overrides
+    from .engine.trainer import _device
 
     data = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     if args.config:
-        cfg = load_config(args.config, args.set)
+        cfg = load_any_config(args.config, args.set)
     else:
-        from .engine.config import parse_overrides
-
         cfg = config_from_dict({**data["config"], **parse_overrides(args.set)})
-    model = load_trained_model(args.checkpoint, cfg)
     device = _device(cfg)
-    _, val = build_datasets(cfg)
-    metrics = evaluate(model.to(device), val, cfg, device)
+    if isinstance(cfg, ClassifierConfig):
+        from .engine.classifier import (
+            build_classification_datasets,
+            evaluate_classifier,
+            load_trained_classifier,
+        )
+
+        model = load_trained_classifier(args.checkpoint, cfg)
+        _, val, _ = build_classification_datasets(cfg)
+        metrics = evaluate_classifier(model.to(device), val, cfg, device)
+    else:
+        from .engine.trainer import build_datasets, evaluate, load_trained_model
+
+        model = load_trained_model(args.checkpoint, cfg)
+        _, val = build_datasets(cfg)
+        metrics = evaluate(model.to(device), val, cfg, device)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -151,17 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_cmd_demo)
 
-    train = sub.add_parser("train", help="train a detector from a config")
+    train = sub.add_parser(
+        "train", help="train a detector, or a classifier (a config with task: classification), from a config"
+    )
     train.add_argument("--config", required=True, help="a YAML file or the name of one in deformable/configs")
     train.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
     train.add_argument("--out", help="run folder (overrides out_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    train.add_argument("--no-eval", action="store_true", help="skip the COCO evaluation at the end")
+    train.add_argument(
+        "--no-eval", action="store_true", help="skip the final evaluation (COCO AP, or top-1/top-5 error)"
+    )
     train.set_defaults(func=_cmd_train)
 
-    evaluate = sub.add_parser("eval", help="COCO AP of a trained checkpoint")
+    evaluate = sub.add_parser(
+        "eval", help="COCO AP of a trained detector, or top-1/top-5 error of a trained classifier"
+    )
     evaluate.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint_last.pth")
     evaluate.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")

@@ -6,8 +6,11 @@ import pytest
 
 from deformable.engine.config import (
     CONFIG_DIR,
+    ClassifierConfig,
+    TrainConfig,
     config_from_dict,
     dump_config,
+    load_any_config,
     load_config,
     parse_overrides,
 )
@@ -16,8 +19,25 @@ from deformable.engine.trainer import lr_factor
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
+    classification = "task: classification" in path.read_text()
+    # An ImageFolder config names no data folders: the user's ImageNet path is given with --set.
+    overrides = ["train_dir=/data/train", "val_dir=/data/val"] if classification else []
+    cfg = load_any_config(path, overrides)
+    assert isinstance(cfg, ClassifierConfig if classification else TrainConfig)
     assert cfg.iterations > 0
+
+
+def test_the_task_key_picks_the_config_kind():
+    assert isinstance(
+        config_from_dict({"task": "classification", "dataset": "deformed_fashion"}), ClassifierConfig
+    )
+    assert isinstance(config_from_dict({"task": "detection"}), TrainConfig)
+    with pytest.raises(ValueError, match="classification config"):
+        load_config("imagenet_resnet50_dcnv2", ["train_dir=a", "val_dir=b"])
+    with pytest.raises(ValueError, match="unknown config keys \\['roi_pool'\\]"):
+        config_from_dict({"task": "classification", "dataset": "deformed_fashion", "roi_pool": "mdpool"})
+    with pytest.raises(ValueError, match="'task' must be one of"):
+        config_from_dict({"task": "segmentation", "dataset": "deformed_fashion"}, ClassifierConfig)
 
 
 def test_overrides_are_yaml_values():

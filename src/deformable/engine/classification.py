@@ -3,7 +3,9 @@
 ``deformable demo --task classification`` trains three ResNet-18s (DCN in conv3-conv5 for v1 and v2)
 from scratch on single deformed Fashion-MNIST garments (the detection set's geometric variation:
 scale, rotation, shear, elastic warp) and reports top-1 error, parameters and the compute overhead
-(training and inference time relative to the regular network, measured in the same run).
+(training and inference time relative to the regular network, measured in the same run). The same
+experiment at full size (ImageNet or any ImageFolder tree) is ``deformable train --config
+imagenet_resnet50_dcnv2`` (:mod:`deformable.engine.classifier`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Flat experiment configs: YAML files in ``configs/`` plus ``--set key=value`` overrides.
 
-A config is one flat mapping (no inheritance chains): every key is a field of :class:`TrainConfig`,
-checked for type on load, and the resolved config is written into every run folder.
+A config is one flat mapping (no inheritance chains): every key is a field of :class:`TrainConfig`
+(detection) or, with ``task: classification``, of :class:`ClassifierConfig`, checked for type on load,
+and the resolved config is written into every run folder.
 """
 
 from __future__ import annotations
@@ -128,6 +129,99 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class ClassifierConfig:
+    """An image-classification run (``task: classification``): the paper's ImageNet experiment on any
+    ImageFolder tree (``train_dir``/``val_dir`` with one folder per class), or the embedded
+    deformed-fashion garments offline. Iterations are optimizer steps; ``batch_size`` is per process."""
+
+    task: str = "classification"
+    # model
+    arch: str = "resnet50"  # a key of deformable.models.BACKBONES
+    dcn: str | None = "v2"
+    dcn_stages: list[int] = field(default_factory=lambda: [3, 4, 5])
+    offset_groups: int = 1
+    norm: str = "bn"  # bn | gn
+    num_classes: int | None = None  # None: from the dataset
+    # data
+    dataset: str = "imagefolder"  # imagefolder | deformed_fashion
+    train_dir: str | None = None
+    val_dir: str | None = None
+    image_size: int = 224  # training crop and evaluation centre crop
+    resize_size: int = 256  # evaluation resize before the centre crop
+    num_train: int = 6000  # deformed_fashion only
+    num_val: int = 2000
+    data_dir: str | None = None  # deformed_fashion cache (default ~/.cache/deformable)
+    workers: int = 8
+    # optimisation
+    batch_size: int = 32
+    iterations: int = 450_360
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 0
+    warmup_factor: float = 0.1
+    lr_schedule: str = "step"  # step (x lr_gamma at lr_steps) | cosine
+    lr_steps: list[int] = field(default_factory=lambda: [150_120, 300_240])
+    lr_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    clip_grad_norm: float | None = None
+    amp: str = "none"  # none | bf16 | fp16
+    seed: int = 0
+    # bookkeeping
+    out_dir: str = "runs/classifier"
+    checkpoint_every: int = 2000
+    log_every: int = 50
+    eval_every: int = 0  # 0: only at the end
+    eval_max_images: int | None = None
+    progress: bool = True
+    tensorboard: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> ClassifierConfig:
+        """Check values that types alone cannot; raise ValueError naming the key."""
+        from ..models import BACKBONES
+
+        choices = {
+            "task": ("classification",),
+            "arch": tuple(BACKBONES),
+            "dcn": (None, "v1", "v2"),
+            "norm": ("bn", "gn"),
+            "dataset": ("imagefolder", "deformed_fashion"),
+            "lr_schedule": ("step", "cosine"),
+            "amp": ("none", "bf16", "fp16"),
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
+        positive = (
+            "batch_size", "iterations", "checkpoint_every", "log_every", "image_size", "resize_size",
+            "num_train", "num_val",
+        )  # fmt: skip
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)!r}")
+        if self.lr <= 0:
+            raise ValueError(f"config key 'lr' must be positive, got {self.lr}")
+        if self.resize_size < self.image_size:
+            raise ValueError(
+                f"config key 'resize_size' ({self.resize_size}) must be >= image_size ({self.image_size})"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"config key 'label_smoothing' must be in [0, 1), got {self.label_smoothing}")
+        if self.dataset == "imagefolder":
+            for key in ("train_dir", "val_dir"):
+                if not getattr(self, key):
+                    raise ValueError(f"config key {key!r} is required when dataset is 'imagefolder'")
+        if sorted(self.lr_steps) != list(self.lr_steps):
+            raise ValueError(f"config key 'lr_steps' must be increasing, got {self.lr_steps}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     """Coerce ``value`` to the field's annotated type or raise a ValueError naming the key."""
     hint = annotation
@@ -169,14 +263,23 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a flat mapping; unknown keys are errors."""
-    hints = typing.get_type_hints(TrainConfig)
+def config_from_dict(values: dict[str, Any], kind: type | None = None):
+    """A validated config from a flat mapping; unknown keys are errors.
+
+    ``kind`` is :class:`TrainConfig` (detection) or :class:`ClassifierConfig`; by default the
+    mapping's ``task`` key decides ("classification" -> ClassifierConfig, else TrainConfig).
+    """
+    if kind is None:
+        kind = ClassifierConfig if values.get("task") == "classification" else TrainConfig
+    values = dict(values)
+    if kind is TrainConfig and values.pop("task", "detection") != "detection":
+        raise ValueError("config key 'task' of a detection config must be 'detection'")
+    hints = typing.get_type_hints(kind)
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(hints)}")
     checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
-    return TrainConfig(**checked).validate()
+    return kind(**checked).validate()
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
@@ -204,7 +307,17 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides."""
+    """Read a detection config (or start from the defaults) and apply ``key=value`` overrides."""
+    config = load_any_config(name_or_path, overrides, TrainConfig)
+    assert isinstance(config, TrainConfig)
+    return config
+
+
+def load_any_config(
+    name_or_path: str | Path | None = None, overrides: list[str] | None = None, kind: type | None = None
+) -> TrainConfig | ClassifierConfig:
+    """Read a YAML config and apply ``key=value`` overrides; its ``task`` key (or ``kind``) picks
+    :class:`TrainConfig` (detection, the default) or :class:`ClassifierConfig`."""
     values: dict[str, Any] = {}
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
@@ -216,9 +329,14 @@ def load_config(name_or_path: str | Path | None = None, overrides: list[str] | N
             raise ValueError(f"config {path} must hold a flat mapping of keys to values")
         values.update(loaded)
     values.update(parse_overrides(overrides))
-    return config_from_dict(values)
+    if kind is TrainConfig and values.get("task") == "classification":
+        raise ValueError(
+            f"{name_or_path} is a classification config (task: classification): train it with "
+            "`deformable train --config ...`, which reads the task"
+        )
+    return config_from_dict(values, kind)
 
 
-def dump_config(config: TrainConfig, path: str | Path) -> None:
+def dump_config(config: TrainConfig | ClassifierConfig, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

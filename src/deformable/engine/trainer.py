@@ -359,6 +359,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
 
         progress = tqdm(total=cfg.iterations, initial=start, desc=f"train {out_dir.name}", dynamic_ncols=True)
     model.train()
+    # Training seconds of all runs so far, read at each checkpoint (before writing it): a resumed or
+    # re-run job reports its whole cost, and the same number however often it was interrupted.
+    seconds = seconds_before
     began = time.perf_counter()
     losses_float: dict[str, float] = {}
     iteration = start
@@ -402,7 +405,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
         data_clock = time.perf_counter()
     if progress is not None:
         progress.close()
-    seconds = seconds_before + time.perf_counter() - began  # all runs: a resumed row reports its whole cost
     if _is_main():
         atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / FINAL_NAME)
     metrics = None

@@ -1,0 +1,281 @@
+"""Train and evaluate an image classifier from a ``task: classification`` config.
+
+The paper's classification experiment at full size: a regular, DCNv1 or DCNv2 ResNet/ResNeXt
+(``dcn``, ``dcn_stages``) trained on an ImageFolder tree such as ImageNet (``configs/
+imagenet_resnet50_dcnv2.yaml``, torchvision's reference ResNet-50 recipe), or offline on the embedded
+deformed-fashion garments. It shares the detection trainer's machinery: resumable checkpoints
+(iteration, optimizer, scheduler, every random generator, data order and augmentation), data
+parallelism under torchrun, AMP, gradient clipping, metrics to JSON lines (and TensorBoard).
+Evaluation reports top-1 and top-5 error and inference time per image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import models
+from .checkpointing import atomic_save, load_training_checkpoint, set_rng_state
+from .config import ClassifierConfig, dump_config
+from .metrics_log import MetricsLog
+from .pretrain import norm_layer_for
+from .trainer import (
+    CHECKPOINT_NAME,
+    FINAL_NAME,
+    IterationBatchSampler,
+    SeededSamples,
+    _autocast,
+    _barrier,
+    _check_out_dir,
+    _device,
+    _is_main,
+    _save_checkpoint,
+    init_distributed,
+    lr_factor,
+)
+
+__all__ = [
+    "ClassifierResult",
+    "build_classification_datasets",
+    "build_classifier",
+    "evaluate_classifier",
+    "load_trained_classifier",
+    "train_classifier",
+]
+
+
+@dataclass
+class ClassifierResult:
+    """What :func:`train_classifier` returns (errors are fractions; None without evaluation)."""
+
+    out_dir: Path
+    iterations: int
+    final_loss: float | None
+    top1_error: float | None
+    top5_error: float | None
+    metrics: dict[str, Any] | None
+    train_seconds: float
+    parameters: int
+
+
+def build_classification_datasets(cfg: ClassifierConfig) -> tuple[Dataset, Dataset, int]:
+    """(train, val, number of classes); items are ``(image [3, S, S] float32, class index)``."""
+    if cfg.dataset == "imagefolder":
+        from ..data.image_folder import image_folder_datasets
+
+        train, val = image_folder_datasets(cfg.train_dir, cfg.val_dir, cfg.image_size, cfg.resize_size)
+        return train, val, len(train.classes)
+    from torchvision.transforms import v2
+
+    from ..data import deformed_fashion_classification
+    from ..data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+
+    tail = [v2.Resize(cfg.image_size, antialias=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = deformed_fashion_classification(
+        "train", cfg.num_train, channels=3, out_dir=cfg.data_dir,
+        transform=v2.Compose([v2.RandomHorizontalFlip(), *tail]),
+    )  # fmt: skip
+    val = deformed_fashion_classification(
+        "val", cfg.num_val, channels=3, out_dir=cfg.data_dir, transform=v2.Compose(tail)
+    )
+    return train, val, len(train.classes)
+
+
+def load_trained_classifier(path: str | Path, cfg: ClassifierConfig | None = None) -> nn.Module:
+    """A classifier from its ``model_final.pth`` or ``checkpoint_last.pth`` (config from the file)."""
+    from .config import config_from_dict
+
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path} holds no 'model' state dict")
+    cfg = cfg or config_from_dict(data["config"], ClassifierConfig)
+    model = build_classifier(cfg, data["model"]["fc.weight"].shape[0])
+    model.load_state_dict(data["model"])
+    return model
+
+
+def build_classifier(cfg: ClassifierConfig, num_classes: int) -> nn.Module:
+    """The config's ResNet/ResNeXt with DCN in ``dcn_stages`` (none when ``dcn`` is None)."""
+    return models.BACKBONES[cfg.arch](
+        dcn=cfg.dcn, dcn_stages=cfg.dcn_stages, offset_groups=cfg.offset_groups,
+        norm_layer=norm_layer_for(cfg.norm), num_classes=num_classes,
+    )  # fmt: skip
+
+
+def learning_rate_factor(cfg: ClassifierConfig, iteration: int) -> float:
+    """Warmup, then step decay (as the detector's) or a cosine to zero over ``iterations``."""
+    if cfg.lr_schedule == "step":
+        return lr_factor(cfg, iteration)
+    factor = 0.5 * (1.0 + math.cos(math.pi * min(iteration, cfg.iterations) / cfg.iterations))
+    if iteration < cfg.warmup_iterations:
+        alpha = iteration / cfg.warmup_iterations
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, dataset: Dataset, cfg: ClassifierConfig, device: torch.device
+) -> dict[str, Any]:
+    """Top-1 / top-5 error and inference ms per image on ``dataset`` (its first ``eval_max_images``),
+    each process taking every world-th image; the counts are summed over processes."""
+    core = model.module if hasattr(model, "module") else model
+    was_training = core.training
+    core.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    count = len(dataset) if cfg.eval_max_images is None else min(len(dataset), cfg.eval_max_images)
+    shard = Subset(dataset, list(range(rank, count, world)))
+    loader = DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    totals = torch.zeros(3, dtype=torch.float64)  # images, top-1 correct, top-5 correct
+    seconds = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        began = time.perf_counter()
+        with _autocast(cfg, device):
+            logits = core(images)
+        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - began
+        hits = top == labels[:, None]
+        totals += torch.tensor([len(labels), hits[:, 0].sum().item(), hits.any(dim=1).sum().item()])
+    if dist.is_initialized():
+        reduced = totals.to(device)
+        dist.all_reduce(reduced)
+        totals = reduced.cpu()
+    core.train(was_training)
+    images = max(int(totals[0]), 1)
+    return {
+        "top1_error": 1.0 - float(totals[1]) / images,
+        "top5_error": 1.0 - float(totals[2]) / images,
+        "images": int(totals[0]),
+        "inference_ms_per_image": 1000 * seconds / max(len(shard), 1),
+    }
+
+
+def train_classifier(
+    cfg: ClassifierConfig, *, resume: bool = False, evaluate_at_end: bool = True
+) -> ClassifierResult:
+    """Train the classifier ``cfg`` describes; checkpoints and metrics go to ``cfg.out_dir``.
+
+    Args:
+        cfg: a validated :class:`~deformable.engine.config.ClassifierConfig`.
+        resume: continue from ``out_dir/checkpoint_last.pth`` when it exists (exactly: the next
+            iterations see the batches and augmentations an uninterrupted run would).
+        evaluate_at_end: compute top-1/top-5 error on the validation set after the last iteration.
+    """
+    cfg.validate()
+    device = _device(cfg)
+    rank, world = init_distributed(device)
+    out_dir = Path(cfg.out_dir)
+    _check_out_dir(out_dir)
+    train_set, val_set, num_classes = build_classification_datasets(cfg)
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(f"config key 'num_classes' is {cfg.num_classes} but the dataset has {num_classes}")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_classifier(cfg, num_classes).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    groups = models.param_groups(model, cfg.lr, cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: learning_rate_factor(cfg, it))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    start, seconds_before = 0, 0.0
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if resume and checkpoint_path.exists():
+        state = load_training_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["iteration"]
+        seconds_before = float(state.get("train_seconds", 0.0))
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+    else:
+        torch.manual_seed(cfg.seed * 31 + rank)
+    if _is_main():
+        dump_config(cfg, out_dir / "config.yaml")
+
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sampler = IterationBatchSampler(
+        len(train_set), cfg.batch_size, cfg.seed, start, cfg.iterations, rank, world
+    )
+    loader = DataLoader(
+        SeededSamples(train_set, cfg.seed), batch_sampler=sampler, num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
+    log = MetricsLog(out_dir, cfg.tensorboard) if _is_main() else None
+    progress = None
+    if cfg.progress and _is_main():
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.iterations, initial=start, desc=f"train {out_dir.name}", dynamic_ncols=True)
+    model.train()
+    seconds = seconds_before  # read at each checkpoint, before writing it (see the detection trainer)
+    began = time.perf_counter()
+    iteration, loss_value = start, None
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(cfg, device):
+            logits = train_model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {iteration}: {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        iteration += 1
+        loss_value = float(loss.detach())
+        if _is_main():
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                progress.update(1)
+            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
+                log.write(
+                    {"iteration": iteration, "lr": scheduler.get_last_lr()[0], "loss": loss_value,
+                     "time": time.perf_counter() - began}
+                )  # fmt: skip
+        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
+            seconds = seconds_before + time.perf_counter() - began
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, iteration, cfg, seconds)
+        if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < cfg.iterations:
+            metrics = evaluate_classifier(model, val_set, cfg, device)
+            if _is_main():
+                log.write({"iteration": iteration, "eval": metrics})
+    if progress is not None:
+        progress.close()
+    if _is_main():
+        atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / FINAL_NAME)
+    metrics = None
+    if evaluate_at_end:
+        metrics = evaluate_classifier(model, val_set, cfg, device)
+        if _is_main():
+            log.write({"iteration": iteration, "eval": metrics})
+            (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    if log is not None:
+        log.close()
+    _barrier()
+    return ClassifierResult(
+        out_dir, iteration, loss_value,
+        metrics["top1_error"] if metrics else None, metrics["top5_error"] if metrics else None,
+        metrics, seconds, parameters,
+    )  # fmt: skip
