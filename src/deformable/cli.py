@@ -90,14 +90,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .engine.config import ClassifierConfig, config_from_dict, load_any_config, parse_overrides
-    from .engine.trainer import _device
+    from .engine.loop import device_for
 
     data = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     if args.config:
         cfg = load_any_config(args.config, args.set)
     else:
         cfg = config_from_dict({**data["config"], **parse_overrides(args.set)})
-    device = _device(cfg)
+    device = device_for(cfg)
     if isinstance(cfg, ClassifierConfig):
         from .engine.classifier import (
             build_classification_datasets,

@@ -11,7 +11,6 @@ Evaluation reports top-1 and top-5 error and inference time per image.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,24 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import models
-from .checkpointing import atomic_save, load_training_checkpoint, set_rng_state
-from .config import ClassifierConfig, dump_config
-from .metrics_log import MetricsLog
+from .config import ClassifierConfig
+from .loop import TrainingRun, autocast_for, check_out_dir, device_for, init_distributed
 from .pretrain import norm_layer_for
-from .trainer import (
-    CHECKPOINT_NAME,
-    FINAL_NAME,
-    IterationBatchSampler,
-    SeededSamples,
-    _autocast,
-    _barrier,
-    _check_out_dir,
-    _device,
-    _is_main,
-    _save_checkpoint,
-    init_distributed,
-    lr_factor,
-)
+from .trainer import lr_factor
 
 __all__ = [
     "ClassifierResult",
@@ -141,7 +126,7 @@ def evaluate_classifier(
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
         began = time.perf_counter()
-        with _autocast(cfg, device):
+        with autocast_for(cfg, device):
             logits = core(images)
         top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         if device.type == "cuda":
@@ -175,107 +160,31 @@ def train_classifier(
         evaluate_at_end: compute top-1/top-5 error on the validation set after the last iteration.
     """
     cfg.validate()
-    device = _device(cfg)
+    device = device_for(cfg)
     rank, world = init_distributed(device)
     out_dir = Path(cfg.out_dir)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     train_set, val_set, num_classes = build_classification_datasets(cfg)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"config key 'num_classes' is {cfg.num_classes} but the dataset has {num_classes}")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_classifier(cfg, num_classes).to(device)
-    parameters = sum(p.numel() for p in model.parameters())
-    groups = models.param_groups(model, cfg.lr, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: learning_rate_factor(cfg, it))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    run = TrainingRun(cfg, model, device, lambda it: learning_rate_factor(cfg, it), rank, world, resume)
 
-    start, seconds_before = 0, 0.0
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    if resume and checkpoint_path.exists():
-        state = load_training_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start = state["iteration"]
-        seconds_before = float(state.get("train_seconds", 0.0))
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-    else:
-        torch.manual_seed(cfg.seed * 31 + rank)
-    if _is_main():
-        dump_config(cfg, out_dir / "config.yaml")
+    def evaluate_now() -> dict[str, Any]:
+        return evaluate_classifier(model, val_set, cfg, device)
 
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    sampler = IterationBatchSampler(
-        len(train_set), cfg.batch_size, cfg.seed, start, cfg.iterations, rank, world
-    )
-    loader = DataLoader(
-        SeededSamples(train_set, cfg.seed), batch_sampler=sampler, num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )  # fmt: skip
-    log = MetricsLog(out_dir, cfg.tensorboard) if _is_main() else None
-    progress = None
-    if cfg.progress and _is_main():
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.iterations, initial=start, desc=f"train {out_dir.name}", dynamic_ncols=True)
-    model.train()
-    seconds = seconds_before  # read at each checkpoint, before writing it (see the detection trainer)
-    began = time.perf_counter()
-    iteration, loss_value = start, None
-    for images, labels in loader:
+    loss_value = None
+    for images, labels in run.loader(train_set):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with _autocast(cfg, device):
-            logits = train_model(images)
+        with autocast_for(cfg, device):
+            logits = run.train_model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at iteration {iteration}: {loss.item()}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        iteration += 1
         loss_value = float(loss.detach())
-        if _is_main():
-            if progress is not None:
-                progress.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                progress.update(1)
-            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                log.write(
-                    {"iteration": iteration, "lr": scheduler.get_last_lr()[0], "loss": loss_value,
-                     "time": time.perf_counter() - began}
-                )  # fmt: skip
-        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
-            seconds = seconds_before + time.perf_counter() - began
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, iteration, cfg, seconds)
-        if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < cfg.iterations:
-            metrics = evaluate_classifier(model, val_set, cfg, device)
-            if _is_main():
-                log.write({"iteration": iteration, "eval": metrics})
-    if progress is not None:
-        progress.close()
-    if _is_main():
-        atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / FINAL_NAME)
-    metrics = None
-    if evaluate_at_end:
-        metrics = evaluate_classifier(model, val_set, cfg, device)
-        if _is_main():
-            log.write({"iteration": iteration, "eval": metrics})
-            (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-    if log is not None:
-        log.close()
-    _barrier()
+        run.step(loss, {"loss": loss_value}, evaluate_now)
+    metrics = run.finish(evaluate_now if evaluate_at_end else None)
     return ClassifierResult(
-        out_dir, iteration, loss_value,
+        out_dir, run.iteration, loss_value,
         metrics["top1_error"] if metrics else None, metrics["top5_error"] if metrics else None,
-        metrics, seconds, parameters,
+        metrics, run.seconds, run.parameters,
     )  # fmt: skip

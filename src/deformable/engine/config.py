@@ -94,23 +94,10 @@ class TrainConfig:
             "dcn": (None, "v1", "v2"),
             "roi_pool": ("mdpool", "dpool", "align"),
             "dataset": ("deformed_fashion", "coco"),
-            "amp": ("none", "bf16", "fp16"),
             "norm": ("auto", "bn", "frozen_bn", "gn"),
-            "device": ("auto", "cpu", "cuda"),
             "mimic_select": ("foreground", "all", "background"),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
-        positive = (
-            "batch_size", "iterations", "checkpoint_every", "log_every", "min_size", "max_size",
-            "representation_size",
-        )  # fmt: skip
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)!r}")
-        if self.lr <= 0:
-            raise ValueError(f"config key 'lr' must be positive, got {self.lr}")
+        _check_run(self, choices, ("min_size", "max_size", "representation_size"))
         if self.pretrain_iterations < 0:
             raise ValueError(f"config key 'pretrain_iterations' must be >= 0, got {self.pretrain_iterations}")
         if self.pretrain_iterations and self.norm == "frozen_bn":
@@ -121,8 +108,6 @@ class TrainConfig:
             for key in ("train_images", "train_annotations", "val_images", "val_annotations"):
                 if not getattr(self, key):
                     raise ValueError(f"config key {key!r} is required when dataset is 'coco'")
-        if sorted(self.lr_steps) != list(self.lr_steps):
-            raise ValueError(f"config key 'lr_steps' must be increasing, got {self.lr_steps}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,21 +174,8 @@ class ClassifierConfig:
             "norm": ("bn", "gn"),
             "dataset": ("imagefolder", "deformed_fashion"),
             "lr_schedule": ("step", "cosine"),
-            "amp": ("none", "bf16", "fp16"),
-            "device": ("auto", "cpu", "cuda"),
         }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(self, key)!r}")
-        positive = (
-            "batch_size", "iterations", "checkpoint_every", "log_every", "image_size", "resize_size",
-            "num_train", "num_val",
-        )  # fmt: skip
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ValueError(f"config key {key!r} must be positive, got {getattr(self, key)!r}")
-        if self.lr <= 0:
-            raise ValueError(f"config key 'lr' must be positive, got {self.lr}")
+        _check_run(self, choices, ("image_size", "resize_size", "num_train", "num_val"))
         if self.resize_size < self.image_size:
             raise ValueError(
                 f"config key 'resize_size' ({self.resize_size}) must be >= image_size ({self.image_size})"
@@ -214,12 +186,26 @@ class ClassifierConfig:
             for key in ("train_dir", "val_dir"):
                 if not getattr(self, key):
                     raise ValueError(f"config key {key!r} is required when dataset is 'imagefolder'")
-        if sorted(self.lr_steps) != list(self.lr_steps):
-            raise ValueError(f"config key 'lr_steps' must be increasing, got {self.lr_steps}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_run(config, choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
+    """The checks every run's config shares: ``choices`` (key -> allowed values, plus amp and device),
+    ``positive`` keys (plus the run's sizes and intervals), a positive lr, increasing lr_steps."""
+    choices = {**choices, "amp": ("none", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(config, key)!r}")
+    for key in ("batch_size", "iterations", "checkpoint_every", "log_every", *positive):
+        if getattr(config, key) <= 0:
+            raise ValueError(f"config key {key!r} must be positive, got {getattr(config, key)!r}")
+    if config.lr <= 0:
+        raise ValueError(f"config key 'lr' must be positive, got {config.lr}")
+    if sorted(config.lr_steps) != list(config.lr_steps):
+        raise ValueError(f"config key 'lr_steps' must be increasing, got {config.lr_steps}")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:

@@ -11,11 +11,7 @@ Reproducibility and resumption:
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,92 +19,39 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import models
-from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
-from .config import TrainConfig, dump_config
-from .metrics_log import MetricsLog
+from .config import TrainConfig
+from .loop import (  # re-exported: the names runs, tests and the CLI have always imported from here
+    CHECKPOINT_NAME,
+    FINAL_NAME,
+    IterationBatchSampler,
+    SeededSamples,
+    TrainingRun,
+    autocast_for,
+    barrier,
+    check_out_dir,
+    device_for,
+    init_distributed,
+)
 from .pretrain import norm_layer_for, pretrained_backbone
 
-CHECKPOINT_NAME = "checkpoint_last.pth"
-FINAL_NAME = "model_final.pth"
-
-# ------------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns (rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FINAL_NAME",
+    "IterationBatchSampler",
+    "SeededSamples",
+    "TrainResult",
+    "build_datasets",
+    "build_model",
+    "evaluate",
+    "load_trained_model",
+    "lr_factor",
+    "train",
+]
 
 # ------------------------------------------------------------------------------------------------
 # Data
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so that item ``(epoch, index)`` is transformed under its own seed."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
-            return self.dataset[index]
-
-
-class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of ``(epoch, index)`` for iterations ``[start, stop)``, sharded over ranks.
-
-    Every epoch is a fresh permutation drawn from ``seed`` and the epoch number; each rank takes
-    every ``world``-th index of it and drops the incomplete last batch.
-    """
-
-    def __init__(
-        self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1
-    ) -> None:
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-        self.per_epoch = (size // world) // batch_size
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"the training set ({size} images) is smaller than one batch per process "
-                f"(batch_size {batch_size} x {world} processes)"
-            )
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, order = -1, None
-        for iteration in range(self.start, self.stop):
-            if iteration // self.per_epoch != epoch:
-                epoch = iteration // self.per_epoch
-                generator = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
-                order = torch.randperm(self.size, generator=generator)[self.rank :: self.world]
-            position = (iteration % self.per_epoch) * self.batch_size
-            yield [(epoch, int(i)) for i in order[position : position + self.batch_size]]
 
 
 def build_datasets(cfg: TrainConfig):
@@ -202,31 +145,6 @@ def lr_factor(cfg: TrainConfig, iteration: int) -> float:
     return factor
 
 
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("config key 'device' is 'cuda' but no CUDA device is available")
-    return torch.device(cfg.device)
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _check_out_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
-        probe.write_text("ok")
-        probe.unlink(missing_ok=True)
-    except OSError as error:
-        raise ValueError(f"output folder {path} is not writable: {error}") from error
-
-
 # ------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -249,7 +167,7 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) 
         batch = collate_detection([dataset[i] for i in indices[start : start + cfg.batch_size]])
         inputs = [image.to(device) for image in batch[0]]
         begin = time.perf_counter()
-        with _autocast(cfg, device):
+        with autocast_for(cfg, device):
             outputs = core(inputs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -286,10 +204,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
         evaluate_at_end: compute COCO AP on the validation set after the last iteration.
     """
     cfg.validate()
-    device = _device(cfg)
+    device = device_for(cfg)
     rank, world = init_distributed(device)
     out_dir = Path(cfg.out_dir)
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
     torch.manual_seed(cfg.seed + rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -306,141 +224,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
             pretrained_backbone(
                 cfg.backbone, cfg.norm, cfg.pretrain_iterations, cache_dir=cfg.data_dir, progress=cfg.progress
             )
-        _barrier()
+        barrier()
         path = pretrained_backbone(cfg.backbone, cfg.norm, cfg.pretrain_iterations, cache_dir=cfg.data_dir)
         cfg.weights_backbone = str(path)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes).to(device)
-    parameters = sum(p.numel() for p in model.parameters())
-    groups = models.param_groups(model, cfg.lr, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-
-    start, seconds_before = 0, 0.0  # iterations and training seconds of earlier (interrupted) runs
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    if resume and checkpoint_path.exists():
-        state = load_training_checkpoint(checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start = state["iteration"]
-        seconds_before = float(state.get("train_seconds", 0.0))
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-    else:
-        torch.manual_seed(cfg.seed * 31 + rank)
-    if _is_main():
-        dump_config(cfg, out_dir / "config.yaml")
-
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    run = TrainingRun(cfg, model, device, lambda it: lr_factor(cfg, it), rank, world, resume)
     from ..data import collate_detection
 
-    sampler = IterationBatchSampler(
-        len(train_set), cfg.batch_size, cfg.seed, start, cfg.iterations, rank, world
-    )
-    loader = DataLoader(
-        SeededSamples(train_set, cfg.seed),
-        batch_sampler=sampler,
-        collate_fn=collate_detection,
-        num_workers=cfg.workers,
-        # A private generator: creating the loader must not draw from the global one, or a resumed
-        # run would diverge from an uninterrupted one.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    log = MetricsLog(out_dir, cfg.tensorboard) if _is_main() else None
-    progress = None
-    if cfg.progress and _is_main():
-        from tqdm import tqdm
+    def evaluate_now() -> dict[str, Any]:
+        return evaluate(model, val_set, cfg, device)
 
-        progress = tqdm(total=cfg.iterations, initial=start, desc=f"train {out_dir.name}", dynamic_ncols=True)
-    model.train()
-    # Training seconds of all runs so far, read at each checkpoint (before writing it): a resumed or
-    # re-run job reports its whole cost, and the same number however often it was interrupted.
-    seconds = seconds_before
-    began = time.perf_counter()
     losses_float: dict[str, float] = {}
-    iteration = start
     data_clock = time.perf_counter()
-    for images, targets in loader:
+    for images, targets in run.loader(train_set, collate_detection):
         data_time = time.perf_counter() - data_clock
         images = [image.to(device) for image in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        with _autocast(cfg, device):
-            loss_dict = train_model(images, targets)
+        with autocast_for(cfg, device):
+            loss_dict = run.train_model(images, targets)
         loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at iteration {iteration}: {loss_dict}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        iteration += 1
         losses_float = {k: float(v.detach()) for k, v in loss_dict.items()}
         losses_float["loss"] = float(loss.detach())
-        if _is_main():
-            if progress is not None:
-                progress.set_postfix(
-                    loss=f"{losses_float['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
-                )
-                progress.update(1)
-            if iteration % cfg.log_every == 0 or iteration == cfg.iterations:
-                record = {"iteration": iteration, "lr": scheduler.get_last_lr()[0], "data_time": data_time}
-                log.write({**record, **losses_float, "time": time.perf_counter() - began})
-        if iteration % cfg.checkpoint_every == 0 or iteration == cfg.iterations:
-            seconds = seconds_before + time.perf_counter() - began
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, iteration, cfg, seconds)
-        if cfg.eval_every and iteration % cfg.eval_every == 0 and iteration < cfg.iterations:
-            metrics = evaluate(model, val_set, cfg, device)
-            if _is_main():
-                log.write({"iteration": iteration, "eval": metrics})
+        run.step(loss, {"data_time": data_time, **losses_float}, evaluate_now)
         data_clock = time.perf_counter()
-    if progress is not None:
-        progress.close()
-    if _is_main():
-        atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / FINAL_NAME)
-    metrics = None
-    if evaluate_at_end:
-        metrics = evaluate(model, val_set, cfg, device)
-        if _is_main():
-            log.write({"iteration": iteration, "eval": metrics})
-            (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
-    if log is not None:
-        log.close()
-    _barrier()
-    return TrainResult(out_dir, iteration, losses_float, metrics, seconds, parameters)
-
-
-def _save_checkpoint(path, model, optimizer, scheduler, scaler, iteration, cfg, train_seconds) -> None:
-    states = rng_state()
-    if dist.is_initialized():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, states)
-        states = gathered
-    if _is_main():
-        atomic_save(
-            {
-                "format": FORMAT,
-                "iteration": iteration,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": states,
-                "train_seconds": train_seconds,
-                "config": cfg.to_dict(),
-            },
-            path,
-        )
-    _barrier()
+    metrics = run.finish(evaluate_now if evaluate_at_end else None)
+    return TrainResult(out_dir, run.iteration, losses_float, metrics, run.seconds, run.parameters)
 
 
 def load_trained_model(

@@ -1,0 +1,319 @@
+"""The machinery every training run shares: processes, data order, optimisation, checkpoints, logs.
+
+:class:`TrainingRun` holds one run's optimizer (SGD with the paper's parameter groups), learning-rate
+schedule, AMP scaler, data-parallel wrapper, metrics log and progress bar; it restores all of them from
+the last checkpoint when resuming, so that the next iterations see exactly the batches, augmentations
+and updates an uninterrupted run would. The detector trainer (:mod:`.trainer`) and the classifier
+trainer (:mod:`.classifier`) differ only in data, model, loss and evaluation.
+
+Configs are duck-typed: both :class:`~.config.TrainConfig` and :class:`~.config.ClassifierConfig` have
+the fields used here (lr, momentum, weight_decay, amp, clip_grad_norm, seed, batch_size, iterations,
+workers, out_dir, checkpoint_every, log_every, eval_every, progress, tensorboard, device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .. import models
+from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
+from .config import dump_config
+from .metrics_log import MetricsLog
+
+CHECKPOINT_NAME = "checkpoint_last.pth"
+FINAL_NAME = "model_final.pth"
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FINAL_NAME",
+    "IterationBatchSampler",
+    "SeededSamples",
+    "TrainingRun",
+    "autocast_for",
+    "barrier",
+    "check_out_dir",
+    "device_for",
+    "init_distributed",
+    "is_main",
+]
+
+# ------------------------------------------------------------------------------------------------
+# Processes
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device_for(cfg) -> torch.device:
+    """The config's ``device`` ("auto": CUDA when available)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device' is 'cuda' but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def autocast_for(cfg, device: torch.device):
+    """``torch.autocast`` in the config's ``amp`` dtype, or nothing for "none"."""
+    if cfg.amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_out_dir(path: Path) -> None:
+    """Create ``path`` and prove it writable, or raise a ValueError naming it (before any training)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
+        probe.write_text("ok")
+        probe.unlink(missing_ok=True)
+    except OSError as error:
+        raise ValueError(f"output folder {path} is not writable: {error}") from error
+
+
+# ------------------------------------------------------------------------------------------------
+# Data order
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item ``(epoch, index)`` is transformed under its own seed."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + index)
+            return self.dataset[index]
+
+
+class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(epoch, index)`` for iterations ``[start, stop)``, sharded over ranks.
+
+    Every epoch is a fresh permutation drawn from ``seed`` and the epoch number; each rank takes
+    every ``world``-th index of it and drops the incomplete last batch.
+    """
+
+    def __init__(
+        self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self.per_epoch = (size // world) // batch_size
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"the training set ({size} images) is smaller than one batch per process "
+                f"(batch_size {batch_size} x {world} processes)"
+            )
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, order = -1, None
+        for iteration in range(self.start, self.stop):
+            if iteration // self.per_epoch != epoch:
+                epoch = iteration // self.per_epoch
+                generator = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+                order = torch.randperm(self.size, generator=generator)[self.rank :: self.world]
+            position = (iteration % self.per_epoch) * self.batch_size
+            yield [(epoch, int(i)) for i in order[position : position + self.batch_size]]
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+
+
+class TrainingRun:
+    """Optimisation, checkpoints and logs of one run of ``model`` under ``cfg``.
+
+    Construct it after the model (built identically on every rank) is on ``device``; it creates the
+    optimizer, the ``LambdaLR`` schedule with ``lr_lambda``, the AMP scaler, restores them (and every
+    random generator) from ``out_dir/checkpoint_last.pth`` when ``resume`` and that file exists, writes
+    the resolved config, and wraps the model for data parallelism. Then::
+
+        for batch in run.loader(train_set, collate_fn):
+            loss, scalars = ...forward of run.train_model...
+            run.step(loss, scalars, evaluate)
+        metrics = run.finish(evaluate if evaluate_at_end else None)
+
+    ``run.iteration`` counts optimizer steps over all runs; ``run.seconds`` the training time of all
+    runs, read at each checkpoint before writing it, so a resumed or re-run job reports its whole
+    cost and the same number however often it was interrupted.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        model: nn.Module,
+        device: torch.device,
+        lr_lambda: Callable[[int], float],
+        rank: int,
+        world: int,
+        resume: bool,
+    ) -> None:
+        self.cfg, self.model, self.device, self.rank, self.world = cfg, model, device, rank, world
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        self.parameters = sum(p.numel() for p in model.parameters())
+        groups = models.param_groups(model, cfg.lr, cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.start, seconds_before = 0, 0.0
+        if resume and self.checkpoint_path.exists():
+            state = load_training_checkpoint(self.checkpoint_path)
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.start = state["iteration"]
+            seconds_before = float(state.get("train_seconds", 0.0))
+            set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        else:
+            torch.manual_seed(cfg.seed * 31 + rank)
+        if is_main():
+            dump_config(cfg, self.out_dir / "config.yaml")
+        self.train_model = model
+        if world > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.iteration = self.start
+        self.seconds = self._seconds_before = seconds_before
+        self.log = MetricsLog(self.out_dir, cfg.tensorboard) if is_main() else None
+        self._progress = None
+        if cfg.progress and is_main():
+            from tqdm import tqdm
+
+            name = f"train {self.out_dir.name}"
+            self._progress = tqdm(total=cfg.iterations, initial=self.start, desc=name, dynamic_ncols=True)
+        self._began = time.perf_counter()
+        model.train()
+
+    def loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
+        """Batches for iterations ``[start, iterations)``: this rank's shard, each item under its seed."""
+        cfg = self.cfg
+        sampler = IterationBatchSampler(
+            len(dataset), cfg.batch_size, cfg.seed, self.start, cfg.iterations, self.rank, self.world
+        )
+        return DataLoader(
+            SeededSamples(dataset, cfg.seed),
+            batch_sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=cfg.workers,
+            # A private generator: creating the loader must not draw from the global one, or a resumed
+            # run would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def step(
+        self,
+        loss: torch.Tensor,
+        scalars: dict[str, float],
+        evaluate: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """One optimizer step on ``loss``; then progress, logging (``scalars`` with the step's
+        learning rate and time), a checkpoint and an evaluation where the config says."""
+        cfg = self.cfg
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {scalars}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.iteration += 1
+        iteration, last = self.iteration, self.iteration == cfg.iterations
+        lr = self.scheduler.get_last_lr()[0]
+        if is_main():
+            if self._progress is not None:
+                self._progress.set_postfix(loss=f"{scalars.get('loss', float(loss)):.3f}", lr=f"{lr:.2e}")
+                self._progress.update(1)
+            if iteration % cfg.log_every == 0 or last:
+                elapsed = time.perf_counter() - self._began
+                self.log.write({"iteration": iteration, "lr": lr, **scalars, "time": elapsed})
+        if iteration % cfg.checkpoint_every == 0 or last:
+            self.seconds = self._seconds_before + time.perf_counter() - self._began
+            self._save_checkpoint()
+        if evaluate is not None and cfg.eval_every and iteration % cfg.eval_every == 0 and not last:
+            metrics = evaluate()
+            if is_main():
+                self.log.write({"iteration": iteration, "eval": metrics})
+
+    def finish(self, evaluate: Callable[[], dict[str, Any]] | None) -> dict[str, Any] | None:
+        """Write ``model_final.pth``; evaluate (if given) into the log and ``eval.json``; close."""
+        if self._progress is not None:
+            self._progress.close()
+        if is_main():
+            final = {"model": self.model.state_dict(), "config": self.cfg.to_dict()}
+            atomic_save(final, self.out_dir / FINAL_NAME)
+        metrics = None
+        if evaluate is not None:
+            metrics = evaluate()
+            if is_main():
+                self.log.write({"iteration": self.iteration, "eval": metrics})
+                (self.out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+        if self.log is not None:
+            self.log.close()
+        barrier()
+        return metrics
+
+    def _save_checkpoint(self) -> None:
+        states = rng_state()
+        if dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            states = gathered
+        if is_main():
+            atomic_save(
+                {
+                    "format": FORMAT,
+                    "iteration": self.iteration,
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": states,
+                    "train_seconds": self.seconds,
+                    "config": self.cfg.to_dict(),
+                },
+                self.checkpoint_path,
+            )
+        barrier()
