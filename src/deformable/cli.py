@@ -60,7 +60,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "classification":
         from .engine.classification import run_classification_demo
 
-        run_classification_demo(args.preset, args.out, args.set)
+        run_classification_demo(args.preset, args.out, args.set, resume=not args.restart)
         return 0
     from .engine.demo import run_demo
 

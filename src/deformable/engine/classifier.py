@@ -90,11 +90,17 @@ def load_trained_classifier(path: str | Path, cfg: ClassifierConfig | None = Non
 
 
 def build_classifier(cfg: ClassifierConfig, num_classes: int) -> nn.Module:
-    """The config's ResNet/ResNeXt with DCN in ``dcn_stages`` (none when ``dcn`` is None)."""
-    return models.BACKBONES[cfg.arch](
+    """The config's ResNet/ResNeXt with DCN in ``dcn_stages`` (none when ``dcn`` is None) and its
+    ``stem``; input [N, 3, H, W] -> logits [N, num_classes]."""
+    norm_layer = norm_layer_for(cfg.norm)
+    model = models.BACKBONES[cfg.arch](
         dcn=cfg.dcn, dcn_stages=cfg.dcn_stages, offset_groups=cfg.offset_groups,
-        norm_layer=norm_layer_for(cfg.norm), num_classes=num_classes,
+        norm_layer=norm_layer, num_classes=num_classes,
     )  # fmt: skip
+    if cfg.stem == "small":
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, padding=1, bias=False)
+        model.maxpool = nn.MaxPool2d(2)
+    return model
 
 
 def learning_rate_factor(cfg: ClassifierConfig, iteration: int) -> float:

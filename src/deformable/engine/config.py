@@ -123,6 +123,9 @@ class ClassifierConfig:
     task: str = "classification"
     # model
     arch: str = "resnet50"  # a key of deformable.models.BACKBONES
+    # imagenet: torchvision's 7x7/2 convolution + 3x3/2 max-pool (224 px images); small: a 3x3/1
+    # convolution + 2x2 max-pool, so 64 px images reach conv5 at 4x4 rather than 2x2
+    stem: str = "imagenet"
     dcn: str | None = "v2"
     dcn_stages: list[int] = field(default_factory=lambda: [3, 4, 5])
     offset_groups: int = 1
@@ -170,6 +173,7 @@ class ClassifierConfig:
         choices = {
             "task": ("classification",),
             "arch": tuple(BACKBONES),
+            "stem": ("imagenet", "small"),
             "dcn": (None, "v1", "v2"),
             "norm": ("bn", "gn"),
             "dataset": ("imagefolder", "deformed_fashion"),

@@ -264,7 +264,8 @@ class TrainingRun:
         lr = self.scheduler.get_last_lr()[0]
         if is_main():
             if self._progress is not None:
-                self._progress.set_postfix(loss=f"{scalars.get('loss', float(loss)):.3f}", lr=f"{lr:.2e}")
+                shown = scalars["loss"] if "loss" in scalars else float(loss.detach())
+                self._progress.set_postfix(loss=f"{shown:.3f}", lr=f"{lr:.2e}")
                 self._progress.update(1)
             if iteration % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - self._began
