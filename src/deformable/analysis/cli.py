@@ -35,8 +35,6 @@ DETECTORS = (
     "fasterrcnn_resnet50_c4_dcn",
     "maskrcnn_resnet50_c4_dcn",
 )
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULT_ROI_POOL = {"none": "align", "v1": "dpool", "v2": "mdpool"}
 EXAMPLE = """example (regular, DCNv1 and DCNv2 detectors; an object node, a background node and a RoI):
   deformable analyze --model fasterrcnn_resnet50_fpn_dcn --num-classes 11 --backbone resnet18 \\
@@ -231,8 +229,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     shown = load_image(args.image).to(device)
     image = shown
     if args.normalize == "imagenet" or (args.normalize == "auto" and not detector):
-        mean = torch.tensor(_IMAGENET_MEAN, device=device)[:, None, None]
-        std = torch.tensor(_IMAGENET_STD, device=device)[:, None, None]
+        from ..data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+
+        mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
         image = (shown - mean) / std
     height, width = image.shape[-2:]
     layer = args.layer or ("backbone.body.layer4" if detector else "layer4")

@@ -26,11 +26,10 @@ import torchvision
 from torch import nn
 
 from ..data.deformed_fashion import cache_root, deformed_fashion_classification
+from ..data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from ..models import param_groups
+from .checkpointing import atomic_save
 
-# torchvision's detection transform normalises with these; the classifier sees the same statistics.
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 BATCH_SIZE = 64
 LEARNING_RATE = 0.1
 CANVAS = 64  # canvas side: garments of 14-40 px, the detection set's object sizes
@@ -47,8 +46,9 @@ def norm_layer_for(norm: str):
     raise ValueError(f"pre-training supports norm 'gn', 'bn' or 'auto', got {norm!r}")
 
 
-_MEAN = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+# torchvision's detection transform normalises with ImageNet's statistics; the classifier sees the same.
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -124,9 +124,7 @@ def pretrained_backbone(
             logits = model(_normalise(val_set.images[start : start + 250]))[:, :10]
             correct += (logits.argmax(1) == val_set.labels[start : start + 250]).sum().item()
     accuracy = correct / len(val_set.labels)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), temporary)
-    os.replace(temporary, path)
+    atomic_save(model.state_dict(), path)
     report = dict(
         recipe,
         val_images=num_val,
