@@ -25,9 +25,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import models
 from .config import ClassifierConfig
-from .loop import TrainingRun, autocast_for, check_out_dir, device_for, init_distributed
+from .loop import (
+    TrainingRun,
+    autocast_for,
+    check_out_dir,
+    device_for,
+    eval_indices,
+    init_distributed,
+    read_model_file,
+)
 from .pretrain import norm_layer_for
-from .trainer import lr_factor
+from .trainer import lr_factor, warmup
 
 __all__ = [
     "ClassifierResult",
@@ -80,9 +88,7 @@ def load_trained_classifier(path: str | Path, cfg: ClassifierConfig | None = Non
     """A classifier from its ``model_final.pth`` or ``checkpoint_last.pth`` (config from the file)."""
     from .config import config_from_dict
 
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or "model" not in data:
-        raise ValueError(f"{path} holds no 'model' state dict")
+    data = read_model_file(path)
     cfg = cfg or config_from_dict(data["config"], ClassifierConfig)
     model = build_classifier(cfg, data["model"]["fc.weight"].shape[0])
     model.load_state_dict(data["model"])
@@ -107,11 +113,8 @@ def learning_rate_factor(cfg: ClassifierConfig, iteration: int) -> float:
     """Warmup, then step decay (as the detector's) or a cosine to zero over ``iterations``."""
     if cfg.lr_schedule == "step":
         return lr_factor(cfg, iteration)
-    factor = 0.5 * (1.0 + math.cos(math.pi * min(iteration, cfg.iterations) / cfg.iterations))
-    if iteration < cfg.warmup_iterations:
-        alpha = iteration / cfg.warmup_iterations
-        factor *= cfg.warmup_factor * (1 - alpha) + alpha
-    return factor
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(iteration, cfg.iterations) / cfg.iterations))
+    return cosine * warmup(cfg, iteration)
 
 
 @torch.no_grad()
@@ -123,9 +126,7 @@ def evaluate_classifier(
     core = model.module if hasattr(model, "module") else model
     was_training = core.training
     core.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    count = len(dataset) if cfg.eval_max_images is None else min(len(dataset), cfg.eval_max_images)
-    shard = Subset(dataset, list(range(rank, count, world)))
+    shard = Subset(dataset, eval_indices(len(dataset), cfg.eval_max_images))
     loader = DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.workers)
     totals = torch.zeros(3, dtype=torch.float64)  # images, top-1 correct, top-5 correct
     seconds = 0.0

@@ -44,8 +44,10 @@ __all__ = [
     "barrier",
     "check_out_dir",
     "device_for",
+    "eval_indices",
     "init_distributed",
     "is_main",
+    "read_model_file",
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -69,6 +71,21 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def eval_indices(size: int, max_images: int | None) -> list[int]:
+    """This process's share of an evaluation over the first ``max_images`` of ``size`` items (all
+    when None): every world-th index from its rank on."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return list(range(size))[:max_images][rank::world]
+
+
+def read_model_file(path: str | Path) -> dict[str, Any]:
+    """A ``model_final.pth`` / ``checkpoint_last.pth`` (weights only), checked to hold a ``model``."""
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path} holds no 'model' state dict")
+    return data
 
 
 def device_for(cfg) -> torch.device:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .. import models
@@ -32,7 +31,9 @@ from .loop import (  # re-exported: the names runs, tests and the CLI have alway
     barrier,
     check_out_dir,
     device_for,
+    eval_indices,
     init_distributed,
+    read_model_file,
 )
 from .pretrain import norm_layer_for, pretrained_backbone
 
@@ -136,13 +137,17 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return builder(**kwargs)
 
 
+def warmup(cfg, iteration: int) -> float:
+    """Linear warmup multiplier: ``warmup_factor`` at iteration 0 rising to 1 at ``warmup_iterations``."""
+    if iteration >= cfg.warmup_iterations:
+        return 1.0
+    alpha = iteration / cfg.warmup_iterations
+    return cfg.warmup_factor * (1 - alpha) + alpha
+
+
 def lr_factor(cfg: TrainConfig, iteration: int) -> float:
     """Linear warmup from ``warmup_factor``, then x ``lr_gamma`` at every step in ``lr_steps``."""
-    factor = cfg.lr_gamma ** sum(iteration >= step for step in cfg.lr_steps)
-    if iteration < cfg.warmup_iterations:
-        alpha = iteration / cfg.warmup_iterations
-        factor *= cfg.warmup_factor * (1 - alpha) + alpha
-    return factor
+    return cfg.lr_gamma ** sum(iteration >= step for step in cfg.lr_steps) * warmup(cfg, iteration)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,8 +164,7 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) 
     is_mask = isinstance(core, models.DCNMaskRCNN)
     was_training = core.training
     core.eval()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    indices = list(range(len(dataset)))[: cfg.eval_max_images][rank::world]
+    indices = eval_indices(len(dataset), cfg.eval_max_images)
     evaluator = Evaluator(dataset.coco, dataset.label_to_cat_id, ("bbox", "segm") if is_mask else ("bbox",))
     seconds, images = 0.0, 0
     for start in range(0, len(indices), cfg.batch_size):
@@ -258,9 +262,7 @@ def load_trained_model(
     """A model from ``model_final.pth`` or ``checkpoint_last.pth`` (config taken from the file)."""
     from .config import config_from_dict
 
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or "model" not in data:
-        raise ValueError(f"{path} holds no 'model' state dict")
+    data = read_model_file(path)
     cfg = cfg or config_from_dict(data["config"])
     if num_classes is None:
         num_classes = data["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0]
