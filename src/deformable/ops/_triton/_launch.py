@@ -14,9 +14,8 @@ A miss launches through ``JITFunction`` as usual (compiling if needed) and cache
 returns only after checking, once per kernel, that the positional argument list built here is
 exactly the one Triton's own binder produces. Anything unexpected (a Triton without these
 internals, a pre-run hook, ``DEFORMABLE_TRITON_FAST_LAUNCH=0`` (read at import), CPU tensors under
-``TRITON_INTERPRET=1``) takes the ordinary path; launch hooks (profilers) still run, as the compiled
-kernel's launcher calls them, so the fast path can only ever
-skip work, never change what runs.
+``TRITON_INTERPRET=1``) takes the ordinary path, so the fast path can only ever skip work, never change
+what runs; launch hooks (profilers) still run, as the compiled kernel's launcher calls them.
 """
 
 from __future__ import annotations
