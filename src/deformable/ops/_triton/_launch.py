@@ -1,14 +1,14 @@
-"""Launch Triton kernels with a fraction of ``JITFunction``'s per-call host time.
+"""Launch Triton kernels with less of ``JITFunction``'s per-call host time.
 
 ``kernel[grid](*args, **kwargs)`` re-derives Triton's specialisation of every argument (dtype,
 16-byte alignment, integer divisibility), builds a cache key from it and looks the compiled kernel
-up on every call: about 30 us per launch on a 2-core EPYC and about 100 us on the H200 host
-measured (``benchmarks/results/profile_host_h200.md``), where the kernels themselves often run for
-less. :func:`launch` keys its own cache by the arguments themselves instead: tensors by dtype and
-16-byte alignment, integers and constexprs by value, plus device, warps and stages. Equal keys
-therefore mean an equal Triton specialisation, so a hit can launch the ``CompiledKernel`` directly
-through its own launcher (``compiled[grid](*all_arguments)``), the convention Triton's
-``JITFunction.run`` itself uses (identical in Triton 3.6 and 3.8).
+up on every call (``JITFunction.run`` took about 120 us per call under cProfile on the H200 host,
+``benchmarks/results/profile_host_h200.md``), where the kernels themselves often run for less.
+:func:`launch` keys its own cache by the arguments themselves instead: tensors by dtype and 16-byte
+alignment, integers and constexprs by value, plus device, warps and stages. Equal keys therefore
+mean an equal Triton specialisation, so a hit can launch the ``CompiledKernel`` directly through its
+own launcher (``compiled[grid](*all_arguments)``), the convention Triton's ``JITFunction.run``
+itself uses (identical in Triton 3.6 and 3.8).
 
 A miss launches through ``JITFunction`` as usual (compiling if needed) and caches the kernel it
 returns only after checking, once per kernel, that the positional argument list built here is
@@ -16,6 +16,7 @@ exactly the one Triton's own binder produces. Anything unexpected (a Triton with
 internals, a pre-run hook, ``DEFORMABLE_TRITON_FAST_LAUNCH=0`` (read at import), CPU tensors under
 ``TRITON_INTERPRET=1``) takes the ordinary path, so the fast path can only ever skip work, never change
 what runs; launch hooks (profilers) still run, as the compiled kernel's launcher calls them.
+``benchmarks/bench_launch.py`` compares the two lookups on a CPU.
 """
 
 from __future__ import annotations
