@@ -28,7 +28,7 @@ def sampling_positions(
     """
     kh, kw = kernel_size
     batch, _, out_h, out_w = offset.shape
-    pairs = offset.view(batch, offset.shape[1] // (2 * kh * kw), kh * kw, 2, out_h, out_w)
+    pairs = offset.reshape(batch, offset.shape[1] // (2 * kh * kw), kh * kw, 2, out_h, out_w)
     dtype, device = offset.dtype, offset.device
     tap_y = torch.arange(kh, device=device, dtype=dtype).repeat_interleave(kw) * dilation[0]
     tap_x = torch.arange(kw, device=device, dtype=dtype).repeat(kh) * dilation[1]

@@ -7,6 +7,9 @@ and backward are themselves custom ops with fake kernels, so ``torch.compile(ful
 export and tracing see one op; and, in plain eager mode, an ``autograd.Function`` that calls the
 backend directly. The second exists for speed: the custom-op dispatcher costs tens of microseconds
 per call in Python, which on a GPU is more than the kernels of a small convolution take.
+
+A backward run with ``create_graph=True`` (double backward) recomputes the op with the reference and
+differentiates that instead of calling the backend's backward (:mod:`._double_backward`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import Tensor
 
 from . import _aten
 from ._backend import resolve_backend
+from ._double_backward import builds_graph, gradients_with_graph
 from ._reference import deform_conv2d_reference
 
 IntPair = int | tuple[int, int]
@@ -162,6 +166,20 @@ def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dil
         )  # fmt: skip
 
 
+def _backward_with_graph(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask):
+    """The five gradients as a differentiable graph (double backward), through the reference."""
+
+    def forward(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor) -> Tensor:
+        return deform_conv2d_reference(
+            input, offset, weight, None, tuple(stride), tuple(padding), tuple(dilation), mask
+        )
+
+    with _no_autocast(input):
+        grads = gradients_with_graph(forward, grad_output, (input, offset, mask, weight), output_mask[:4])
+        grad_bias = grad_output.sum(dim=(0, 2, 3)) if output_mask[4] else None
+    return (*grads, grad_bias)
+
+
 def _save_for_backward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend) -> None:
     ctx.save_for_backward(input, offset, mask, weight)
     ctx.params = (stride, padding, dilation, backend, bias is not None)
@@ -234,6 +252,11 @@ def _backward(ctx, grad_output):
     input, offset, mask, weight = ctx.saved_tensors
     stride, padding, dilation, backend, has_bias = ctx.params
     output_mask = _output_mask(ctx, mask, has_bias)
+    if builds_graph(grad_output, input, offset, mask, weight):
+        grads = _backward_with_graph(
+            grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask
+        )
+        return (*grads, None, None, None, None)
     grads = _deform_conv2d_backward_op(
         grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
     )
@@ -263,6 +286,11 @@ class _DeformConv2dFunction(torch.autograd.Function):
         input, offset, mask, weight = ctx.saved_tensors
         stride, padding, dilation, backend, has_bias = ctx.params
         output_mask = _output_mask(ctx, mask, has_bias)
+        if builds_graph(grad_output, input, offset, mask, weight):
+            grads = _backward_with_graph(
+                grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask
+            )
+            return (*grads, None, None, None, None)
         grads = _run_backward(
             grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
         )

@@ -13,7 +13,8 @@
 
 Both fast backends are reached through the custom operators above (what ``torch.compile``, export and
 tracing see) or, in plain eager mode, through an ``autograd.Function`` that skips the custom-op
-dispatcher's per-call cost.
+dispatcher's per-call cost. A backward run with ``create_graph=True`` (double backward) goes through
+the reference instead, which autograd can differentiate again (:mod:`._double_backward`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
+from ._double_backward import builds_graph, gradients_with_graph
 from .deform_conv import _plain_eager
 
 __all__ = ["deform_roi_pool"]
@@ -121,6 +123,16 @@ def _needs(ctx, offset, mask) -> tuple[bool, bool, bool]:
     return need_input, need_offset and offset is not None, need_mask and mask is not None
 
 
+def _backward_with_graph(grad_output, input, rois, offset, mask, params, needs):
+    """(grad_input, grad_offset, grad_mask) as a differentiable graph (double backward), through the
+    reference; ``params`` are the seven pooling parameters, the backend last."""
+
+    def forward(input: Tensor, offset: Tensor | None, mask: Tensor | None) -> Tensor:
+        return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *params[:-1])
+
+    return gradients_with_graph(forward, grad_output, (input, offset, mask), needs)
+
+
 def _setup_context(ctx, inputs, output):
     input, rois, offset, mask, *params = inputs
     ctx.save_for_backward(input, rois, offset, mask)
@@ -131,7 +143,12 @@ def _backward(ctx, grad_output):
     input, rois, offset, mask = ctx.saved_tensors
     need_input, need_offset, need_mask = _needs(ctx, offset, mask)
     grad_input = grad_offset = grad_mask = None
-    if need_input or need_offset or need_mask:
+    if builds_graph(grad_output, input, offset, mask):
+        needs = (need_input, need_offset, need_mask)
+        grad_input, grad_offset, grad_mask = _backward_with_graph(
+            grad_output, input, rois, offset, mask, ctx.params, needs
+        )
+    elif need_input or need_offset or need_mask:
         grad_input, grad_offset, grad_mask = _deform_roi_pool_backward_op(
             grad_output.contiguous(),
             input,
@@ -169,7 +186,11 @@ class _DeformRoIPoolFunction(torch.autograd.Function):
         input, rois, offset, mask = ctx.saved_tensors
         need_input, need_offset, need_mask = _needs(ctx, offset, mask)
         grads = (None, None, None)
-        if need_input or need_offset or need_mask:
+        if builds_graph(grad_output, input, offset, mask):
+            grads = _backward_with_graph(
+                grad_output, input, rois, offset, mask, ctx.params, (need_input, need_offset, need_mask)
+            )
+        elif need_input or need_offset or need_mask:
             *params, backend = ctx.params
             grads = _implementation(backend).deform_roi_pool_backward(
                 grad_output.contiguous(),
