@@ -9,7 +9,8 @@
    torchvision's op in float64 on the GPU (exact, the contract's semantics) on the same rounded
    inputs. Each error is reported in units of the dtype's epsilon times its scale (the sum of |terms|
    from the same op on absolute values; the largest |gradient| for the offset), so 1 is one rounding;
-   the pass limits are 4 (outputs) and 8 (gradients), 32 and 64 for full fp32. Also: the deterministic
+   the pass limits are 4 (outputs) and 8 (gradients), 32 and 64 for full fp32 (or within 1.5x the
+   error of torchvision's fp32 op, measured beside it: both round positions to fp32). Also: the deterministic
    mode is bitwise repeatable, fp32 parity with torchvision's fp32 op, autocast, channels_last
    inputs, NaN/inf offsets, batch 0.
 2. Timing and peak memory, the seven anchor shapes (shared/anchors) x fp32/fp16/bf16: ours (the
@@ -323,33 +324,61 @@ def scaled_error(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | flo
     return ((err / (eps * scale + 1e-300)).max().item()) if err.numel() else 0.0
 
 
-def check_problem(problem: Problem, mode: str, device, report: Report) -> None:
-    """Output and gradients of ours in ``mode`` (fp32-ieee, fp32-tf32, fp16, bf16) against float64."""
-    dtype = torch.float32 if mode.startswith("fp32") else DTYPES[mode]
-    eps = TF32_EPS if mode == "fp32-tf32" else torch.finfo(dtype).eps
-    limits = FP32_LIMITS if mode == "fp32-ieee" else LIMITS
-    tensors = problem.tensors(dtype, device)
-    with tf32(mode == "fp32-tf32"):
-        out = problem.call(ours, tensors)
-        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
-        grads = fwd_bwd(problem, ours, tensors, grad_output)()
-    grads = iter(grads)
+def _scaled_errors(problem: Problem, fn, tensors, grad_output, refs, eps: float) -> dict[str, float]:
+    """Errors of ``fn``'s output and gradients against the float64 reference, in eps x scale."""
+    out = problem.call(fn, tensors)
+    grads = iter(fwd_bwd(problem, fn, tensors, grad_output)())
     grads = [None if t is None else next(grads) for t in tensors]
-    ref_out, ref_grads = reference(problem, tensors, grad_output, absolute=False)
-    abs_out, abs_grads = reference(problem, tensors, grad_output, absolute=True)
-
+    (ref_out, ref_grads), (abs_out, abs_grads) = refs
     errors = {"out": scaled_error(out, ref_out, abs_out, eps)}
     for name, g, r, b in zip(GRAD_NAMES, grads, ref_grads, abs_grads, strict=True):
         if g is None:
             continue
         scale = (r if name == "offset" else b).abs().max().item()
         errors[name] = scaled_error(g, r, scale, eps)
-    bad = [k for k, v in errors.items() if not v <= limits["out" if k == "out" else "grad"]]
+    return errors
+
+
+# Full fp32 may also pass by being as accurate as torchvision's fp32 op: both round the sampling
+# positions to fp32, whose error grows with the coordinates (a 168-pixel-wide map loses ~8 bits of
+# the fraction), and the offset gradient's scale is its largest value, not a sum of |terms|.
+TORCHVISION_FACTOR = 1.5
+
+
+def check_problem(problem: Problem, mode: str, device, report: Report) -> None:
+    """Output and gradients of ours in ``mode`` (fp32-ieee, fp32-tf32, fp16, bf16) against float64;
+    in fp32-ieee also torchvision's fp32 op, as the yardstick of what fp32 positions allow."""
+    dtype = torch.float32 if mode.startswith("fp32") else DTYPES[mode]
+    eps = TF32_EPS if mode == "fp32-tf32" else torch.finfo(dtype).eps
+    limits = FP32_LIMITS if mode == "fp32-ieee" else LIMITS
+    tensors = problem.tensors(dtype, device)
+    out_shape = problem.call(ours, tensors).shape
+    grad_output = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    refs = (
+        reference(problem, tensors, grad_output, absolute=False),
+        reference(problem, tensors, grad_output, absolute=True),
+    )
+    with tf32(mode == "fp32-tf32"):
+        errors = _scaled_errors(problem, ours, tensors, grad_output, refs, eps)
+    tv_errors = None
+    if mode == "fp32-ieee":
+        with tf32(False):  # torchvision's GEMMs follow the matmul switch, off by default: full fp32
+            tv_errors = _scaled_errors(problem, torchvision_op, tensors, grad_output, refs, eps)
+
+    def passes(key: str, value: float) -> bool:
+        if value <= limits["out" if key == "out" else "grad"]:
+            return True
+        return tv_errors is not None and value <= TORCHVISION_FACTOR * tv_errors.get(key, 0.0)
+
+    bad = [k for k, v in errors.items() if not passes(k, v)]
     status = "ok" if not bad else "FAIL " + ",".join(bad)
     if bad:
         report.failures.append(f"{problem.name} {mode}: {bad}")
     cells = " | ".join(fmt(errors.get(k), 2) for k in ("out", *GRAD_NAMES))
     report.add(f"| {problem.name} | {mode} | {cells} | {status} |")
+    if tv_errors is not None:
+        cells = " | ".join(fmt(tv_errors.get(k), 2) for k in ("out", *GRAD_NAMES))
+        report.add(f"| {problem.name} | fp32 torchvision | {cells} | yardstick |")
 
 
 def check_deterministic(problem: Problem, dtype: torch.dtype, device, report: Report) -> None:
@@ -488,7 +517,8 @@ def correctness(device, report: Report, clock: Clock, smoke: bool) -> None:
         "Errors in units of eps x scale (scale: sum of |terms| per output element; per gradient the "
         "largest such sum, the largest |gradient| for the offset); eps of the dtype, 2^-10 for TF32. "
         f"Limits: {LIMITS['out']:g} (out), {LIMITS['grad']:g} (gradients); full fp32 "
-        f"{FP32_LIMITS['out']:g} and {FP32_LIMITS['grad']:g}."
+        f"{FP32_LIMITS['out']:g} and {FP32_LIMITS['grad']:g}, or within {TORCHVISION_FACTOR:g}x the error "
+        "of torchvision's fp32 op (its row, 'fp32 torchvision'), which rounds positions to fp32 as we do."
     )
     report.add("")
     report.add("| problem | mode | out | " + " | ".join(f"grad {n}" for n in GRAD_NAMES) + " | |")
