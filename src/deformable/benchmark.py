@@ -65,6 +65,24 @@ class Row:
         return None if a is None or b is None else a / b
 
 
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes PyTorch's allocators hold while ``fn`` runs, above what they held before.
+
+    Counted from the profiler's allocation and release events, so it works on any device, CPU
+    included (where the allocator keeps no peak statistic). Tensors ``fn`` returns count as held.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -25,7 +25,10 @@ backward, weight part
     gradient is ``grad_out.sum``.
 
 Nothing is saved between forward and backward but the op's inputs; each call makes one
-channels-last copy of the input (free when the input is channels_last already).
+channels-last copy of the input (free when the input is channels_last already). The backward runs
+the weight kernel first and converts the fp32 input-gradient accumulator into grad_input only after
+releasing that copy, so no more than two input-sized buffers are alive at once
+(``benchmarks/triton_memory.py`` predicts the GPU's peak memory on a CPU).
 
 Deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no float atomics anywhere.
 The data kernel stores the per-sample column gradients instead of scattering them, the samples are
@@ -458,21 +461,31 @@ def backward(
     mask_c = mask.contiguous() if mask is not None else offset_c
     grad_input = grad_offset = grad_mask = grad_weight = None
     with _device_guard(input):
-        if need_input or need_offset or need_mask:
-            # The weight's GEMM copy is a temporary: freed before the weight gradient's buffers exist.
-            w = _weight_gemm(weight, geo)
-            grads = _data_grads(
-                geo, x, offset_c, mask_c, mask is not None, w, go, need_input, need_offset, need_mask
-            )
-            grad_input, grad_offset, grad_mask = grads
-            del w
+        # Peak memory: the weight kernel runs first and the input gradient is written last, after the
+        # channels-last copy of the input is released, so that copy, the fp32 accumulator and
+        # grad_input (each input-sized) are never alive together.
         if need_weight:
             grad_weight = _weight_grad(geo, x, offset_c, mask_c, mask is not None, go, weight.dtype)
+        finish_input = None
+        if need_input or need_offset or need_mask:
+            w = _weight_gemm(weight, geo)
+            finish_input, grad_offset, grad_mask = _data_grads(
+                geo, x, offset_c, mask_c, mask is not None, w, go, need_input, need_offset, need_mask
+            )
+            del w
+        del x
+        if finish_input is not None:
+            grad_input = finish_input()
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
 def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, need_mask):
-    """grad_input, grad_offset, grad_mask (None where not needed) via the data kernel."""
+    """Run the data kernel: (finish_input, grad_offset, grad_mask), None where not needed.
+
+    ``finish_input()`` turns the kernel's buffers into grad_input [N, C_in, H, W] (the fp32
+    channels-last accumulator converted, or the deterministic gather); it reads neither ``x`` nor ``w``,
+    so the caller can release them first.
+    """
     dtype, acc = x.dtype, _compute_dtype(x.dtype)
     device = x.device
     deterministic = need_input and torch.are_deterministic_algorithms_enabled()
@@ -516,15 +529,14 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
 
     run(_choose("data", geo, x, flags, run))
 
-    grad_input = None
-    if need_input and deterministic:
-        grad_input = _gather_input_grad(geo, colgrad, frac, keys, cells, dtype)
-    elif need_input:
-        grad_input = torch.empty(
-            (geo.batch, geo.in_channels, geo.height, geo.width), dtype=dtype, device=device
-        )
-        grad_input.copy_(gx.permute(0, 3, 1, 2))
-    return grad_input, grad_offset, grad_mask
+    def finish_input() -> Tensor:
+        if deterministic:
+            return _gather_input_grad(geo, colgrad, frac, keys, cells, dtype)
+        shape = (geo.batch, geo.in_channels, geo.height, geo.width)
+        grad_input = torch.empty(shape, dtype=dtype, device=device)
+        return grad_input.copy_(gx.permute(0, 3, 1, 2))
+
+    return (finish_input if need_input else None), grad_offset, grad_mask
 
 
 def _gather_input_grad(geo, colgrad, frac, keys, cells, dtype) -> Tensor:
