@@ -392,6 +392,28 @@ def test_deterministic_mode_is_correct_and_bitwise_repeatable(deterministic, dty
         assert torch.equal(first[index], atomic[index])
 
 
+@pytest.mark.parametrize("budget_images", [1, 2])
+def test_deterministic_groups_of_images_under_the_memory_budget_are_bitwise_identical(
+    deterministic, budget_images
+):
+    """A memory budget too small for the whole batch's per-sample buffers splits it into groups of
+    images (1 + 1 + 1, or 2 + 1): same bits as one group, and within the oracle's bounds."""
+    from deformable.ops import memory_budget
+
+    case = Case(batch=3, in_channels=6, out_channels=5, size=(5, 6), offset_groups=2)
+    tensors = make_inputs(case, torch.float32)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float32).to(DEVICE)
+    whole = backward(case, tensors, grad_output)
+    geo = tdc._Geometry.of(tensors[0], tensors[1], tensors[3], *case.geometry)
+    per_image = tdc.get_memory_budget() // tdc._images_per_deterministic_group(geo, torch.float32)
+    with memory_budget(budget_images * per_image):
+        assert tdc._images_per_deterministic_group(geo, torch.float32) == budget_images
+        grouped = backward(case, tensors, grad_output)
+    for a, b in zip(whole, grouped, strict=True):
+        assert torch.equal(a, b)
+    check_grads(case, tensors, grad_output, grouped, torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Integration and configuration
 

@@ -34,8 +34,10 @@ Deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no float 
 The data kernel stores the per-sample column gradients instead of scattering them, the samples are
 sorted stably by the input cell their neighbours fall in, and a gather kernel sums, for every input
 pixel, the samples of its four neighbouring cells in that fixed order. It costs one
-[N*Ho*Wo*kh*kw, C_in] fp32 buffer and a sort; the weight kernel writes per-split partial sums
-instead of adding them atomically. The offset, mask and bias gradients are deterministic in both
+[N*Ho*Wo*kh*kw, C_in] fp32 buffer and a sort, taken a group of images at a time when the whole batch
+would exceed the memory budget (``deformable.ops.set_memory_budget``, 256 MiB by default); the
+weight kernel writes per-split partial sums, as many as fit that budget, instead of adding them
+atomically. The offset, mask and bias gradients are deterministic in both
 modes.
 
 Precision: fp16/bf16 run the matrix products in their dtype with fp32 accumulation; positions,
@@ -62,6 +64,7 @@ The same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
@@ -72,6 +75,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._aten import get_memory_budget
 from .._geometry import ConvGeometry
 from . import _deform_conv_kernels as _k
 from ._launch import launch
@@ -484,89 +488,134 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
 
     ``finish_input()`` turns the kernel's buffers into grad_input [N, C_in, H, W] (the fp32
     channels-last accumulator converted, or the deterministic gather); it reads neither ``x`` nor ``w``,
-    so the caller can release them first.
+    so the caller can release them first. In deterministic mode the per-sample buffers are sized for
+    groups of images that fit the memory budget (:func:`deformable.ops.set_memory_budget`), one
+    kernel launch and one gather per group; a sample only reaches its own image's pixels and each
+    group is sorted stably, so the result is bitwise the same whatever the grouping.
     """
     dtype, acc = x.dtype, _compute_dtype(x.dtype)
     device = x.device
     deterministic = need_input and torch.are_deterministic_algorithms_enabled()
-    samples = geo.pixels * geo.offset_groups * geo.taps
     grad_offset = torch.empty(offset.shape, dtype=dtype, device=device) if need_offset else None
     grad_mask = torch.empty(mask.shape, dtype=dtype, device=device) if need_mask else None
-    gx = colgrad = frac = keys = None
-    if need_input and deterministic:
-        colgrad = torch.empty((samples, geo.channels_per_offset_group), dtype=acc, device=device)
-        frac = torch.empty((samples, 2), dtype=acc, device=device)
-        keys = torch.empty(samples, dtype=torch.int64, device=device)
-    elif need_input:
+    gx = None
+    if need_input and not deterministic:
         gx = torch.empty((geo.batch, geo.height, geo.width, geo.in_channels), dtype=acc, device=device)
-    dummy = offset
-    cells = geo.batch * geo.offset_groups * (geo.height + 1) * (geo.width + 1)
+    input_shape = (geo.batch, geo.in_channels, geo.height, geo.width)
     flags = (has_mask, need_input, need_offset, need_mask, deterministic)
+    step = _images_per_deterministic_group(geo, acc) if deterministic else geo.batch
+    groups = [(n, min(n + step, geo.batch)) for n in range(0, geo.batch, step)]
+    # Several groups gather as they go, into a grad_input that exists from the start; a single one
+    # leaves its gather to finish_input, after the caller has released the input's copy.
+    grad_input = torch.empty(input_shape, dtype=dtype, device=device) if len(groups) > 1 else None
+    pending = None
+    dummy = offset  # the kernel's pointer for an output it does not write
+    for n0, n1 in groups:
+        sub = dataclasses.replace(geo, batch=n1 - n0)
+        rows = functools.partial(_images, n0=n0, n1=n1, batch=geo.batch)
+        buffers = _sample_buffers(sub, acc, device) if deterministic else None
+        colgrad, frac, keys, cells = buffers if buffers is not None else (None, None, None, 0)
 
-    def run(cfg: Config) -> None:
-        if gx is not None:
-            gx.zero_()
-        programs = geo.pixel_tiles(cfg.block_m) * geo.offset_groups * geo.taps
-        launch(
-            _k.deform_conv_bwd_data_kernel, _grid(programs),
-            x, offset, mask, w, go,
-            gx if gx is not None else dummy,
-            grad_offset if grad_offset is not None else dummy,
-            grad_mask if grad_mask is not None else dummy,
-            colgrad if colgrad is not None else dummy,
-            frac if frac is not None else dummy,
-            keys if keys is not None else dummy,
-            geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
-            geo.out_channels,
-            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.offset_groups, geo.taps,
-            geo.kw, *geo.spatial_args(), cells,
-            HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
-            DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= geo.group_out,
-            INDEX64=geo.index64(samples * 2),
-            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
-        )  # fmt: skip
+        def run(cfg: Config, sub=sub, rows=rows, colgrad=colgrad, frac=frac, keys=keys, cells=cells) -> None:
+            if gx is not None:
+                gx.zero_()
+            programs = sub.pixel_tiles(cfg.block_m) * sub.offset_groups * sub.taps
+            launch(
+                _k.deform_conv_bwd_data_kernel, _grid(programs),
+                rows(x), rows(offset), rows(mask), w, rows(go),
+                gx if gx is not None else dummy,
+                rows(grad_offset) if grad_offset is not None else dummy,
+                rows(grad_mask) if grad_mask is not None else dummy,
+                colgrad if colgrad is not None else dummy,
+                frac if frac is not None else dummy,
+                keys if keys is not None else dummy,
+                sub.batch, sub.height, sub.width, sub.in_channels, sub.out_h * sub.out_w, sub.out_w,
+                sub.out_channels,
+                sub.group_in, sub.group_out, sub.channels_per_offset_group, sub.offset_groups, sub.taps,
+                sub.kw, *sub.spatial_args(), cells,
+                HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
+                DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
+                INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2),
+                BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
+            )  # fmt: skip
 
-    run(_choose("data", geo, x, flags, run))
+        run(_choose("data", sub, x, flags, run))
+        if buffers is not None and grad_input is not None:
+            _gather_input_grad(sub, *buffers, rows(grad_input), dtype)
+        elif buffers is not None:
+            pending = (sub, buffers)
 
     def finish_input() -> Tensor:
-        if deterministic:
-            return _gather_input_grad(geo, colgrad, frac, keys, cells, dtype)
-        shape = (geo.batch, geo.in_channels, geo.height, geo.width)
-        grad_input = torch.empty(shape, dtype=dtype, device=device)
-        return grad_input.copy_(gx.permute(0, 3, 1, 2))
+        if grad_input is not None:
+            return grad_input
+        if pending is not None:
+            sub, buffers = pending
+            return _gather_input_grad(sub, *buffers, None, dtype)
+        return torch.empty(input_shape, dtype=dtype, device=device).copy_(gx.permute(0, 3, 1, 2))
 
     return (finish_input if need_input else None), grad_offset, grad_mask
 
 
-def _gather_input_grad(geo, colgrad, frac, keys, cells, dtype) -> Tensor:
-    """Deterministic grad_input [N, C_in, H, W] from the per-sample column gradients."""
+def _images(t: Tensor, *, n0: int, n1: int, batch: int) -> Tensor:
+    """Images n0..n1-1 of a batch-major tensor (the tensor itself when that is all of them)."""
+    return t if (n0, n1) == (0, batch) else t[n0:n1]
+
+
+def _images_per_deterministic_group(geo: _Geometry, acc: torch.dtype) -> int:
+    """How many images' per-sample buffers (and their sort) fit the memory budget; at least one."""
+    acc_bytes = torch.finfo(acc).bits // 8
+    samples = geo.out_h * geo.out_w * geo.offset_groups * geo.taps
+    cells = geo.offset_groups * (geo.height + 1) * (geo.width + 1)
+    # colgrad and frac, the key and the sort's sorted keys and order (int64 each), the run starts.
+    per_image = samples * ((geo.channels_per_offset_group + 2) * acc_bytes + 3 * 8) + cells * 8
+    return max(1, get_memory_budget() // per_image)
+
+
+def _sample_buffers(geo: _Geometry, acc: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(colgrad [samples, C_in/G], frac [samples, 2], keys [samples], cells) of deterministic mode."""
+    samples = geo.pixels * geo.offset_groups * geo.taps
+    cells = geo.batch * geo.offset_groups * (geo.height + 1) * (geo.width + 1)
+    return (
+        torch.empty((samples, geo.channels_per_offset_group), dtype=acc, device=device),
+        torch.empty((samples, 2), dtype=acc, device=device),
+        torch.empty(samples, dtype=torch.int64, device=device),
+        cells,
+    )
+
+
+def _gather_input_grad(geo, colgrad, frac, keys, cells, out: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Deterministic grad_input [N, C_in, H, W] of ``geo``'s images from the per-sample column
+    gradients, written into ``out`` (contiguous) or, when None, a new tensor of ``dtype`` allocated
+    after the sort (whose temporaries are then gone); returns it."""
     sorted_keys, order = torch.sort(keys, stable=True)
     start = torch.searchsorted(sorted_keys, torch.arange(cells + 1, device=keys.device, dtype=torch.int64))
-    grad_input = torch.empty(
-        (geo.batch, geo.in_channels, geo.height, geo.width), dtype=dtype, device=colgrad.device
-    )
-    if grad_input.numel() == 0:
-        return grad_input
+    del sorted_keys
+    if out is None:
+        shape = (geo.batch, geo.in_channels, geo.height, geo.width)
+        out = torch.empty(shape, dtype=dtype, device=colgrad.device)
+    if out.numel() == 0:
+        return out
     cfg = _default_config("gather", geo, colgrad)
     cpg = geo.channels_per_offset_group
     hw = geo.height * geo.width
     programs = geo.batch * _cdiv(hw, cfg.block_m) * geo.offset_groups * _cdiv(cpg, cfg.block_n)
     launch(
         _k.deform_conv_gather_input_grad_kernel, _grid(programs),
-        colgrad, frac, order, start, grad_input,
+        colgrad, frac, order, start, out,
         geo.batch, geo.height, geo.width, hw, geo.in_channels, geo.offset_groups, cpg,
-        CT=_tl_compute_dtype(dtype), INDEX64=geo.index64(colgrad.numel(), cells + 1),
+        CT=_tl_compute_dtype(out.dtype), INDEX64=geo.index64(colgrad.numel(), cells + 1),
         BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return grad_input
+    return out
 
 
 def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
     """grad_weight [C_out, C_in/groups, kh, kw] by the split-K weight kernel.
 
     The splits add up with atomics into one fp32 buffer, or, in deterministic mode, write partial
-    sums (at most 256 MiB of them) that ``torch.sum`` reduces in a fixed order.
+    sums (within the memory budget, :func:`deformable.ops.set_memory_budget`) that ``torch.sum``
+    reduces in a fixed order.
     """
     acc = _compute_dtype(dtype)
     cpg = geo.channels_per_offset_group
@@ -580,7 +629,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
         splits = max(1, min(_cdiv(4 * _multiprocessors(x), others), _cdiv(tiles, 4), 64))
         if deterministic:
             per_split = geo.groups * geo.taps * geo.group_in * geo.group_out * torch.finfo(acc).bits // 8
-            splits = max(1, min(splits, (256 * 2**20) // max(per_split, 1)))
+            splits = max(1, min(splits, get_memory_budget() // max(per_split, 1)))
         tiles_per_split = _cdiv(tiles, splits)
         splits = _cdiv(tiles, tiles_per_split)
         shape = (splits if deterministic else 1, geo.groups, geo.taps, geo.group_in, geo.group_out)
