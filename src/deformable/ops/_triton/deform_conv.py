@@ -511,8 +511,9 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
     pending = None
     dummy = offset  # the kernel's pointer for an output it does not write
     for n0, n1 in groups:
-        sub = dataclasses.replace(geo, batch=n1 - n0)
-        rows = functools.partial(_images, n0=n0, n1=n1, batch=geo.batch)
+        whole = (n0, n1) == (0, geo.batch)
+        sub = geo if whole else dataclasses.replace(geo, batch=n1 - n0)
+        rows = _whole if whole else functools.partial(_images, n0=n0, n1=n1)
         buffers = _sample_buffers(sub, acc, device) if deterministic else None
         colgrad, frac, keys, cells = buffers if buffers is not None else (None, None, None, 0)
 
@@ -557,9 +558,13 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
     return (finish_input if need_input else None), grad_offset, grad_mask
 
 
-def _images(t: Tensor, *, n0: int, n1: int, batch: int) -> Tensor:
-    """Images n0..n1-1 of a batch-major tensor (the tensor itself when that is all of them)."""
-    return t if (n0, n1) == (0, batch) else t[n0:n1]
+def _images(t: Tensor, *, n0: int, n1: int) -> Tensor:
+    """Images n0..n1-1 of a batch-major tensor."""
+    return t[n0:n1]
+
+
+def _whole(t: Tensor) -> Tensor:
+    return t
 
 
 def _images_per_deterministic_group(geo: _Geometry, acc: torch.dtype) -> int:
