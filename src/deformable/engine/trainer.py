@@ -12,7 +12,7 @@ Reproducibility and resumption:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,29 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
         sizes = tuple((s,) for s in cfg.anchor_sizes)
         kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return builder(**kwargs)
+    model = builder(**kwargs)
+    if cfg.scale_jitter:
+        _keep_training_scales(model)
+    return model
+
+
+def _keep_training_scales(model: nn.Module) -> None:
+    """Let training images reach the network at the scale the dataset's jitter gave them.
+
+    torchvision's detectors resize every image to ``min_size`` inside the model, which would undo the
+    jitter; its transform's ``_skip_resize`` switch (what torchvision's own detection recipes set for
+    dataset-side scale augmentation) skips that resize in training only. Evaluation still resizes
+    to ``min_size``, as the evaluation transforms already did.
+    """
+    transform = model.transform
+    if not hasattr(transform, "_skip_resize"):
+        import torchvision
+
+        raise RuntimeError(
+            "config key 'scale_jitter' needs torchvision's GeneralizedRCNNTransform._skip_resize, which "
+            f"this torchvision ({torchvision.__version__}) lacks"
+        )
+    transform._skip_resize = True
 
 
 def warmup(cfg, iteration: int) -> float:
@@ -266,6 +288,19 @@ def load_trained_model(
     cfg = cfg or config_from_dict(data["config"])
     if num_classes is None:
         num_classes = data["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0]
-    model = build_model(cfg, num_classes)
+    model = build_model(_without_backbone_weights(cfg), num_classes)
     model.load_state_dict(data["model"])
     return model
+
+
+def _without_backbone_weights(cfg: TrainConfig) -> TrainConfig:
+    """The same architecture, built without loading the backbone's starting weights.
+
+    A trained model's file holds every weight, so reading the backbone's (a pre-training cache that
+    may be gone, or ImageNet weights to be downloaded) would only be overwritten. The normalisation
+    that ``norm: auto`` derived from having starting weights is kept, so the state dict's keys match.
+    """
+    norm = cfg.norm
+    if norm == "auto":
+        norm = "frozen_bn" if cfg.weights_backbone is not None else "bn"
+    return replace(cfg, weights_backbone=None, norm=norm)

@@ -1,0 +1,44 @@
+"""What the engine builds: trained models reload from their own file alone, and the configured
+training augmentation reaches the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from deformable.engine.config import load_config
+from deformable.engine.trainer import FINAL_NAME, build_datasets, build_model, load_trained_model, train
+
+
+def test_a_trained_model_loads_without_the_weights_it_started_from(smoke_overrides):
+    """The final file holds every weight: evaluating it must not need the pre-training cache (or an
+    ImageNet download) that training started from."""
+    cfg = load_config("demo_smoke", [*smoke_overrides, "iterations=1", "checkpoint_every=1"])
+    result = train(cfg, evaluate_at_end=False)
+    start = Path(cfg.weights_backbone)  # training pointed this at the pre-trained backbone's cache
+    assert start.is_file()
+    hidden = start.rename(start.with_name(start.name + ".hidden"))
+    try:
+        model = load_trained_model(result.out_dir / FINAL_NAME)
+    finally:
+        hidden.rename(start)
+    saved = torch.load(result.out_dir / FINAL_NAME, weights_only=True)["model"]
+    state = model.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[key], saved[key]) for key in saved)
+
+
+def test_scale_jitter_reaches_the_network(smoke_overrides):
+    """torchvision's detectors resize every image to min_size themselves; with scale jitter the
+    training images must keep the jittered scales, and evaluation still uses min_size."""
+    cfg = load_config("demo_smoke", [*smoke_overrides, "scale_jitter=[0.5, 1.5]"])
+    train_set, _ = build_datasets(cfg)
+    model = build_model(cfg, train_set.num_classes + 1)
+    torch.manual_seed(0)
+    images = [train_set[i][0] for i in range(8)]
+    model.train()
+    trained_sizes = {min(size) for size in model.transform(images)[0].image_sizes}
+    assert len(trained_sizes) > 1 and trained_sizes == {min(image.shape[-2:]) for image in images}
+    model.eval()
+    assert {min(size) for size in model.transform(images)[0].image_sizes} == {cfg.min_size}
