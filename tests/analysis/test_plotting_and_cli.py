@@ -84,3 +84,44 @@ def test_analyze_command(tmp_path, capsys):
                              "v1", "v2", "--image", "x.png", "--out", "y.png"])  # fmt: skip
     with pytest.raises(SystemExit):
         bad.func(bad)
+
+
+def test_analyze_builds_trained_runs_from_their_config_and_refuses_partial_fits(tmp_path, capsys):
+    """A `deformable train` file carries its config (no model options needed); a plain state dict that
+    fits the named model only partly is an error unless --allow-partial."""
+    from deformable.engine.classifier import build_classifier
+    from deformable.engine.config import load_any_config
+
+    parser = argparse.ArgumentParser(prog="deformable")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    image_io.imsave(str(tmp_path / "image.png"), torch.rand(32, 32, 3).numpy())
+    common = ["--image", str(tmp_path / "image.png"), "--fg", "16", "16", "--no-saliency"]
+
+    cfg = load_any_config(
+        None, ["task=classification", "dataset=deformed_fashion", "arch=resnet18", "dcn=v2", "dcn_stages=[5]"]
+    )
+    torch.manual_seed(0)
+    trained = build_classifier(cfg, 4)
+    run_file = tmp_path / "model_final.pth"
+    torch.save({"model": trained.state_dict(), "config": cfg.to_dict()}, run_file)
+    out = tmp_path / "a.png"
+    args = parser.parse_args(["analyze", "--checkpoint", str(run_file), "--out", str(out), *common])
+    assert args.func(args) == 0 and _non_blank(out)
+
+    plain = tmp_path / "regular.pth"
+    torch.save(resnet18_dcn(dcn=None, dcn_stages=(5,), num_classes=4).state_dict(), plain)
+    options = ["--model", "resnet18_dcn", "--num-classes", "4", "--dcn", "v2", "--dcn-stages", "5"]
+    args = parser.parse_args(
+        ["analyze", *options, "--checkpoint", str(plain), "--out", str(tmp_path / "b.png"), *common]
+    )
+    with pytest.raises(SystemExit, match=r"missing.*--allow-partial"):
+        args.func(args)
+    args = parser.parse_args(
+        ["analyze", *options, "--allow-partial", "--checkpoint", str(plain), "--out", str(tmp_path / "b.png"),
+         *common]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    assert "missing" in capsys.readouterr().out
+    no_model = parser.parse_args(["analyze", "--checkpoint", str(plain), "--out", "c.png", *common])
+    with pytest.raises(SystemExit, match="--model"):
+        no_model.func(no_model)

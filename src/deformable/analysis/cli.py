@@ -7,9 +7,16 @@ the RoI head for a box)::
         --checkpoint regular.pth dcnv1.pth dcnv2.pth --dcn none v1 v2 --labels regular DCNv1 DCNv2 \\
         --image street.png --out figure1.png --fg 120 200 --bg 20 20 --box 150 80 260 170
 
+Files written by ``deformable train`` or ``deformable demo`` (``model_final.pth``, ``checkpoint_last.pth``)
+carry their config: their model is built from it, and the model options are not needed::
+
+    deformable analyze --checkpoint runs/regular/model_final.pth runs/dcnv2/model_final.pth \
+        --image canvas.png --out figure1.png
+
 Node positions (``--fg``, ``--bg``) are image pixels (y, x), mapped to the nearest position of ``--layer``'s
-output map; ``--box`` is (x1, y1, x2, y2). Wire the command into the main parser with
-``add_cli(subparsers)``.
+output map; ``--box`` is (x1, y1, x2, y2). A checkpoint that fits its model only partly (missing,
+unexpected or mismatched tensors) is an error unless ``--allow-partial`` is given. Wire the command
+into the main parser with ``add_cli(subparsers)``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,11 @@ DETECTORS = (
     "maskrcnn_resnet50_c4_dcn",
 )
 _DEFAULT_ROI_POOL = {"none": "align", "v1": "dpool", "v2": "mdpool"}
-EXAMPLE = """example (regular, DCNv1 and DCNv2 detectors; an object node, a background node and a RoI):
+EXAMPLE = """examples:
+  # runs of `deformable train` / `deformable demo` carry their config: no model options needed
+  deformable analyze --checkpoint runs/regular/model_final.pth runs/dcnv2/model_final.pth \\
+      --image canvas.png --out figure1.png
+  # plain state dicts (regular, DCNv1 and DCNv2 detectors; an object node, a background node, a RoI)
   deformable analyze --model fasterrcnn_resnet50_fpn_dcn --num-classes 11 --backbone resnet18 \\
       --checkpoint regular.pth dcnv1.pth dcnv2.pth --dcn none v1 v2 --labels regular DCNv1 DCNv2 \\
       --image street.png --out figure1.png --fg 120 200 --bg 20 20 --box 150 80 260 170
@@ -58,8 +69,13 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", help="one file per row")
     parser.add_argument(
-        "--model", required=True, choices=CLASSIFIERS + DETECTORS, help="builder in deformable.models"
-    )
+        "--model", choices=CLASSIFIERS + DETECTORS,
+        help="builder in deformable.models, for checkpoints without a training config (plain state dicts)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-partial", action="store_true",
+        help="accept checkpoints that fit the model only partly (the counts are printed)",
+    )  # fmt: skip
     parser.add_argument(
         "--dcn", nargs="+", default=["v2"], choices=["none", "v1", "v2"],
         help="DCN version of each checkpoint's model (one value, or one per checkpoint; default v2)",
@@ -193,9 +209,50 @@ def _fill(text: str):
         raise SystemExit(f"--fill must be mean, zero or a number, got {text!r}") from None
 
 
+def _trained_model(path: str) -> tuple[torch.nn.Module, bool] | None:
+    """(model, is_detector) of a file written by ``deformable train`` / ``demo``, built from the config
+    it carries; None for a file without one (a plain state dict)."""
+    from ..engine.classifier import load_trained_classifier
+    from ..engine.config import ClassifierConfig, config_from_dict
+    from ..engine.trainer import load_trained_model
+
+    if not Path(path).is_file():
+        raise SystemExit(f"--checkpoint {path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors alike: the file is not a checkpoint
+        raise SystemExit(f"--checkpoint {path} is not a readable PyTorch checkpoint: {error}") from None
+    if not (isinstance(data, dict) and isinstance(data.get("config"), dict) and "model" in data):
+        return None
+    cfg = config_from_dict(data["config"])
+    if isinstance(cfg, ClassifierConfig):
+        return load_trained_classifier(path, cfg), False
+    return load_trained_model(path, cfg), True
+
+
+def _load_state_dict(model, path: str, name: str, dcn, source: str, allow_partial: bool) -> None:
+    """Load a plain checkpoint into ``model``; one that fits only partly needs ``allow_partial``."""
+    from ..models import load_checkpoint
+
+    report = load_checkpoint(model, path, source=source)
+    if not report.loaded:
+        raise SystemExit(f"{path}: no tensor of the checkpoint fits {name} (dcn={dcn})")
+    if report.missing or report.unexpected or report.mismatched:
+        counts = (
+            f"{path}: {len(report.loaded)} tensors loaded, {len(report.missing)} missing, "
+            f"{len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
+        )
+        if not allow_partial:
+            first = [*report.missing, *(key for key, _, _ in report.mismatched), *report.unexpected][:5]
+            raise SystemExit(
+                f"{counts} (e.g. {', '.join(first)}): the checkpoint does not fit {name} with "
+                "these options (--dcn, --backbone, --num-classes, --source); --allow-partial accepts it"
+            )
+        print(counts)
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     """The ``analyze`` handler: build, load, analyse, draw; prints the figure's path."""
-    from ..models import load_checkpoint
     from .geometry import image_to_position
     from .plotting import FigureNode, plot_support_figure
 
@@ -205,26 +262,32 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.labels and len(args.labels) != count:
         raise SystemExit(f"--labels needs one label per checkpoint ({count}), got {len(args.labels)}")
     labels = args.labels or [Path(p).stem for p in args.checkpoint]
-    detector = args.model in DETECTORS
-    if args.box is not None and not detector:
-        raise SystemExit("--box (a RoI node) needs a detector model")
     device = torch.device(args.device)
 
-    rows = []
+    rows, kinds = [], set()
     for path, dcn, pool, label in zip(args.checkpoint, dcns, pools, labels, strict=True):
-        model = build_model(
-            args.model, dcn=dcn, dcn_stages=args.dcn_stages, roi_pool=pool, backbone=args.backbone,
-            num_classes=args.num_classes, min_size=args.min_size, max_size=args.max_size,
-        )  # fmt: skip
-        report = load_checkpoint(model, path, source=args.source)
-        if not report.loaded:
-            raise SystemExit(f"{path}: no tensor of the checkpoint fits {args.model} (dcn={dcn})")
-        if report.missing or report.unexpected or report.mismatched:
-            print(
-                f"{path}: {len(report.loaded)} tensors loaded, {len(report.missing)} missing, "
-                f"{len(report.unexpected)} unexpected, {len(report.mismatched)} mismatched"
-            )
+        trained = _trained_model(path)
+        if trained is not None:
+            model, is_detector = trained
+        else:
+            if args.model is None:
+                raise SystemExit(
+                    f"{path} holds no training config (it was not written by `deformable train`): "
+                    "name its architecture with --model (and --dcn, --backbone, --num-classes as needed)"
+                )
+            model = build_model(
+                args.model, dcn=dcn, dcn_stages=args.dcn_stages, roi_pool=pool, backbone=args.backbone,
+                num_classes=args.num_classes, min_size=args.min_size, max_size=args.max_size,
+            )  # fmt: skip
+            _load_state_dict(model, path, args.model, dcn, args.source, args.allow_partial)
+            is_detector = args.model in DETECTORS
+        kinds.add(is_detector)
         rows.append((label, model.to(device).eval()))
+    if len(kinds) > 1:
+        raise SystemExit("--checkpoint files must all be detectors or all classifiers")
+    detector = kinds.pop()
+    if args.box is not None and not detector:
+        raise SystemExit("--box (a RoI node) needs a detector model")
 
     shown = load_image(args.image).to(device)
     image = shown
