@@ -5,11 +5,59 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    """argparse type: a JSON object (``--model-kwargs``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"dcn\": null}}', got {text!r}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N``, present on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r} needs CUDA, which is not available here")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def _builder_names() -> list[str]:
+    """The model builders of :mod:`deformable.models`: classifiers (``BACKBONES``), then detectors."""
+    from .engine.config import detector_builders
+    from .models import BACKBONES
+
+    return [builder.__name__ for builder in BACKBONES.values()] + list(detector_builders())
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -32,8 +80,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import benchmark
+    from .ops._backend import resolve_backend
 
-    device = torch.device(args.device)
+    device = args.device
+    try:
+        resolve_backend(args.backend, device)
+    except ValueError as error:
+        args.parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.small:
@@ -68,13 +121,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace, overrides: list[str] | None, stored: dict | None = None):
+    """``--config`` (or else ``stored``, a checkpoint's config) with ``overrides`` applied; a missing
+    file or a bad value is a usage error."""
+    from .engine.config import config_from_dict, load_any_config, parse_overrides
+
+    try:
+        if args.config or stored is None:
+            return load_any_config(args.config, overrides)
+        return config_from_dict({**stored, **parse_overrides(overrides)})
+    except (FileNotFoundError, ValueError) as error:
+        args.parser.error(str(error))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .engine.config import ClassifierConfig, load_any_config
+    from .engine.config import ClassifierConfig
 
     overrides = list(args.set or [])
     if args.out:
-        overrides.append(f"out_dir={args.out}")
-    cfg = load_any_config(args.config, overrides)
+        # quoted, so that a name such as 2024 or true stays a string when read as YAML
+        overrides.append(f"out_dir={json.dumps(args.out)}")
+    cfg = _config(args, overrides)
     if isinstance(cfg, ClassifierConfig):
         from .engine.classifier import train_classifier
 
@@ -88,15 +155,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_checkpoint(args: argparse.Namespace) -> dict:
+    """The ``--checkpoint`` file's contents, or a usage error saying why it cannot be read."""
+    from .engine.loop import read_model_file
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        args.parser.error(f"--checkpoint {path}: no such file")
+    try:
+        return read_model_file(path)
+    except Exception as error:  # pickle, zip and torch errors alike: the file is not a model file
+        args.parser.error(f"--checkpoint {path} is not a model file of deformable train/convert: {error}")
+
+
+def _trained_model(args: argparse.Namespace, load, cfg):
+    """``load(--checkpoint, cfg)``; a model the config cannot build, or one the file's tensors do not fit
+    (a missing key, a shape), is a usage error."""
+    try:
+        return load(args.checkpoint, cfg)
+    except (KeyError, RuntimeError, ValueError) as error:
+        detail = textwrap.shorten(f"{type(error).__name__}: {error}", 600)  # torch lists every key
+        args.parser.error(f"cannot load --checkpoint {args.checkpoint} into the config's model ({detail})")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .engine.config import ClassifierConfig, config_from_dict, load_any_config, parse_overrides
+    from .engine.config import ClassifierConfig
     from .engine.loop import device_for
 
-    data = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    if args.config:
-        cfg = load_any_config(args.config, args.set)
-    else:
-        cfg = config_from_dict({**data["config"], **parse_overrides(args.set)})
+    data = _read_checkpoint(args)
+    stored = data.get("config")
+    if not args.config and not isinstance(stored, dict):
+        args.parser.error(
+            f"--checkpoint {args.checkpoint} holds no training config (a file of `deformable convert` or a "
+            "plain state dict): pass --config"
+        )
+    cfg = _config(args, args.set, stored)
     device = device_for(cfg)
     if isinstance(cfg, ClassifierConfig):
         from .engine.classifier import (
@@ -105,13 +198,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             load_trained_classifier,
         )
 
-        model = load_trained_classifier(args.checkpoint, cfg)
+        model = _trained_model(args, load_trained_classifier, cfg)
         _, val, _ = build_classification_datasets(cfg)
         metrics = evaluate_classifier(model.to(device), val, cfg, device)
     else:
         from .engine.trainer import build_datasets, evaluate, load_trained_model
 
-        model = load_trained_model(args.checkpoint, cfg)
+        model = _trained_model(args, load_trained_model, cfg)
         _, val = build_datasets(cfg)
         metrics = evaluate(model.to(device), val, cfg, device)
     print(json.dumps(metrics, indent=2))
@@ -122,14 +215,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from . import models
     from .engine.checkpointing import atomic_save
 
-    builder = getattr(models, args.model, None)
-    if builder is None:
-        raise SystemExit(f"--model must name a builder in deformable.models, got {args.model!r}")
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    try:
+        state = models.read_state_dict(args.input)
+    except (FileNotFoundError, ValueError) as error:
+        args.parser.error(f"--input: {error}")
+    kwargs = dict(args.model_kwargs or {})
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    model = builder(**kwargs)
-    report = models.load_checkpoint(model, args.input, source=args.source)
+    try:
+        model = getattr(models, args.model)(**kwargs)
+    except (TypeError, ValueError) as error:
+        args.parser.error(f"cannot build {args.model} with {kwargs} (--model-kwargs, --num-classes): {error}")
+    report = models.load_checkpoint(model, state, source=args.source)
     print(report)
     atomic_save(
         {"model": model.state_dict(), "source": args.source, "builder": args.model, "kwargs": kwargs},
@@ -154,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seeds",
-        type=int,
+        type=_positive_int,
         default=None,
         help="detection: run seeds 0..N-1 of every row, table as mean +- std (default: smoke 1, default 1, "
         "full 3)",
@@ -167,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--restart", action="store_true", help="ignore checkpoints of an interrupted earlier run"
     )
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_cmd_demo, parser=demo)
 
     train = sub.add_parser(
         "train", help="train a detector, or a classifier (a config with task: classification), from a config"
@@ -181,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--no-eval", action="store_true", help="skip the final evaluation (COCO AP, or top-1/top-5 error)"
     )
-    train.set_defaults(func=_cmd_train)
+    train.set_defaults(func=_cmd_train, parser=train)
 
     evaluate = sub.add_parser(
         "eval", help="COCO AP of a trained detector, or top-1/top-5 error of a trained classifier"
@@ -189,30 +286,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="model_final.pth or checkpoint_last.pth")
     evaluate.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     evaluate.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    evaluate.set_defaults(func=_cmd_eval)
+    evaluate.set_defaults(func=_cmd_eval, parser=evaluate)
 
     convert = sub.add_parser("convert", help="import a torchvision/mmdet/detectron2 checkpoint")
     convert.add_argument("--input", required=True, help=".pth/.pt/.safetensors file")
     convert.add_argument(
         "--source", required=True, choices=["deformable", "torchvision", "mmdet", "detectron2"]
     )
-    convert.add_argument("--model", required=True, help="builder name, e.g. maskrcnn_resnet50_fpn_dcn")
-    convert.add_argument("--num-classes", type=int, help="classes including background")
-    convert.add_argument("--model-kwargs", help='JSON of further builder arguments, e.g. \'{"dcn": "v2"}\'')
+    convert.add_argument(
+        "--model", required=True, choices=_builder_names(), metavar="BUILDER",
+        help="builder in deformable.models: %(choices)s",
+    )  # fmt: skip
+    convert.add_argument("--num-classes", type=_positive_int, help="classes including background")
+    convert.add_argument(
+        "--model-kwargs", type=_json_object,
+        help='JSON object of further builder arguments, e.g. \'{"dcn": "v2"}\'',
+    )  # fmt: skip
     convert.add_argument("--out", required=True, help="where to write the converted state dict")
-    convert.set_defaults(func=_cmd_convert)
+    convert.set_defaults(func=_cmd_convert, parser=convert)
 
     bench = sub.add_parser("bench", help="time deform_conv2d against F.conv2d and torchvision")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    bench.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     bench.add_argument(
         "--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 on CPU, all on CUDA"
     )
-    bench.add_argument("--repeats", type=int, default=7, help="interleaved repetitions (default: 7)")
-    bench.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    bench.add_argument(
+        "--repeats", type=_positive_int, default=7, help="interleaved repetitions (default: 7)"
+    )
+    bench.add_argument("--threads", type=_positive_int, help="torch.set_num_threads for CPU runs")
     bench.add_argument("--backend", choices=["reference", "aten", "triton"], help="default: automatic")
     bench.add_argument("--small", action="store_true", help="one small shape, for a quick check")
     bench.add_argument("--out", help="write the markdown table here (e.g. benchmarks/results/ops_cpu.md)")
-    bench.set_defaults(func=_cmd_bench)
+    bench.set_defaults(func=_cmd_bench, parser=bench)
 
     from .analysis import add_cli as add_analyze_cli
     from .export import add_cli as add_export_cli

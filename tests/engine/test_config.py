@@ -50,21 +50,92 @@ def test_overrides_are_yaml_values():
 
 
 @pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("lr=1e-3", "lr", 1e-3),
+        ("weight_decay=5e-5", "weight_decay", 5e-5),
+        ("clip_grad_norm=1e1", "clip_grad_norm", 10.0),
+        ("scale_jitter=[8e-1, 1.2]", "scale_jitter", [0.8, 1.2]),
+        ("iterations=1e3", "iterations", 1000),
+        ("eval_max_images=2.0e+1", "eval_max_images", 20),
+    ],
+)
+def test_exponent_notation_is_a_number(override, key, value):
+    # YAML 1.1 reads 1e-3 (no decimal point) as a string; int fields take integral values such as 1e3
+    cfg = load_config(None, [override])
+    assert getattr(cfg, key) == value
+    assert type(getattr(cfg, key)) is type(value)
+
+
+@pytest.mark.parametrize(
     "values, words",
     [
         ({"learning_rate": 0.1}, "unknown config keys"),
         ({"lr": "fast"}, "'lr' must be a number"),
         ({"iterations": 2.5}, "'iterations' must be an integer"),
+        ({"iterations": "1.5e0"}, "'iterations' must be an integer"),
         ({"mimic": "yes"}, "'mimic' must be true or false"),
         ({"roi_pool": "max"}, "'roi_pool' must be one of"),
         ({"batch_size": 0}, "'batch_size' must be positive"),
         ({"dataset": "coco"}, "'train_images' is required"),
         ({"lr_steps": [10, 5]}, "'lr_steps' must be increasing"),
+        ({"lr": float("nan")}, "'lr' must be a finite number"),
+        ({"lr": float("inf")}, "'lr' must be a finite number"),
+        ({"lr": "1e400"}, "'lr' must be a finite number"),
+        ({"scale_jitter": [0.8, float("inf")]}, "'scale_jitter' must be a finite number"),
+        ({"warmup_factor": -1}, "'warmup_factor' must be >= 0"),
+        ({"lr_gamma": -1}, "'lr_gamma' must be positive"),
+        ({"momentum": -1}, "'momentum' must be in \\[0, 1\\)"),
+        ({"weight_decay": -1}, "'weight_decay' must be >= 0"),
+        ({"workers": -1}, "'workers' must be >= 0"),
+        ({"eval_every": -1}, "'eval_every' must be >= 0"),
+        ({"eval_max_images": -3}, "'eval_max_images' must be null or positive"),
+        ({"eval_max_images": 0}, "'eval_max_images' must be null or positive"),
+        ({"clip_grad_norm": 0}, "'clip_grad_norm' must be null or positive"),
+        ({"dcn_stages": [6]}, "'dcn_stages' must be distinct stages among 2, 3, 4, 5"),
+        ({"dcn_stages": [3, 3]}, "'dcn_stages' must be distinct"),
+        ({"offset_groups": 0}, "'offset_groups' must be positive"),
+        ({"backbone": "resnet152"}, "'backbone' must be one of .*'resnet50'"),
+        ({"model": "foo"}, "'model' must be one of .*'fasterrcnn_resnet50_fpn_dcn'"),
+        ({"model": "param_groups"}, "'model' must be one of"),
+        ({"trainable_backbone_layers": 9}, "'trainable_backbone_layers' must be one of"),
+        ({"data_preset": "bogus"}, "'data_preset' must be one of .*'smoke'"),
+        ({"scale_jitter": [0.8]}, "'scale_jitter' must be null or \\[low, high\\]"),
+        ({"scale_jitter": [1.2, 0.8]}, "'scale_jitter' must be null or \\[low, high\\]"),
+        ({"scale_jitter": [0, 1.2]}, "'scale_jitter' must be null or \\[low, high\\]"),
+        ({"anchor_sizes": [32, 0]}, "'anchor_sizes' must be null or a list of positive integers"),
+        ({"box_detections_per_img": 0}, "'box_detections_per_img' must be positive"),
     ],
 )
 def test_bad_configs_name_the_key(values, words):
     with pytest.raises(ValueError, match=words):
         config_from_dict(values)
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"dcn_stages": [1]}, "'dcn_stages' must be distinct stages"),
+        ({"offset_groups": 0}, "'offset_groups' must be positive"),
+        ({"eval_max_images": 0}, "'eval_max_images' must be null or positive"),
+        ({"momentum": 1.0}, "'momentum' must be in"),
+        ({"lr": float("nan")}, "'lr' must be a finite number"),
+    ],
+)
+def test_bad_classifier_configs_name_the_key(values, words):
+    with pytest.raises(ValueError, match=words):
+        config_from_dict({"task": "classification", "dataset": "deformed_fashion", **values})
+
+
+def test_detector_model_key_takes_the_builders_of_deformable_models():
+    from deformable import models
+    from deformable.engine.config import detector_builders
+
+    names = detector_builders()
+    assert "fasterrcnn_resnet50_fpn_dcn" in names and "maskrcnn_resnet50_c4_dcn" in names
+    assert all(callable(getattr(models, name)) for name in names)
+    for name in names:
+        assert config_from_dict({"model": name}).model == name
 
 
 def test_bad_override_syntax_and_missing_file(tmp_path):

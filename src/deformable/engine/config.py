@@ -7,7 +7,9 @@ and the resolved config is written into every run folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,21 +85,42 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 20
     eval_every: int = 0  # 0: only at the end
-    eval_max_images: int | None = None
+    eval_max_images: int | None = None  # None: the whole validation set
     progress: bool = True
     tensorboard: bool = True  # scalars to out_dir/tb as well, when the tensorboard package is installed
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self) -> TrainConfig:
         """Check values that types alone cannot; raise ValueError naming the key."""
+        from ..data.deformed_fashion import PRESETS
+        from ..models import BACKBONES
+
         choices = {
+            "model": detector_builders(),
+            "backbone": tuple(BACKBONES),
             "dcn": (None, "v1", "v2"),
             "roi_pool": ("mdpool", "dpool", "align"),
+            # as torchvision's: how many of layer4, layer3, layer2, layer1, conv1 train (None: 3 or 5)
+            "trainable_backbone_layers": (None, 0, 1, 2, 3, 4, 5),
             "dataset": ("deformed_fashion", "coco"),
+            "data_preset": tuple(PRESETS),
             "norm": ("auto", "bn", "frozen_bn", "gn"),
             "mimic_select": ("foreground", "all", "background"),
         }
-        _check_run(self, choices, ("min_size", "max_size", "representation_size"))
+        positive = (
+            "min_size", "max_size", "representation_size", "mimic_rois_per_image", "mimic_patch_size",
+            "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_test", "box_batch_size_per_image", "box_detections_per_img",
+        )  # fmt: skip
+        _check_run(self, choices, positive)
+        _check_each(
+            self, ("anchor_sizes", "roi_pool_hidden"), lambda v: v is None or all(x > 0 for x in v),
+            "null or a list of positive integers",
+        )  # fmt: skip
+        _check_each(
+            self, ("scale_jitter",), lambda v: v is None or (len(v) == 2 and 0 < v[0] <= v[1]),
+            "null or [low, high] with 0 < low <= high",
+        )  # fmt: skip
         if self.pretrain_iterations < 0:
             raise ValueError(f"config key 'pretrain_iterations' must be >= 0, got {self.pretrain_iterations}")
         if self.pretrain_iterations and self.norm == "frozen_bn":
@@ -161,7 +184,7 @@ class ClassifierConfig:
     checkpoint_every: int = 2000
     log_every: int = 50
     eval_every: int = 0  # 0: only at the end
-    eval_max_images: int | None = None
+    eval_max_images: int | None = None  # None: the whole validation set
     progress: bool = True
     tensorboard: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -196,20 +219,45 @@ class ClassifierConfig:
         return dataclasses.asdict(self)
 
 
+def detector_builders() -> tuple[str, ...]:
+    """Names of the detector builders of :mod:`deformable.models`: the values of config key ``model``."""
+    from .. import models
+
+    return tuple(name for name in models.__all__ if name.endswith(("_fpn_dcn", "_c4_dcn")))
+
+
 def _check_run(config, choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
     """The checks every run's config shares: ``choices`` (key -> allowed values, plus amp and device),
-    ``positive`` keys (plus the run's sizes and intervals), a positive lr, increasing lr_steps."""
+    ``positive`` keys (plus the run's sizes, intervals and optimiser settings), the DCN stages and
+    increasing lr_steps. Float fields are finite already (:func:`_check_type`)."""
+    from ..models.backbones import check_dcn_stages
+
     choices = {**choices, "amp": ("none", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ValueError(f"config key {key!r} must be one of {allowed}, got {getattr(config, key)!r}")
-    for key in ("batch_size", "iterations", "checkpoint_every", "log_every", *positive):
-        if getattr(config, key) <= 0:
-            raise ValueError(f"config key {key!r} must be positive, got {getattr(config, key)!r}")
-    if config.lr <= 0:
-        raise ValueError(f"config key 'lr' must be positive, got {config.lr}")
+    common = ("batch_size", "iterations", "checkpoint_every", "log_every", "lr", "lr_gamma", "offset_groups")
+    _check_each(config, (*common, *positive), lambda v: v > 0, "positive")
+    # eval_every 0: only at the end; warmup_factor 0: the warmup starts from a zero learning rate
+    non_negative = ("workers", "eval_every", "warmup_iterations", "warmup_factor", "weight_decay")
+    _check_each(config, non_negative, lambda v: v >= 0, ">= 0")
+    # eval_max_images None: the whole validation set (0 would evaluate nothing)
+    _check_each(
+        config, ("eval_max_images", "num_classes", "clip_grad_norm"), lambda v: v is None or v > 0,
+        "null or positive",
+    )  # fmt: skip
+    _check_each(config, ("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
+    check_dcn_stages(config.dcn_stages, name="config key 'dcn_stages'")
     if sorted(config.lr_steps) != list(config.lr_steps):
         raise ValueError(f"config key 'lr_steps' must be increasing, got {config.lr_steps}")
+
+
+def _check_each(config, keys: tuple[str, ...], test, expected: str) -> None:
+    """Raise a ValueError naming the first of ``keys`` whose value fails ``test`` (must be ``expected``)."""
+    for key in keys:
+        value = getattr(config, key)
+        if not test(value):
+            raise ValueError(f"config key {key!r} must be {expected}, got {value!r}")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -239,18 +287,44 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
-        return value
+        return _as_int(key, value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
-        return float(value)
+        return _as_float(key, value)
     if hint is str:
         if not isinstance(value, str):
             raise ValueError(f"config key {key!r} must be a string, got {value!r}")
         return value
     return value
+
+
+def _as_float(key: str, value: Any) -> float:
+    """A finite number. Numeric strings count: YAML reads ``1e-3`` (no decimal point) as a string."""
+    number = value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+    try:
+        number = float(number)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
+    return number
+
+
+def _as_int(key: str, value: Any) -> int:
+    """An integer, also written as an integral number such as ``1e3`` (a float, or YAML's string)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        number = _as_float(key, value)
+    except ValueError:
+        number = None
+    if number is None or not number.is_integer():
+        raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+    return int(number)
 
 
 def config_from_dict(values: dict[str, Any], kind: type | None = None):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import models
-from .config import TrainConfig
+from .config import TrainConfig, detector_builders
 from .loop import (  # re-exported: the names runs, tests and the CLI have always imported from here
     CHECKPOINT_NAME,
     FINAL_NAME,
@@ -91,11 +91,9 @@ def _norm_layer(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The detector a config describes (``num_classes`` includes background)."""
-    builder = getattr(models, cfg.model, None)
-    if builder is None or not cfg.model.endswith(("_fpn_dcn", "_c4_dcn")):
-        raise ValueError(
-            f"config key 'model' must name a detector builder of deformable.models, got {cfg.model!r}"
-        )
+    if cfg.model not in detector_builders():
+        raise ValueError(f"config key 'model' must be one of {detector_builders()}, got {cfg.model!r}")
+    builder = getattr(models, cfg.model)
     kwargs: dict[str, Any] = dict(
         num_classes=num_classes,
         dcn=cfg.dcn,

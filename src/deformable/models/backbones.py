@@ -31,13 +31,15 @@ _LAYERS = {
 }
 
 
-def _check_stages(dcn_stages: Iterable[int]) -> tuple[int, ...]:
+def check_dcn_stages(dcn_stages: Iterable[int], name: str = "dcn_stages") -> tuple[int, ...]:
+    """``dcn_stages`` sorted, after checking they are distinct stages among 2-5 (conv2..conv5); the
+    ValueError otherwise names the value as ``name``."""
     stages = tuple(dcn_stages)
     if not all(isinstance(s, int) and s in _STAGE_TO_LAYER for s in stages) or len(set(stages)) != len(
         stages
     ):
         raise ValueError(
-            f"dcn_stages must be distinct stages among 2, 3, 4, 5 (conv2..conv5), got {stages!r}"
+            f"{name} must be distinct stages among 2, 3, 4, 5 (conv2..conv5), got {stages!r}"
         )
     return tuple(sorted(stages))
 
@@ -68,7 +70,7 @@ def convert_resnet_to_dcn(
         ``model`` itself.
     """
     cls = _dcn_class(dcn)
-    stages = _check_stages(dcn_stages)
+    stages = check_dcn_stages(dcn_stages)
     if cls is None:
         return model
     for stage in stages:
@@ -125,7 +127,7 @@ def _build(
     **kwargs,
 ) -> ResNet:
     cls = _dcn_class(dcn)
-    stages = _check_stages(dcn_stages)
+    stages = check_dcn_stages(dcn_stages)
     model = getattr(torchvision.models, arch)(
         weights=None,
         replace_stride_with_dilation=replace_stride_with_dilation,

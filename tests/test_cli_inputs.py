@@ -1,0 +1,119 @@
+"""Bad command-line input is a usage error (usage, a message naming the option, exit status 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deformable.cli import main
+
+CONVERT = ["convert", "--input", "in.pth", "--source", "deformable", "--out", "out.pth", "--model"]
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """Run the command line, check that it stops with a usage error and return its message."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: deformable ")
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bench", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["bench", "--repeats", "many"], "argument --repeats: expected an integer, got 'many'"),
+        (["bench", "--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+        (["bench", "--device", "foo"], "argument --device: expected cpu, cuda or cuda:N, got 'foo'"),
+        (["bench", "--device", "meta"], "argument --device: expected cpu, cuda or cuda:N, got 'meta'"),
+        (["demo", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+        ([*CONVERT, "param_groups"], "argument --model: invalid choice: 'param_groups'"),
+        ([*CONVERT, "resnet18_dcn", "--model-kwargs", "{bad"], "argument --model-kwargs: invalid JSON"),
+        (
+            [*CONVERT, "resnet18_dcn", "--model-kwargs", "[1]"],
+            "argument --model-kwargs: expected a JSON object",
+        ),
+        ([*CONVERT, "resnet18_dcn", "--num-classes", "0"], "argument --num-classes: must be >= 1"),
+    ],
+)
+def test_bad_options_are_usage_errors(argv, words, capsys):
+    assert words in _usage_error(argv, capsys)
+
+
+def test_bench_device_needs_cuda(capsys):
+    if torch.cuda.is_available():
+        argv, words = ["bench", "--device", "cuda:999"], "'cuda:999': this machine has"
+    else:
+        argv, words = ["bench", "--device", "cuda"], "'cuda' needs CUDA, which is not available here"
+    assert words in _usage_error(argv, capsys)
+
+
+def test_bench_backend_that_cannot_run_on_the_device(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # Triton on CPU tensors only when interpreted
+    err = _usage_error(["bench", "--backend", "triton", "--device", "cpu", "--small"], capsys)
+    assert "backend='triton' cannot run" in err
+
+
+def test_convert_reports_missing_input_and_bad_builder_arguments(tmp_path, capsys):
+    out, state = tmp_path / "out.pth", tmp_path / "in.pth"
+    argv = ["convert", "--source", "deformable", "--out", str(out), "--model", "resnet18_dcn", "--input"]
+    err = _usage_error([*argv, str(tmp_path / "absent.pth")], capsys)
+    assert "--input: checkpoint file not found" in err
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, state)
+    err = _usage_error([*argv, str(state), "--model-kwargs", '{"colour": 1}'], capsys)
+    assert "cannot build resnet18_dcn with {'colour': 1} (--model-kwargs, --num-classes)" in err
+    assert not out.exists()
+
+
+def test_eval_reports_unreadable_checkpoints(tmp_path, capsys):
+    err = _usage_error(["eval", "--checkpoint", str(tmp_path / "absent.pth")], capsys)
+    assert "--checkpoint" in err and "no such file" in err
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    err = _usage_error(["eval", "--checkpoint", str(garbage)], capsys)
+    assert "is not a model file of deformable train/convert" in err
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert "is not a model file" in _usage_error(["eval", "--checkpoint", str(truncated)], capsys)
+
+
+def test_eval_of_a_converted_file_asks_for_a_config(tmp_path, capsys):
+    converted = tmp_path / "converted.pth"
+    # what `deformable convert` writes: the state dict, its source and builder, no training config
+    torch.save(
+        {"model": {"fc.weight": torch.zeros(2, 512)}, "source": "torchvision", "builder": "x"}, converted
+    )
+    err = _usage_error(["eval", "--checkpoint", str(converted)], capsys)
+    assert "holds no training config" in err and "pass --config" in err
+    err = _usage_error(["eval", "--checkpoint", str(converted), "--config", "demo_smoke"], capsys)
+    assert "cannot load --checkpoint" in err and "roi_heads.box_predictor" in err
+
+
+def test_eval_config_errors_name_the_key(tmp_path, capsys):
+    converted = tmp_path / "converted.pth"
+    torch.save({"model": {"fc.weight": torch.zeros(2, 512)}}, converted)
+    argv = ["eval", "--checkpoint", str(converted), "--config", "demo_smoke", "--set", "lr=-1"]
+    assert "config key 'lr' must be positive" in _usage_error(argv, capsys)
+
+
+def test_train_config_errors_are_usage_errors(capsys):
+    assert "config not found: absent_config" in _usage_error(["train", "--config", "absent_config"], capsys)
+    argv = ["train", "--config", "demo_smoke", "--set", "dcn_stages=[6]"]
+    assert "config key 'dcn_stages' must be distinct stages" in _usage_error(argv, capsys)
+
+
+def test_train_out_is_a_folder_name_whatever_it_looks_like(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_train(cfg, resume, evaluate_at_end):
+        seen.append(cfg.out_dir)
+        return type("Result", (), {"metrics": None})()
+
+    monkeypatch.setattr("deformable.engine.trainer.train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    for out in ("2024", "true", "1e3", "runs/a: b"):
+        assert main(["train", "--config", "demo_smoke", "--out", out]) == 0
+    assert seen == ["2024", "true", "1e3", "runs/a: b"]
