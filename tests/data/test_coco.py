@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from deformable.data import (
     AnnotationError,
@@ -17,6 +18,7 @@ from deformable.data import (
     eval_transforms,
     train_transforms,
 )
+from deformable.data.coco import _decode_rle_string
 
 from .helpers import coco_dict, square_mask, write_dataset
 
@@ -124,6 +126,47 @@ BAD = {
         "does not match the image",
     ),
     "bad polygon": (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]), "polygon"),
+    "odd polygon": (
+        lambda d: d["annotations"][0].update(segmentation=[[2, 3, 12, 3, 12, 9, 2]]),
+        r"annotations\[0\] \(id 10\): 'segmentation'\[0\] must be a polygon",
+    ),
+    "text in polygon": (
+        lambda d: d["annotations"][0].update(segmentation=[[2, 3, 12, 3, 12, "9"]]),
+        r"annotations\[0\] \(id 10\): 'segmentation'\[0\] holds a non-numeric",
+    ),
+    "rle size as text": (
+        lambda d: d["annotations"][2]["segmentation"].update(size=["25", "20"]),
+        r"annotations\[2\] \(id 12\): RLE 'segmentation' needs 'size'.*two non-negative integers",
+    ),
+    "rle string overflows": (  # one more run than the image has pixels: pycocotools' "Invalid RLE mask"
+        lambda d: d["annotations"][2]["segmentation"].update(counts="Q49`00000000000000[55"),
+        r"annotations\[2\] \(id 12\): RLE 'segmentation' 'counts' cover 514 pixels, not .* 25x20 = 500",
+    ),
+    "rle string too short": (  # pycocotools would decode it into uninitialised memory
+        lambda d: d["annotations"][2]["segmentation"].update(counts="Q49"),
+        r"annotations\[2\] \(id 12\): RLE 'segmentation' 'counts' cover 138 pixels",
+    ),
+    "rle string truncated": (
+        lambda d: d["annotations"][1]["segmentation"].update(counts="Rc0<b0000000000000000000000000000\\"),
+        r"annotations\[1\] \(id 11\): RLE 'segmentation' 'counts' is not a valid compressed RLE string",
+    ),
+    "rle string characters": (
+        lambda d: d["annotations"][2]["segmentation"].update(counts="Q49`000000000000 00[5"),
+        r"\(id 12\): RLE 'segmentation' 'counts' is not a valid compressed RLE string",
+    ),
+    "rle negative run": (
+        lambda d: d["annotations"][2]["segmentation"].update(counts=[-5, 5]),
+        r"annotations\[2\] \(id 12\): RLE 'segmentation' 'counts' must be a list of non-negative integer",
+    ),
+    "rle text runs": (
+        lambda d: d["annotations"][3]["segmentation"].update(counts=["a", "b"]),
+        r"annotations\[3\] \(id 13\): RLE 'segmentation' 'counts' must be a list of non-negative integer",
+    ),
+    "rle runs short": (
+        lambda d: d["annotations"][2]["segmentation"].update(counts=[100, 300]),
+        r"\(id 12\): RLE 'segmentation' 'counts' cover 400 pixels, not the image's 25x20 = 500",
+    ),
+    "rle no counts": (lambda d: d["annotations"][2]["segmentation"].pop("counts"), "needs 'counts'"),
     "duplicate ann id": (lambda d: d["annotations"][1].update(id=10), "duplicate id"),
     "no width": (lambda d: d["images"][0].pop("width"), r"images\[0\] \(id 1\): 'width'"),
     "no categories": (lambda d: d.pop("categories"), "'categories' must be a list"),
@@ -143,6 +186,39 @@ def test_bad_annotations_raise(tmp_path, case):
         CocoDetection(images, ann_file)
     assert str(ann_file) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_uncompressed_rle_gives_the_same_mask(tmp_path):
+    data = coco_dict()
+    mask = square_mask(25, 20, 4, 5, 13, 13)
+    data["annotations"][2]["segmentation"] = {"size": [25, 20], "counts": _runs(mask)}
+    images, ann_file = write_dataset(tmp_path, data)
+    _, target = CocoDetection(images, ann_file)[1]
+    assert torch.equal(target["masks"][0], torch.from_numpy(mask))
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """The uncompressed RLE counts of a 0/1 mask: alternating runs of 0s and 1s, column by column."""
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate(([0], edges, [flat.size]))
+    runs = np.diff(bounds).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def test_compressed_rle_strings_read_as_pycocotools_writes_them():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = rng.integers(1, 60, size=2)
+        mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        if rng.random() < 0.5:  # long runs, which take several characters each
+            mask[: h // 2] = 1
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"]
+        assert _decode_rle_string(counts).tolist() == _runs(mask)
+        assert _decode_rle_string(counts.decode()).tolist() == _runs(mask)
+    assert _decode_rle_string("").tolist() == []
+    assert _decode_rle_string("ooooooo0") is None  # a number longer than a run length can be
+    assert _decode_rle_string("0é") is None
 
 
 def test_invalid_json_and_missing_files(tmp_path):

@@ -81,25 +81,82 @@ def _is_number(x: Any) -> bool:
 def _check_segmentation(segm: Any, height: int, width: int) -> str | None:
     """Return a description of what is wrong with ``segm``, or None when it is valid."""
     if isinstance(segm, list):
-        for j, poly in enumerate(segm):
-            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
-                return f"'segmentation'[{j}] must be a polygon: a list of >= 6 numbers (x, y pairs)"
-            if not all(_is_number(v) for v in poly):
-                return f"'segmentation'[{j}] holds a non-numeric or non-finite coordinate"
-        return None
+        return _check_polygons(segm)
     if isinstance(segm, dict):
-        size, counts = segm.get("size"), segm.get("counts")
-        if not isinstance(size, list) or len(size) != 2:
-            return "RLE 'segmentation' needs 'size': [height, width]"
-        if list(size) != [height, width]:
-            return (
-                f"RLE 'segmentation' size {size[0]}x{size[1]} (HxW) does not match the image's "
-                f"height x width {height}x{width}"
-            )
-        if not isinstance(counts, (str, list)):
-            return "RLE 'segmentation' needs 'counts' (a string or a list of run lengths)"
-        return None
+        return _check_rle(segm, height, width)
     return f"'segmentation' must be a list of polygons or an RLE dict, got {type(segm).__name__}"
+
+
+def _check_polygons(segm: list[Any]) -> str | None:
+    """Each polygon must be a list of >= 6 finite numbers, (x, y) pairs."""
+    for j, poly in enumerate(segm):
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            return f"'segmentation'[{j}] must be a polygon: a list of >= 6 numbers (x, y pairs)"
+        if not all(_is_number(v) for v in poly):
+            return f"'segmentation'[{j}] holds a non-numeric or non-finite coordinate"
+    return None
+
+
+def _check_rle(segm: dict[str, Any], height: int, width: int) -> str | None:
+    """Check an RLE's ``size`` and that its ``counts`` (run lengths, or pycocotools' compressed string)
+    cover exactly the image: pycocotools fails on too many pixels and leaves garbage for too few."""
+    size, counts = segm.get("size"), segm.get("counts")
+    if not isinstance(size, list | tuple) or len(size) != 2 or not all(_is_int(v) and v >= 0 for v in size):
+        return f"RLE 'segmentation' needs 'size': [height, width] (two non-negative integers), got {size!r}"
+    if list(size) != [height, width]:
+        return (
+            f"RLE 'segmentation' size {size[0]}x{size[1]} (HxW) does not match the image's "
+            f"height x width {height}x{width}"
+        )
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            return "RLE 'segmentation' 'counts' must be a list of non-negative integer run lengths"
+        pixels = sum(counts)
+    elif isinstance(counts, str | bytes):
+        runs = _decode_rle_string(counts)
+        if runs is None:
+            return "RLE 'segmentation' 'counts' is not a valid compressed RLE string"
+        pixels = int(runs.sum())
+    else:
+        return "RLE 'segmentation' needs 'counts' (a string or a list of run lengths)"
+    if pixels != height * width:
+        return (
+            f"RLE 'segmentation' 'counts' cover {pixels} pixels, not the image's "
+            f"{height}x{width} = {height * width}"
+        )
+    return None
+
+
+# A number needs at most 33 bits (a difference of two 32-bit run lengths): 7 groups of 5.
+_RLE_MAX_GROUPS = 7
+
+
+def _decode_rle_string(counts: str | bytes) -> np.ndarray | None:
+    """The run lengths of a compressed RLE string, as pycocotools' ``rleFrString`` reads them, or None
+    when it is malformed (a character outside '0'..'o', a truncated or oversized number, a negative run).
+
+    Each number is little-endian groups of 5 bits (character - 48; bit 0x20: more groups follow; bit
+    0x10 of the last group: the sign); from the fourth number on it is a difference to the one two back.
+    Vectorised, as crowd annotations can have thousands of runs.
+    """
+    raw = counts if isinstance(counts, bytes) else counts.encode("utf-8", "surrogatepass")
+    codes = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
+    if not codes.size:
+        return codes
+    if ((codes < 0) | (codes > 63)).any() or codes[-1] & 0x20:
+        return None
+    last = np.flatnonzero(~codes & 0x20)  # the last group of each number
+    first = np.concatenate(([0], last[:-1] + 1))
+    groups = last - first + 1
+    if (groups > _RLE_MAX_GROUPS).any():
+        return None
+    position = np.arange(codes.size) - np.repeat(first, groups)
+    values = np.add.reduceat((codes & 0x1F) << (5 * position), first)
+    values -= np.where(codes[last] & 0x10, 1 << (5 * groups), 0)
+    # Undo the differences: runs 1, 3, 5, ... and runs 2, 4, 6, ... are each a running sum.
+    values[1::2] = np.cumsum(values[1::2])
+    values[2::2] = np.cumsum(values[2::2])
+    return None if (values < 0).any() else values
 
 
 def check_coco_annotations(
@@ -114,10 +171,11 @@ def check_coco_annotations(
 
     Checks: the ``images``/``annotations``/``categories`` lists and their fields; unique ids; every
     annotation's ``image_id`` and ``category_id`` known; ``bbox`` = 4 finite numbers with width and
-    height > 0, inside its image (1 px tolerance); ``iscrowd`` 0 or 1; ``segmentation`` polygons or
-    RLE with the image's size. With ``root`` and ``check_images`` = ``"exists"``, every image file
-    must exist under ``root``; with ``"size"`` (default) its header is also read and its size must
-    equal the json's width and height; ``"none"`` skips the files.
+    height > 0, inside its image (1 px tolerance); ``iscrowd`` 0 or 1; ``segmentation`` polygons (lists
+    of >= 6 finite numbers) or RLE with the image's size whose ``counts`` (run lengths or a compressed
+    string that decodes) cover exactly its pixels. With ``root`` and ``check_images`` = ``"exists"``,
+    every image file must exist under ``root``; with ``"size"`` (default) its header is also read and
+    its size must equal the json's width and height; ``"none"`` skips the files.
 
     Annotations without ``area`` get one (mask area, else box area). With ``drop_degenerate``,
     annotations whose box has width or height <= 0 are dropped with a warning instead of failing.

@@ -15,9 +15,9 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .config import load_config
+from .metrics_log import read_records
 
 ROWS: list[tuple[str, list[str]]] = [
     ("regular + RoIAlign", ["dcn=null", "roi_pool=align"]),
@@ -172,15 +172,10 @@ def _write_report(out: Path, preset: str, results: list[RowResult], table: str, 
 
 
 def _read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
-    path = run_dir / "metrics.jsonl"
-    its, losses = [], []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            record: dict[str, Any] = json.loads(line)
-            if "loss" in record:
-                its.append(record["iteration"])
-                losses.append(record["loss"])
-    return its, losses
+    """The run's training losses by iteration (the last record of an iteration logged twice wins)."""
+    latest = {r["iteration"]: r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
+    its = sorted(latest)
+    return its, [latest[i] for i in its]
 
 
 def _plot_curves(out: Path, results: list[RowResult]) -> Path | None:

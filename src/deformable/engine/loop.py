@@ -180,7 +180,8 @@ class TrainingRun:
     Construct it after the model (built identically on every rank) is on ``device``; it creates the
     optimizer, the ``LambdaLR`` schedule with ``lr_lambda``, the AMP scaler, restores them (and every
     random generator) from ``out_dir/checkpoint_last.pth`` when ``resume`` and that file exists, writes
-    the resolved config, and wraps the model for data parallelism. Then::
+    the resolved config, opens the metrics log (a fresh run starts it empty; a resumed one drops the
+    records written after the checkpoint) and wraps the model for data parallelism. Then::
 
         for batch in run.loader(train_set, collate_fn):
             loss, scalars = ...forward of run.train_model...
@@ -211,7 +212,8 @@ class TrainingRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.start, seconds_before = 0, 0.0
-        if resume and self.checkpoint_path.exists():
+        resumed = resume and self.checkpoint_path.exists()
+        if resumed:
             state = load_training_checkpoint(self.checkpoint_path)
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -231,7 +233,9 @@ class TrainingRun:
             )
         self.iteration = self.start
         self.seconds = self._seconds_before = seconds_before
-        self.log = MetricsLog(self.out_dir, cfg.tensorboard) if is_main() else None
+        self.log = None
+        if is_main():
+            self.log = MetricsLog(self.out_dir, cfg.tensorboard, resume_from=self.start if resumed else None)
         self._progress = None
         if cfg.progress and is_main():
             from tqdm import tqdm
@@ -306,6 +310,8 @@ class TrainingRun:
         if evaluate is not None:
             metrics = evaluate()
             if is_main():
+                if self.iteration == self.start:  # a finished run resumed: its final evaluation is redone
+                    self.log.discard(lambda r: r["iteration"] == self.iteration and "eval" in r)
                 self.log.write({"iteration": self.iteration, "eval": metrics})
                 (self.out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
         if self.log is not None:

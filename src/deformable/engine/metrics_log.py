@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog"]
+__all__ = ["MetricsLog", "read_records"]
 
 
 class MetricsLog:
@@ -17,12 +20,23 @@ class MetricsLog:
     in a record as a scalar named by its key path (``loss``, ``eval/bbox/AP``) to ``out_dir/tb``.
 
     The JSON lines are the record of truth (the demo's curves read them); TensorBoard is for watching
-    a run. Appending keeps the records of an interrupted run, which a resumed run continues.
+    a run. A fresh run (``resume_from=None``) starts an empty file. A run resumed from a checkpoint
+    of iteration ``resume_from`` keeps the records up to that iteration and drops the later ones,
+    which were written after the checkpoint and are about to be redone, so every iteration is
+    logged once however often the run was interrupted.
     """
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | Path, tensorboard: bool = True, *, resume_from: int | None = None
+    ) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
-        self._writer = _tensorboard_writer(Path(out_dir) / "tb") if tensorboard else None
+        if resume_from is None:
+            self.path.write_text("")
+        else:
+            self.discard(lambda record: record["iteration"] > resume_from)
+        # TensorBoard hides the events of earlier writers in the folder from this step on.
+        purge_step = 0 if resume_from is None else resume_from + 1
+        self._writer = _tensorboard_writer(Path(out_dir) / "tb", purge_step) if tensorboard else None
 
     @property
     def tensorboard(self) -> bool:
@@ -38,18 +52,66 @@ class MetricsLog:
                 if name != "iteration":
                     self._writer.add_scalar(name, value, step)
 
+    def discard(self, drop: Callable[[dict[str, Any]], bool]) -> int:
+        """Remove the records for which ``drop`` is true, and any torn line a killed run left; the
+        file is rewritten atomically, so a crash meanwhile leaves the old one. Returns how many
+        lines went."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if (record := _parse(line)) and not drop(record)]
+        if len(kept) < len(lines):
+            _atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
 
-def _tensorboard_writer(log_dir: Path):
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` in file order (none when it does not exist), skipping a
+    line torn by a killed run."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [record for record in map(_parse, path.read_text().splitlines()) if record]
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """The record on ``line``, or None when it is not a JSON object with an integer iteration."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+        return None
+    return record
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` through a flushed temporary file in its folder and a rename
+    (keeping the permissions of ``path``, which ``mkstemp`` would narrow to the owner's)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _tensorboard_writer(log_dir: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the tensorboard package is optional
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def _scalars(record: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:

@@ -38,9 +38,7 @@ def check_dcn_stages(dcn_stages: Iterable[int], name: str = "dcn_stages") -> tup
     if not all(isinstance(s, int) and s in _STAGE_TO_LAYER for s in stages) or len(set(stages)) != len(
         stages
     ):
-        raise ValueError(
-            f"{name} must be distinct stages among 2, 3, 4, 5 (conv2..conv5), got {stages!r}"
-        )
+        raise ValueError(f"{name} must be distinct stages among 2, 3, 4, 5 (conv2..conv5), got {stages!r}")
     return tuple(sorted(stages))
 
 
