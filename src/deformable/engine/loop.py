@@ -81,8 +81,18 @@ def eval_indices(size: int, max_images: int | None) -> list[int]:
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
-    """A ``model_final.pth`` / ``checkpoint_last.pth`` (weights only), checked to hold a ``model``."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """A ``model_final.pth`` / ``checkpoint_last.pth`` (weights only), checked to hold a ``model``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: the file is not a readable model file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors alike: not a (complete) checkpoint
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"{path} holds no 'model' state dict")
     return data
