@@ -117,3 +117,17 @@ def test_train_out_is_a_folder_name_whatever_it_looks_like(monkeypatch, tmp_path
     for out in ("2024", "true", "1e3", "runs/a: b"):
         assert main(["train", "--config", "demo_smoke", "--out", out]) == 0
     assert seen == ["2024", "true", "1e3", "runs/a: b"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["analyze", "--checkpoint", "a.pth", "--image", "i.png", "--out", "o.png", "--dpi", "0"],
+        ["analyze", "--checkpoint", "a.pth", "--image", "i.png", "--out", "o.png", "--error-bound", "nan"],
+        ["analyze", "--checkpoint", "a.pth", "--image", "i.png", "--out", "o.png", "--max-points", "-5"],
+        ["export", "--model", "resnet50_dcn", "--out", "m.onnx", "--batch-size", "0"],
+        ["export", "--model", "resnet50_dcn", "--out", "m.onnx", "--input-size", "0", "64"],
+    ],
+)
+def test_analyze_and_export_sizes_are_checked(argv, capsys):
+    assert "must be" in _usage_error(argv, capsys)

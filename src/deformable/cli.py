@@ -10,18 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ._argtypes import positive_int
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _json_object(text: str) -> dict:
@@ -251,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seeds",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="detection: run seeds 0..N-1 of every row, table as mean +- std (default: smoke 1, default 1, "
         "full 3)",
@@ -297,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, choices=_builder_names(), metavar="BUILDER",
         help="builder in deformable.models: %(choices)s",
     )  # fmt: skip
-    convert.add_argument("--num-classes", type=_positive_int, help="classes including background")
+    convert.add_argument("--num-classes", type=positive_int, help="classes including background")
     convert.add_argument(
         "--model-kwargs", type=_json_object,
         help='JSON object of further builder arguments, e.g. \'{"dcn": "v2"}\'',
@@ -310,10 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dtypes", nargs="+", choices=sorted(DTYPES), help="default: fp32 on CPU, all on CUDA"
     )
-    bench.add_argument(
-        "--repeats", type=_positive_int, default=7, help="interleaved repetitions (default: 7)"
-    )
-    bench.add_argument("--threads", type=_positive_int, help="torch.set_num_threads for CPU runs")
+    bench.add_argument("--repeats", type=positive_int, default=7, help="interleaved repetitions (default: 7)")
+    bench.add_argument("--threads", type=positive_int, help="torch.set_num_threads for CPU runs")
     bench.add_argument("--backend", choices=["reference", "aten", "triton"], help="default: automatic")
     bench.add_argument("--small", action="store_true", help="one small shape, for a quick check")
     bench.add_argument("--out", help="write the markdown table here (e.g. benchmarks/results/ops_cpu.md)")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .._argtypes import positive_float, positive_int
+
 __all__ = ["CLASSIFIERS", "DETECTORS", "add_cli", "build_model", "load_image", "run_analyze"]
 
 CLASSIFIERS = (
@@ -88,9 +90,15 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         help="detectors' RoI pooling per checkpoint (default: align / dpool / mdpool for none / v1 / v2)",
     )  # fmt: skip
     parser.add_argument("--backbone", default="resnet50", help="detectors: backbone (default resnet50)")
-    parser.add_argument("--num-classes", type=int, help="classes incl. background (default 91 / 1000)")
-    parser.add_argument("--min-size", type=int, help="detectors: transform min_size (default torchvision's)")
-    parser.add_argument("--max-size", type=int, help="detectors: transform max_size (default torchvision's)")
+    parser.add_argument(
+        "--num-classes", type=positive_int, help="classes incl. background (default 91 / 1000)"
+    )
+    parser.add_argument(
+        "--min-size", type=positive_int, help="detectors: transform min_size (default torchvision's)"
+    )
+    parser.add_argument(
+        "--max-size", type=positive_int, help="detectors: transform max_size (default torchvision's)"
+    )
     parser.add_argument(
         "--source", default="deformable", choices=["deformable", "torchvision", "mmdet", "detectron2"],
         help="who wrote the checkpoints (key renaming; default deformable)",
@@ -120,17 +128,23 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--weighting", default="value", choices=["value", "contribution", "location"],
         help="weight of the sampling locations (default value)",
     )  # fmt: skip
-    parser.add_argument("--error-bound", type=float, default=0.1, help="saliency error bound (default 0.1)")
-    parser.add_argument("--block-size", type=int, help="saliency search block, pixels (default max(H,W)/16)")
+    parser.add_argument(
+        "--error-bound", type=positive_float, default=0.1, help="saliency error bound (default 0.1)"
+    )
+    parser.add_argument(
+        "--block-size", type=positive_int, help="saliency search block, pixels (default max(H,W)/16)"
+    )
     parser.add_argument("--fill", default="mean", help="masked pixels: mean, zero or a number (default mean)")
     parser.add_argument("--no-saliency", action="store_true", help="skip the saliency search")
-    parser.add_argument("--max-points", type=int, default=2000, help="sampling points drawn per panel")
+    parser.add_argument(
+        "--max-points", type=positive_int, default=2000, help="sampling points drawn per panel"
+    )
     parser.add_argument(
         "--normalize", default="auto", choices=["auto", "imagenet", "none"],
         help="input normalisation (auto: ImageNet for classifiers; detectors normalise themselves)",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100)")
+    parser.add_argument("--dpi", type=positive_int, default=100, help="figure resolution (default 100)")
     parser.set_defaults(func=run_analyze)
     return parser
 

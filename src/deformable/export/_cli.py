@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._argtypes import positive_int
 from ._common import MIN_OPSET
 
 
@@ -82,10 +83,16 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--checkpoint", help="state dict saved with torch.save(model.state_dict(), PATH) (or {'model': ...})"
     )
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ai.onnx opset (default {MIN_OPSET})")
-    parser.add_argument("--batch-size", type=int, default=2, help="example batch size (default 2)")
     parser.add_argument(
-        "--input-size", type=int, nargs=2, metavar=("H", "W"), help="example image size (model default)"
+        "--opset", type=positive_int, default=MIN_OPSET, help=f"ai.onnx opset (default {MIN_OPSET})"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="example batch size (default 2)")
+    parser.add_argument(
+        "--input-size",
+        type=positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="example image size (model default)",
     )
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size (default: dynamic)")
     parser.add_argument(
