@@ -173,3 +173,36 @@ def test_safetensors_and_bad_files(tmp_path):
     safetensors.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     report = load_checkpoint(resnet18_dcn(), path)
     assert not report.missing and not report.unexpected
+
+
+def test_corrupt_safetensors_is_a_value_error_naming_the_file(tmp_path):
+    pytest.importorskip("safetensors")
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"definitely not safetensors")
+    with pytest.raises(ValueError, match=r"corrupt\.safetensors"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("content", [{"a": 1}, {"model": {"epoch": 3}}, {}, [torch.zeros(1)]])
+def test_file_without_tensors_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.pth"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=r"empty\.pth holds no state dict"):
+        read_state_dict(path)
+
+
+def test_wrapped_state_dict_is_unwrapped(tmp_path):
+    path = tmp_path / "wrapped.pth"
+    torch.save({"epoch": 3, "model": {"w": torch.ones(2), "note": "x"}}, path)
+    assert list(read_state_dict(path)) == ["w"]
+
+
+@pytest.mark.parametrize("bad", [5, None, b"model.pth", [("w", torch.ones(1))]])
+def test_load_checkpoint_wants_a_path_or_a_state_dict(bad):
+    with pytest.raises(TypeError, match=r"checkpoint path.*or a state dict"):
+        load_checkpoint(torch.nn.Linear(2, 2), bad)
+
+
+def test_load_checkpoint_wants_a_module():
+    with pytest.raises(TypeError, match="model"):
+        load_checkpoint({"w": torch.ones(1)}, {"w": torch.ones(1)})

@@ -185,3 +185,53 @@ def test_bad_detector_arguments(kwargs, words):
 def test_c4_needs_a_bottleneck_resnet():
     with pytest.raises(ValueError, match="bottleneck"):
         fasterrcnn_resnet50_c4_dcn(num_classes=3, backbone="resnet18")
+
+
+@pytest.mark.parametrize(
+    "num_classes, error", [("5", TypeError), (True, TypeError), (2.0, TypeError), (0, ValueError)]
+)
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+def test_num_classes_must_be_a_positive_int(layout, num_classes, error):
+    with pytest.raises(error, match="num_classes"):
+        BUILDERS[("faster", layout)](num_classes=num_classes, backbone="resnet50")
+
+
+@pytest.mark.parametrize("kind", ["faster", "mask"])
+@pytest.mark.parametrize("layout", ["fpn", "c4"])
+def test_unknown_keyword_arguments_are_rejected(kind, layout):
+    with pytest.raises(TypeError, match=r"\['foo'\].*min_size"):
+        BUILDERS[(kind, layout)](num_classes=3, backbone="resnet50", foo=1)
+
+
+def test_mask_keywords_belong_to_mask_rcnn_only():
+    with pytest.raises(TypeError, match=r"\['mask_head'\]"):
+        fasterrcnn_resnet50_fpn_dcn(num_classes=3, backbone="resnet18", mask_head=None)
+
+
+def test_c4_takes_a_one_level_anchor_generator():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(((64, 128),), ((0.5, 1.0, 2.0, 4.0),))
+    model = build("faster", "c4", dcn=None, roi_pool="align", rpn_anchor_generator=anchors)
+    assert model.rpn.anchor_generator is anchors
+    assert model.rpn.head.cls_logits.out_channels == 8
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 96, 112)])
+    assert out["boxes"].shape[1] == 4
+
+
+def test_c4_rejects_a_multi_level_anchor_generator():
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(((32,), (64,)), ((1.0,), (1.0,)))
+    with pytest.raises(ValueError, match="rpn_anchor_generator"):
+        fasterrcnn_resnet50_c4_dcn(num_classes=3, rpn_anchor_generator=anchors)
+
+
+def test_c4_keeps_a_given_rpn_head():
+    from torchvision.models.detection.rpn import RPNHead
+
+    head = RPNHead(1024, 15)  # conv4 channels, anchors of the default generator
+    model = build("faster", "c4", dcn=None, roi_pool="align", rpn_head=head)
+    assert model.rpn.head is head

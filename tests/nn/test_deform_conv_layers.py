@@ -100,11 +100,24 @@ def test_learning_rate_multipliers():
     "kwargs, error, words",
     [
         (dict(in_channels=0), ValueError, "in_channels"),
+        (dict(in_channels=4.0), TypeError, "in_channels"),
+        (dict(out_channels=-4), ValueError, "out_channels"),
         (dict(groups=3), ValueError, "groups"),
         (dict(offset_groups=3), ValueError, "offset_groups"),
         (dict(padding_mode="reflect"), ValueError, "padding_mode"),
         (dict(padding="same"), ValueError, "padding"),
+        (dict(kernel_size=0), ValueError, "kernel_size"),
+        (dict(kernel_size=(3,)), TypeError, "kernel_size"),
+        (dict(kernel_size=True), TypeError, "kernel_size"),
+        (dict(stride=0), ValueError, "stride"),
+        (dict(padding=-1), ValueError, "padding"),
+        (dict(dilation=(1, 0)), ValueError, "dilation"),
         (dict(mask_scale=0), ValueError, "mask_scale"),
+        (dict(mask_scale=float("nan")), ValueError, "mask_scale"),
+        (dict(mask_scale=float("inf")), ValueError, "mask_scale"),
+        (dict(offset_lr_mult=-1), ValueError, "offset_lr_mult"),
+        (dict(offset_lr_mult=float("nan")), ValueError, "offset_lr_mult"),
+        (dict(offset_lr_mult="0.1"), TypeError, "offset_lr_mult"),
     ],
 )
 def test_bad_layer_arguments(kwargs, error, words):
@@ -112,6 +125,41 @@ def test_bad_layer_arguments(kwargs, error, words):
     args.update(kwargs)
     with pytest.raises(error, match=words):
         DCNv2(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(kernel_size=0), ValueError, "kernel_size"),
+        (dict(kernel_size=(3,)), TypeError, "kernel_size"),
+        (dict(padding="same"), ValueError, "padding"),
+        (dict(stride=(1, 0)), ValueError, "stride"),
+    ],
+)
+def test_bad_deform_conv2d_module_arguments(kwargs, error, words):
+    args = dict(in_channels=4, out_channels=4, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        DeformConv2d(**args)
+
+
+def test_zero_offset_lr_mult_is_allowed():
+    assert DCNv1(4, 4, 3, offset_lr_mult=0).offset_lr_mult == 0.0
+
+
+@pytest.mark.parametrize("cls", [DCNv1, DCNv2])
+def test_input_of_another_dtype_names_both_dtypes(cls):
+    layer = cls(4, 4, 3, padding=1)
+    with pytest.raises(TypeError, match=r"torch\.float64.*torch\.float32"):
+        layer(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["reference", "aten"])
+def test_outputs_are_contiguous_whatever_the_backend(backend):
+    layer = DCNv2(4, 6, 3, padding=1, backend=backend)
+    out = layer(torch.randn(2, 4, 5, 5))
+    assert out.is_contiguous()
+    assert out.view(2, -1).shape == (2, 6 * 25)
 
 
 def test_from_conv2d_rejects_other_modules():

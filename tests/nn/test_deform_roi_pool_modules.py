@@ -272,3 +272,50 @@ def test_bad_module_arguments():
         MultiScaleDeformRoIPool(["p2"], 7, 2, in_channels=4)(
             fpn(), [make_boxes(2, 256, 320)] * 2, [(256, 320)] * 2
         )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(aligned="false"), TypeError, "aligned"),
+        (dict(sampling_ratio=1.7), TypeError, "sampling_ratio"),
+        (dict(in_channels=8.9), TypeError, "in_channels"),
+        (dict(in_channels=0), ValueError, "in_channels"),
+        (dict(gamma=float("nan")), TypeError, "gamma"),
+        (dict(spatial_scale=0.0), ValueError, "spatial_scale"),
+        (dict(hidden_channels=16), TypeError, "hidden_channels"),
+        (dict(hidden_channels=(16, 0)), ValueError, "hidden_channels"),
+        (dict(hidden_channels=(16.5,)), TypeError, "hidden_channels"),
+    ],
+)
+@pytest.mark.parametrize("cls", [DeformRoIPool, ModulatedDeformRoIPool])
+def test_pooling_modules_reject_what_the_operator_rejects(cls, kwargs, error, words):
+    args = dict(output_size=2, in_channels=4, hidden_channels=(8, 8))
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        cls(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(sampling_ratio=1.7), TypeError, "sampling_ratio"),
+        (dict(aligned="false"), TypeError, "aligned"),
+        (dict(share_offset_branch="no"), TypeError, "share_offset_branch"),
+        (dict(modulated=1), TypeError, "modulated"),
+        (dict(featmap_names=[]), ValueError, "featmap_names"),
+    ],
+)
+def test_bad_multiscale_arguments(kwargs, error, words):
+    args = dict(featmap_names=["p2"], output_size=2, sampling_ratio=2, in_channels=4, hidden_channels=(8,))
+    args.update(kwargs)
+    with pytest.raises(error, match=words):
+        MultiScaleDeformRoIPool(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_input_of_another_dtype_names_both_dtypes(dtype):
+    module = ModulatedDeformRoIPool(2, in_channels=4, hidden_channels=(8, 8))
+    rois = torch.tensor([[0.0, 1.0, 1.0, 5.0, 5.0]], dtype=dtype)
+    with pytest.raises(TypeError, match=rf"{dtype}.*torch\.float32"):
+        module(torch.randn(1, 4, 8, 8, dtype=dtype), rois)

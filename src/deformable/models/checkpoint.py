@@ -10,6 +10,7 @@ safetensors (``.safetensors``, needs the ``safetensors`` package).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,31 +24,48 @@ Source = Literal["deformable", "torchvision", "mmdet", "detectron2"]
 _IGNORABLE_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from ``.pth``/``.pt`` (weights only) or ``.safetensors``.
 
     Wrappers written by training frameworks (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read or holds no tensors; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
+        data = _read_safetensors(path)
+    else:
         try:
-            from safetensors.torch import load_file
-        except ImportError as error:
-            raise ImportError(
-                "reading .safetensors needs the 'safetensors' package: pip install safetensors"
-            ) from error
-        return dict(load_file(str(path)))
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors, truncated files, foreign objects
-        raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {error}") from error
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # pickle errors, truncated files, foreign objects
+            raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {error}") from error
     return unwrap_state_dict(data, str(path))
 
 
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file; a ValueError naming the file if it cannot be read."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as error:
+        raise ImportError(
+            "reading .safetensors needs the 'safetensors' package: pip install safetensors"
+        ) from error
+    try:
+        return dict(load_file(str(path)))
+    except Exception as error:  # SafetensorError (corrupt header, truncated data) and kin
+        raise ValueError(f"cannot read safetensors checkpoint {path}: {error}") from error
+
+
 def unwrap_state_dict(data, what: str = "checkpoint") -> dict[str, Tensor]:
-    """The tensors of a state dict, unwrapping ``model``/``state_dict`` entries."""
+    """The tensors of a state dict, unwrapping ``model``/``state_dict`` entries.
+
+    Raises:
+        ValueError: ``data`` is no mapping or holds no tensors (``what`` names it in the message).
+    """
     while isinstance(data, Mapping) and not any(isinstance(v, Tensor) for v in data.values()):
         for key in ("model", "state_dict", "model_state"):
             if key in data:
@@ -55,9 +73,14 @@ def unwrap_state_dict(data, what: str = "checkpoint") -> dict[str, Tensor]:
                 break
         else:
             break
-    if not isinstance(data, Mapping) or not data:
-        raise ValueError(f"{what} holds no state dict (expected a mapping of names to tensors)")
-    return {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"{what} holds no state dict (expected a mapping of names to tensors, got {type(data).__name__})"
+        )
+    tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise ValueError(f"{what} holds no state dict (no tensors)")
+    return tensors
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,7 +221,8 @@ def load_checkpoint(
 
     Args:
         model: a deformable backbone or detector (torchvision module names).
-        path_or_state_dict: a ``.pth``/``.pt``/``.safetensors`` file or a state dict.
+        path_or_state_dict: a ``.pth``/``.pt``/``.safetensors`` file or a state dict (possibly wrapped in
+            ``{"model": ...}``/``{"state_dict": ...}``).
         source: who wrote it: "deformable", "torchvision", "mmdet" or "detectron2".
         strict: raise ``ValueError`` unless every model tensor was loaded and nothing was left over.
         verbose: print the report.
@@ -206,12 +230,19 @@ def load_checkpoint(
     Returns:
         A :class:`LoadReport` (its ``str`` is a readable table of missing and unexpected keys).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if source not in _RULES:
         raise ValueError(f"source must be one of {sorted(_RULES)}, got {source!r}")
-    if isinstance(path_or_state_dict, str | Path):
+    if isinstance(path_or_state_dict, str | os.PathLike):
         state = read_state_dict(path_or_state_dict)
-    else:
+    elif isinstance(path_or_state_dict, Mapping):
         state = unwrap_state_dict(path_or_state_dict)
+    else:
+        raise TypeError(
+            "path_or_state_dict must be a checkpoint path (str or os.PathLike) or a state dict (a mapping), "
+            f"got {type(path_or_state_dict).__name__}"
+        )
     target = model.state_dict()
     rules = _RULES[source]
     report = LoadReport(source)

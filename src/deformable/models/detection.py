@@ -14,6 +14,7 @@ Two layouts:
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -190,7 +192,7 @@ def _mimicking(mimic: bool, mimic_options, model) -> FeatureMimicking | None:
 class _DetectorOptions:
     """The arguments every detector builder shares (see the builders' docstring)."""
 
-    num_classes: int
+    num_classes: int | None
     dcn: DCNVersion
     dcn_stages: Iterable[int]
     offset_groups: int
@@ -203,6 +205,17 @@ class _DetectorOptions:
     trainable_backbone_layers: int | None
     norm_layer: object
 
+    def __post_init__(self) -> None:
+        # None is torchvision's "take the classes from the given box_predictor".
+        if self.num_classes is None:
+            return
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise TypeError(
+                f"num_classes must be a positive int (or None with box_predictor), got {self.num_classes!r}"
+            )
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+
     def resnet(self, replace_stride_with_dilation=None) -> ResNet:
         return _resnet(
             self.backbone, self.dcn, self.dcn_stages, self.offset_groups, self.weights_backbone,
@@ -214,7 +227,36 @@ class _DetectorOptions:
         return _trainable_layers(self.trainable_backbone_layers, self.weights_backbone is not None)
 
 
+def _detector_arguments(detector: type) -> set[str]:
+    """The keyword arguments torchvision's ``detector`` (FasterRCNN or MaskRCNN) takes by name.
+
+    torchvision passes any other keyword on to ``GeneralizedRCNNTransform``, which ignores what it does
+    not know: a misspelt argument would pass unnoticed.
+    """
+    names = {"_skip_resize"}  # the one keyword GeneralizedRCNNTransform reads from its **kwargs
+    for init in (detector.__init__, GeneralizedRCNNTransform.__init__):
+        names.update(
+            name
+            for name, parameter in inspect.signature(init).parameters.items()
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        )
+    return names - {"self", "backbone", "num_classes"}  # the builders' own arguments
+
+
+def _check_keywords(cls, kwargs: dict, extra: tuple[str, ...] = ()) -> None:
+    """Reject keywords that neither torchvision's detector nor the builder (``extra``) takes."""
+    detector = MaskRCNN if issubclass(cls, MaskRCNN) else FasterRCNN
+    accepted = _detector_arguments(detector) | set(extra)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {unknown}: besides its own arguments the builder takes "
+            f"these of torchvision's {detector.__name__}: {sorted(accepted)}"
+        )
+
+
 def _fpn_detector(cls, o: _DetectorOptions, kwargs: dict):
+    _check_keywords(cls, kwargs)
     body = _resnet_fpn_extractor(o.resnet(), o.trainable_layers)
     model = cls(body, num_classes=o.num_classes, **kwargs)
     _install_roi_poolers(
@@ -234,8 +276,24 @@ def _install_roi_poolers(model, kind, options, names, channels, kwargs) -> None:
         model.roi_heads.mask_roi_pool = roi_pooler(kind, names, 14, channels, **(options or {}))
 
 
+def _c4_anchors(anchors: AnchorGenerator | None) -> AnchorGenerator:
+    """The C4 RPN's anchor generator: the given one, which must cover one feature map, or the paper's."""
+    if anchors is None:
+        return AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
+    if not isinstance(anchors, AnchorGenerator):
+        raise TypeError(f"rpn_anchor_generator must be an AnchorGenerator, got {type(anchors).__name__}")
+    if len(anchors.sizes) != 1:
+        raise ValueError(
+            "the C4 layout's RPN sees one feature map (conv4): rpn_anchor_generator must have one tuple of "
+            f"sizes, got {len(anchors.sizes)}"
+        )
+    return anchors
+
+
 def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
+    _check_keywords(cls, kwargs, extra=("roi_channels",))
     roi_channels = kwargs.pop("roi_channels", 256)
+    anchors = _c4_anchors(kwargs.pop("rpn_anchor_generator", None))
     backbone = o.backbone
     if isinstance(backbone, ResNet):
         if not hasattr(backbone.layer4[-1], "conv3") or backbone.layer4[0].conv2.stride != (1, 1):
@@ -257,7 +315,9 @@ def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
             param.requires_grad_(False)
     conv4, conv5 = resnet.layer3[-1].conv3.out_channels, resnet.layer4[-1].conv3.out_channels
     body = C4Backbone(resnet, conv4, conv5, roi_channels)
-    anchors = AnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),))
+    rpn_head = kwargs.pop("rpn_head", None)
+    if rpn_head is None:
+        rpn_head = RPNHead(conv4, anchors.num_anchors_per_location()[0])
     user_kwargs = dict(kwargs)
     kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(["roi"], 7, 2))
     kwargs.setdefault("box_head", TwoMLPHead(roi_channels * 7 * 7, 1024))
@@ -284,7 +344,7 @@ def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
     model.rpn = FeatureSelectingRPN(
         "rpn",
         anchors,
-        RPNHead(conv4, anchors.num_anchors_per_location()[0]),
+        rpn_head,
         rpn_settings["fg_iou_thresh"],
         rpn_settings["bg_iou_thresh"],
         rpn_settings["batch_size_per_image"],
@@ -329,11 +389,17 @@ def _make_detector(cls, layout: str, name: str):
         if layout == "fpn"
         else "the paper's C4 layout (RPN on conv4, RoI head on dilated conv5)"
     )
+    c4_note = (
+        ""
+        if layout == "fpn"
+        else "\n            ``rpn_anchor_generator`` must cover one feature map (conv4); ``roi_channels``\n"
+        "            (default 256) sets the width of the reduced conv5."
+    )
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"""{kind} with {where}, DCN in the backbone and deformable RoI pooling.
 
     Args:
-        num_classes: classes including background.
+        num_classes: classes including background (None: taken from a given ``box_predictor``).
         dcn: "v2", "v1" or None for the backbone's DCN layers; ``dcn_stages`` among 2-5 (default conv3-5).
         offset_groups: offset groups of the DCN layers.
         roi_pool: "mdpool" (modulated deformable RoI pooling), "dpool" (deformable) or "align"; Mask
@@ -344,7 +410,8 @@ def _make_detector(cls, layout: str, name: str):
         weights_backbone: ImageNet weights for the backbone (local file or torchvision enum/name).
         trainable_backbone_layers: 0-5 (default 3 with weights, 5 without), as torchvision.
         norm_layer: the backbone's normalisation (default FrozenBatchNorm2d with weights, else BatchNorm2d).
-        kwargs: torchvision's {kind} arguments (min_size, max_size, rpn_*, box_*...).
+        kwargs: torchvision's {kind} arguments (min_size, max_size, rpn_*, box_*...); unknown ones
+            raise TypeError.{c4_note}
     """
     return builder
 

@@ -10,21 +10,35 @@ fresh DCNv2 half of it (mask = sigmoid(0) = 0.5). State-dict names follow mmcv
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from ..ops import deform_conv2d
+from ..ops.deform_conv import _pair
 
 _size_2 = int | tuple[int, int]
 
 
 def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _finite_number(value, name: str, *, allow_zero: bool) -> float:
+    """``value`` as a float, checked to be finite and positive (or >= 0 with ``allow_zero``)."""
+    expected = "a finite number >= 0" if allow_zero else "a finite positive number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
 
 
@@ -66,8 +80,15 @@ class DeformConv2d(nn.Module):
                 f"groups ({groups})"
             )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        if isinstance(padding, str):
+            # nn.Conv2d's 'same' can need uneven padding, which the operator cannot express.
+            raise ValueError(
+                f"padding must be an int or a pair of ints ('same'/'valid' unsupported), got {padding!r}"
+            )
+        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        self.dilation = _pair(dilation, "dilation", 1)
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
@@ -132,8 +153,6 @@ class _OffsetPredictingConv(DeformConv2d):
             raise ValueError(
                 f"padding_mode must be 'zeros' (the operator pads with zeros), got {padding_mode!r}"
             )
-        if isinstance(padding, str):
-            raise ValueError(f"padding must be an int or a pair of ints, got {padding!r}")
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             backend=backend, device=device, dtype=dtype,
@@ -145,7 +164,7 @@ class _OffsetPredictingConv(DeformConv2d):
             )
         self.offset_groups = offset_groups
         if offset_lr_mult is not None:
-            self.offset_lr_mult = float(offset_lr_mult)
+            self.offset_lr_mult = _finite_number(offset_lr_mult, "offset_lr_mult", allow_zero=True)
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.conv_offset = nn.Conv2d(
             in_channels,
@@ -160,6 +179,19 @@ class _OffsetPredictingConv(DeformConv2d):
         )
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
+
+    def _predict(self, input: Tensor) -> Tensor:
+        """``conv_offset(input)``, after checking that ``input`` can meet the layer's parameters."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        # Autocast casts input and parameters to one dtype itself; otherwise conv2d's dtype error
+        # names neither the layer nor the fix.
+        if input.dtype != self.weight.dtype and not torch.is_autocast_enabled(input.device.type):
+            raise TypeError(
+                f"input dtype {input.dtype} differs from the layer's parameter dtype {self.weight.dtype}: "
+                f"convert the input or the layer (e.g. layer.to({input.dtype}))"
+            )
+        return self.conv_offset(input)
 
     def offset_parameters(self) -> Iterator[nn.Parameter]:
         """The offset (and mask) branch's parameters, trained at ``offset_lr_mult`` x the base rate."""
@@ -199,7 +231,7 @@ class DCNv1(_OffsetPredictingConv):
     offset_lr_mult = 1.0
 
     def forward(self, input: Tensor) -> Tensor:
-        return super().forward(input, self.conv_offset(input))
+        return super().forward(input, self._predict(input))
 
 
 class DCNv2(_OffsetPredictingConv):
@@ -216,13 +248,11 @@ class DCNv2(_OffsetPredictingConv):
 
     def __init__(self, *args, mask_scale: float = 1.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(mask_scale, int | float) or isinstance(mask_scale, bool) or mask_scale <= 0:
-            raise ValueError(f"mask_scale must be a positive number, got {mask_scale!r}")
-        self.mask_scale = float(mask_scale)
+        self.mask_scale = _finite_number(mask_scale, "mask_scale", allow_zero=False)
 
     def offsets_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor]:
         """The predicted offsets [N, 2*G*K, H_out, W_out] and mask [N, G*K, H_out, W_out]."""
-        prediction = self.conv_offset(input)
+        prediction = self._predict(input)
         split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         mask = torch.sigmoid(prediction[:, split:])
         if self.mask_scale != 1.0:

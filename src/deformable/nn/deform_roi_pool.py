@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
 
-from ..ops.deform_roi_pool import _output_size, deform_roi_pool
+from ..ops.deform_roi_pool import _output_size, _validate, deform_roi_pool
+from .deform_conv import _positive_int
 
 __all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "MultiScaleDeformRoIPool"]
 
@@ -42,6 +43,33 @@ def _mlp(
     nn.init.zeros_(last.bias)
     layers.append(last)
     return nn.Sequential(*layers)
+
+
+def _check_pooling_arguments(output_size, spatial_scale, sampling_ratio, gamma, aligned) -> None:
+    """Reject pooling arguments that ``deform_roi_pool`` would reject, at construction time.
+
+    The operator's own checks run on a 1x1 map and no RoIs, so modules and operator accept exactly the
+    same arguments.
+    """
+    _validate(
+        torch.zeros(1, 1, 1, 1), torch.zeros(0, 5), None, None,
+        output_size, spatial_scale, sampling_ratio, gamma, aligned,
+    )  # fmt: skip
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _hidden_widths(hidden_channels) -> tuple[int, ...]:
+    """``hidden_channels`` (a sequence of layer widths) as a tuple of positive ints."""
+    if not isinstance(hidden_channels, Sequence) or isinstance(hidden_channels, str):
+        raise TypeError(
+            f"hidden_channels must be a sequence of layer widths, e.g. (1024,), got {hidden_channels!r}"
+        )
+    return tuple(_positive_int(h, "hidden_channels entries") for h in hidden_channels)
 
 
 def _channels_last(feature: Tensor) -> Tensor:
@@ -72,12 +100,13 @@ class _DeformRoIPoolBase(nn.Module):
         backend: str | None,
     ) -> None:
         super().__init__()
+        _check_pooling_arguments(output_size, spatial_scale, sampling_ratio, gamma, aligned)
         self.output_size = _output_size(output_size)
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)
-        self.in_channels = int(in_channels)
-        self.aligned = bool(aligned)
+        self.in_channels = _positive_int(in_channels, "in_channels")
+        self.aligned = aligned
         self.backend = backend
 
     @property
@@ -112,17 +141,29 @@ class _DeformRoIPoolBase(nn.Module):
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
         """Pool ``rois`` [K, 5] (batch_index, x1, y1, x2, y2) from ``input`` [N, C, H, W]: [K, C, ph, pw]."""
-        self._check_channels(input)
+        self._check_input(input)
         input = _channels_last(input)
         plain = self.pool(input, rois)
         offset, mask = self.predict(plain)
         return self.pool(input, rois, offset, mask)
 
-    def _check_channels(self, input: Tensor) -> None:
-        if isinstance(input, Tensor) and input.dim() == 4 and input.shape[1] != self.in_channels:
+    def _check_input(self, input: Tensor) -> None:
+        """Channels and dtype the offset branch can take (the operator checks the rest)."""
+        if not isinstance(input, Tensor) or input.dim() != 4:
+            return
+        if input.shape[1] != self.in_channels:
             raise ValueError(
                 f"input must have in_channels={self.in_channels} channels, got {input.shape[1]} "
                 f"(shape {list(input.shape)})"
+            )
+        # Under autocast the fc branch casts itself; otherwise nn.Linear's dtype error names no argument.
+        # Non-float inputs are left to the operator's own message.
+        dtype = next(self.parameters()).dtype
+        mismatch = input.dtype != dtype and input.is_floating_point()
+        if mismatch and not torch.is_autocast_enabled(input.device.type):
+            raise TypeError(
+                f"input dtype {input.dtype} differs from the offset branch's parameter dtype {dtype}: "
+                f"convert the input or the module (e.g. module.to({input.dtype}))"
             )
 
     def offset_parameters(self) -> Iterator[nn.Parameter]:
@@ -172,7 +213,7 @@ class DeformRoIPool(_DeformRoIPoolBase):
         backend: str | None = None,
     ) -> None:
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma, in_channels, aligned, backend)
-        self.hidden_channels = tuple(int(h) for h in hidden_channels)
+        self.hidden_channels = _hidden_widths(hidden_channels)
         self.offset_fc = _mlp(self.in_channels * self._bins, self.hidden_channels, 2 * self._bins, None)
 
     def predict(self, pooled: Tensor) -> tuple[Tensor, None]:
@@ -219,7 +260,7 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
         super().__init__(output_size, spatial_scale, sampling_ratio, gamma, in_channels, aligned, backend)
         if branch not in ("paper", "mmcv"):
             raise ValueError(f"branch must be 'paper' or 'mmcv', got {branch!r}")
-        self.hidden_channels = tuple(int(h) for h in hidden_channels)
+        self.hidden_channels = _hidden_widths(hidden_channels)
         if not self.hidden_channels:
             raise ValueError(f"hidden_channels must name at least one layer, got {hidden_channels!r}")
         self.branch = branch
@@ -290,15 +331,16 @@ class MultiScaleDeformRoIPool(nn.Module):
     ) -> None:
         super().__init__()
         self.featmap_names = list(featmap_names)
+        if not self.featmap_names:
+            raise ValueError("featmap_names must name at least one feature map")
         self.output_size = _output_size(tuple(output_size) if isinstance(output_size, list) else output_size)
-        self.sampling_ratio = int(sampling_ratio)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
-        self.share_offset_branch = bool(share_offset_branch)
+        self.share_offset_branch = _check_bool(share_offset_branch, "share_offset_branch")
         self.scales: list[float] | None = None
         self.map_levels: LevelMapper | None = None
         kwargs: dict = dict(
-            sampling_ratio=self.sampling_ratio,
+            sampling_ratio=sampling_ratio,
             gamma=gamma,
             in_channels=in_channels,
             aligned=aligned,
@@ -306,13 +348,14 @@ class MultiScaleDeformRoIPool(nn.Module):
         )
         if hidden_channels is not None:
             kwargs["hidden_channels"] = hidden_channels
-        if modulated:
+        if _check_bool(modulated, "modulated"):
             kwargs["branch"] = branch
         elif branch != "paper":
             raise ValueError(f"branch={branch!r} needs modulated=True")
         cls = ModulatedDeformRoIPool if modulated else DeformRoIPool
         count = 1 if self.share_offset_branch else len(self.featmap_names)
         self.pools = nn.ModuleList(cls(self.output_size, **kwargs) for _ in range(count))
+        self.sampling_ratio = self.pools[0].sampling_ratio  # checked by the pooling module
 
     @property
     def offset_lr_mult(self) -> float:
@@ -388,7 +431,7 @@ class MultiScaleDeformRoIPool(nn.Module):
         """Pool ``boxes`` (one [L_i, 4] tensor per image, image coordinates) from the FPN maps ``x``."""
         features, rois, levels = self._assign(x, boxes, image_shapes)
         for feature in features:
-            self.pools[0]._check_channels(feature)
+            self.pools[0]._check_input(feature)
         features = [_channels_last(f) for f in features]
         plain = self._pool_levels(features, rois, levels, None, None)
         if self.share_offset_branch:

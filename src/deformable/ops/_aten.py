@@ -23,6 +23,7 @@ of forward + backward stays under the memory budget (:func:`set_memory_budget`),
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,27 +43,39 @@ def get_memory_budget() -> int:
     backend's deterministic mode (its per-sample buffers and partial sums).
 
     Set with :func:`set_memory_budget`, the :func:`memory_budget` context manager, or the
-    ``DEFORMABLE_MEMORY_BUDGET_MB`` environment variable.
+    ``DEFORMABLE_MEMORY_BUDGET_MB`` environment variable (MiB, fractions allowed).
     """
     if _budget_bytes is not None:
         return _budget_bytes
     env = os.environ.get("DEFORMABLE_MEMORY_BUDGET_MB")
     if env:
-        try:
-            value = float(env)
-        except ValueError:
-            raise ValueError(f"DEFORMABLE_MEMORY_BUDGET_MB must be a positive number, got {env!r}") from None
-        if value <= 0:
-            raise ValueError(f"DEFORMABLE_MEMORY_BUDGET_MB must be a positive number, got {env!r}")
-        return int(value * 2**20)
+        return _budget_from_env(env)
     return _DEFAULT_BUDGET_BYTES
+
+
+def _budget_from_env(env: str) -> int:
+    """The budget in bytes that ``DEFORMABLE_MEMORY_BUDGET_MB=env`` asks for."""
+    try:
+        mebibytes = float(env)
+    except ValueError:
+        mebibytes = math.nan
+    # NaN fails the comparison; infinity and sub-byte budgets would break the chunking arithmetic.
+    if not (math.isfinite(mebibytes) and mebibytes * 2**20 >= 1):
+        raise ValueError(
+            "DEFORMABLE_MEMORY_BUDGET_MB must be a positive finite number of MiB (at least one byte, "
+            f"e.g. 256 or 0.5), got {env!r}"
+        )
+    return int(mebibytes * 2**20)
 
 
 def set_memory_budget(num_bytes: int | None) -> None:
     """Set the workspace budget in bytes; None restores the default (or the environment's)."""
     global _budget_bytes
-    if num_bytes is not None and (not isinstance(num_bytes, int) or num_bytes <= 0):
-        raise ValueError(f"num_bytes must be a positive int or None, got {num_bytes!r}")
+    if num_bytes is not None:
+        if isinstance(num_bytes, bool) or not isinstance(num_bytes, int):
+            raise TypeError(f"num_bytes must be a positive int or None, got {num_bytes!r}")
+        if num_bytes <= 0:
+            raise ValueError(f"num_bytes must be a positive int or None, got {num_bytes!r}")
     _budget_bytes = num_bytes
 
 

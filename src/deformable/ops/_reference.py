@@ -110,7 +110,9 @@ def deform_conv2d_reference(
         columns = columns * mask.to(compute).reshape(batch, offset_groups, 1, kernel, out_h, out_w)
     columns = columns.reshape(batch, groups, group_in * kernel, out_h * out_w)
     weight = weight.reshape(groups, out_channels // groups, group_in * kernel)
-    out = torch.einsum("gok,ngkp->ngop", weight, columns).reshape(batch, out_channels, out_h, out_w)
+    # einsum may hand back a permuted layout; the other backends return contiguous outputs.
+    out = torch.einsum("gok,ngkp->ngop", weight, columns).contiguous()
+    out = out.view(batch, out_channels, out_h, out_w)
     if bias is not None:
         out = out + bias.to(compute).view(1, -1, 1, 1)
     return out.to(out_dtype)
