@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
 
-from ..ops.deform_roi_pool import _output_size, _validate, deform_roi_pool
+from ..ops.deform_roi_pool import _output_size, deform_roi_pool, validate_pooling_parameters
 from .deform_conv import _positive_int
 
 __all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "MultiScaleDeformRoIPool"]
@@ -43,18 +43,6 @@ def _mlp(
     nn.init.zeros_(last.bias)
     layers.append(last)
     return nn.Sequential(*layers)
-
-
-def _check_pooling_arguments(output_size, spatial_scale, sampling_ratio, gamma, aligned) -> None:
-    """Reject pooling arguments that ``deform_roi_pool`` would reject, at construction time.
-
-    The operator's own checks run on a 1x1 map and no RoIs, so modules and operator accept exactly the
-    same arguments.
-    """
-    _validate(
-        torch.zeros(1, 1, 1, 1), torch.zeros(0, 5), None, None,
-        output_size, spatial_scale, sampling_ratio, gamma, aligned,
-    )  # fmt: skip
 
 
 def _check_bool(value, name: str) -> bool:
@@ -100,8 +88,9 @@ class _DeformRoIPoolBase(nn.Module):
         backend: str | None,
     ) -> None:
         super().__init__()
-        _check_pooling_arguments(output_size, spatial_scale, sampling_ratio, gamma, aligned)
-        self.output_size = _output_size(output_size)
+        self.output_size = validate_pooling_parameters(
+            output_size, spatial_scale, sampling_ratio, gamma, aligned
+        )
         self.spatial_scale = float(spatial_scale)
         self.sampling_ratio = int(sampling_ratio)
         self.gamma = float(gamma)

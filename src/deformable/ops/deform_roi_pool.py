@@ -286,6 +286,24 @@ def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ra
         raise TypeError(f"rois must be a floating-point tensor, got {rois.dtype}")
     if rois.device != input.device:
         raise ValueError(f"rois must be on the device of input ({input.device}), got {rois.device}")
+    pooled_height, pooled_width = validate_pooling_parameters(
+        output_size, spatial_scale, sampling_ratio, gamma, aligned
+    )
+    num_rois = rois.shape[0]
+    if offset is not None:
+        _check_tensor("offset", offset, input, (num_rois, 2, pooled_height, pooled_width))
+    if mask is not None:
+        _check_tensor("mask", mask, input, (num_rois, 1, pooled_height, pooled_width))
+    if not torch.compiler.is_compiling() and not _capturing(input):
+        _check_roi_values(rois, input.shape[0])
+    return pooled_height, pooled_width
+
+
+def validate_pooling_parameters(
+    output_size, spatial_scale, sampling_ratio, gamma, aligned
+) -> tuple[int, int]:
+    """Check ``deform_roi_pool``'s scalar arguments (TypeError/ValueError naming the argument); returns
+    the output size as (ph, pw). Also what the pooling modules check at construction."""
     pooled_height, pooled_width = _output_size(output_size)
     if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, numbers.Real):
         raise TypeError(f"spatial_scale must be a positive float, got {spatial_scale!r}")
@@ -300,13 +318,6 @@ def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ra
         raise TypeError(f"gamma must be a finite float, got {gamma!r}")
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool, got {aligned!r}")
-    num_rois = rois.shape[0]
-    if offset is not None:
-        _check_tensor("offset", offset, input, (num_rois, 2, pooled_height, pooled_width))
-    if mask is not None:
-        _check_tensor("mask", mask, input, (num_rois, 1, pooled_height, pooled_width))
-    if not torch.compiler.is_compiling() and not _capturing(input):
-        _check_roi_values(rois, input.shape[0])
     return pooled_height, pooled_width
 
 
