@@ -281,7 +281,7 @@ def test_bad_module_arguments():
         (dict(sampling_ratio=1.7), TypeError, "sampling_ratio"),
         (dict(in_channels=8.9), TypeError, "in_channels"),
         (dict(in_channels=0), ValueError, "in_channels"),
-        (dict(gamma=float("nan")), TypeError, "gamma"),
+        (dict(gamma=float("nan")), ValueError, "gamma"),
         (dict(spatial_scale=0.0), ValueError, "spatial_scale"),
         (dict(hidden_channels=16), TypeError, "hidden_channels"),
         (dict(hidden_channels=(16, 0)), ValueError, "hidden_channels"),

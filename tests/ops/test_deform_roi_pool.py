@@ -371,7 +371,7 @@ def _good():
         (dict(output_size=0), ValueError, ["output_size", "positive", "0"]),
         (dict(output_size=(7, 7, 7)), TypeError, ["output_size", "(7, 7, 7)"]),
         (dict(output_size=7.0), TypeError, ["output_size", "7.0"]),
-        (dict(gamma=math.inf), TypeError, ["gamma", "inf"]),
+        (dict(gamma=math.inf), ValueError, ["gamma", "inf"]),
         (dict(aligned=1), TypeError, ["aligned", "bool", "1"]),
         (dict(input=torch.randn(3, 8, 8)), ValueError, ["input", "[N, C, H, W]", "[3, 8, 8]"]),
         (dict(input=torch.zeros(2, 3, 8, 8, dtype=torch.long)), TypeError, ["input", "floating", "int64"]),

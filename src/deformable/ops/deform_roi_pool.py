@@ -314,8 +314,10 @@ def validate_pooling_parameters(
             "sampling_ratio must be an int (> 0: samples per bin side, <= 0: adaptive), "
             f"got {sampling_ratio!r}"
         )
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise TypeError(f"gamma must be a finite float, got {gamma!r}")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite float, got {gamma!r}")
     if not isinstance(aligned, bool):
         raise TypeError(f"aligned must be a bool, got {aligned!r}")
     return pooled_height, pooled_width
