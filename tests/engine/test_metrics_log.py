@@ -178,3 +178,48 @@ def test_training_runs_log_every_iteration_once(tmp_path):
     assert _iterations(path) == once
     _run(tmp_path, resume=True, steps=4)  # resuming a finished run only redoes its final evaluation
     assert _iterations(path) == once
+
+
+def test_a_fresh_run_discards_the_checkpoint_of_an_earlier_run(tmp_path):
+    """Killed before its first checkpoint, a fresh run must not leave the earlier run's checkpoint for a
+    later --resume to take as its own."""
+    _run(tmp_path, resume=False, steps=4)
+    assert (tmp_path / CHECKPOINT_NAME).is_file()
+    _run(tmp_path, resume=False, steps=1)  # "killed" after iteration 1, before its checkpoint at 2
+    assert not (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / "eval.json").exists()
+    assert _run(tmp_path, resume=True, steps=4).start == 0
+
+
+def test_resume_refuses_a_checkpoint_written_under_another_config(tmp_path):
+    _run(tmp_path, resume=False, steps=3)  # checkpoint at iteration 2, lr 0.1
+    cfg = TrainConfig(
+        out_dir=str(tmp_path), iterations=6, checkpoint_every=2, log_every=1, progress=False,
+        tensorboard=False, device="cpu", lr=0.5, warmup_iterations=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"another config \(lr: 0.1 -> 0.5\)"):
+        TrainingRun(cfg, torch.nn.Linear(2, 1), torch.device("cpu"), lambda it: 1.0, 0, 1, True)
+    cfg.lr = 0.1  # a longer schedule is a legitimate resume
+    assert TrainingRun(cfg, torch.nn.Linear(2, 1), torch.device("cpu"), lambda it: 1.0, 0, 1, True).start == 2
+
+
+def test_an_evaluation_killed_at_a_checkpoint_iteration_is_redone_on_resume(tmp_path):
+    """The evaluation of iteration k runs before k's checkpoint: killed while evaluating, the run
+    resumes from the checkpoint before k and evaluates k again."""
+
+    class Killed(Exception):
+        pass
+
+    def killed_evaluation():
+        raise Killed
+
+    cfg = TrainConfig(
+        out_dir=str(tmp_path), iterations=6, checkpoint_every=2, eval_every=4, log_every=1, progress=False,
+        tensorboard=False, device="cpu", lr=0.1, warmup_iterations=0,
+    )  # fmt: skip
+    model = torch.nn.Linear(2, 1)
+    run = TrainingRun(cfg, model, torch.device("cpu"), lambda it: 1.0, 0, 1, False)
+    with pytest.raises(Killed):
+        while True:
+            run.step(model(torch.ones(1, 2)).pow(2).sum(), {"loss": 0.0}, killed_evaluation)
+    assert run.iteration == 4
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["iteration"] == 2

@@ -98,6 +98,32 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Config keys a resumed run may change: how long and how visibly it runs, where its files live, and
+# the starting weights (the checkpoint holds the trained ones).
+RESUMABLE_CHANGES = frozenset(
+    {
+        "iterations", "lr_steps", "progress", "workers", "log_every", "checkpoint_every", "eval_every",
+        "eval_max_images", "tensorboard", "device", "out_dir", "data_dir", "weights_backbone",
+    }
+)  # fmt: skip
+
+
+def _check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume from a checkpoint written under another config (beyond RESUMABLE_CHANGES)."""
+    if saved is None:
+        return
+    changed = sorted(
+        key for key in set(saved) | set(current)
+        if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)
+    )  # fmt: skip
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in changed[:5])
+        raise ValueError(
+            f"{path} was written by a run with another config ({details}): resuming would continue that "
+            "run under this config. Start afresh (no --resume, or demo --restart) or use another out_dir."
+        )
+
+
 def device_for(cfg) -> torch.device:
     """The config's ``device`` ("auto": CUDA when available)."""
     if cfg.device == "auto":
@@ -225,6 +251,7 @@ class TrainingRun:
         resumed = resume and self.checkpoint_path.exists()
         if resumed:
             state = load_training_checkpoint(self.checkpoint_path)
+            _check_same_run(state.get("config"), cfg.to_dict(), self.checkpoint_path)
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -234,6 +261,9 @@ class TrainingRun:
             set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         else:
             torch.manual_seed(cfg.seed * 31 + rank)
+            if is_main():  # an earlier run's results: a later --resume must not take them for this run's
+                for name in (CHECKPOINT_NAME, FINAL_NAME, "eval.json"):
+                    (self.out_dir / name).unlink(missing_ok=True)
         if is_main():
             dump_config(cfg, self.out_dir / "config.yaml")
         self.train_model = model
@@ -301,13 +331,16 @@ class TrainingRun:
             if iteration % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - self._began
                 self.log.write({"iteration": iteration, "lr": lr, **scalars, "time": elapsed})
-        if iteration % cfg.checkpoint_every == 0 or last:
-            self.seconds = self._seconds_before + time.perf_counter() - self._began
-            self._save_checkpoint()
+        # The evaluation comes before the checkpoint of the same iteration: a run killed while
+        # evaluating resumes from the checkpoint before and evaluates again, and the checkpoint's
+        # random state is the one training continues from.
         if evaluate is not None and cfg.eval_every and iteration % cfg.eval_every == 0 and not last:
             metrics = evaluate()
             if is_main():
                 self.log.write({"iteration": iteration, "eval": metrics})
+        if iteration % cfg.checkpoint_every == 0 or last:
+            self.seconds = self._seconds_before + time.perf_counter() - self._began
+            self._save_checkpoint()
 
     def finish(self, evaluate: Callable[[], dict[str, Any]] | None) -> dict[str, Any] | None:
         """Write ``model_final.pth``; evaluate (if given) into the log and ``eval.json``; close."""
