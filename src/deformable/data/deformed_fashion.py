@@ -769,6 +769,9 @@ def generate(
         # The manifest is written last: a folder without it is never taken as complete.
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2))
         if force and final.exists():
+            # Its manifest goes first: killed while deleting, the old folder is incomplete (replaced
+            # next time), never a complete-looking one with images missing.
+            (final / _MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(final)
         _publish(tmp, final)
     except BaseException:

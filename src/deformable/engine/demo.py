@@ -106,15 +106,23 @@ def _describe_start(cfg) -> str:
     """How the rows' backbones were initialised, for the report."""
     if not cfg.weights_backbone:
         return f"a {cfg.backbone} trained from scratch"
-    info = Path(cfg.weights_backbone).with_suffix(".json")
-    if cfg.pretrain_iterations and info.exists():
-        report = json.loads(info.read_text())
+    report = _pretraining_report(cfg.weights_backbone) if cfg.pretrain_iterations else None
+    if report is not None:
         return (
             f"a {cfg.backbone} pre-trained for {report['iterations']} iterations on the deformed-fashion "
             f"classification images (top-1 accuracy {100 * report['top1_accuracy']:.1f}% on held-out "
             "garments), the same weights for every row"
         )
     return f"a {cfg.backbone} initialised from {cfg.weights_backbone}"
+
+
+def _pretraining_report(weights: str) -> dict | None:
+    """The pre-training report beside a cached backbone, or None when it is missing or unreadable."""
+    try:
+        report = json.loads(Path(weights).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and {"iterations", "top1_accuracy"} <= report.keys() else None
 
 
 def format_table(results: list[RowResult]) -> str:

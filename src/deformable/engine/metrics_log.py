@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .checkpointing import atomic_write_text
 
 __all__ = ["MetricsLog", "read_records"]
 
@@ -61,7 +60,7 @@ class MetricsLog:
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if (record := _parse(line)) and not drop(record)]
         if len(kept) < len(lines):
-            _atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+            atomic_write_text("".join(line + "\n" for line in kept), self.path)
         return len(lines) - len(kept)
 
     def close(self) -> None:
@@ -88,22 +87,6 @@ def _parse(line: str) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
         return None
     return record
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` through a flushed temporary file in its folder and a rename
-    (keeping the permissions of ``path``, which ``mkstemp`` would narrow to the owner's)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensorboard_writer(log_dir: Path, purge_step: int):

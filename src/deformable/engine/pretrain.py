@@ -28,7 +28,7 @@ from torch import nn
 from ..data.deformed_fashion import cache_root, deformed_fashion_classification
 from ..data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from ..models import param_groups
-from .checkpointing import atomic_save
+from .checkpointing import atomic_save, atomic_write_text
 
 BATCH_SIZE = 64
 LEARNING_RATE = 0.1
@@ -124,7 +124,6 @@ def pretrained_backbone(
             logits = model(_normalise(val_set.images[start : start + 250]))[:, :10]
             correct += (logits.argmax(1) == val_set.labels[start : start + 250]).sum().item()
     accuracy = correct / len(val_set.labels)
-    atomic_save(model.state_dict(), path)
     report = dict(
         recipe,
         val_images=num_val,
@@ -132,6 +131,8 @@ def pretrained_backbone(
         seconds=round(time.perf_counter() - began, 1),
         train_images=num_train,
     )
-    path.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    # The report first: the weights file is what marks the cache entry as done.
+    atomic_write_text(json.dumps(report, indent=2), path.with_suffix(".json"))
+    atomic_save(model.state_dict(), path)
     print(f"pre-trained {arch} ({norm}): top-1 accuracy {100 * accuracy:.1f}% on held-out garments -> {path}")
     return path
