@@ -30,18 +30,9 @@ from triton.runtime.jit import JITFunction, compute_cache_key, create_function_f
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from deformable.benchmark import machine_description, publish  # noqa: E402
 from deformable.ops._triton import _deform_conv_kernels as kernels  # noqa: E402
 from deformable.ops._triton import _launch  # noqa: E402
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -91,7 +82,7 @@ def main() -> int:
     lines = [
         "# Host cost of finding a compiled Triton kernel (deform_conv2d forward, det-c4 arguments)",
         "",
-        f"- machine: {_cpu_name()}, {platform.system()}; Python "
+        f"- machine: {machine_description(torch.device('cpu'))}, {platform.system()}; Python "
         f"{platform.python_version()}; torch {torch.__version__}; triton {triton.__version__}; "
         f"{datetime.date.today()}",
         f"- best of 5 x {args.number} calls each; both stop before the launcher call they share",
@@ -102,9 +93,7 @@ def main() -> int:
     base = rows[0][1]
     lines += [f"| {name} | {us:.2f} | {us / base:.2f}x |" for name, us in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 CHILD = textwrap.dedent(
     """
@@ -59,6 +58,8 @@ def main() -> int:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     import torch
 
+    from deformable.benchmark import publish
+
     line = (
         f"| {tuple(args.shape)} | {result['budget'] / 2**20:.0f} | {result['extra'] / 2**20:.1f} "
         f"| {result['extra'] / result['budget']:.2f} | {result['seconds']:.1f} |"
@@ -76,9 +77,7 @@ def main() -> int:
             "",
         ]
     )
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -19,13 +19,12 @@ import datetime
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 
 import deformable.nn.deform_conv as deform_conv_layers
-from deformable.benchmark import machine_description
+from deformable.benchmark import machine_description, publish
 from deformable.models import fasterrcnn_resnet50_fpn_dcn
 
 VARIANTS = {
@@ -165,11 +164,8 @@ def main() -> int:
             row += f" {peaks[(name, 'train')]:.2f} |"
         lines.append(row)
     text = "\n".join(lines) + "\n"
-    print(text)
     suffix = "" if amp_dtype is None else f"_{args.amp}"
-    out = Path(args.out or f"benchmarks/results/models_{device.type}{suffix}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    publish(text, args.out or f"benchmarks/results/models_{device.type}{suffix}.md")
     return 0
 
 

@@ -40,6 +40,7 @@ import torch
 import torchvision
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
+from deformable.benchmark import cpu_model, machine_description
 from deformable.nn.deform_roi_pool import MultiScaleDeformRoIPool
 from deformable.ops.deform_roi_pool import deform_roi_pool
 
@@ -59,16 +60,6 @@ def make_boxes(num: int, generator: torch.Generator) -> torch.Tensor:
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, IMAGE[1])
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, IMAGE[0])
     return boxes
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(fns: list[Callable[[], None]], repeats: int, sync: Callable[[], None]) -> list[list[float]]:
@@ -215,7 +206,7 @@ def main() -> None:
             spread = (max(times[i + 1]) - min(times[i + 1])) * 1e3
             rows.append((group, size, label, threads, tv_name, base, mine, spread, mine / base))
 
-    machine = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    machine = cpu_model() if device.type == "cpu" else machine_description(device)
     header = [
         f"# Deformable RoI pooling vs torchvision RoIAlign ({device.type})",
         "",

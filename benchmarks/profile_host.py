@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from deformable.benchmark import publish  # noqa: E402
 from deformable.ops import deform_conv2d  # noqa: E402
 
 
@@ -130,9 +131,7 @@ def main() -> int:
         "```",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

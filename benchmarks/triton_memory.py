@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deformable.benchmark import GPU_SHAPES, Shape, peak_allocated_bytes  # noqa: E402
+from deformable.benchmark import GPU_SHAPES, Shape, peak_allocated_bytes, publish  # noqa: E402
 from deformable.ops import deform_conv2d  # noqa: E402
 from deformable.ops._triton import deform_conv as triton_deform_conv  # noqa: E402
 
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         triton_deform_conv.launch = saved_launch
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -216,19 +216,30 @@ def _format_row(row: Row) -> str:
     )
 
 
+def publish(text: str, out: str | Path | None) -> None:
+    """Print a benchmark's report and, when ``out`` is given, write it there (folders created)."""
+    print(text)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+
+
 def machine_description(device: torch.device) -> str:
     """CPU model and threads, or the GPU's name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else what ``platform`` knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return platform.processor() or platform.machine()
 
 
 def markdown(rows: list[Row], device: torch.device, backend: str | None) -> str:
