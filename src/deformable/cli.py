@@ -151,19 +151,19 @@ def _read_checkpoint(args: argparse.Namespace) -> dict:
     from .engine.loop import read_model_file
 
     path = Path(args.checkpoint)
-    if not path.is_file():
-        args.parser.error(f"--checkpoint {path}: no such file")
     try:
         return read_model_file(path)
-    except Exception as error:  # pickle, zip and torch errors alike: the file is not a model file
+    except FileNotFoundError:
+        args.parser.error(f"--checkpoint {path}: no such file")
+    except ValueError as error:
         args.parser.error(f"--checkpoint {path} is not a model file of deformable train/convert: {error}")
 
 
-def _trained_model(args: argparse.Namespace, load, cfg):
-    """``load(--checkpoint, cfg)``; a model the config cannot build, or one the file's tensors do not fit
-    (a missing key, a shape), is a usage error."""
+def _trained_model(args: argparse.Namespace, load, data: dict, cfg):
+    """``load(data, cfg)`` (``data``: what --checkpoint holds); a model the config cannot build, or one
+    the file's tensors do not fit (a missing key, a shape), is a usage error."""
     try:
-        return load(args.checkpoint, cfg)
+        return load(data, cfg)
     except (KeyError, RuntimeError, ValueError) as error:
         detail = textwrap.shorten(f"{type(error).__name__}: {error}", 600)  # torch lists every key
         args.parser.error(f"cannot load --checkpoint {args.checkpoint} into the config's model ({detail})")
@@ -189,13 +189,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             load_trained_classifier,
         )
 
-        model = _trained_model(args, load_trained_classifier, cfg)
+        model = _trained_model(args, load_trained_classifier, data, cfg)
         _, val, _ = build_classification_datasets(cfg)
         metrics = evaluate_classifier(model.to(device), val, cfg, device)
     else:
         from .engine.trainer import build_datasets, evaluate, load_trained_model
 
-        model = _trained_model(args, load_trained_model, cfg)
+        model = _trained_model(args, load_trained_model, data, cfg)
         _, val = build_datasets(cfg)
         metrics = evaluate(model.to(device), val, cfg, device)
     print(json.dumps(metrics, indent=2))

@@ -240,8 +240,8 @@ def _trained_model(path: str) -> tuple[torch.nn.Module, bool] | None:
         return None
     cfg = config_from_dict(data["config"])
     if isinstance(cfg, ClassifierConfig):
-        return load_trained_classifier(path, cfg), False
-    return load_trained_model(path, cfg), True
+        return load_trained_classifier(data, cfg), False
+    return load_trained_model(data, cfg), True
 
 
 def _load_state_dict(model, path: str, name: str, dcn, source: str, allow_partial: bool) -> None:

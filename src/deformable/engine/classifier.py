@@ -84,11 +84,14 @@ def build_classification_datasets(cfg: ClassifierConfig) -> tuple[Dataset, Datas
     return train, val, len(train.classes)
 
 
-def load_trained_classifier(path: str | Path, cfg: ClassifierConfig | None = None) -> nn.Module:
-    """A classifier from its ``model_final.pth`` or ``checkpoint_last.pth`` (config from the file)."""
+def load_trained_classifier(
+    source: str | Path | dict[str, Any], cfg: ClassifierConfig | None = None
+) -> nn.Module:
+    """A classifier from its ``model_final.pth`` or ``checkpoint_last.pth`` (config from the file):
+    ``source`` is its path, or what :func:`read_model_file` already read from it."""
     from .config import config_from_dict
 
-    data = read_model_file(path)
+    data = source if isinstance(source, dict) else read_model_file(source)
     cfg = cfg or config_from_dict(data["config"], ClassifierConfig)
     model = build_classifier(cfg, data["model"]["fc.weight"].shape[0])
     model.load_state_dict(data["model"])

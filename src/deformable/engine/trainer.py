@@ -91,8 +91,9 @@ def _norm_layer(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The detector a config describes (``num_classes`` includes background)."""
-    if cfg.model not in detector_builders():
-        raise ValueError(f"config key 'model' must be one of {detector_builders()}, got {cfg.model!r}")
+    builders = detector_builders()
+    if cfg.model not in builders:
+        raise ValueError(f"config key 'model' must be one of {builders}, got {cfg.model!r}")
     builder = getattr(models, cfg.model)
     kwargs: dict[str, Any] = dict(
         num_classes=num_classes,
@@ -277,12 +278,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
 
 
 def load_trained_model(
-    path: str | Path, cfg: TrainConfig | None = None, num_classes: int | None = None
+    source: str | Path | dict[str, Any], cfg: TrainConfig | None = None, num_classes: int | None = None
 ) -> nn.Module:
-    """A model from ``model_final.pth`` or ``checkpoint_last.pth`` (config taken from the file)."""
+    """A model from ``model_final.pth`` or ``checkpoint_last.pth`` (config taken from the file):
+    ``source`` is its path, or what :func:`read_model_file` already read from it."""
     from .config import config_from_dict
 
-    data = read_model_file(path)
+    data = source if isinstance(source, dict) else read_model_file(source)
     cfg = cfg or config_from_dict(data["config"])
     if num_classes is None:
         num_classes = data["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0]

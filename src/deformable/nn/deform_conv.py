@@ -31,6 +31,20 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _check_input_dtype(input: Tensor, dtype: torch.dtype, owner: str, module: str) -> None:
+    """Raise a TypeError naming both dtypes when ``input`` cannot meet parameters of ``dtype``.
+
+    Under autocast the ops cast inputs and parameters to one dtype themselves; otherwise conv2d's or
+    linear's own dtype error names neither the module nor the fix. ``owner`` ("the layer's") says
+    whose parameters, ``module`` ("layer") what to convert.
+    """
+    if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
+        raise TypeError(
+            f"input dtype {input.dtype} differs from {owner} parameter dtype {dtype}: "
+            f"convert the input or the {module} (e.g. {module}.to({input.dtype}))"
+        )
+
+
 def _finite_number(value, name: str, *, allow_zero: bool) -> float:
     """``value`` as a float, checked to be finite and positive (or >= 0 with ``allow_zero``)."""
     expected = "a finite number >= 0" if allow_zero else "a finite positive number"
@@ -184,13 +198,7 @@ class _OffsetPredictingConv(DeformConv2d):
         """``conv_offset(input)``, after checking that ``input`` can meet the layer's parameters."""
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        # Autocast casts input and parameters to one dtype itself; otherwise conv2d's dtype error
-        # names neither the layer nor the fix.
-        if input.dtype != self.weight.dtype and not torch.is_autocast_enabled(input.device.type):
-            raise TypeError(
-                f"input dtype {input.dtype} differs from the layer's parameter dtype {self.weight.dtype}: "
-                f"convert the input or the layer (e.g. layer.to({input.dtype}))"
-            )
+        _check_input_dtype(input, self.weight.dtype, "the layer's", "layer")
         return self.conv_offset(input)
 
     def offset_parameters(self) -> Iterator[nn.Parameter]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
 
 from ..ops.deform_roi_pool import _output_size, deform_roi_pool, validate_pooling_parameters
-from .deform_conv import _positive_int
+from .deform_conv import _check_input_dtype, _positive_int
 
 __all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "MultiScaleDeformRoIPool"]
 
@@ -145,15 +145,8 @@ class _DeformRoIPoolBase(nn.Module):
                 f"input must have in_channels={self.in_channels} channels, got {input.shape[1]} "
                 f"(shape {list(input.shape)})"
             )
-        # Under autocast the fc branch casts itself; otherwise nn.Linear's dtype error names no argument.
-        # Non-float inputs are left to the operator's own message.
-        dtype = next(self.parameters()).dtype
-        mismatch = input.dtype != dtype and input.is_floating_point()
-        if mismatch and not torch.is_autocast_enabled(input.device.type):
-            raise TypeError(
-                f"input dtype {input.dtype} differs from the offset branch's parameter dtype {dtype}: "
-                f"convert the input or the module (e.g. module.to({input.dtype}))"
-            )
+        if input.is_floating_point():  # other dtypes get the operator's own message
+            _check_input_dtype(input, next(self.parameters()).dtype, "the offset branch's", "module")
 
     def offset_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of the offset (and mask) branch, trained at ``offset_lr_mult`` x the base rate."""
