@@ -203,3 +203,39 @@ def test_real_kernel_calls_map_onto_their_signatures(monkeypatch, deterministic)
         theirs = tuple(bound.arguments.values())
         assert len(ours) == len(theirs), kernel.fn.__name__
         assert all(map(_launch._same, ours, theirs)), kernel.fn.__name__
+
+
+def test_a_launch_beyond_shared_memory_retries_with_fewer_stages_once_per_kernel(toy):
+    from triton.runtime.errors import OutOfResources
+
+    kernel, log = toy
+    ordinary = kernel.run
+
+    def run(*args, grid, warmup, **kwargs):
+        if kwargs["num_stages"] > 1:  # a GPU whose shared memory holds one stage only
+            raise OutOfResources(200_000, 101_376, "shared memory")
+        return ordinary(*args, grid=grid, warmup=warmup, **kwargs)
+
+    kernel.run = run
+    x, out = torch.zeros(8), torch.zeros(8)
+    with pytest.warns(RuntimeWarning, match="shared memory"):
+        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=32)
+    assert [(entry[0], entry[3]["num_stages"]) for entry in log] == [("jit", 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once; later launches go straight to what fits
+        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=32)
+    assert [entry[0] for entry in log] == ["jit", "fast"]
+
+
+def test_a_launch_that_does_not_fit_even_in_one_stage_raises(toy):
+    from triton.runtime.errors import OutOfResources
+
+    kernel, _ = toy
+
+    def run(*args, grid, warmup, **kwargs):
+        raise OutOfResources(300_000, 101_376, "shared memory")
+
+    kernel.run = run
+    with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
+        x, out = torch.zeros(8), torch.zeros(8)
+        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=2, BLOCK=32)

@@ -32,6 +32,10 @@ try:  # the interpreter and exotic builds may lack these internals: then every l
     from triton.runtime.jit import JITFunction
 except ImportError:  # pragma: no cover
     JITFunction = None
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover
+    OutOfResources = ()  # catches nothing
 
 FAST_LAUNCH_ENV = "DEFORMABLE_TRITON_FAST_LAUNCH"
 # Read once: an environment lookup would cost a tenth of the launch it saves.
@@ -51,6 +55,7 @@ def clear_cache() -> None:
     """Forget every cached kernel and check (tests; a changed Triton configuration)."""
     _compiled.clear()
     _tails.clear()
+    _stage_caps.clear()
 
 
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int = 2, **constexprs) -> None:
@@ -63,18 +68,48 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int
     """
     device = _cuda_device(args[0]) if ENABLED else None
     if device is None or _tails.get(id(kernel), ()) is None or getattr(kernel, "pre_run_hooks", None):
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        _launch_within_resources(kernel, grid, args, constexprs, num_warps, num_stages)
         return
     key = _key(kernel, device, args, constexprs, num_warps, num_stages)
     compiled = _compiled.get(key)
     if compiled is not None:
         compiled[_full_grid(grid)](*args, *_tail_values(kernel, constexprs))
         return
-    compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+    compiled = _launch_within_resources(kernel, grid, args, constexprs, num_warps, num_stages)
     if compiled is not None and _binder_agrees(kernel, device, args, constexprs, num_warps, num_stages):
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
         _compiled[key] = compiled
+
+
+# (id(kernel), num_stages asked for) -> the most stages that fit this GPU's shared memory.
+_stage_caps: dict[tuple[int, int], int] = {}
+
+
+def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num_warps: int, num_stages: int):
+    """``kernel[grid](...)``, retried with fewer pipeline stages while it needs more shared memory than
+    the GPU has (the heuristics are tuned on Hopper's 227 KiB; consumer cards have about 100 KiB).
+
+    Returns what the launch returns (the compiled kernel on CUDA).
+    """
+    stages = _stage_caps.get((id(kernel), num_stages), num_stages)
+    while True:
+        try:
+            compiled = kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+        except OutOfResources as e:
+            if stages <= 1:
+                raise
+            stages -= 1
+            if (id(kernel), num_stages) not in _stage_caps:
+                warnings.warn(
+                    f"deformable: {getattr(kernel, '__name__', kernel)} needs more shared memory than "
+                    f"this GPU has with {num_stages} pipeline stages ({e}); retrying with fewer",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            _stage_caps[(id(kernel), num_stages)] = stages
+            continue
+        return compiled
 
 
 def _cuda_device(first) -> int | None:
