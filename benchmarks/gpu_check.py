@@ -18,8 +18,11 @@
    torchvision's deform_conv2d, forward and forward+backward (triton.testing.do_bench medians, cold
    L2), plus our backward's two halves and the deterministic mode. fp32 runs with PyTorch's default
    TF32 setting for convolutions, which both cuDNN and our kernels follow.
-3. With time left: a small configuration sweep of our forward and weight kernels (fp16, two shapes),
-   to retune the heuristics in src/deformable/ops/_triton/deform_conv.py.
+3. Where our kernels' time goes (fp16, three shapes): each kernel alone, the data-gradient kernel
+   also split into its input-gradient scatter (fp32 atomics) and its offset/mask gathers.
+4. With time left: a configuration sweep of the forward, data and weight kernels (fp16 at det-c4,
+   cls-c5 and det-c5, fp32 forward at det-c5), to retune the heuristics in
+   src/deformable/ops/_triton/deform_conv.py.
 
 A time budget (--budget, seconds) skips whatever would not fit; the table says what was skipped.
 """
@@ -719,11 +722,12 @@ def timing_tables(rows, report: Report) -> None:
 # 3. Configuration sweep
 
 
-def _kernel_runs(problem: Problem, device):
-    """(geometry, {kernel name: closure running just that kernel's launch path}, input) in fp16."""
-    x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
+def _kernel_runs(problem: Problem, device, dtype: torch.dtype = torch.float16):
+    """(geometry, {kernel name: closure running just that kernel's launch path}, input) in ``dtype``."""
+    x, offset, mask, weight, bias = problem.tensors(dtype, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
-    grad_output = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
+    out_shape = problem.call(ours, (x, offset, mask, weight, bias)).shape
+    grad_output = torch.randn(out_shape, device=device).to(dtype)
     data_only, weight_only = (True, True, True, False, False), (False, False, False, True, False)
     runs = {
         "forward": lambda: tdc.forward(x, offset, mask, weight, bias, *geometry),
@@ -733,25 +737,78 @@ def _kernel_runs(problem: Problem, device):
     return tdc._Geometry.of(x, offset, weight, *geometry), runs, x
 
 
-def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
-    """Time a few launch configurations per kernel (fp16) through CONFIG_OVERRIDES."""
-    report.add("## Configuration sweep (fp16)")
+def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
+    """fp16 kernels alone, the data kernel also split by what it computes (its scatter to the input
+    gradient, atomics of fp32, against its gathers for the offset and mask gradients)."""
+    x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
+    geometry = (problem.stride, problem.padding, problem.dilation)
+    go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
+
+    def bwd(output_mask):
+        return lambda: tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
+
+    return {
+        "cuDNN conv2d fwd": lambda: conv(x, weight, bias, problem.stride, problem.padding),
+        "forward": lambda: tdc.forward(x, offset, mask, weight, bias, *geometry),
+        "data: input, offset, mask": bwd((True, True, True, False, False)),
+        "data: input only (GEMM + scatter)": bwd((True, False, False, False, False)),
+        "data: offset, mask only (GEMM + gathers)": bwd((False, True, True, False, False)),
+        "weight": bwd((False, False, False, True, False)),
+    }
+
+
+def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
+    """Where our kernels' time goes (fp16): each kernel alone, the data kernel by part."""
+    report.add("## Kernel cost breakdown (fp16, ms; cuDNN conv2d forward beside)")
     report.add("")
-    report.add("| shape | kernel | config (m, n, k, warps, stages) | ms | |")
-    report.add("|---|---|---|---|---|")
+    report.add("| shape | part | ms |")
+    report.add("|---|---|---|")
     problems = anchors(smoke)
-    problems = [problems[1], problems[-1]] if not smoke else problems[:1]
+    problems = [problems[1], problems[2], problems[-1]] if not smoke else problems[:1]
     for problem in problems:
-        geo, runs, x = _kernel_runs(problem, device)
-        for kernel, run in runs.items():
+        if clock.left() < 0.1 * clock.budget:
+            report.skipped.append(f"breakdown {problem.name}")
+            continue
+        for part, run in _breakdown_runs(problem, device).items():
+            try:
+                report.add(f"| {problem.name} | {part} | {fmt(bench_ms(run, device))} |")
+            except Exception as e:
+                report.failures.append(f"breakdown {problem.name} {part}: {e!r}")
+    report.add("")
+
+
+def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
+    """Time a few launch configurations per kernel through CONFIG_OVERRIDES: fp16 at a shape with
+    many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and fp32 (TF32)
+    at 512 channels, whose forward trails the 16-bit one most."""
+    report.add("## Configuration sweep")
+    report.add("")
+    report.add("| shape | dtype | kernel | config (m, n, k, warps, stages) | ms | |")
+    report.add("|---|---|---|---|---|---|")
+    by_name = {p.name: p for p in anchors(smoke)}
+    if smoke:
+        plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
+    else:
+        everything = ("forward", "data", "weight")
+        plan = [
+            (by_name["det-c4"], torch.float16, everything),
+            (by_name["cls-c5"], torch.float16, everything),
+            (by_name["det-c5"], torch.float16, ("forward", "data")),
+            (by_name["det-c5"], torch.float32, ("forward",)),
+        ]
+    for problem, dtype, kernels in plan:
+        dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+        geo, runs, x = _kernel_runs(problem, device, dtype)
+        for kernel in kernels:
+            run = runs[kernel]
             default = tdc._default_config(kernel, geo, x)
-            candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, torch.float16)]))
+            candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, dtype)]))
             if smoke:
                 candidates = candidates[:1]
             results = []
             for config in candidates:
                 if clock.left() < 0.03 * clock.budget:
-                    report.skipped.append(f"sweep {problem.name} {kernel} {config}")
+                    report.skipped.append(f"sweep {problem.name} {dtype_name} {kernel} {config}")
                     continue
                 tdc.CONFIG_OVERRIDES[kernel] = config
                 try:
@@ -767,7 +824,7 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
                     "best" if best and config == best[1] else ""
                 )
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
-                report.add(f"| {problem.name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
+                report.add(f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
     report.add("")
 
 
@@ -820,6 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_timing:
         rows = timing(device, report, clock, args.smoke)
         timing_tables(rows, report)
+    if not args.skip_timing:
+        breakdown(device, report, clock, args.smoke)
     if not args.skip_sweep:
         sweep(device, report, clock, args.smoke)
     report.add(f"Total {clock.elapsed():.0f} s.")
