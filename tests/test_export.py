@@ -307,18 +307,28 @@ def test_cli_export_demo_layer_checkpoint(tmp_path):
     _check(_session(out), layer, torch.randn(3, 16, 20, 20))
 
 
-def test_cli_resnet50_dcn_errors(tmp_path, capsys):
+def test_cli_resnet50_dcn_needs_a_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "r.onnx")
     args = _parser().parse_args(["export", "--model", "resnet50_dcn", "--out", out])
     assert args.func(args) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
-    models = importlib.util.find_spec("deformable.models") and importlib.import_module("deformable.models")
-    if hasattr(models, "resnet50_dcn"):
-        return
-    checkpoint = tmp_path / "r.pt"
-    torch.save({}, checkpoint)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"), (b"not a checkpoint", "is not a readable checkpoint file"), ({}, "holds no state dict")],
+)
+def test_cli_export_rejects_a_bad_checkpoint_with_a_clear_error(tmp_path, capsys, content, message):
+    checkpoint = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        checkpoint.write_bytes(content)
+    elif content is not None:
+        torch.save(content, checkpoint)
+    out = tmp_path / "demo.onnx"
     args = _parser().parse_args(
-        ["export", "--model", "resnet50_dcn", "--checkpoint", str(checkpoint), "--out", out]
+        ["export", "--model", "dcnv2-layer-demo", "--checkpoint", str(checkpoint), "--out", str(out)]
     )
     assert args.func(args) == 2
-    assert "not available yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and str(checkpoint) in err
+    assert not out.exists()

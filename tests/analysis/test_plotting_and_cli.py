@@ -125,3 +125,10 @@ def test_analyze_builds_trained_runs_from_their_config_and_refuses_partial_fits(
     no_model = parser.parse_args(["analyze", "--checkpoint", str(plain), "--out", "c.png", *common])
     with pytest.raises(SystemExit, match="--model"):
         no_model.func(no_model)
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for path, message in ((tmp_path / "absent.pth", "not found"), (garbage, "not a readable checkpoint")):
+        bad = parser.parse_args(["analyze", "--checkpoint", str(path), "--out", "d.png", *common])
+        with pytest.raises(SystemExit, match=message):
+            bad.func(bad)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .._argtypes import positive_float, positive_int
+from .._files import load_weights_only
 
 __all__ = ["CLASSIFIERS", "DETECTORS", "add_cli", "build_model", "load_image", "run_analyze"]
 
@@ -230,12 +231,10 @@ def _trained_model(path: str) -> tuple[torch.nn.Module, bool] | None:
     from ..engine.config import ClassifierConfig, config_from_dict
     from ..engine.trainer import load_trained_model
 
-    if not Path(path).is_file():
-        raise SystemExit(f"--checkpoint {path}: no such file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike: the file is not a checkpoint
-        raise SystemExit(f"--checkpoint {path} is not a readable PyTorch checkpoint: {error}") from None
+        data = load_weights_only(path, "checkpoint")
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--checkpoint: {error}") from None
     if not (isinstance(data, dict) and isinstance(data.get("config"), dict) and "model" in data):
         return None
     cfg = config_from_dict(data["config"])

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._files import load_weights_only
+
 FORMAT = "deformable-train-v1"
 
 
@@ -102,12 +104,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by the trainer (weights only); a clear error for anything else."""
     path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable training checkpoint: {error}") from error
+    data = load_weights_only(path, "training checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deformable training checkpoint (format {FORMAT!r} expected)")
     return data

@@ -218,18 +218,18 @@ def _plot_examples(
     import matplotlib.pyplot as plt
     import torch
 
+    from .config import config_from_dict
+    from .loop import read_model_file
     from .trainer import FINAL_NAME, build_datasets, load_trained_model
 
     first = results[0].out_dirs[0] / FINAL_NAME
     if not first.exists():
         return None
-    cfg_data = torch.load(first, map_location="cpu", weights_only=True)["config"]
-    from .config import config_from_dict
-
-    _, val = build_datasets(config_from_dict(cfg_data))
+    first_data = read_model_file(first)
+    _, val = build_datasets(config_from_dict(first_data["config"]))
     fig, axes = plt.subplots(len(results), images, figsize=(3 * images, 3 * len(results)), squeeze=False)
     for row, r in enumerate(results):
-        model = load_trained_model(r.out_dirs[0] / FINAL_NAME).eval()
+        model = load_trained_model(first_data if row == 0 else r.out_dirs[0] / FINAL_NAME).eval()
         for col in range(images):
             image, _ = val[col]
             with torch.no_grad():

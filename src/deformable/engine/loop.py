@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import models
+from .._files import load_weights_only
 from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from .config import dump_config
 from .metrics_log import MetricsLog
@@ -87,12 +88,7 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: no such file. ValueError: the file is not a readable model file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike: not a (complete) checkpoint
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    data = load_weights_only(path, "model file")
     if not isinstance(data, dict) or "model" not in data:
         raise ValueError(f"{path} holds no 'model' state dict")
     return data

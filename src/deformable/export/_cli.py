@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -23,14 +22,10 @@ def _dcnv2_layer_demo() -> tuple[nn.Module, tuple[int, ...]]:
 
 
 def _resnet50_dcn() -> tuple[nn.Module, tuple[int, ...]]:
-    try:
-        models = importlib.import_module("deformable.models")
-    except ImportError:
-        models = None
-    builder = getattr(models, "resnet50_dcn", None)
-    if builder is None:
-        raise ValueError("--model resnet50_dcn is not available yet: deformable.models has no resnet50_dcn")
-    return builder(), (3, 224, 224)
+    """ResNet-50 with DCNv2 in conv3-conv5 (``deformable.models.resnet50_dcn``) on [N, 3, 224, 224]."""
+    from ..models import resnet50_dcn
+
+    return resnet50_dcn(), (3, 224, 224)
 
 
 #: --model choices: name -> builder returning (model, input shape without the batch axis)
@@ -38,14 +33,12 @@ MODELS = {"dcnv2-layer-demo": _dcnv2_layer_demo, "resnet50_dcn": _resnet50_dcn}
 
 
 def _load_state_dict(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a {"model": state_dict, ...} training checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"--checkpoint {path} must hold the model's state dict (or {{'model': state_dict, ...}})"
-        )
-    return state
+    """The model's state dict from ``path`` (a plain state dict, a training checkpoint or safetensors).
+
+    Raises FileNotFoundError or ValueError (unreadable, or no tensors), naming the file."""
+    from ..models.checkpoint import read_state_dict
+
+    return read_state_dict(path)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

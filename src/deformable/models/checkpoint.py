@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._files import load_weights_only
+
 Source = Literal["deformable", "torchvision", "mmdet", "detectron2"]
 _IGNORABLE_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
 
@@ -34,15 +36,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         ValueError: the file cannot be read or holds no tensors; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file():
         data = _read_safetensors(path)
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle errors, truncated files, foreign objects
-            raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {error}") from error
+        data = load_weights_only(path, "checkpoint file")
     return unwrap_state_dict(data, str(path))
 
 
