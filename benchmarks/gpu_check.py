@@ -21,7 +21,7 @@
 3. Where our kernels' time goes (fp16, three shapes): each kernel alone, the data-gradient kernel
    also split into its input-gradient scatter (fp32 atomics) and its offset/mask gathers.
 4. With time left: a configuration sweep of the forward, data and weight kernels (fp16 at det-c4,
-   cls-c5 and det-c5, fp32 forward at det-c5), to retune the heuristics in
+   cls-c5 and det-c5, fp32 forward at det-c5 and det-c4), to retune the heuristics in
    src/deformable/ops/_triton/deform_conv.py.
 
 A time budget (--budget, seconds) skips whatever would not fit; the table says what was skipped.
@@ -779,8 +779,9 @@ def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
 
 def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
     """Time a few launch configurations per kernel through CONFIG_OVERRIDES: fp16 at a shape with
-    many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and fp32 (TF32)
-    at 512 channels, whose forward trails the 16-bit one most."""
+    many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and the fp32 (TF32)
+    forward at 512 and 256 channels, which trails the 16-bit one most (its heuristic caps the channel
+    tile at 128, so each sample is gathered two or four times)."""
     report.add("## Configuration sweep")
     report.add("")
     report.add("| shape | dtype | kernel | config (m, n, k, warps, stages) | ms | |")
@@ -795,6 +796,7 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
             (by_name["cls-c5"], torch.float16, everything),
             (by_name["det-c5"], torch.float16, ("forward", "data")),
             (by_name["det-c5"], torch.float32, ("forward",)),
+            (by_name["det-c4"], torch.float32, ("forward",)),
         ]
     for problem, dtype, kernels in plan:
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
