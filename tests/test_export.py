@@ -316,7 +316,11 @@ def test_cli_resnet50_dcn_needs_a_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "not found"), (b"not a checkpoint", "is not a readable checkpoint file"), ({}, "holds no state dict")],
+    [
+        (None, "not found"),
+        (b"not a checkpoint", "is not a readable checkpoint file"),
+        ({}, "holds no state dict"),
+    ],
 )
 def test_cli_export_rejects_a_bad_checkpoint_with_a_clear_error(tmp_path, capsys, content, message):
     checkpoint = tmp_path / "bad.pt"

@@ -239,3 +239,22 @@ def test_a_launch_that_does_not_fit_even_in_one_stage_raises(toy):
     with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
         x, out = torch.zeros(8), torch.zeros(8)
         _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=2, BLOCK=32)
+
+
+def test_a_stage_cap_applies_only_to_the_launch_configuration_that_needed_it(toy):
+    from triton.runtime.errors import OutOfResources
+
+    kernel, log = toy
+    ordinary = kernel.run
+
+    def run(*args, grid, warmup, **kwargs):
+        if kwargs["BLOCK"] == 64 and kwargs["num_stages"] > 1:  # only the large tile is too big
+            raise OutOfResources(200_000, 101_376, "shared memory")
+        return ordinary(*args, grid=grid, warmup=warmup, **kwargs)
+
+    kernel.run = run
+    x, out = torch.zeros(8), torch.zeros(8)
+    with pytest.warns(RuntimeWarning):
+        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=64)
+    _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=32)
+    assert [entry[3]["num_stages"] for entry in log] == [1, 3]

@@ -82,8 +82,14 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int
         _compiled[key] = compiled
 
 
-# (id(kernel), num_stages asked for) -> the most stages that fit this GPU's shared memory.
-_stage_caps: dict[tuple[int, int], int] = {}
+# What a launch asks for (kernel, warps, stages, constexprs, tensor dtypes: everything its shared memory
+# depends on) -> the most pipeline stages that fit this process's GPU.
+_stage_caps: dict[tuple, int] = {}
+
+
+def _resource_key(kernel, args: Sequence, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
+    dtypes = tuple(a.dtype for a in args if isinstance(a, Tensor))
+    return (id(kernel), num_warps, num_stages, *constexprs.items(), *dtypes)
 
 
 def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num_warps: int, num_stages: int):
@@ -92,24 +98,23 @@ def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num
 
     Returns what the launch returns (the compiled kernel on CUDA).
     """
-    stages = _stage_caps.get((id(kernel), num_stages), num_stages)
+    key = _resource_key(kernel, args, constexprs, num_warps, num_stages) if _stage_caps else None
+    stages = _stage_caps.get(key, num_stages) if key is not None else num_stages
     while True:
         try:
-            compiled = kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+            return kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
         except OutOfResources as e:
             if stages <= 1:
                 raise
-            stages -= 1
-            if (id(kernel), num_stages) not in _stage_caps:
+            if not _stage_caps:
                 warnings.warn(
                     f"deformable: {getattr(kernel, '__name__', kernel)} needs more shared memory than "
-                    f"this GPU has with {num_stages} pipeline stages ({e}); retrying with fewer",
+                    f"this GPU has with {stages} pipeline stages ({e}); retrying with fewer (warned once)",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            _stage_caps[(id(kernel), num_stages)] = stages
-            continue
-        return compiled
+            stages -= 1
+            _stage_caps[_resource_key(kernel, args, constexprs, num_warps, num_stages)] = stages
 
 
 def _cuda_device(first) -> int | None:
