@@ -29,6 +29,9 @@ def _usage_error(argv: list[str], capsys) -> str:
         (["bench", "--device", "foo"], "argument --device: expected cpu, cuda or cuda:N, got 'foo'"),
         (["bench", "--device", "meta"], "argument --device: expected cpu, cuda or cuda:N, got 'meta'"),
         (["demo", "--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+        (["demo", "--rows", "dcnv3"], "argument --rows: expected a comma-separated choice of regular"),
+        (["demo", "--rows", ","], "argument --rows: expected a comma-separated choice"),
+        (["demo", "--task", "classification", "--rows", "dcnv2"], "--task classification has none"),
         ([*CONVERT, "param_groups"], "argument --model: invalid choice: 'param_groups'"),
         ([*CONVERT, "resnet18_dcn", "--model-kwargs", "{bad"], "argument --model-kwargs: invalid JSON"),
         (

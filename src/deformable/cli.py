@@ -100,15 +100,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_rows(text: str) -> list[str]:
+    """``--rows``: comma-separated keys of the demo's table rows."""
+    from .engine.demo import ROW_KEYS
+
+    rows = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [r for r in rows if r not in ROW_KEYS]
+    if unknown or not rows:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated choice of {', '.join(ROW_KEYS)}, got {text!r}"
+        )
+    return rows
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.task == "classification":
         from .engine.classification import run_classification_demo
 
+        if args.rows is not None:
+            args.parser.error("--rows selects detection rows; --task classification has none")
         run_classification_demo(args.preset, args.out, args.set, resume=not args.restart)
         return 0
     from .engine.demo import run_demo
 
-    run_demo(args.preset, args.out, args.set, resume=not args.restart, seeds=args.seeds)
+    run_demo(args.preset, args.out, args.set, resume=not args.restart, seeds=args.seeds, rows=args.rows)
     return 0
 
 
@@ -246,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="detection: run seeds 0..N-1 of every row, table as mean +- std (default: smoke 1, default 1, "
         "full 3)",
+    )
+    demo.add_argument(
+        "--rows",
+        type=demo_rows,
+        default=None,
+        metavar="ROW[,ROW...]",
+        help="detection: run only these rows of the table (regular, dcnv1, dcnv2, mimic; default: all)",
     )
     demo.add_argument("--task", default="detection", choices=["detection", "classification"])
     demo.add_argument("--out", default="demo_out", help="report folder (default: demo_out)")

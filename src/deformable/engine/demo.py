@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ ROWS: list[tuple[str, list[str]]] = [
     ("DCNv2 (conv3-5) + mdpool", ["dcn=v2", "dcn_stages=[3,4,5]", "roi_pool=mdpool"]),
     ("DCNv2 + mdpool + mimicking", ["dcn=v2", "dcn_stages=[3,4,5]", "roi_pool=mdpool", "mimic=true"]),
 ]
+#: Short names of ROWS, in order, for ``run_demo(rows=...)`` / ``deformable demo --rows``.
+ROW_KEYS: tuple[str, ...] = ("regular", "dcnv1", "dcnv2", "mimic")
 PRESETS = {"smoke": 1, "default": 1, "full": 3}  # preset -> seeds
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -60,13 +63,16 @@ def run_demo(
     overrides: list[str] | None = None,
     resume: bool = True,
     seeds: int | None = None,
+    rows: Sequence[str] | None = None,
 ) -> Path:
     """Train and evaluate every row; write and print the report. Returns the report folder.
 
     ``resume=True`` lets an interrupted demo continue from each row's last checkpoint (a finished
     row is evaluated from its final checkpoint, not retrained). ``seeds`` runs seeds 0..seeds-1 of
     every row (default: the preset's, see :data:`PRESETS`); with more than one the table gives
-    mean +- standard deviation.
+    mean +- standard deviation. ``rows`` picks a subset of the rows by :data:`ROW_KEYS` (default:
+    all), e.g. to finish one row of an earlier report on a later machine; the report then has just
+    those rows.
     """
     from .trainer import train
 
@@ -76,11 +82,12 @@ def run_demo(
         seeds = PRESETS[preset]
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    selected = select_rows(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     start = ""
-    for name, row in ROWS:
+    for name, row in selected:
         metrics, train_ms, infer_ms, dirs, parameters = [], [], [], [], 0
         for seed in range(seeds):
             run_dir = out / _slug(name) / f"seed{seed}"
@@ -100,6 +107,19 @@ def run_demo(
     print("\n" + table)
     _write_report(out, preset, results, table, start)
     return out
+
+
+def select_rows(rows: Sequence[str] | None) -> list[tuple[str, list[str]]]:
+    """The entries of :data:`ROWS` named by ``rows`` (keys of :data:`ROW_KEYS`), in table order; all
+    of them for None."""
+    if rows is None:
+        return list(ROWS)
+    if isinstance(rows, str) or not all(isinstance(r, str) for r in rows):
+        raise TypeError(f"rows must be a sequence of row names, got {rows!r}")
+    unknown = sorted(set(rows) - set(ROW_KEYS))
+    if unknown or not rows:
+        raise ValueError(f"rows must be a non-empty selection of {', '.join(ROW_KEYS)}; got {list(rows)!r}")
+    return [row for key, row in zip(ROW_KEYS, ROWS, strict=True) if key in rows]
 
 
 def _describe_start(cfg) -> str:
@@ -192,11 +212,13 @@ def _plot_curves(out: Path, results: list[RowResult]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = [(r.name, *_read_losses(r.out_dirs[0])) for r in results]
+    curves = [(name, its, losses) for name, its, losses in curves if its]
+    if not curves:  # no row logged a loss: no figure rather than an empty one
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        its, losses = _read_losses(r.out_dirs[0])
-        if its:
-            ax.plot(its, losses, label=r.name)
+    for name, its, losses in curves:
+        ax.plot(its, losses, label=name)
     ax.set_xlabel("iteration")
     ax.set_ylabel("total training loss")
     ax.set_yscale("log")
