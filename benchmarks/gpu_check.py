@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import torchvision  # noqa: E402
 
 from deformable.ops import deform_conv2d  # noqa: E402
+from deformable.ops._triton import _launch as tdc_launch  # noqa: E402
 from deformable.ops._triton import deform_conv as tdc  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -738,8 +739,10 @@ def _kernel_runs(problem: Problem, device, dtype: torch.dtype = torch.float16):
 
 
 def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
-    """fp16 kernels alone, the data kernel also split by what it computes (its scatter to the input
-    gradient, atomics of fp32, against its gathers for the offset and mask gradients)."""
+    """fp16 backend calls (``tdc.forward``/``tdc.backward``: the kernel plus its wrapper's layout
+    copies), the data gradient also split by what it computes: grad_input alone (the fp32
+    accumulator's zeroing, the kernel's GEMM and atomic scatter, the final conversion) against the
+    offset and mask gradients alone (GEMM and gathers)."""
     x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
     go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
@@ -758,7 +761,7 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
 
 
 def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
-    """Where our kernels' time goes (fp16): each kernel alone, the data kernel by part."""
+    """Where our kernels' time goes (fp16): each backend call alone, the data gradient by part."""
     report.add("## Kernel cost breakdown (fp16, ms; cuDNN conv2d forward beside)")
     report.add("")
     report.add("| shape | part | ms |")
@@ -807,14 +810,17 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
             candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, dtype)]))
             if smoke:
                 candidates = candidates[:1]
-            results = []
+            results, capped = [], set()
             for config in candidates:
                 if clock.left() < 0.03 * clock.budget:
                     report.skipped.append(f"sweep {problem.name} {dtype_name} {kernel} {config}")
                     continue
                 tdc.CONFIG_OVERRIDES[kernel] = config
+                caps = len(tdc_launch._stage_caps)
                 try:
                     results.append((bench_ms(run, device), config))
+                    if len(tdc_launch._stage_caps) != caps:  # short of shared memory: fewer stages ran
+                        capped.add(config)
                 except Exception as e:
                     results.append((math.inf, config))
                     print(f"  {kernel} {config}: {type(e).__name__}", flush=True)
@@ -825,9 +831,17 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
                 tag = ("default " if config == default else "") + (
                     "best" if best and config == best[1] else ""
                 )
+                if config in capped:
+                    tag += " (ran with fewer stages: too little shared memory)"
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
                 report.add(f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
     report.add("")
+    if tdc_launch._stage_caps:
+        report.add(
+            f"- {len(tdc_launch._stage_caps)} launch configuration(s) of this run needed more shared memory "
+            "than this GPU has and ran with fewer pipeline stages than their config says."
+        )
+        report.add("")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU run that re-measures everything issue 8 (Triton kernels) and issue 4 (models) report:
-#   1. benchmarks/gpu_check.py: correctness at real sizes + per-shape timing (eager, host time, CUDA
-#      graph) against cuDNN and torchvision, within BUDGET seconds (SWEEP=0 skips its config sweep);
+#   1. benchmarks/gpu_check.py: correctness at real sizes, per-shape timing (eager, host time, CUDA
+#      graph) against cuDNN and torchvision, a kernel cost breakdown, and (SWEEP=0 skips it) a
+#      configuration sweep, within BUDGET seconds;
 #   2. benchmarks/profile_host.py: host cost per call (the launch-overhead breakdown), with our fast
 #      Triton launches and again with DEFORMABLE_TRITON_FAST_LAUNCH=0 (Triton's own dispatcher);
 #   3. benchmarks/bench_models.py: Faster R-CNN R50-FPN regular vs DCNv2, fp32 (and bf16 autocast
@@ -9,16 +10,20 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh [BUDGET]      # from the repository root
 #
-# Tables go to $OUT (gpu_check's also to benchmarks/results/), the logs into $OUT/logs.tgz: at most
-# seven files, as the device tool returns eight. About BUDGET + 150 seconds on an H100/H200 (BUDGET
-# defaults to 270); every step has its own time limit, and steps run in order of value, so a run cut
-# short keeps the most important tables.
+# Tables go to $OUT (gpu_check's also to benchmarks/results/), the logs into $OUT/logs.tgz, refreshed
+# after every step: at most seven files, as the device tool returns eight. About BUDGET + 150 seconds
+# on an H100/H200 (BUDGET defaults to 270). The whole suite stops within TOTAL seconds (default 570,
+# under the device tool's 600 s per command): each step's time limit is cut to what is left, steps
+# run in order of value, and a step with under 20 s left is skipped, so a run cut short keeps the
+# most important tables and every log.
 set -u
 budget=${1:-270}
+budget=${budget%.*}  # whole seconds: shell arithmetic below
 out=${OUT:?set OUT to a folder for the tables}
 mkdir -p "$out"
 logs=$(mktemp -d)
 py=${PYTHON:-python3}
+deadline=$(( $(date +%s) + ${TOTAL:-570} ))
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$py" - <<'PY'
 import torch, triton, torchvision
@@ -26,21 +31,30 @@ print("torch", torch.__version__, "triton", triton.__version__, "torchvision", t
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")
 PY
 status=0
-step() {  # step SECONDS LOG COMMAND...: run with a time limit, output to LOG, failures counted
-    local limit=$1 log=$2
+step() {  # step SECONDS LOG COMMAND...: run within SECONDS and the deadline, output to LOG
+    local limit=$1 log=$2 left
     shift 2
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -lt 20 ]; then
+        echo "skipped for time: $*" | tee -a "$logs/$log"
+        status=1
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     timeout "$limit" "$@" >>"$logs/$log" 2>&1 || { echo "step failed ($?): $*"; status=1; }
+    tar czf "$out/logs.tgz" -C "$logs" .
 }
 sweep=()
 [ "${SWEEP:-1}" = 0 ] && sweep=(--skip-sweep)
-step $((budget + 90)) gpu_check.log "$py" benchmarks/gpu_check.py --budget "$budget" --out "$out" "${sweep[@]}"
+step $((budget + 90)) gpu_check.log "$py" benchmarks/gpu_check.py --budget "$budget" --out "$out" \
+    ${sweep[@]+"${sweep[@]}"}
 tail -n 3 "$logs/gpu_check.log"
-step 120 profile_host.log "$py" benchmarks/profile_host.py --out "$out/profile_host.md"
-step 120 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
+step 90 profile_host.log "$py" benchmarks/profile_host.py --out "$out/profile_host.md"
+step 90 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
     "$py" benchmarks/profile_host.py --out "$out/profile_host_ordinary_launch.md"
-step 180 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --out "$out/models_cuda.md"
+step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --out "$out/models_cuda.md"
 if [ "${MODELS_BF16:-1}" != 0 ]; then
-    step 180 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --amp bf16 \
+    step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --amp bf16 \
         --out "$out/models_cuda_bf16.md"
 fi
 tar czf "$out/logs.tgz" -C "$logs" .

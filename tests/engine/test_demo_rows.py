@@ -25,18 +25,23 @@ def fake_training(monkeypatch):
 
 
 def test_rows_picks_a_subset_in_table_order(fake_training, tmp_path):
-    out = demo.run_demo("smoke", tmp_path / "demo", ["progress=false"], rows=["mimic", "regular"])
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier full report")
+    demo.run_demo("smoke", out, ["progress=false"], rows=["mimic", "regular"])
     assert fake_training == [(None, "align", False), ("v2", "mdpool", True)]
-    report = (out / "report.md").read_text()
+    report = (out / "report_regular-mimic.md").read_text()
     assert "regular + RoIAlign" in report and "DCNv2 + mdpool + mimicking" in report
     assert "DCNv1" not in report and "DCNv2 (conv3-5) + mdpool" not in report
-    assert (out / "results.csv").read_text().count("\n") == 3  # header and two rows
-    assert not (out / "training_curves.png").exists()  # no row logged a loss: no empty figure
+    assert (out / "results_regular-mimic.csv").read_text().count("\n") == 3  # header and two rows
+    assert (out / "report.md").read_text() == "an earlier full report"  # kept, not overwritten
+    assert not list(out.glob("training_curves*.png"))  # no row logged a loss: no empty figure
 
 
 def test_every_row_by_default(fake_training, tmp_path):
-    demo.run_demo("smoke", tmp_path / "demo", ["progress=false"])
+    out = demo.run_demo("smoke", tmp_path / "demo", ["progress=false"])
     assert len(fake_training) == len(demo.ROWS) == len(demo.ROW_KEYS)
+    assert (out / "report.md").exists() and (out / "results.csv").exists()
 
 
 @pytest.mark.parametrize(

@@ -205,56 +205,70 @@ def test_real_kernel_calls_map_onto_their_signatures(monkeypatch, deterministic)
         assert all(map(_launch._same, ours, theirs)), kernel.fn.__name__
 
 
-def test_a_launch_beyond_shared_memory_retries_with_fewer_stages_once_per_kernel(toy):
+@pytest.fixture
+def small_gpu(toy):
+    """The toy kernel on a GPU whose shared memory holds one pipeline stage of BLOCK=64 (any number of
+    BLOCK=32; none at all with ``resource["never_fits"]``), short of ``resource["name"]``; every
+    attempt is logged, failed ones included."""
     from triton.runtime.errors import OutOfResources
 
     kernel, log = toy
     ordinary = kernel.run
+    attempts: list[tuple[int, int]] = []
+    resource = {"name": "shared memory", "never_fits": False}
 
     def run(*args, grid, warmup, **kwargs):
-        if kwargs["num_stages"] > 1:  # a GPU whose shared memory holds one stage only
-            raise OutOfResources(200_000, 101_376, "shared memory")
+        attempts.append((kwargs["BLOCK"], kwargs["num_stages"]))
+        if resource["never_fits"] or (kwargs["BLOCK"] == 64 and kwargs["num_stages"] > 1):
+            raise OutOfResources(200_000, 101_376, resource["name"])
         return ordinary(*args, grid=grid, warmup=warmup, **kwargs)
 
     kernel.run = run
+    return kernel, log, attempts, resource
+
+
+def _launch_toy(kernel, n=64, block=64, stages=3):
     x, out = torch.zeros(8), torch.zeros(8)
+    _launch.launch(kernel, (3,), x, out, n, 0.5, num_warps=4, num_stages=stages, BLOCK=block)
+
+
+def test_a_launch_beyond_shared_memory_retries_with_fewer_stages_and_remembers(small_gpu):
+    kernel, log, attempts, _ = small_gpu
     with pytest.warns(RuntimeWarning, match="shared memory"):
-        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=32)
+        _launch_toy(kernel)
+    assert attempts == [(64, 3), (64, 2), (64, 1)]
     assert [(entry[0], entry[3]["num_stages"]) for entry in log] == [("jit", 1)]
+    _launch_toy(kernel)  # the same launch again: the cached compiled kernel, no attempt at all
+    assert len(attempts) == 3 and [entry[0] for entry in log] == ["jit", "fast"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once; later launches go straight to what fits
-        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=32)
-    assert [entry[0] for entry in log] == ["jit", "fast"]
+        warnings.simplefilter("error")  # warned once per process
+        _launch_toy(kernel, n=65)  # a new specialisation (misses the compiled-kernel cache) ...
+    assert attempts[3:] == [(64, 1)]  # ... goes straight to the stages that fit
 
 
-def test_a_launch_that_does_not_fit_even_in_one_stage_raises(toy):
-    from triton.runtime.errors import OutOfResources
-
-    kernel, _ = toy
-
-    def run(*args, grid, warmup, **kwargs):
-        raise OutOfResources(300_000, 101_376, "shared memory")
-
-    kernel.run = run
-    with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources):
-        x, out = torch.zeros(8), torch.zeros(8)
-        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=2, BLOCK=32)
-
-
-def test_a_stage_cap_applies_only_to_the_launch_configuration_that_needed_it(toy):
-    from triton.runtime.errors import OutOfResources
-
-    kernel, log = toy
-    ordinary = kernel.run
-
-    def run(*args, grid, warmup, **kwargs):
-        if kwargs["BLOCK"] == 64 and kwargs["num_stages"] > 1:  # only the large tile is too big
-            raise OutOfResources(200_000, 101_376, "shared memory")
-        return ordinary(*args, grid=grid, warmup=warmup, **kwargs)
-
-    kernel.run = run
-    x, out = torch.zeros(8), torch.zeros(8)
+def test_a_stage_cap_applies_only_to_the_launch_configuration_that_needed_it(small_gpu):
+    kernel, _, attempts, _ = small_gpu
     with pytest.warns(RuntimeWarning):
-        _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=64)
-    _launch.launch(kernel, (3,), x, out, 64, 0.5, num_warps=4, num_stages=3, BLOCK=32)
-    assert [entry[3]["num_stages"] for entry in log] == [1, 3]
+        _launch_toy(kernel, block=64)
+    _launch_toy(kernel, block=32)
+    assert attempts == [(64, 3), (64, 2), (64, 1), (32, 3)]
+
+
+def test_a_launch_that_does_not_fit_even_in_one_stage_raises(small_gpu):
+    from triton.runtime.errors import OutOfResources
+
+    kernel, _, attempts, resource = small_gpu
+    resource["never_fits"] = True
+    with pytest.warns(RuntimeWarning), pytest.raises(OutOfResources, match="shared memory"):
+        _launch_toy(kernel, stages=2)
+    assert attempts == [(64, 2), (64, 1)]
+
+
+def test_other_resources_are_not_retried(small_gpu):
+    from triton.runtime.errors import OutOfResources
+
+    kernel, _, attempts, resource = small_gpu
+    resource["name"] = "threads"  # fewer stages cannot help
+    with pytest.raises(OutOfResources, match="threads"):
+        _launch_toy(kernel)
+    assert attempts == [(64, 3)]

@@ -71,8 +71,9 @@ def run_demo(
     row is evaluated from its final checkpoint, not retrained). ``seeds`` runs seeds 0..seeds-1 of
     every row (default: the preset's, see :data:`PRESETS`); with more than one the table gives
     mean +- standard deviation. ``rows`` picks a subset of the rows by :data:`ROW_KEYS` (default:
-    all), e.g. to finish one row of an earlier report on a later machine; the report then has just
-    those rows.
+    all), e.g. to finish one row of an earlier report on a later machine; a subset's report is
+    written beside the full one, named after its rows (``report_mimic.md``, ``results_mimic.csv``,
+    ...), so an earlier full report is kept.
     """
     from .trainer import train
 
@@ -105,7 +106,10 @@ def run_demo(
         results.append(RowResult(name, metrics, parameters, train_ms, infer_ms, dirs))
     table = format_table(results)
     print("\n" + table)
-    _write_report(out, preset, results, table, start)
+    # A subset's report goes beside the full one (report_mimic.md, ...) rather than over it.
+    keys = [key for key, row in zip(ROW_KEYS, ROWS, strict=True) if row in selected]
+    suffix = "" if len(keys) == len(ROWS) else "_" + "-".join(keys)
+    _write_report(out, preset, results, table, start, suffix)
     return out
 
 
@@ -160,8 +164,11 @@ def format_table(results: list[RowResult]) -> str:
     return "\n".join(lines)
 
 
-def _write_report(out: Path, preset: str, results: list[RowResult], table: str, start: str = "") -> None:
-    with (out / "results.csv").open("w", newline="") as handle:
+def _write_report(
+    out: Path, preset: str, results: list[RowResult], table: str, start: str = "", suffix: str = ""
+) -> None:
+    """report{suffix}.md, results{suffix}.csv/.json and the figures in ``out``."""
+    with (out / f"results{suffix}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
             ["method", "seed", *METRICS, "parameters", "train_ms_per_iter", "inference_ms_per_image"]
@@ -178,8 +185,8 @@ def _write_report(out: Path, preset: str, results: list[RowResult], table: str, 
                         r.inference_ms[seed],
                     ]
                 )
-    curves = _plot_curves(out, results)
-    examples = _plot_examples(out, results)
+    curves = _plot_curves(out, results, suffix)
+    examples = _plot_examples(out, results, suffix)
     lines = [
         f"# deformable demo ({preset} preset)",
         "",
@@ -191,8 +198,8 @@ def _write_report(out: Path, preset: str, results: list[RowResult], table: str, 
         f"![training curves]({curves.name})" if curves else "",
         f"![example detections]({examples.name})" if examples else "",
     ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(
+    (out / f"report{suffix}.md").write_text("\n".join(lines) + "\n")
+    (out / f"results{suffix}.json").write_text(
         json.dumps(
             [{"method": r.name, "metrics": r.metrics, "parameters": r.parameters} for r in results], indent=2
         )
@@ -206,7 +213,7 @@ def _read_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     return its, [latest[i] for i in its]
 
 
-def _plot_curves(out: Path, results: list[RowResult]) -> Path | None:
+def _plot_curves(out: Path, results: list[RowResult], suffix: str = "") -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,7 +231,7 @@ def _plot_curves(out: Path, results: list[RowResult]) -> Path | None:
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out / "training_curves.png"
+    path = out / f"training_curves{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -232,7 +239,12 @@ def _plot_curves(out: Path, results: list[RowResult]) -> Path | None:
 
 
 def _plot_examples(
-    out: Path, results: list[RowResult], images: int = 3, score_threshold: float = 0.05, max_boxes: int = 4
+    out: Path,
+    results: list[RowResult],
+    suffix: str = "",
+    images: int = 3,
+    score_threshold: float = 0.05,
+    max_boxes: int = 4,
 ) -> Path | None:
     import matplotlib
 
@@ -275,7 +287,7 @@ def _plot_examples(
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(r.name, fontsize=7)
-    path = out / "example_detections.png"
+    path = out / f"example_detections{suffix}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -82,14 +82,15 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int
         _compiled[key] = compiled
 
 
-# What a launch asks for (kernel, warps, stages, constexprs, tensor dtypes: everything its shared memory
-# depends on) -> the most pipeline stages that fit this process's GPU.
+# What a launch asks for (kernel, device, warps, stages, constexprs, tensor dtypes: everything its
+# shared memory depends on) -> the most pipeline stages that fit that GPU.
 _stage_caps: dict[tuple, int] = {}
 
 
 def _resource_key(kernel, args: Sequence, constexprs: dict, num_warps: int, num_stages: int) -> tuple:
-    dtypes = tuple(a.dtype for a in args if isinstance(a, Tensor))
-    return (id(kernel), num_warps, num_stages, *constexprs.items(), *dtypes)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    device = tensors[0].device if tensors else None
+    return (id(kernel), device, num_warps, num_stages, *constexprs.items(), *(t.dtype for t in tensors))
 
 
 def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num_warps: int, num_stages: int):
@@ -104,7 +105,8 @@ def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num
         try:
             return kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
         except OutOfResources as e:
-            if stages <= 1:
+            # Only shared memory depends on the stages; too many threads or registers do not.
+            if stages <= 1 or getattr(e, "name", None) != "shared memory":
                 raise
             if not _stage_caps:
                 warnings.warn(
