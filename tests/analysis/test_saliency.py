@@ -68,7 +68,10 @@ def test_fill_values_and_argument_errors():
         fill_value(image, "blur")
     model = stack()
     image = torch.rand(3, 8, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match="error_bound"):
-        saliency_region(model, image, "4", (0, 0), error_bound=-1)
+    for bad in (-1, float("nan"), float("inf")):  # NaN used to pass and return the whole image
+        with pytest.raises(ValueError, match="error_bound"):
+            saliency_region(model, image, "4", (0, 0), error_bound=bad)
+    with pytest.raises(TypeError, match="error_bound"):
+        saliency_region(model, image, "4", (0, 0), error_bound="0.1")
     with pytest.raises(ValueError, match="block_size"):
         saliency_region(model, image, "4", (0, 0), block_size=0)

@@ -118,6 +118,8 @@ def test_learning_rate_multipliers():
         (dict(offset_lr_mult=-1), ValueError, "offset_lr_mult"),
         (dict(offset_lr_mult=float("nan")), ValueError, "offset_lr_mult"),
         (dict(offset_lr_mult="0.1"), TypeError, "offset_lr_mult"),
+        (dict(bias=torch.zeros(4)), TypeError, "bias must be a bool"),
+        (dict(bias="yes"), TypeError, "bias must be a bool"),
     ],
 )
 def test_bad_layer_arguments(kwargs, error, words):
@@ -145,6 +147,14 @@ def test_bad_deform_conv2d_module_arguments(kwargs, error, words):
 
 def test_zero_offset_lr_mult_is_allowed():
     assert DCNv1(4, 4, 3, offset_lr_mult=0).offset_lr_mult == 0.0
+
+
+@pytest.mark.parametrize("cls", [DCNv1, DCNv2])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 8), (4, 8, 8), (1, 1, 4, 8, 8)])
+def test_input_of_the_wrong_shape_names_in_channels(cls, shape):
+    layer = cls(4, 6, 3, padding=1)
+    with pytest.raises(ValueError, match=r"input must be \[N, 4, H, W\] \(in_channels=4\)"):
+        layer(torch.randn(*shape))
 
 
 @pytest.mark.parametrize("cls", [DCNv1, DCNv2])

@@ -304,6 +304,13 @@ def test_pooling_modules_reject_what_the_operator_rejects(cls, kwargs, error, wo
         (dict(share_offset_branch="no"), TypeError, "share_offset_branch"),
         (dict(modulated=1), TypeError, "modulated"),
         (dict(featmap_names=[]), ValueError, "featmap_names"),
+        (dict(featmap_names="p2"), TypeError, "featmap_names"),
+        (dict(featmap_names=[2]), ValueError, "featmap_names"),
+        (dict(canonical_scale=-5), ValueError, "canonical_scale"),
+        (dict(canonical_scale=float("nan")), ValueError, "canonical_scale"),
+        (dict(canonical_level=1.5), TypeError, "canonical_level"),
+        (dict(canonical_level=0), ValueError, "canonical_level"),
+        (dict(sampling_ratio=2**31), ValueError, "sampling_ratio must be at most 4096"),
     ],
 )
 def test_bad_multiscale_arguments(kwargs, error, words):
@@ -319,3 +326,25 @@ def test_input_of_another_dtype_names_both_dtypes(dtype):
     rois = torch.tensor([[0.0, 1.0, 1.0, 5.0, 5.0]], dtype=dtype)
     with pytest.raises(TypeError, match=rf"{dtype}.*torch\.float32"):
         module(torch.randn(1, 4, 8, 8, dtype=dtype), rois)
+
+
+def test_bad_multiscale_forward_arguments():
+    module = MultiScaleDeformRoIPool(["p2", "p3"], 2, 2, in_channels=4, hidden_channels=(8,))
+    x = {"p2": torch.randn(1, 4, 16, 16), "p3": torch.randn(1, 4, 8, 8)}
+    boxes, shapes = [torch.tensor([[1.0, 1.0, 9.0, 9.0], [2.0, 2.0, 30.0, 30.0]])], [(32, 32)]
+    assert module(x, boxes, shapes).shape == (2, 4, 2, 2)
+    cases = [
+        ((x["p2"], boxes, shapes), TypeError, "x must be a dict"),
+        (({"p2": x["p2"]}, boxes, shapes), ValueError, r"no feature map named \['p3'\]"),
+        ((x, boxes[0], shapes), TypeError, "boxes must be a list"),
+        ((x, [boxes[0][:, :3]], shapes), ValueError, r"boxes must hold \[L_i, 4\]"),
+        ((x, boxes, [(32, 32), (32, 32)]), ValueError, "one \\(height, width\\) per image"),
+        ((x, boxes, [(0, 32)]), ValueError, "positive ints"),
+        ((x, boxes, [32]), ValueError, "positive ints"),
+    ]
+    for args, error, words in cases:
+        with pytest.raises(error, match=words):
+            module(*args)
+    for name, value in (("offset", torch.zeros(5, 2, 2, 2)), ("mask", torch.zeros(1, 1, 2, 2))):
+        with pytest.raises(ValueError, match=rf"{name} must have shape \[2, \d, 2, 2\]"):
+            module.pool(x, boxes, shapes, **{name: value})

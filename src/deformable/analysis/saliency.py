@@ -167,8 +167,10 @@ def saliency_region(
     Returns:
         A :class:`SaliencyResult` with ``mask`` ``[H, W]`` bool.
     """
-    if not isinstance(error_bound, int | float) or isinstance(error_bound, bool) or error_bound < 0:
-        raise ValueError(f"error_bound must be a non-negative number, got {error_bound!r}")
+    if not isinstance(error_bound, int | float) or isinstance(error_bound, bool):
+        raise TypeError(f"error_bound must be a finite non-negative number, got {error_bound!r}")
+    if not (math.isfinite(error_bound) and error_bound >= 0):
+        raise ValueError(f"error_bound must be a finite non-negative number, got {error_bound!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     node = make_node(layer, position, channel)

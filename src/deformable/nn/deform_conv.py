@@ -94,6 +94,8 @@ class DeformConv2d(nn.Module):
                 f"groups ({groups})"
             )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool (whether the layer has one), got {bias!r}")
         if isinstance(padding, str):
             # nn.Conv2d's 'same' can need uneven padding, which the operator cannot express.
             raise ValueError(
@@ -198,6 +200,11 @@ class _OffsetPredictingConv(DeformConv2d):
         """``conv_offset(input)``, after checking that ``input`` can meet the layer's parameters."""
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input must be [N, {self.in_channels}, H, W] (in_channels={self.in_channels}), "
+                f"got {list(input.shape)}"
+            )
         _check_input_dtype(input, self.weight.dtype, "the layer's", "layer")
         return self.conv_offset(input)
 

@@ -12,12 +12,14 @@ papers) applies to the parameters returned by ``offset_parameters()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _filter_input, _setup_scales
+from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _setup_scales
 
 from ..ops.deform_roi_pool import _output_size, deform_roi_pool, validate_pooling_parameters
 from .deform_conv import _check_input_dtype, _positive_int
@@ -269,6 +271,37 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
         return f"{super().extra_repr()}, branch={self.branch!r}"
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _check_pyramid_inputs(x, boxes, image_shapes, featmap_names: list[str]) -> None:
+    """MultiScaleDeformRoIPool's forward arguments (TypeError/ValueError naming the argument)."""
+    if not isinstance(x, Mapping):
+        raise TypeError(f"x must be a dict of feature maps by name, got {type(x).__name__}")
+    missing = [name for name in featmap_names if name not in x]
+    if missing:
+        raise ValueError(f"x has no feature map named {missing} (featmap_names; x has {list(x)})")
+    if isinstance(boxes, Tensor) or not isinstance(boxes, Sequence):
+        raise TypeError(
+            f"boxes must be a list of [L_i, 4] tensors, one per image, got {type(boxes).__name__}"
+        )
+    for b in boxes:
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:
+            raise ValueError(f"boxes must hold [L_i, 4] tensors, got {getattr(b, 'shape', type(b).__name__)}")
+    if not isinstance(image_shapes, Sequence) or len(image_shapes) != len(boxes):
+        raise ValueError(
+            f"image_shapes must give one (height, width) per image ({len(boxes)}), got {image_shapes!r}"
+        )
+    for shape in image_shapes:
+        if (
+            not isinstance(shape, Sequence)
+            or len(shape) != 2
+            or not all(isinstance(v, torch.SymInt) or _is_positive_int(v) for v in shape)
+        ):
+            raise ValueError(f"image_shapes must hold (height, width) pairs of positive ints, got {shape!r}")
+
+
 class MultiScaleDeformRoIPool(nn.Module):
     """Drop-in for ``torchvision.ops.MultiScaleRoIAlign`` with (modulated) deformable RoI pooling.
 
@@ -312,12 +345,18 @@ class MultiScaleDeformRoIPool(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(featmap_names, str) or not isinstance(featmap_names, Sequence):
+            raise TypeError(f"featmap_names must be a list of feature-map names, got {featmap_names!r}")
         self.featmap_names = list(featmap_names)
-        if not self.featmap_names:
-            raise ValueError("featmap_names must name at least one feature map")
+        if not self.featmap_names or not all(isinstance(n, str) for n in self.featmap_names):
+            raise ValueError(f"featmap_names must name at least one feature map (str), got {featmap_names!r}")
         self.output_size = _output_size(tuple(output_size) if isinstance(output_size, list) else output_size)
+        if isinstance(canonical_scale, bool) or not isinstance(canonical_scale, numbers.Real):
+            raise TypeError(f"canonical_scale must be a positive number, got {canonical_scale!r}")
+        if not (math.isfinite(canonical_scale) and canonical_scale > 0):
+            raise ValueError(f"canonical_scale must be a positive finite number, got {canonical_scale!r}")
         self.canonical_scale = canonical_scale
-        self.canonical_level = canonical_level
+        self.canonical_level = _positive_int(canonical_level, "canonical_level")
         self.share_offset_branch = _check_bool(share_offset_branch, "share_offset_branch")
         self.scales: list[float] | None = None
         self.map_levels: LevelMapper | None = None
@@ -379,7 +418,8 @@ class MultiScaleDeformRoIPool(nn.Module):
         self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> tuple[list[Tensor], Tensor, list[Tensor] | None]:
         """The pooled maps, the RoIs [K, 5] and, with several maps, the RoI indices of each level."""
-        features = _filter_input(x, self.featmap_names)
+        _check_pyramid_inputs(x, boxes, image_shapes, self.featmap_names)
+        features = [v for k, v in x.items() if k in self.featmap_names]  # in x's order, as torchvision
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(
                 features, image_shapes, self.canonical_scale, self.canonical_level
@@ -405,6 +445,11 @@ class MultiScaleDeformRoIPool(nn.Module):
         (image by image); both None gives exactly ``MultiScaleRoIAlign``.
         """
         features, rois, levels = self._assign(x, boxes, image_shapes)
+        for name, value, channels in (("offset", offset, 2), ("mask", mask, 1)):
+            expected = (rois.shape[0], channels, *self.output_size)
+            if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != expected):
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must have shape {list(expected)} (one row per box), got {got}")
         return self._pool_levels([_channels_last(f) for f in features], rois, levels, offset, mask)
 
     def forward(

@@ -32,6 +32,9 @@ from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
 from .deform_conv import _plain_eager
 
+#: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
+MAX_SAMPLING_RATIO = _roi_aten._MAX_GRID
+
 __all__ = ["deform_roi_pool"]
 
 
@@ -313,6 +316,11 @@ def validate_pooling_parameters(
         raise TypeError(
             "sampling_ratio must be an int (> 0: samples per bin side, <= 0: adaptive), "
             f"got {sampling_ratio!r}"
+        )
+    if sampling_ratio > MAX_SAMPLING_RATIO:  # the adaptive grid's cap; beyond it sizes overflow
+        raise ValueError(
+            f"sampling_ratio must be at most {MAX_SAMPLING_RATIO} samples per bin side (<= 0: adaptive), "
+            f"got {sampling_ratio}"
         )
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise TypeError(f"gamma must be a finite float, got {gamma!r}")
