@@ -574,3 +574,25 @@ def test_triton_float32_and_only_requested_gradients():
         deform_roi_pool(x, rois.float(), offset, leaves[2], 2, backend="triton"), leaves[2], grad_out
     )
     torch.testing.assert_close(only_mask, grads[2], rtol=0, atol=0)
+
+
+def test_both_ops_and_their_modules_infer_shapes_on_the_meta_device():
+    """Meta tensors (model initialisation, shape inference) take the custom ops' fake kernels; they
+    used to fail in the autocast check or when the RoI values were read."""
+    from deformable.nn import DCNv2, ModulatedDeformRoIPool
+    from deformable.ops import deform_conv2d
+
+    x = torch.empty(2, 4, 8, 8, device="meta", requires_grad=True)
+    rois = torch.empty(3, 5, device="meta")
+    offset, mask = torch.empty(3, 2, 2, 2, device="meta"), torch.empty(3, 1, 2, 2, device="meta")
+    out = deform_roi_pool(x, rois, offset, mask, output_size=2)
+    assert out.is_meta and out.shape == (3, 4, 2, 2)
+    out.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape
+    weight = torch.empty(6, 4, 3, 3, device="meta")
+    conv = deform_conv2d(x, torch.empty(2, 18, 8, 8, device="meta"), weight, padding=1)
+    assert conv.is_meta and conv.shape == (2, 6, 8, 8)
+    with torch.device("meta"):
+        layer = DCNv2(4, 6, 3, padding=1)
+        pool = ModulatedDeformRoIPool(2, in_channels=4, hidden_channels=(8,))
+    assert layer(x).shape == (2, 6, 8, 8) and pool(x, rois).shape == (3, 4, 2, 2)

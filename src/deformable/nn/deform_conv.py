@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import deform_conv2d
-from ..ops.deform_conv import _pair
+from ..ops.deform_conv import _pair, autocast_enabled
 
 _size_2 = int | tuple[int, int]
 
@@ -38,7 +38,7 @@ def _check_input_dtype(input: Tensor, dtype: torch.dtype, owner: str, module: st
     linear's own dtype error names neither the module nor the fix. ``owner`` ("the layer's") says
     whose parameters, ``module`` ("layer") what to convert.
     """
-    if input.dtype != dtype and not torch.is_autocast_enabled(input.device.type):
+    if input.dtype != dtype and not autocast_enabled(input.device.type):
         raise TypeError(
             f"input dtype {input.dtype} differs from {owner} parameter dtype {dtype}: "
             f"convert the input or the {module} (e.g. {module}.to({input.dtype}))"

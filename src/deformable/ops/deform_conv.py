@@ -141,9 +141,18 @@ def _validate(input, offset, weight, bias, stride, padding, dilation, mask):
 # Custom ops
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for device types autocast does not know
+    (``meta``, for shape inference), where PyTorch raises instead."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _no_autocast(t: Tensor):
     """Implementations choose their own precisions: autocast must not recast their inner ops."""
-    if not torch.is_autocast_enabled(t.device.type):
+    if not autocast_enabled(t.device.type):
         return contextlib.nullcontext()  # entering torch.autocast costs microseconds per call
     return torch.autocast(t.device.type, enabled=False)
 
@@ -302,12 +311,13 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 def _plain_eager(*tensors: Tensor | None) -> bool:
     """True when nothing but eager autograd will see this call: no compiler, tracer, functorch
-    transform, dispatch mode or tensor subclass (those need the custom op)."""
+    transform, dispatch mode, tensor subclass or meta tensor (those need the custom op, whose fake
+    kernel gives meta tensors their output shapes)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta) for t in tensors)
 
 
 def _autocast(tensors: list, device_type: str) -> list:
@@ -317,7 +327,7 @@ def _autocast(tensors: list, device_type: str) -> list:
     non-tensors, left for validation to reject) passes through: so a layer's fp32 weight meets the
     bf16 activations of the layer before it.
     """
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     castable = (torch.float32, torch.float16, torch.bfloat16)

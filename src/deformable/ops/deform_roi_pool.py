@@ -30,7 +30,7 @@ from torch import Tensor
 from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
-from .deform_conv import _plain_eager
+from .deform_conv import _plain_eager, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
 MAX_SAMPLING_RATIO = _roi_aten._MAX_GRID
@@ -246,7 +246,10 @@ def _check_tensor(name: str, value, input: Tensor, shape: tuple[int, ...]) -> No
 
 
 def _capturing(input: Tensor) -> bool:
-    """Whether a CUDA graph is being captured (a host synchronisation would abort the capture)."""
+    """Whether the RoI values cannot be read: a CUDA graph is being captured (a host synchronisation
+    would abort the capture), or the tensors are on the meta device (shapes only)."""
+    if input.device.type == "meta":
+        return True
     return input.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -402,7 +405,7 @@ def deform_roi_pool(
             while a CUDA graph is captured.
         RuntimeError: ``backend="triton"`` requested under deterministic algorithms.
     """
-    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+    if isinstance(input, Tensor) and autocast_enabled(input.device.type):
         # Under autocast the offset branch may run in another precision than the features: compute in
         # the features' dtype (fp16/bf16 accumulate in fp32), as outside autocast.
         offset = offset.to(input.dtype) if isinstance(offset, Tensor) else offset
