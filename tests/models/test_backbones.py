@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from deformable.models import (
+    convert_resnet_to_dcn,
     count_dcn_layers,
     freeze_offsets_to_identity,
     param_groups,
@@ -81,10 +82,44 @@ def test_local_weights_file_loads(tmp_path):
         resnet18_dcn(weights="NOT_A_WEIGHT")
 
 
-@pytest.mark.parametrize("kwargs", [dict(dcn="v3"), dict(dcn_stages=(1,)), dict(dcn_stages=(3, 3))])
-def test_bad_backbone_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(dcn="v3"), ValueError, "dcn"),
+        (dict(dcn_stages=(1,)), ValueError, "dcn_stages"),
+        (dict(dcn_stages=(3, 3)), ValueError, "dcn_stages"),
+        (dict(num_classes=0), ValueError, "num_classes"),
+        (dict(num_classes=2.5), TypeError, "num_classes"),
+        (dict(offset_groups=0), ValueError, "offset_groups"),
+        (dict(replace_stride_with_dilation="yes"), ValueError, "replace_stride_with_dilation"),
+        (dict(replace_stride_with_dilation=[False, True]), ValueError, "replace_stride_with_dilation"),
+    ],
+)
+def test_bad_backbone_arguments(kwargs, error, words):
+    with pytest.raises(error, match=words):
         resnet50_dcn(**kwargs)
+
+
+@pytest.mark.parametrize("model", ["resnet", torch.nn.Linear(2, 2), torch.nn.Sequential()])
+def test_convert_wants_a_resnet(model):
+    error = TypeError if isinstance(model, str) else ValueError
+    with pytest.raises(error, match="model must be a ResNet"):
+        convert_resnet_to_dcn(model)
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, error, words",
+    [
+        ("model", dict(lr=0.1), TypeError, "model must be an nn.Module"),
+        (None, dict(lr=None), TypeError, "lr must be a number"),
+        (None, dict(lr=float("nan")), ValueError, "lr must be a finite"),
+        (None, dict(lr=0.1, weight_decay=-1), ValueError, "weight_decay must be a finite number >= 0"),
+        (None, dict(lr=0.1, offset_weight_decay="x"), TypeError, "offset_weight_decay"),
+    ],
+)
+def test_bad_param_groups_arguments(model, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        param_groups(model if model is not None else torch.nn.Linear(2, 2), **kwargs)
 
 
 def test_param_groups_multipliers_and_decay():

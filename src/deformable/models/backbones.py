@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.models import ResNet
 
 from ..nn import DCNv1, DCNv2
+from ..nn.deform_conv import _positive_int
 
 DCNVersion = Literal["v1", "v2"] | None
 _STAGE_TO_LAYER = {2: "layer1", 3: "layer2", 4: "layer3", 5: "layer4"}
@@ -67,10 +68,23 @@ def convert_resnet_to_dcn(
     Returns:
         ``model`` itself.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a ResNet (an nn.Module with layer1..layer4), got {type(model).__name__}"
+        )
     cls = _dcn_class(dcn)
     stages = check_dcn_stages(dcn_stages)
     if cls is None:
         return model
+    missing = [
+        _STAGE_TO_LAYER[s]
+        for s in stages
+        if not isinstance(getattr(model, _STAGE_TO_LAYER[s], None), nn.Module)
+    ]
+    if missing:
+        raise ValueError(
+            f"model must be a ResNet with layer1..layer4; {type(model).__name__} has no {missing}"
+        )
     for stage in stages:
         layer = getattr(model, _STAGE_TO_LAYER[stage])
         for block in layer:
@@ -126,6 +140,19 @@ def _build(
 ) -> ResNet:
     cls = _dcn_class(dcn)
     stages = check_dcn_stages(dcn_stages)
+    if "num_classes" in kwargs:
+        _positive_int(kwargs["num_classes"], "num_classes")
+    if offset_groups is not None:
+        _positive_int(offset_groups, "offset_groups")
+    if replace_stride_with_dilation is not None and (
+        isinstance(replace_stride_with_dilation, str)
+        or len(replace_stride_with_dilation) != 3
+        or not all(isinstance(v, bool) for v in replace_stride_with_dilation)
+    ):
+        raise ValueError(
+            "replace_stride_with_dilation must be 3 bools (conv3..conv5), "
+            f"got {replace_stride_with_dilation!r}"
+        )
     model = getattr(torchvision.models, arch)(
         weights=None,
         replace_stride_with_dilation=replace_stride_with_dilation,

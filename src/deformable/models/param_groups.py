@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import nn
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -33,6 +36,19 @@ def param_groups(
         A list of dicts with ``params``, ``lr``, ``weight_decay`` and a ``name`` for logging; empty
         groups are dropped. Each group also records ``lr_mult`` so schedulers can rescale.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    rates = {
+        "lr": lr, "weight_decay": weight_decay, "norm_weight_decay": norm_weight_decay,
+        "bias_weight_decay": bias_weight_decay, "offset_weight_decay": offset_weight_decay,
+    }  # fmt: skip
+    for name, value in rates.items():
+        if value is None and name == "offset_weight_decay":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
     offset_decay = weight_decay if offset_weight_decay is None else offset_weight_decay
