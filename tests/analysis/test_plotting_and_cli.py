@@ -58,6 +58,13 @@ def test_support_statistics_by_object_size_and_background():
     assert dilation["2"]["background"] == pytest.approx(2.0) and dilation["4"]["small"] == pytest.approx(1.0)
     assert "| small | 1 |" in stats.to_markdown()
     assert [size_category(a) for a in (10, 32**2, 96**2)] == ["small", "medium", "large"]
+    for kwargs, error, words in (
+        (dict(dilation_layers="bogus"), ValueError, "layers must be"),  # was swallowed: no dilation
+        (dict(backgrounds_per_image=-1), ValueError, "backgrounds_per_image"),
+        (dict(backgrounds_per_image=1.5), TypeError, "backgrounds_per_image"),
+    ):
+        with pytest.raises(error, match=words):
+            support_statistics(model, samples, "4", saliency=False, **kwargs)
 
 
 def test_analyze_command(tmp_path, capsys):

@@ -125,3 +125,22 @@ def test_sampling_layer_selection_errors():
         effective_sampling_locations(
             model, torch.rand(3, 8, 8, dtype=torch.float64), "4", (0, 0), weighting="x"
         )
+    image = torch.rand(3, 8, 8, dtype=torch.float64)
+    for max_points, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_points"):
+            effective_sampling_locations(model, image, "4", (0, 0), max_points=max_points)
+
+
+@pytest.mark.parametrize("model", ["model", None, [torch.nn.Conv2d(3, 3, 3)]])
+def test_analysis_entry_points_want_a_module(model):
+    from deformable.analysis import effective_receptive_field, saliency_region
+
+    image = torch.rand(3, 8, 8)
+    for call in (
+        lambda: effective_receptive_field(model, image, "0", (0, 0)),
+        lambda: effective_sampling_locations(model, image, "0", (0, 0)),
+        lambda: saliency_region(model, image, "0", (0, 0)),
+        lambda: effective_dilation(model, image),
+    ):
+        with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+            call()

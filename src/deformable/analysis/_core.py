@@ -89,8 +89,15 @@ def is_detector(model: nn.Module) -> bool:
     return isinstance(model, GeneralizedRCNN)
 
 
+def check_model(model) -> None:
+    """TypeError unless ``model`` is an ``nn.Module`` (every analysis entry point reaches this)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the model's first floating parameter (CPU/float32 if none)."""
+    check_model(model)
     for p in model.parameters():
         if p.is_floating_point():
             return p.device, p.dtype
@@ -112,6 +119,7 @@ def prepare_image(image: Tensor, model: nn.Module) -> Tensor:
 @contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Evaluation mode for the duration (every module's ``training`` flag is restored afterwards)."""
+    check_model(model)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

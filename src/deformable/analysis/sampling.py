@@ -51,6 +51,7 @@ from ._core import (
     Node,
     RoIForward,
     analysis_mode,
+    check_model,
     evaluate_node,
     is_detector,
     make_node,
@@ -118,6 +119,7 @@ def sampling_layers(model: nn.Module, layers: str | Sequence[str] | None = None)
             convolution with a kernel larger than 1x1; ``"deformable"``; ``"regular"``; ``"all"`` (both);
             or a sequence of module names (deformable or ``nn.Conv2d``).
     """
+    check_model(model)
     modules = dict(model.named_modules())
     deformable = [n for n, m in modules.items() if isinstance(m, DEFORMABLE_TYPES)]
     inside = tuple(f"{n}." for n in deformable)
@@ -540,6 +542,10 @@ def effective_sampling_locations(
     Returns:
         ``(points [P, 2], weights [P])``: (y, x) image pixel coordinates and non-negative weights.
     """
+    if max_points is not None and (isinstance(max_points, bool) or not isinstance(max_points, int)):
+        raise TypeError(f"max_points must be a positive int or None, got {max_points!r}")
+    if max_points is not None and max_points < 1:
+        raise ValueError(f"max_points must be a positive int or None, got {max_points}")
     per_layer = sampling_locations_by_layer(
         model, image, layer, position, channel, layers=layers, weighting=weighting
     )

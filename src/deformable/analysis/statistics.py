@@ -23,7 +23,7 @@ from ._core import ROI, analysis_mode, layer_output, prepare_image
 from .geometry import layer_geometry
 from .receptive_field import effective_receptive_field, erf_spread
 from .saliency import saliency_region
-from .sampling import effective_dilation
+from .sampling import effective_dilation, sampling_layers
 
 __all__ = [
     "CATEGORIES",
@@ -173,6 +173,12 @@ def support_statistics(
     Returns:
         :class:`SupportStatistics` (``summary()``, ``effective_dilation()``, ``to_markdown()``).
     """
+    if isinstance(backgrounds_per_image, bool) or not isinstance(backgrounds_per_image, int):
+        raise TypeError(f"backgrounds_per_image must be an int >= 0, got {backgrounds_per_image!r}")
+    if backgrounds_per_image < 0:
+        raise ValueError(f"backgrounds_per_image must be an int >= 0, got {backgrounds_per_image}")
+    if dilation:
+        sampling_layers(model, dilation_layers)  # a bad selector is an error, not "no such layers"
     stats = SupportStatistics()
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     for index, sample in enumerate(samples):
