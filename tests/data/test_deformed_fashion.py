@@ -174,6 +174,15 @@ def test_presets_are_valid():
         ({"aspect": 0.5}, "aspect"),
         ({"size_weights": (1, 1)}, "size_weights"),
         ({"num_train": -1}, "num_train"),
+        # Beyond these bounds a warped patch grew without limit (shear 1e6 asked for 67 TiB).
+        ({"shear": 1e6}, r"shear must be a number in \[0, 2\]"),
+        ({"elastic": 1e6}, "elastic"),
+        ({"rotation": 1e308}, "rotation"),
+        ({"aspect": 1e300}, "aspect"),
+        ({"rotation": True}, "rotation"),
+        ({"canvas_size": 10**9}, "canvas_size"),
+        ({"size_weights": (float("nan"), 1, 1)}, "size_weights"),
+        ({"size_weights": ("a", 1, 1)}, "size_weights"),
     ],
 )
 def test_bad_parameters(tmp_path, kwargs, message):
@@ -244,3 +253,24 @@ def test_classification_variant(tmp_path):
     assert all((img.int().max() - img.int().min()) > 60 for img in ds.images)
     with pytest.raises(ValueError, match="split"):
         deformed_fashion_classification("test", out_dir=tmp_path)
+
+
+def test_bad_classification_arguments():
+    from deformable.data.deformed_fashion import (
+        DeformedFashionClassification,
+        deformed_fashion_classification,
+    )
+
+    for kwargs, message in (
+        ({"seed": -1}, "seed"),
+        ({"seed": "a"}, "seed"),
+        ({"canvas_size": 10**9}, "canvas_size"),
+        ({"object_size": (4, float("inf"))}, "object_size"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            deformed_fashion_classification("train", 4, **kwargs)
+    images, labels = torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="images must be a uint8 tensor"):
+        DeformedFashionClassification(images[0], labels)  # one image's rows taken for images
+    with pytest.raises(ValueError, match="labels must be a tensor"):
+        DeformedFashionClassification(images, torch.zeros(5))

@@ -130,9 +130,13 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 def _check_range(value: Sequence[float], name: str, low: float, integer: bool = False) -> tuple:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a pair (min, max), got {value!r}")
     pair = tuple(value)
     kind = int if integer else (int, float)
-    if len(pair) != 2 or not all(isinstance(v, kind) and not isinstance(v, bool) for v in pair):
+    if len(pair) != 2 or not all(
+        isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) for v in pair
+    ):
         raise ValueError(
             f"{name} must be a pair (min, max) of {'ints' if integer else 'numbers'}, got {value!r}"
         )
@@ -141,12 +145,23 @@ def _check_range(value: Sequence[float], name: str, low: float, integer: bool = 
     return pair
 
 
+# Upper bounds of the warps: beyond them a garment's warped patch grows without bound (a shear of 1e6
+# asked numpy for 67 TiB) while the variation stops changing in kind.
+_WARP_LIMITS = {"rotation": (0.0, 180.0), "shear": (0.0, 2.0), "aspect": (1.0, 16.0), "elastic": (0.0, 1.0)}
+_MAX_CANVAS = 4096
+
+
 def _warp_params(rotation: float, shear: float, aspect: float, elastic: float) -> dict[str, float]:
-    for name, v, lo in (("rotation", rotation, 0.0), ("shear", shear, 0.0), ("elastic", elastic, 0.0)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
-            raise ValueError(f"{name} must be a finite number >= {lo}, got {v!r}")
-    if not isinstance(aspect, (int, float)) or not math.isfinite(aspect) or aspect < 1.0:
-        raise ValueError(f"aspect must be a finite number >= 1, got {aspect!r}")
+    values = {"rotation": rotation, "shear": shear, "aspect": aspect, "elastic": elastic}
+    for name, v in values.items():
+        lo, hi = _WARP_LIMITS[name]
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not math.isfinite(v)
+            or not lo <= v <= hi
+        ):
+            raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     return dict(rotation=float(rotation), shear=float(shear), aspect=float(aspect), elastic=float(elastic))
 
 
@@ -504,13 +519,17 @@ def _detection_params(
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     H, W = _pair(canvas_size, "canvas_size")
-    if H < 16 or W < 16:
-        raise ValueError(f"canvas_size must be at least 16 px per side, got {canvas_size!r}")
+    if not (16 <= H <= _MAX_CANVAS and 16 <= W <= _MAX_CANVAS):
+        raise ValueError(f"canvas_size must be 16 to {_MAX_CANVAS} px per side, got {canvas_size!r}")
     objs = _check_range(objects_per_image, "objects_per_image", 1, integer=True)
     sizes = _check_range(object_size, "object_size", 4)
     if sizes[1] > min(H, W):
         raise ValueError(f"object_size max {sizes[1]} exceeds the canvas side {min(H, W)}")
     if size_weights is not None:
+        if isinstance(size_weights, str) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in size_weights
+        ):
+            raise ValueError(f"size_weights must be 3 finite numbers >= 0, got {size_weights!r}")
         size_weights = tuple(float(w) for w in size_weights)
         if len(size_weights) != 3 or min(size_weights) < 0 or sum(size_weights) <= 0:
             raise ValueError(f"size_weights must be 3 numbers >= 0 with a positive sum, got {size_weights!r}")
@@ -806,6 +825,16 @@ def load(
 # Classification dataset
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(value.shape)}"
+    return type(value).__name__
+
+
 class DeformedFashionClassification(Dataset):
     """Single deformed garments on a canvas, labels 0..9 (:data:`CLASSES`).
 
@@ -820,6 +849,12 @@ class DeformedFashionClassification(Dataset):
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 3:
+            got = _describe(images)
+            raise TypeError(f"images must be a uint8 tensor [N, H, W], got {got}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            got = _describe(labels)
+            raise ValueError(f"labels must be a tensor [N], one per image (N = {images.shape[0]}), got {got}")
         self.images = images
         self.labels = labels
         self.channels = channels
@@ -873,8 +908,14 @@ def deformed_fashion_classification(
         num_samples = 6000 if split == "train" else 2000
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    if not isinstance(canvas_size, int) or canvas_size < 16:
-        raise ValueError(f"canvas_size must be an int >= 16, got {canvas_size!r}")
+    if (
+        isinstance(canvas_size, bool)
+        or not isinstance(canvas_size, int)
+        or not 16 <= canvas_size <= _MAX_CANVAS
+    ):
+        raise ValueError(f"canvas_size must be an int in [16, {_MAX_CANVAS}], got {canvas_size!r}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     sizes = _check_range(object_size, "object_size", 4)
     if background not in ("plain", "noise", "mixed"):
         raise ValueError(f"background must be 'plain', 'noise' or 'mixed', got {background!r}")
