@@ -279,6 +279,10 @@ def test_argument_errors(tmp_path):
         export_onnx(layer, x.numpy(), out)
     with pytest.raises(ValueError, match="opset must be <= 20"):
         export_onnx(layer, x, out, opset=21, dynamo=False)
+    with pytest.raises(ValueError, match="opset must be <= "):  # was found only after the whole export
+        export_onnx(layer, x, out, opset=10**6)
+    with pytest.raises(ValueError, match="path must be a file"):
+        export_onnx(layer, x, tmp_path)
     with pytest.raises(ValueError, match="share"):
         export_onnx(DeformConv2d(2, 2, 3), (x, torch.randn(3, 18, 3, 3)), out)
     with pytest.raises(ValueError, match="input_names"):

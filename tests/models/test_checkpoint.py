@@ -206,3 +206,11 @@ def test_load_checkpoint_wants_a_path_or_a_state_dict(bad):
 def test_load_checkpoint_wants_a_module():
     with pytest.raises(TypeError, match="model"):
         load_checkpoint({"w": torch.ones(1)}, {"w": torch.ones(1)})
+
+
+def test_load_checkpoint_rejects_non_string_keys_and_sources():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"keys must be parameter names \(str\)"):
+        load_checkpoint(model, {1: torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="source must be one of"):
+        load_checkpoint(model, model.state_dict(), source=["mmdet"])

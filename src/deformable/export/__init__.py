@@ -266,14 +266,18 @@ def export_onnx(
         raise ImportError(f"ONNX export needs the onnx package: {_INSTALL_HINT}")
     if dynamo and not _onnxscript_available():
         raise ImportError(f"the dynamo ONNX exporter needs onnxscript: {_INSTALL_HINT}")
-    if not dynamo:
-        from torch.onnx import _constants
+    from torch.onnx import _constants
 
-        top = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
-        if opset > top:
-            raise ValueError(
-                f"opset must be <= {top} with the TorchScript exporter (dynamo=False), got {opset}"
-            )
+    top = (
+        getattr(_constants, "ONNX_MAX_OPSET", None)
+        if dynamo
+        else getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
+    )
+    if top is not None and opset > top:
+        exporter = "the dynamo exporter" if dynamo else "the TorchScript exporter (dynamo=False)"
+        raise ValueError(f"opset must be <= {top} with {exporter} of this PyTorch, got {opset}")
+    if Path(path).is_dir():
+        raise ValueError(f"path must be a file to write the model to, got the folder {path}")
     if dynamic_batch and _batch_size(args) == 1:
         args = tuple(torch.cat([a, a]) if isinstance(a, Tensor) else a for a in args)
 

@@ -77,6 +77,11 @@ def unwrap_state_dict(data, what: str = "checkpoint") -> dict[str, Tensor]:
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
     if not tensors:
         raise ValueError(f"{what} holds no state dict (no tensors)")
+    bad_keys = [k for k in tensors if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(
+            f"{what} holds no state dict: its keys must be parameter names (str), got {bad_keys[:3]}"
+        )
     return tensors
 
 
@@ -229,7 +234,7 @@ def load_checkpoint(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if source not in _RULES:
+    if not isinstance(source, str) or source not in _RULES:
         raise ValueError(f"source must be one of {sorted(_RULES)}, got {source!r}")
     if isinstance(path_or_state_dict, str | os.PathLike):
         state = read_state_dict(path_or_state_dict)
