@@ -339,6 +339,12 @@ def test_eval_transforms_resize(dataset_files):
         train_transforms(max_size=100)
     with pytest.raises(ValueError, match="min_size"):
         train_transforms(min_size=[0])
+    for bad in (5.5, "160"):  # were "'float' object is not iterable" / split into characters
+        with pytest.raises(ValueError, match="min_size must be a positive int"):
+            eval_transforms(min_size=bad)
+    for bad in ("a", None, True, 1.5):
+        with pytest.raises(ValueError, match="hflip_prob"):
+            train_transforms(hflip_prob=bad)
 
 
 def test_collate_and_dataloader(dataset_files):

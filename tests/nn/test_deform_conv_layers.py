@@ -120,6 +120,7 @@ def test_learning_rate_multipliers():
         (dict(offset_lr_mult="0.1"), TypeError, "offset_lr_mult"),
         (dict(bias=torch.zeros(4)), TypeError, "bias must be a bool"),
         (dict(bias="yes"), TypeError, "bias must be a bool"),
+        (dict(backend="nonsense"), ValueError, "backend must be one of"),  # was found at forward only
     ],
 )
 def test_bad_layer_arguments(kwargs, error, words):

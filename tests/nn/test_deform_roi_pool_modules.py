@@ -311,6 +311,7 @@ def test_pooling_modules_reject_what_the_operator_rejects(cls, kwargs, error, wo
         (dict(canonical_level=1.5), TypeError, "canonical_level"),
         (dict(canonical_level=0), ValueError, "canonical_level"),
         (dict(sampling_ratio=2**31), ValueError, "sampling_ratio must be at most 4096"),
+        (dict(backend="nonsense"), ValueError, "backend must be one of"),
     ],
 )
 def test_bad_multiscale_arguments(kwargs, error, words):

@@ -417,6 +417,12 @@ def test_backend_selection(monkeypatch):
         resolve_backend(None, cpu)
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", cpu)
+    monkeypatch.delenv("DEFORMABLE_BACKEND")
+    assert resolve_backend(None, "cpu") == "aten"  # a device string works too
+    with pytest.raises(TypeError, match=r"device must be a torch\.device or a str"):
+        resolve_backend(None, None)
+    with pytest.raises(ValueError, match="device"):
+        resolve_backend(None, "nonsense")
 
 
 def test_explicit_triton_without_interpreter_raises(monkeypatch):

@@ -20,6 +20,8 @@ __all__ = ["eval_transforms", "train_transforms"]
 
 
 def _min_sizes(min_size: int | Sequence[int]) -> list[int]:
+    if isinstance(min_size, str) or not isinstance(min_size, int | Sequence):
+        raise ValueError(f"min_size must be a positive int or a non-empty sequence of them, got {min_size!r}")
     sizes = [min_size] if isinstance(min_size, int) else list(min_size)
     if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise ValueError(f"min_size must be a positive int or a non-empty sequence of them, got {min_size!r}")
@@ -49,8 +51,12 @@ def train_transforms(
         max_size: cap on the longer side (needs ``min_size``).
         hflip_prob: probability of the horizontal flip.
     """
-    if not 0.0 <= hflip_prob <= 1.0:
-        raise ValueError(f"hflip_prob must be in [0, 1], got {hflip_prob!r}")
+    if (
+        isinstance(hflip_prob, bool)
+        or not isinstance(hflip_prob, int | float)
+        or not 0.0 <= hflip_prob <= 1.0
+    ):
+        raise ValueError(f"hflip_prob must be a number in [0, 1], got {hflip_prob!r}")
     sizes = None if min_size is None else _min_sizes(min_size)
     _check_max_size(max_size, sizes)
     steps: list[v2.Transform] = [v2.RandomHorizontalFlip(p=hflip_prob)]

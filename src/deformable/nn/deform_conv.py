@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import deform_conv2d
+from ..ops._backend import check_backend_name
 from ..ops.deform_conv import _pair, autocast_enabled
 
 _size_2 = int | tuple[int, int]
@@ -105,7 +106,7 @@ class DeformConv2d(nn.Module):
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)

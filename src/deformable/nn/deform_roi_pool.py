@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _setup_scales
 
+from ..ops._backend import check_backend_name
 from ..ops.deform_roi_pool import _output_size, deform_roi_pool, validate_pooling_parameters
 from .deform_conv import _check_input_dtype, _positive_int
 
@@ -98,7 +99,7 @@ class _DeformRoIPoolBase(nn.Module):
         self.gamma = float(gamma)
         self.in_channels = _positive_int(in_channels, "in_channels")
         self.aligned = aligned
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     @property
     def _bins(self) -> int:

@@ -51,13 +51,29 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def check_backend_name(backend: str | None) -> str | None:
+    """``backend`` itself if it names a backend (or is None); a ValueError otherwise. Modules check
+    this at construction, so a typo fails there rather than at the first forward."""
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     """Return the concrete backend name for tensors on ``device``.
 
     Raises:
         ValueError: ``backend`` (or ``DEFORMABLE_BACKEND``) names no backend, or names one that
             cannot run on ``device``.
+        TypeError: ``device`` is neither a ``torch.device`` nor a device string.
     """
+    if not isinstance(device, torch.device):
+        if not isinstance(device, str):
+            raise TypeError(f"device must be a torch.device or a str, got {type(device).__name__}")
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"device: {error}") from None
     source = "backend"
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
