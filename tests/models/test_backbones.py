@@ -88,6 +88,8 @@ def test_local_weights_file_loads(tmp_path):
         (dict(dcn="v3"), ValueError, "dcn"),
         (dict(dcn_stages=(1,)), ValueError, "dcn_stages"),
         (dict(dcn_stages=(3, 3)), ValueError, "dcn_stages"),
+        (dict(dcn_stages=3), ValueError, "dcn_stages must be a sequence"),
+        (dict(dcn_stages="345"), ValueError, "dcn_stages must be a sequence"),
         (dict(num_classes=0), ValueError, "num_classes"),
         (dict(num_classes=2.5), TypeError, "num_classes"),
         (dict(offset_groups=0), ValueError, "offset_groups"),
@@ -149,3 +151,22 @@ def test_torch_compile_dcn_backbone():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(rois_per_image="a"), "rois_per_image must be a positive int"),
+        (dict(rois_per_image=2.5), "rois_per_image must be a positive int"),
+        (dict(patch_size=None), "patch_size must be a positive int"),
+        (dict(mimic_weight=-1), "mimic_weight must be a finite number >= 0"),
+        (dict(mimic_weight=float("nan")), "mimic_weight"),
+        (dict(cls_weight="x"), "cls_weight"),
+        (dict(select="most"), "select"),
+    ],
+)
+def test_bad_mimic_options(kwargs, words):
+    from deformable.models import MimicOptions
+
+    with pytest.raises(ValueError, match=words):
+        MimicOptions(**kwargs)

@@ -35,6 +35,10 @@ _LAYERS = {
 def check_dcn_stages(dcn_stages: Iterable[int], name: str = "dcn_stages") -> tuple[int, ...]:
     """``dcn_stages`` sorted, after checking they are distinct stages among 2-5 (conv2..conv5); the
     ValueError otherwise names the value as ``name``."""
+    if isinstance(dcn_stages, str) or not isinstance(dcn_stages, Iterable):
+        raise ValueError(
+            f"{name} must be a sequence of stages among 2, 3, 4, 5 (conv2..conv5), got {dcn_stages!r}"
+        )
     stages = tuple(dcn_stages)
     if not all(isinstance(s, int) and s in _STAGE_TO_LAYER for s in stages) or len(set(stages)) != len(
         stages

@@ -18,6 +18,7 @@ of this runs in eval mode: a model built with mimicking predicts exactly what it
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -46,11 +47,19 @@ class MimicOptions:
             raise ValueError(f"select must be 'foreground', 'all' or 'background', got {self.select!r}")
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
-        if self.rois_per_image <= 0 or self.patch_size <= 0:
-            raise ValueError(
-                "rois_per_image and patch_size must be positive, "
-                f"got {self.rois_per_image}, {self.patch_size}"
-            )
+        for name in ("rois_per_image", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("mimic_weight", "cls_weight"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class FeatureMimicking(nn.Module):
