@@ -287,6 +287,8 @@ def test_argument_errors(tmp_path):
         export_onnx(DeformConv2d(2, 2, 3), (x, torch.randn(3, 18, 3, 3)), out)
     with pytest.raises(ValueError, match="input_names"):
         export_onnx(layer, x, out, input_names=["a", "b"], dynamo=False)
+    with pytest.raises(TypeError, match="input_names must be a sequence of str"):
+        export_onnx(layer, x, out, input_names=5, dynamo=False)
     assert not out.exists()
 
 

@@ -121,6 +121,9 @@ def test_sampling_layer_selection_errors():
         sampling_layers(model, "some")
     with pytest.raises(ValueError, match="not a deformable layer"):
         sampling_layers(model, ["1"])
+    for bad in (5, [4]):  # was "'int' object is not iterable" / a KeyError-like miss
+        with pytest.raises(ValueError, match="layers must be None"):
+            sampling_layers(model, bad)
     with pytest.raises(ValueError, match="weighting"):
         effective_sampling_locations(
             model, torch.rand(3, 8, 8, dtype=torch.float64), "4", (0, 0), weighting="x"

@@ -136,6 +136,10 @@ def sampling_layers(model: nn.Module, layers: str | Sequence[str] | None = None)
             chosen = set(deformable) | set(regular)
             return [n for n in modules if n in chosen]
         return choices[layers]
+    if not isinstance(layers, Sequence) or not all(isinstance(name, str) for name in layers):
+        raise ValueError(
+            f"layers must be None, 'deformable', 'regular', 'all' or a list of names, got {layers!r}"
+        )
     names = list(layers)
     for name in names:
         module = modules.get(name)

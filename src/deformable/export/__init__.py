@@ -158,7 +158,11 @@ def _batch_size(args: tuple) -> int:
 def _names(names, count: int, default: str, what: str) -> list[str]:
     if names is None:
         return [default] if count == 1 else [f"{default}_{i}" for i in range(count)]
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    if (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not all(isinstance(n, str) for n in names)
+    ):
         raise TypeError(f"{what} must be a sequence of str, got {names!r}")
     names = list(names)
     if len(names) != count:
