@@ -31,6 +31,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from ._checks import is_int, is_number
+
 __all__ = [
     "AnnotationError",
     "CocoDetection",
@@ -70,14 +72,6 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _check_segmentation(segm: Any, height: int, width: int) -> str | None:
     """Return a description of what is wrong with ``segm``, or None when it is valid."""
     if isinstance(segm, list):
@@ -92,7 +86,7 @@ def _check_polygons(segm: list[Any]) -> str | None:
     for j, poly in enumerate(segm):
         if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
             return f"'segmentation'[{j}] must be a polygon: a list of >= 6 numbers (x, y pairs)"
-        if not all(_is_number(v) for v in poly):
+        if not all(is_number(v) for v in poly):
             return f"'segmentation'[{j}] holds a non-numeric or non-finite coordinate"
     return None
 
@@ -101,7 +95,7 @@ def _check_rle(segm: dict[str, Any], height: int, width: int) -> str | None:
     """Check an RLE's ``size`` and that its ``counts`` (run lengths, or pycocotools' compressed string)
     cover exactly the image: pycocotools fails on too many pixels and leaves garbage for too few."""
     size, counts = segm.get("size"), segm.get("counts")
-    if not isinstance(size, list | tuple) or len(size) != 2 or not all(_is_int(v) and v >= 0 for v in size):
+    if not isinstance(size, list | tuple) or len(size) != 2 or not all(is_int(v) and v >= 0 for v in size):
         return f"RLE 'segmentation' needs 'size': [height, width] (two non-negative integers), got {size!r}"
     if list(size) != [height, width]:
         return (
@@ -109,7 +103,7 @@ def _check_rle(segm: dict[str, Any], height: int, width: int) -> str | None:
             f"height x width {height}x{width}"
         )
     if isinstance(counts, list):
-        if not all(_is_int(c) and c >= 0 for c in counts):
+        if not all(is_int(c) and c >= 0 for c in counts):
             return "RLE 'segmentation' 'counts' must be a list of non-negative integer run lengths"
         pixels = sum(counts)
     elif isinstance(counts, str | bytes):
@@ -209,7 +203,7 @@ def check_coco_annotations(
 
     cat_ids: set[int] = set()
     for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+        if not isinstance(cat, dict) or not is_int(cat.get("id")):
             fail(f"categories[{i}]: 'id' must be an integer")
             continue
         if cat["id"] in cat_ids:
@@ -222,7 +216,7 @@ def check_coco_annotations(
 
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
+        if not isinstance(img, dict) or not is_int(img.get("id")):
             fail(f"images[{i}]: 'id' must be an integer")
             continue
         where = f"images[{i}] (id {img['id']})"
@@ -233,7 +227,7 @@ def check_coco_annotations(
             continue
         bad_size = False
         for field in ("width", "height"):
-            if not _is_int(img.get(field)) or img[field] <= 0:
+            if not is_int(img.get(field)) or img[field] <= 0:
                 fail(f"{where}: '{field}' must be a positive integer, got {img.get(field)!r}")
                 bad_size = True
         if not bad_size:
@@ -245,7 +239,7 @@ def check_coco_annotations(
     dropped = 0
     filled_area = False
     for i, ann in enumerate(anns):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+        if not isinstance(ann, dict) or not is_int(ann.get("id")):
             fail(f"annotations[{i}]: 'id' must be an integer")
             continue
         where = f"annotations[{i}] (id {ann['id']})"
@@ -262,7 +256,7 @@ def check_coco_annotations(
         if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
             fail(f"{where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
         bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
             fail(f"{where}: 'bbox' must be [x, y, width, height] of finite numbers, got {bbox!r}")
             continue
         x, y, w, h = bbox
@@ -281,7 +275,7 @@ def check_coco_annotations(
             if problem:
                 fail(f"{where}: {problem}")
         if "area" in ann:
-            if not _is_number(ann["area"]) or ann["area"] < 0:
+            if not is_number(ann["area"]) or ann["area"] < 0:
                 fail(f"{where}: 'area' must be a finite number >= 0, got {ann['area']!r}")
         else:
             filled_area = True

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import fashion_mnist
+from ._checks import is_int, is_number
 from .fashion_mnist import CLASSES
 
 __all__ = [
@@ -133,10 +134,8 @@ def _check_range(value: Sequence[float], name: str, low: float, integer: bool = 
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise ValueError(f"{name} must be a pair (min, max), got {value!r}")
     pair = tuple(value)
-    kind = int if integer else (int, float)
-    if len(pair) != 2 or not all(
-        isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) for v in pair
-    ):
+    check = is_int if integer else is_number
+    if len(pair) != 2 or not all(check(v) for v in pair):
         raise ValueError(
             f"{name} must be a pair (min, max) of {'ints' if integer else 'numbers'}, got {value!r}"
         )
@@ -155,12 +154,7 @@ def _warp_params(rotation: float, shear: float, aspect: float, elastic: float) -
     values = {"rotation": rotation, "shear": shear, "aspect": aspect, "elastic": elastic}
     for name, v in values.items():
         lo, hi = _WARP_LIMITS[name]
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or not math.isfinite(v)
-            or not lo <= v <= hi
-        ):
+        if not is_number(v) or not lo <= v <= hi:
             raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     return dict(rotation=float(rotation), shear=float(shear), aspect=float(aspect), elastic=float(elastic))
 
@@ -526,9 +520,7 @@ def _detection_params(
     if sizes[1] > min(H, W):
         raise ValueError(f"object_size max {sizes[1]} exceeds the canvas side {min(H, W)}")
     if size_weights is not None:
-        if isinstance(size_weights, str) or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in size_weights
-        ):
+        if isinstance(size_weights, str) or not all(is_number(w) for w in size_weights):
             raise ValueError(f"size_weights must be 3 finite numbers >= 0, got {size_weights!r}")
         size_weights = tuple(float(w) for w in size_weights)
         if len(size_weights) != 3 or min(size_weights) < 0 or sum(size_weights) <= 0:
@@ -825,10 +817,6 @@ def load(
 # Classification dataset
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} {list(value.shape)}"
@@ -914,7 +902,7 @@ def deformed_fashion_classification(
         or not 16 <= canvas_size <= _MAX_CANVAS
     ):
         raise ValueError(f"canvas_size must be an int in [16, {_MAX_CANVAS}], got {canvas_size!r}")
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     sizes = _check_range(object_size, "object_size", 4)
     if background not in ("plain", "noise", "mixed"):

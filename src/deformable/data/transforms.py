@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
+from ._checks import is_number
+
 __all__ = ["eval_transforms", "train_transforms"]
 
 
@@ -51,11 +53,7 @@ def train_transforms(
         max_size: cap on the longer side (needs ``min_size``).
         hflip_prob: probability of the horizontal flip.
     """
-    if (
-        isinstance(hflip_prob, bool)
-        or not isinstance(hflip_prob, int | float)
-        or not 0.0 <= hflip_prob <= 1.0
-    ):
+    if not is_number(hflip_prob) or not 0.0 <= hflip_prob <= 1.0:
         raise ValueError(f"hflip_prob must be a number in [0, 1], got {hflip_prob!r}")
     sizes = None if min_size is None else _min_sizes(min_size)
     _check_max_size(max_size, sizes)

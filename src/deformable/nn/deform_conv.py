@@ -32,6 +32,12 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def _check_input_dtype(input: Tensor, dtype: torch.dtype, owner: str, module: str) -> None:
     """Raise a TypeError naming both dtypes when ``input`` cannot meet parameters of ``dtype``.
 
@@ -95,8 +101,7 @@ class DeformConv2d(nn.Module):
                 f"groups ({groups})"
             )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool (whether the layer has one), got {bias!r}")
+        _check_bool(bias, "bias")
         if isinstance(padding, str):
             # nn.Conv2d's 'same' can need uneven padding, which the operator cannot express.
             raise ValueError(

@@ -23,7 +23,7 @@ from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format, _setup_
 
 from ..ops._backend import check_backend_name
 from ..ops.deform_roi_pool import _output_size, deform_roi_pool, validate_pooling_parameters
-from .deform_conv import _check_input_dtype, _positive_int
+from .deform_conv import _check_bool, _check_input_dtype, _positive_int
 
 __all__ = ["DeformRoIPool", "ModulatedDeformRoIPool", "MultiScaleDeformRoIPool"]
 
@@ -46,12 +46,6 @@ def _mlp(
     nn.init.zeros_(last.bias)
     layers.append(last)
     return nn.Sequential(*layers)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
 
 
 def _hidden_widths(hidden_channels) -> tuple[int, ...]:

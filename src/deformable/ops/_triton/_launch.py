@@ -116,7 +116,8 @@ def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num
                     stacklevel=3,
                 )
             stages -= 1
-            _stage_caps[_resource_key(kernel, args, constexprs, num_warps, num_stages)] = stages
+            key = key or _resource_key(kernel, args, constexprs, num_warps, num_stages)
+            _stage_caps[key] = stages
 
 
 def _cuda_device(first) -> int | None:
