@@ -8,6 +8,11 @@ cProfile (top functions by own time).
 
     python benchmarks/profile_host.py                 # CUDA, det-c4 (2x256x50x84), fp16
     python benchmarks/profile_host.py --out FILE.txt  # also write the report there
+    python benchmarks/profile_host.py --stub-launches # CPU: our Python overhead alone
+
+``--stub-launches`` runs the Triton backend's host code on tiny CPU tensors with every kernel launch
+replaced by a no-op: what remains is the Python and tensor-bookkeeping time this package adds per call
+(the part that code changes here can shrink without a GPU to measure on), beside a convolution's.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import cProfile
 import io
 import os
+import platform
 import pstats
 import sys
 import time
@@ -39,28 +45,59 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def host_us(fn, device: str, calls: int = 200) -> float:
-    """Microseconds of host time per call (the GPU is not waited for inside the loop)."""
+def host_us(fn, device: str, calls: int = 200, repeats: int = 1) -> float:
+    """Microseconds of host time per call (the GPU is not waited for inside the loop); the best of
+    ``repeats`` loops of ``calls`` calls."""
     for _ in range(10):
         fn()
     sync(device)
-    start = time.perf_counter()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+        sync(device)
+    return best / calls * 1e6
+
+
+def idle_host_us(fn, device: str, calls: int = 200) -> float:
+    """Median microseconds of host time of one call made with the GPU idle (synchronised before each):
+    unlike back-to-back calls, never throttled by a full launch queue when the GPU is the slower side.
+    Assumes ``fn`` has run before (compiled, cached)."""
+    times = []
     for _ in range(calls):
+        sync(device)
+        start = time.perf_counter()
         fn()
-    elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
     sync(device)
-    return elapsed / calls * 1e6
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def stub_launches(tdc) -> None:
+    """Let the Triton backend accept CPU tensors and make every kernel launch a no-op."""
+    from deformable.ops import _backend
+
+    _backend.triton_unavailable_reason = lambda device: None
+    tdc.launch = lambda *args, **kwargs: None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
+    parser.add_argument("--stub-launches", action="store_true", help="CPU, kernel launches stubbed out")
     args = parser.parse_args()
     device, dtype, (n, c, h, w) = "cuda", torch.float16, (2, 256, 50, 84)
     if args.smoke:
         device, dtype, (n, c, h, w) = "cpu", torch.float32, (1, 4, 5, 6)
     from deformable.ops._triton import deform_conv as tdc
+
+    calls = 200 if not args.smoke else 2
+    if args.stub_launches:
+        device, dtype, (n, c, h, w), calls = "cpu", torch.float32, (1, 16, 6, 6), 1000
+        stub_launches(tdc)
 
     x = torch.randn(n, c, h, w, device=device, dtype=dtype)
     offset = torch.randn(n, 18, h, w, device=device, dtype=dtype) * 2
@@ -72,12 +109,14 @@ def main() -> int:
     conv_leaves = [leaves[0], leaves[3], leaves[4]]
     geometry = ((1, 1), (1, 1), (1, 1))
 
+    backend = "triton"
+
     def ours_fwd():
         with torch.no_grad():
-            return deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask)
+            return deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask, backend=backend)
 
     def ours_fb():
-        out = deform_conv2d(leaves[0], leaves[1], leaves[3], leaves[4], 1, 1, 1, leaves[2])
+        out = deform_conv2d(leaves[0], leaves[1], leaves[3], leaves[4], 1, 1, 1, leaves[2], backend=backend)
         return torch.autograd.grad(out, leaves, grad_out)
 
     def conv_fb():
@@ -96,20 +135,48 @@ def main() -> int:
         ),
         "ours forward+backward (public op, autograd)": ours_fb,
     }
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke: measures nothing)"
+    if args.stub_launches:
+        name = f"{platform.processor() or platform.machine()} CPU, Triton launches stubbed out"
+    elif device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = "CPU (smoke: measures nothing)"
     lines = [f"# Host time per call on {name} (torch {torch.__version__}), {dtype}, {(n, c, h, w)}", ""]
-    lines += ["| call | host us |", "|---|---|"]
+    if args.stub_launches:
+        torch.set_num_threads(1)
+        lines += [
+            f"{time.strftime('%Y-%m-%d')}; Python {platform.python_version()}; 1 thread; "
+            "best of 7 x 1000 calls",
+            "",
+        ]
+    if args.stub_launches:
+        lines += ["| call | host us |", "|---|---|"]
+    else:
+        lines += [
+            "host us = back-to-back calls (a full launch queue throttles them to the GPU's pace when the",
+            "GPU is the slower side); idle = one call made with the GPU idle (median): its own host cost.",
+            "",
+            "| call | host us | host us, GPU idle before each call |",
+            "|---|---|---|",
+        ]
     for row, fn in rows.items():
-        lines.append(f"| {row} | {host_us(fn, device, 200 if not args.smoke else 2):.1f} |")
+        cells = [f"{host_us(fn, device, calls, 7 if args.stub_launches else 1):.1f}"]
+        if not args.stub_launches:
+            cells.append(f"{idle_host_us(fn, device, calls):.1f}")
+        lines.append(f"| {row} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
+    if args.stub_launches:
+        publish("\n".join(lines) + "\n", args.out)
+        return 0
     # The same calls through Triton's own dispatcher: what the direct launches save.
     from deformable.ops._triton import _launch
 
     _launch.ENABLED = False
     try:
         for row in ("ours forward (tdc.forward alone)", "ours forward+backward (public op, autograd)"):
-            us = host_us(rows[row], device, 200 if not args.smoke else 2)
-            lines.append(f"| {row}, through JITFunction (fast launch off) | {us:.1f} |")
+            us = host_us(rows[row], device, calls)
+            idle = idle_host_us(rows[row], device, calls)
+            lines.append(f"| {row}, through JITFunction (fast launch off) | {us:.1f} | {idle:.1f} |")
             print(lines[-1], flush=True)
     finally:
         _launch.ENABLED = True

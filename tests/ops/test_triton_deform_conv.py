@@ -509,3 +509,32 @@ def test_backward_never_holds_three_input_sized_buffers(monkeypatch, dtype, boun
 
     input_bytes = x.numel() * x.element_size()
     assert peak_allocated_bytes(step) <= bound * input_bytes
+
+
+def test_launch_plans_are_reused_and_follow_the_settings(monkeypatch):
+    """A repeated call reuses its launch plan (no configuration is chosen again); a configuration
+    override, another fp32 precision or another flag makes a new plan, and results stay exact."""
+    case = Case(batch=1, in_channels=2, out_channels=3, size=(3, 4), kernel=(2, 2), padding=(0, 0))
+    tensors = make_inputs(case, torch.float32)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+    chosen = []
+    choose = tdc._choose
+
+    def counting_choose(kernel, *args):
+        chosen.append(kernel)
+        return choose(kernel, *args)
+
+    monkeypatch.setattr(tdc, "_choose", counting_choose)
+    monkeypatch.setattr(tdc, "_PLANS", {})
+    first = forward(case, tensors)
+    assert forward(case, tensors).equal(first) and chosen == ["forward"]
+    backward(case, tensors, grad_output)
+    backward(case, tensors, grad_output)
+    assert sorted(chosen) == ["data", "forward", "weight"]
+
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16))
+    check_forward(case, tensors, forward(case, tensors), torch.float32)
+    with torch.backends.cudnn.flags(allow_tf32=True):
+        forward(case, tensors)
+    backward(case, tensors, grad_output, output_mask=(False, True, True, True, True))
+    assert sorted(chosen) == ["data", "data", "forward", "forward", "forward", "weight", "weight"]

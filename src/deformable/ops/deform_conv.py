@@ -15,6 +15,7 @@ differentiates that instead of calling the backend's backward (:mod:`._double_ba
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ IntPair = int | tuple[int, int]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+@functools.cache  # called twice per forward+backward: an import lookup costs microseconds
 def _implementation(backend: str):
     """The module holding ``forward``/``backward`` of a custom-op backend."""
     if backend == "aten":

@@ -49,14 +49,18 @@ after ``torch.backends.cudnn.allow_tf32 = False``. (torchvision's op follows the
 whose default is full fp32: compare the two in fp32 with TF32 off.)
 
 Launch configurations: a heuristic keyed by shape and dtype picks block sizes, warps and stages,
-so the first call compiles once and never benchmarks. ``DEFORMABLE_TRITON_AUTOTUNE=1`` instead
-benchmarks a short candidate list per kernel the first time each (shape, dtype, flags) key is seen
-and caches the fastest for the process (a few seconds per new shape). Tests may pin configurations
-through :data:`CONFIG_OVERRIDES`. ``python -m deformable.ops._triton.compile_check`` compiles every
-default configuration for sm_90 without a GPU and reports registers, spills and shared memory.
-Every launch goes through ``_launch.launch``, which from a shape's second call on skips Triton's
-dispatcher and calls the compiled kernel directly (the host cost, not the GPU's, dominates these ops
-at detector sizes).
+so the first call compiles once and never benchmarks. ``DEFORMABLE_TRITON_AUTOTUNE=1`` (read at
+import) instead benchmarks a short candidate list per kernel the first time each (shape, dtype,
+flags) key is seen and caches the fastest for the process (a few seconds per new shape). Tests may
+pin configurations through :data:`CONFIG_OVERRIDES`. ``python -m deformable.ops._triton.compile_check``
+compiles every default configuration for sm_90 without a GPU and reports registers, spills and
+shared memory.
+
+Host time: at detector sizes the kernels take tens of microseconds, so the host's cost matters. Each
+call's launch arguments (configuration, grid, integer arguments, constexprs) are worked out once per
+(shapes, flags, settings) and cached as a plan; every launch goes through ``_launch.launch``, which
+from a shape's second call on skips Triton's dispatcher and calls the compiled kernel directly.
+``benchmarks/profile_host.py --stub-launches`` measures this host code on a CPU.
 
 The same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks it), with small tiles.
 """
@@ -66,9 +70,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -312,8 +318,12 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
 _TUNED: dict[tuple, Config] = {}
 
 
+# Read once, at import: an environment lookup on every call would cost more than the plan lookup.
+_AUTOTUNE = os.environ.get(AUTOTUNE_ENV, "0") == "1"
+
+
 def _autotune_enabled(t: Tensor) -> bool:
-    return t.device.type == "cuda" and os.environ.get(AUTOTUNE_ENV, "0") == "1"
+    return _AUTOTUNE and t.device.type == "cuda"
 
 
 def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[[Config], object]) -> Config:
@@ -339,6 +349,61 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
                 best, best_ms = config, ms
         _TUNED[key] = best
     return _TUNED[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch plans: a call's launch arguments depend on its shapes, flags and settings alone, so they are
+# worked out (configuration chosen, grid and integer arguments computed) once per such key; a repeated
+# call only prepares its tensors and launches (host time is what these ops cost at detector sizes).
+
+
+class _Launch(NamedTuple):
+    """One prepared launch: the grid, the integer arguments after the tensors, the keyword arguments
+    (warps, stages, constexprs)."""
+
+    grid: tuple[int]
+    scalars: tuple
+    kwargs: dict
+
+
+def _run(kernel, spec: _Launch, tensors: tuple[Tensor, ...]) -> None:
+    launch(kernel, spec.grid, *tensors, *spec.scalars, **spec.kwargs)
+
+
+_PLANS: dict[tuple, object] = {}
+_MAX_PLANS = 2048  # detectors with varying image sizes keep adding shapes
+
+
+def _plan(key: tuple, make: Callable[[], object]):
+    """The plan cached under ``key``, made by ``make()`` on a miss."""
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _settings(t: Tensor) -> tuple:
+    """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
+    product precision, autotuning, configuration overrides and the memory budget."""
+    precision = _fp32_precision() if t.dtype == torch.float32 else None
+    state = (precision, _autotune_enabled(t), get_memory_budget())
+    return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
+
+
+_GEOMETRIES: dict[tuple, _Geometry] = {}
+
+
+def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, dilation) -> _Geometry:
+    """:meth:`_Geometry.of`, cached by the shapes."""
+    key = (input.shape, offset.shape, weight.shape, stride, padding, dilation)
+    geo = _GEOMETRIES.get(key)
+    if geo is None:
+        if len(_GEOMETRIES) >= _MAX_PLANS:
+            _GEOMETRIES.clear()
+        geo = _GEOMETRIES[key] = _Geometry.of(input, offset, weight, stride, padding, dilation)
+    return geo
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +449,7 @@ def forward(
     Returns:
         [N, C_out, Ho, Wo], contiguous, in the input's dtype.
     """
-    geo = _Geometry.of(input, offset, weight, stride, padding, dilation)
+    geo = _geometry(input, offset, weight, stride, padding, dilation)
     out = torch.empty(
         (geo.batch, geo.out_channels, geo.out_h, geo.out_w), dtype=input.dtype, device=input.device
     )
@@ -397,24 +462,32 @@ def forward(
     mask_c = mask.contiguous() if mask is not None else offset
     w = _weight_gemm(weight, geo)
     bias_c = bias.contiguous() if bias is not None else w
+    tensors = (x, offset, mask_c, w, bias_c, out)
     flags = (mask is not None, bias is not None)
+    kernel = _k.deform_conv_fwd_kernel
 
-    def run(cfg: Config) -> None:
+    def spec_of(cfg: Config) -> _Launch:
         programs = geo.pixel_tiles(cfg.block_m) * geo.groups * _cdiv(geo.group_out, cfg.block_n)
-        launch(
-            _k.deform_conv_fwd_kernel, _grid(programs),
-            x, offset, mask_c, w, bias_c, out,
+        scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
-            geo.out_channels,
-            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.offset_groups * geo.taps,
-            geo.taps, geo.kw, *geo.spatial_args(),
-            HAS_MASK=mask is not None, HAS_BIAS=bias is not None, INDEX64=geo.index64(),
+            geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,
+            geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(),
+        )  # fmt: skip
+        return _Launch(_grid(programs), scalars, dict(
+            HAS_MASK=flags[0], HAS_BIAS=flags[1], INDEX64=geo.index64(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(input),
-        )  # fmt: skip
+        ))  # fmt: skip
 
+    key = ("forward", geo, flags, input.dtype, input.device, *_settings(input))
     with _device_guard(input):
-        run(_choose("forward", geo, input, flags, run))
+        spec = _plan(
+            key,
+            lambda: spec_of(
+                _choose("forward", geo, input, flags, lambda c: _run(kernel, spec_of(c), tensors))
+            ),
+        )
+        _run(kernel, spec, tensors)
     return out
 
 
@@ -446,11 +519,12 @@ def backward(
     """
     need_input, need_offset, need_mask, need_weight, need_bias = (bool(v) for v in output_mask)
     need_mask = need_mask and mask is not None
-    geo = _Geometry.of(input, offset, weight, stride, padding, dilation)
-    dtype, acc = input.dtype, _compute_dtype(input.dtype)
+    geo = _geometry(input, offset, weight, stride, padding, dilation)
+    dtype = input.dtype
     go = grad_output.to(dtype).contiguous()
 
-    grad_bias = go.sum(dim=(0, 2, 3), dtype=acc).to(dtype) if need_bias else None
+    # PyTorch's reductions accumulate 16-bit tensors in fp32 and round once: one kernel, not two.
+    grad_bias = go.sum(dim=(0, 2, 3)) if need_bias else None
     if geo.pixels == 0 or input.numel() == 0 or weight.numel() == 0:  # no launch: all other gradients are 0
         zeros = torch.zeros_like
         return (
@@ -465,17 +539,20 @@ def backward(
     offset_c = offset.contiguous()
     mask_c = mask.contiguous() if mask is not None else offset_c
     grad_input = grad_offset = grad_mask = grad_weight = None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    key = (geo, mask is not None, need_input, need_offset, need_mask, deterministic, dtype, input.device)
+    key += _settings(input)
     with _device_guard(input):
         # Peak memory: the weight kernel runs first and the input gradient is written last, after the
         # channels-last copy of the input is released, so that copy, the fp32 accumulator and
         # grad_input (each input-sized) are never alive together.
         if need_weight:
-            grad_weight = _weight_grad(geo, x, offset_c, mask_c, mask is not None, go, weight.dtype)
+            grad_weight = _weight_grad(geo, x, offset_c, mask_c, mask is not None, go, deterministic, key)
         finish_input = None
         if need_input or need_offset or need_mask:
             w = _weight_gemm(weight, geo)
             finish_input, grad_offset, grad_mask = _data_grads(
-                geo, x, offset_c, mask_c, mask is not None, w, go, need_input, need_offset, need_mask
+                geo, x, offset_c, mask_c, mask is not None, w, go, need_input, need_offset, need_mask, key
             )
             del w
         del x
@@ -484,7 +561,7 @@ def backward(
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
-def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, need_mask):
+def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, need_mask, key):
     """Run the data kernel: (finish_input, grad_offset, grad_mask), None where not needed.
 
     ``finish_input()`` turns the kernel's buffers into grad_input [N, C_in, H, W] (the fp32
@@ -492,7 +569,8 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
     so the caller can release them first. In deterministic mode the per-sample buffers are sized for
     groups of images that fit the memory budget (:func:`deformable.ops.set_memory_budget`), one
     kernel launch and one gather per group; a sample only reaches its own image's pixels and each
-    group is sorted stably, so the result is bitwise the same whatever the grouping.
+    group is sorted stably, so the result is bitwise the same whatever the grouping. ``key`` is the
+    backward's plan key.
     """
     dtype, acc = x.dtype, _compute_dtype(x.dtype)
     device = x.device
@@ -511,38 +589,47 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
     grad_input = torch.empty(input_shape, dtype=dtype, device=device) if len(groups) > 1 else None
     pending = None
     dummy = offset  # the kernel's pointer for an output it does not write
+    kernel = _k.deform_conv_bwd_data_kernel
     for n0, n1 in groups:
         whole = (n0, n1) == (0, geo.batch)
         sub = geo if whole else dataclasses.replace(geo, batch=n1 - n0)
         rows = _whole if whole else functools.partial(_images, n0=n0, n1=n1)
         buffers = _sample_buffers(sub, acc, device) if deterministic else None
         colgrad, frac, keys, cells = buffers if buffers is not None else (None, None, None, 0)
+        tensors = (
+            rows(x), rows(offset), rows(mask), w, rows(go),
+            gx if gx is not None else dummy,
+            rows(grad_offset) if grad_offset is not None else dummy,
+            rows(grad_mask) if grad_mask is not None else dummy,
+            colgrad if colgrad is not None else dummy,
+            frac if frac is not None else dummy,
+            keys if keys is not None else dummy,
+        )  # fmt: skip
 
-        def run(cfg: Config, sub=sub, rows=rows, colgrad=colgrad, frac=frac, keys=keys, cells=cells) -> None:
-            if gx is not None:
-                gx.zero_()
+        def spec_of(cfg: Config, sub=sub, cells=cells) -> _Launch:
             programs = sub.pixel_tiles(cfg.block_m) * sub.offset_groups * sub.taps
-            launch(
-                _k.deform_conv_bwd_data_kernel, _grid(programs),
-                rows(x), rows(offset), rows(mask), w, rows(go),
-                gx if gx is not None else dummy,
-                rows(grad_offset) if grad_offset is not None else dummy,
-                rows(grad_mask) if grad_mask is not None else dummy,
-                colgrad if colgrad is not None else dummy,
-                frac if frac is not None else dummy,
-                keys if keys is not None else dummy,
+            scalars = (
                 sub.batch, sub.height, sub.width, sub.in_channels, sub.out_h * sub.out_w, sub.out_w,
-                sub.out_channels,
-                sub.group_in, sub.group_out, sub.channels_per_offset_group, sub.offset_groups, sub.taps,
-                sub.kw, *sub.spatial_args(), cells,
+                sub.out_channels, sub.group_in, sub.group_out, sub.channels_per_offset_group,
+                sub.offset_groups, sub.taps, sub.kw, *sub.spatial_args(), cells,
+            )  # fmt: skip
+            return _Launch(_grid(programs), scalars, dict(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
                 DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2),
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
-            )  # fmt: skip
+            ))  # fmt: skip
 
-        run(_choose("data", sub, x, flags, run))
+        def run(spec: _Launch, tensors=tensors) -> None:
+            if gx is not None:  # autotuning runs the kernel repeatedly: each run starts from zero
+                gx.zero_()
+            _run(kernel, spec, tensors)
+
+        def choose(sub=sub, spec_of=spec_of, run=run) -> _Launch:
+            return spec_of(_choose("data", sub, x, flags, lambda cfg: run(spec_of(cfg))))
+
+        run(_plan(("data", sub.batch, *key), choose))
         if buffers is not None and grad_input is not None:
             _gather_input_grad(sub, *buffers, rows(grad_input), dtype)
         elif buffers is not None:
@@ -616,19 +703,20 @@ def _gather_input_grad(geo, colgrad, frac, keys, cells, out: Tensor | None, dtyp
     return out
 
 
-def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
-    """grad_weight [C_out, C_in/groups, kh, kw] by the split-K weight kernel.
+def _weight_grad(geo, x, offset, mask, has_mask, go, deterministic, key) -> Tensor:
+    """grad_weight [C_out, C_in/groups, kh, kw] by the split-K weight kernel, in ``x``'s dtype.
 
     The splits add up with atomics into one fp32 buffer, or, in deterministic mode, write partial
     sums (within the memory budget, :func:`deformable.ops.set_memory_budget`) that ``torch.sum``
-    reduces in a fixed order.
+    reduces in a fixed order. ``key`` is the backward's plan key.
     """
-    acc = _compute_dtype(dtype)
+    acc = _compute_dtype(x.dtype)
     cpg = geo.channels_per_offset_group
-    deterministic = torch.are_deterministic_algorithms_enabled()
     result: list[Tensor] = []
+    kernel = _k.deform_conv_bwd_weight_kernel
 
-    def run(cfg: Config) -> None:
+    def spec_of(cfg: Config) -> tuple[_Launch, tuple[int, ...]]:
+        """The launch and the shape of its fp32 partial-sum buffer."""
         others = geo.groups * geo.taps * _cdiv(geo.group_in, cfg.block_k) * _cdiv(geo.group_out, cfg.block_n)
         tiles = geo.pixel_tiles(cfg.block_m)
         # Enough programs for ~4 waves, each split at least 4 pixel tiles.
@@ -639,22 +727,26 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, dtype) -> Tensor:
         tiles_per_split = _cdiv(tiles, splits)
         splits = _cdiv(tiles, tiles_per_split)
         shape = (splits if deterministic else 1, geo.groups, geo.taps, geo.group_in, geo.group_out)
-        part = (torch.empty if deterministic else torch.zeros)(shape, dtype=acc, device=x.device)
-        launch(
-            _k.deform_conv_bwd_weight_kernel, _grid(splits * others),
-            x, offset, mask, go, part,
+        scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,
             geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(), tiles_per_split,
-            HAS_MASK=has_mask, INDEX64=geo.index64(part.numel()),
+        )  # fmt: skip
+        return _Launch(_grid(splits * others), scalars, dict(
+            HAS_MASK=has_mask, INDEX64=geo.index64(math.prod(shape)),
             ONE_GROUP=cpg % cfg.block_k == 0 and geo.group_in % cfg.block_k == 0, ATOMIC=not deterministic,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
-        )  # fmt: skip
+        )), shape  # fmt: skip
+
+    def run(spec: tuple[_Launch, tuple[int, ...]]) -> None:
+        part = (torch.empty if deterministic else torch.zeros)(spec[1], dtype=acc, device=x.device)
+        _run(kernel, spec[0], (x, offset, mask, go, part))
         result[:] = [part.sum(dim=0) if part.shape[0] > 1 else part[0]]
 
-    run(_choose("weight", geo, x, (has_mask, deterministic), run))
+    flags = (has_mask, deterministic)
+    run(_plan(("weight", *key), lambda: spec_of(_choose("weight", geo, x, flags, lambda c: run(spec_of(c))))))
     # One copy converts and reorders [groups, taps, C_in/g, C_out/g] -> [C_out, C_in/g, kh, kw].
-    gw = torch.empty((geo.out_channels, geo.group_in, geo.kh, geo.kw), dtype=dtype, device=x.device)
+    gw = torch.empty((geo.out_channels, geo.group_in, geo.kh, geo.kw), dtype=x.dtype, device=x.device)
     gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 2, 1))
     return gw
