@@ -67,6 +67,55 @@ def test_support_statistics_by_object_size_and_background():
             support_statistics(model, samples, "4", saliency=False, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "sample, error, words",
+    [
+        ((torch.rand(3, 8, 8),), TypeError, r"samples\[0\] must be \(image, boxes\)"),
+        (torch.rand(3, 8, 8), TypeError, r"samples\[0\] must be \(image, boxes\)"),
+        ((torch.rand(3, 8, 8), [1.0, 2.0, 3.0]), ValueError, r"samples\[0\] boxes must have shape \[M, 4\]"),
+        ((torch.rand(3, 8, 8), "box"), TypeError, r"samples\[0\] boxes must be \[M, 4\] numbers"),
+        ((torch.rand(3, 8, 8), [[math.nan, 0, 4, 4]]), ValueError, r"samples\[0\] boxes must be finite"),
+        ((torch.rand(3, 8, 8), [[0, 0, 4, 4]], [1, 2]), ValueError, r"samples\[0\] labels"),
+    ],
+)
+def test_support_statistics_checks_its_samples(sample, error, words):
+    # Used to fail with IndexError, a reshape RuntimeError, "cannot convert float NaN" or zip's message.
+    with pytest.raises(error, match=words):
+        support_statistics(stack(dtype=torch.float32), [sample], "4", saliency=False, dilation=False)
+
+
+def test_support_statistics_arguments_are_checked():
+    model, image = stack(dtype=torch.float32), torch.rand(3, 8, 8)
+    with pytest.raises(TypeError, match="samples must be an iterable"):
+        support_statistics(model, None, "4")
+    with pytest.raises(TypeError, match="generator"):
+        support_statistics(model, [(image, [[0, 0, 4, 4]])], "4", saliency=False, generator=3)
+    with pytest.raises(TypeError, match="layer must be a module name"):
+        support_statistics(model, [(image, [[0, 0, 4, 4]])], None, saliency=False, dilation=False)
+    with pytest.raises(TypeError, match="area"):
+        size_category("large")
+
+
+def test_support_figure_arguments_are_checked(tmp_path):
+    model, image, out = stack(), torch.rand(3, 8, 8, dtype=torch.float64), tmp_path / "f.png"
+    nodes = [FigureNode("a", "4", (1, 1))]
+    cases = [
+        (dict(models=3), TypeError, "models must be a mapping"),
+        (dict(models=[model]), TypeError, r"models\[0\] must be a \(label, model\) pair"),
+        (dict(nodes=[("a", "4", (1, 1))]), TypeError, "nodes must be a list of FigureNode"),
+        (dict(nodes=nodes[0]), TypeError, "nodes must be a list of FigureNode"),
+        (dict(image=None), TypeError, "image must be a torch.Tensor"),
+        (dict(display_image="x"), TypeError, "display_image"),
+        (dict(display_image=torch.rand(8, 8)), ValueError, "display_image"),
+        (dict(display_image=torch.rand(3, 4, 4)), ValueError, "display_image"),
+    ]
+    for kwargs, error, words in cases:
+        arguments = dict(models={"m": model}, image=image, nodes=nodes, out=out, saliency=False) | kwargs
+        with pytest.raises(error, match=words):
+            plot_support_figure(**arguments)
+    assert not out.exists()
+
+
 def test_analyze_command(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="deformable")
     add_cli(parser.add_subparsers(dest="command", required=True))

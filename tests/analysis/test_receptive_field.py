@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from deformable.analysis import (
     effective_receptive_field,
     erf_spread,
     image_to_position,
+    layer_geometry,
     position_to_image,
     theoretical_receptive_field,
     trace_geometry,
@@ -101,3 +104,58 @@ def test_invalid_nodes_raise():
         effective_receptive_field(model, image, "4", (0, 0), channel=5)
     with pytest.raises(ValueError, match="reduction"):
         effective_receptive_field(model, image, "4", (0, 0), reduction="max")
+
+
+@pytest.mark.parametrize(
+    "position, error, words",
+    [
+        ((1,), ValueError, r"position must be \(y, x\) ints"),
+        ([1, 2, 3], ValueError, r"position must be \(y, x\) ints"),
+        (("a", "b"), ValueError, r"position must be \(y, x\) ints"),
+        ((float("nan"), 1), ValueError, r"position must be \(y, x\) ints"),
+        ((1.5, 2), ValueError, r"position must be \(y, x\) ints"),
+        ((True, 1), ValueError, r"position must be \(y, x\) ints"),
+        (3, TypeError, "position must be a sequence"),
+        ("ab", TypeError, "position must be a sequence"),
+        ((-1, 0), ValueError, r"position \(-1, 0\) is outside .* y must be in \[0, 3\]"),
+        ((0, 4), ValueError, r"position \(0, 4\) is outside .* x in \[0, 3\]"),
+    ],
+)
+@pytest.mark.parametrize("function", [position_to_image, theoretical_receptive_field])
+def test_map_positions_are_checked(function, position, error, words):
+    # Used to raise IndexError, compute on strings, or extrapolate NaN/outside positions silently.
+    image = torch.rand(3, 8, 8, dtype=torch.float64)  # layer "4": a 4x4 map
+    with pytest.raises(error, match=words):
+        function(stack(), image, "4", position)
+
+
+def test_map_positions_accept_int_pairs_and_tensors():
+    model, image = stack(), torch.rand(3, 8, 8, dtype=torch.float64)
+    assert position_to_image(model, image, "4", torch.tensor([1, 2])) == (2.0, 4.0)
+    assert theoretical_receptive_field(model, image, "4", [3, 3]) == (1.0, 11.0, 1.0, 11.0)
+
+
+@pytest.mark.parametrize(
+    "point, error",
+    [((1.0,), ValueError), ((math.inf, 1.0), ValueError), ((math.nan, 1.0), ValueError), (None, TypeError)],
+)
+def test_image_points_are_checked(point, error):
+    # A 1-element point was an IndexError, infinity an OverflowError.
+    with pytest.raises(error, match="point"):
+        image_to_position(stack(), torch.rand(3, 8, 8, dtype=torch.float64), "4", point)
+
+
+def test_geometry_arguments_are_checked():
+    model, image = stack(), torch.rand(3, 8, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="layer must be a module name"):
+        layer_geometry(model, image, 4)
+    with pytest.raises(TypeError, match=r"image must be a torch\.Tensor"):
+        position_to_image(model, None, "4", (0, 0))
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        trace_geometry("model")
+    with pytest.raises(ValueError, match="image_size"):
+        trace_geometry(model, 5)
+    with pytest.raises(TypeError, match="overrides"):
+        trace_geometry(model, (8, 8), 3)
+    with pytest.raises(TypeError, match=r"erf must be a torch\.Tensor"):
+        erf_spread([[1.0]])

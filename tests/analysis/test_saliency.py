@@ -75,3 +75,16 @@ def test_fill_values_and_argument_errors():
         saliency_region(model, image, "4", (0, 0), error_bound="0.1")
     with pytest.raises(ValueError, match="block_size"):
         saliency_region(model, image, "4", (0, 0), block_size=0)
+
+
+def test_fill_and_erf_must_be_finite_tensors():
+    # A NaN/infinite fill or ERF used to give a whole-image (or arbitrary) region silently; a list erf
+    # was an AttributeError.
+    model, image = stack(), torch.rand(3, 8, 8, dtype=torch.float64)
+    for fill in (float("nan"), float("inf"), torch.tensor([float("nan"), 0.0, 0.0])):
+        with pytest.raises(ValueError, match="fill must be finite"):
+            saliency_region(model, image, "4", (0, 0), fill=fill)
+    with pytest.raises(TypeError, match=r"erf must be a torch\.Tensor"):
+        saliency_region(model, image, "4", (0, 0), erf=[[1.0] * 8] * 8)
+    with pytest.raises(ValueError, match="erf must be finite"):
+        saliency_region(model, image, "4", (0, 0), erf=torch.full((8, 8), float("nan")))

@@ -95,11 +95,22 @@ def test_local_weights_file_loads(tmp_path):
         (dict(offset_groups=0), ValueError, "offset_groups"),
         (dict(replace_stride_with_dilation="yes"), ValueError, "replace_stride_with_dilation"),
         (dict(replace_stride_with_dilation=[False, True]), ValueError, "replace_stride_with_dilation"),
+        # norm_layer is called per layer: a name failed with "'str' object is not callable", a module
+        # instance deep inside batch norm with "'int' object has no attribute 'dim'"
+        (dict(norm_layer="batchnorm"), TypeError, "norm_layer must be None or a callable"),
+        (dict(norm_layer=3), TypeError, "norm_layer"),
+        (dict(norm_layer=nn.BatchNorm2d(64)), TypeError, "norm_layer"),
     ],
 )
 def test_bad_backbone_arguments(kwargs, error, words):
     with pytest.raises(error, match=words):
         resnet50_dcn(**kwargs)
+
+
+@pytest.mark.parametrize("function", [count_dcn_layers, freeze_offsets_to_identity])
+def test_module_helpers_want_a_module(function):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        function("resnet")  # was an AttributeError
 
 
 @pytest.mark.parametrize("model", ["resnet", torch.nn.Linear(2, 2), torch.nn.Sequential()])
@@ -170,3 +181,10 @@ def test_bad_mimic_options(kwargs, words):
 
     with pytest.raises(ValueError, match=words):
         MimicOptions(**kwargs)
+
+
+def test_feature_mimicking_wants_mimic_options():
+    from deformable.models import FeatureMimicking
+
+    with pytest.raises(TypeError, match="options must be a MimicOptions"):
+        FeatureMimicking(8, 3, {"rois_per_image": 2})  # was accepted, failing only in training

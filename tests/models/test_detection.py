@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from deformable.models import (
     count_dcn_layers,
+    count_parameters,
     fasterrcnn_resnet50_c4_dcn,
     fasterrcnn_resnet50_fpn_dcn,
     maskrcnn_resnet50_c4_dcn,
     maskrcnn_resnet50_fpn_dcn,
+    roi_pooler,
 )
 from deformable.nn import MultiScaleDeformRoIPool
 
@@ -235,3 +239,128 @@ def test_c4_keeps_a_given_rpn_head():
     head = RPNHead(1024, 15)  # conv4 channels, anchors of the default generator
     model = build("faster", "c4", dcn=None, roi_pool="align", rpn_head=head)
     assert model.rpn.head is head
+
+
+@pytest.fixture(scope="module")
+def training_detectors():
+    """A small Faster and Mask R-CNN in training mode (only argument checks run on them)."""
+    torch.manual_seed(0)
+    options = dict(
+        num_classes=3, backbone="resnet18", dcn=None, roi_pool="align", min_size=64, max_size=64,
+        rpn_pre_nms_top_n_train=50, rpn_post_nms_top_n_train=20, box_batch_size_per_image=16,
+    )  # fmt: skip
+    return {
+        "faster": fasterrcnn_resnet50_fpn_dcn(**options).train(),
+        "mask": maskrcnn_resnet50_fpn_dcn(**options).train(),
+    }
+
+
+_BOX = torch.tensor([[1.0, 2.0, 30.0, 40.0]])
+_TARGET = {"boxes": _BOX, "labels": torch.tensor([1])}
+
+
+@pytest.mark.parametrize(
+    "targets, error, words",
+    [
+        (None, ValueError, "targets must be given in training mode"),
+        (_TARGET, TypeError, "targets must be a list of dicts"),
+        ([_TARGET, _TARGET], ValueError, r"targets must hold one dict per image \(1\), got 2"),
+        ([torch.zeros(1, 4)], TypeError, r"targets\[0\] must be a dict"),
+        ([{"boxes": _BOX}], ValueError, r"targets\[0\] lacks \['labels'\]"),
+        ([{"labels": torch.tensor([1])}], ValueError, r"targets\[0\] lacks \['boxes'\]"),
+        ([{**_TARGET, "boxes": _BOX[0]}], ValueError, r"targets\[0\]\['boxes'\] must be a \[N, 4\] tensor"),
+        ([{**_TARGET, "boxes": [[1.0, 2.0, 30.0, 40.0]]}], ValueError, r"targets\[0\]\['boxes'\]"),
+        ([{**_TARGET, "boxes": torch.zeros(1, 5)}], ValueError, r"targets\[0\]\['boxes'\]"),
+        ([{**_TARGET, "boxes": torch.tensor([[5.0, 5, 5, 10]])}], ValueError, r"\['boxes'\] must be finite"),
+        ([{**_TARGET, "boxes": torch.tensor([[math.nan, 5, 8, 10]])}], ValueError, r"\['boxes'\] must be"),
+        (
+            [{**_TARGET, "labels": torch.tensor([1, 2])}],
+            ValueError,
+            r"targets\[0\]\['labels'\] must be a \[1\]",
+        ),
+        ([{**_TARGET, "labels": [1]}], ValueError, r"targets\[0\]\['labels'\]"),
+        ([{**_TARGET, "labels": torch.tensor([1.0])}], TypeError, r"targets\[0\]\['labels'\] must be int64"),
+        (
+            [{**_TARGET, "labels": torch.tensor([3])}],
+            ValueError,
+            r"\['labels'\] must be class indices in \[0, 2\]",
+        ),
+    ],
+)
+def test_training_targets_are_checked_upfront(training_detectors, targets, error, words):
+    # These were torchvision asserts, KeyErrors, IndexErrors, or (NaN boxes, too many labels, one target
+    # too many) silently accepted.
+    with pytest.raises(error, match=words):
+        training_detectors["faster"]([torch.rand(3, 64, 64)], targets)
+
+
+@pytest.mark.parametrize(
+    "masks, words",
+    [(None, r"lacks \['masks'\]"), (torch.zeros(64, 64), r"\['masks'\] must be a \[1, 64, 64\] tensor")],
+)
+def test_mask_rcnn_targets_need_masks_of_the_image_size(training_detectors, masks, words):
+    # A [H, W] mask crashed inside a C++ kernel with "Dimension out of range".
+    target = dict(_TARGET) if masks is None else {**_TARGET, "masks": masks}
+    with pytest.raises(ValueError, match=words):
+        training_detectors["mask"]([torch.rand(3, 64, 64)], [target])
+
+
+def test_detector_images_are_checked(training_detectors):
+    with pytest.raises(ValueError, match=r"images\[0\] must be a \[C, H, W\] tensor"):
+        training_detectors["faster"](["image"], [_TARGET])
+    with pytest.raises(TypeError, match="images must be a list"):
+        training_detectors["faster"]("image", [_TARGET])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(norm_layer="batchnorm"), TypeError, "norm_layer must be None or a callable"),
+        (dict(norm_layer=torch.nn.BatchNorm2d(3)), TypeError, "norm_layer"),
+        (
+            dict(backbone=ResNet(Bottleneck, [1, 1, 1, 1]), norm_layer=torch.nn.BatchNorm2d),
+            ValueError,
+            "norm_layer",
+        ),
+        (dict(backbone=[]), ValueError, "backbone must be one of"),
+        (dict(roi_pool_options=3), TypeError, "roi_pool_options must be a dict"),
+        (dict(mimic=True, mimic_options=3), TypeError, "mimic_options must be"),
+        (dict(mimic="no"), TypeError, "mimic must be a bool"),
+        (dict(trainable_backbone_layers=True), ValueError, "trainable_backbone_layers"),
+    ],
+)
+def test_bad_detector_argument_types(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        fasterrcnn_resnet50_fpn_dcn(num_classes=3, **{"backbone": "resnet18", **kwargs})
+
+
+@pytest.mark.parametrize("roi_channels, error", [(0, ValueError), ("256", TypeError)])
+def test_c4_roi_channels_is_checked(roi_channels, error):
+    # 0 was reported as "in_channels"; a string failed in torch's string formatting.
+    with pytest.raises(error, match="roi_channels"):
+        fasterrcnn_resnet50_c4_dcn(num_classes=3, roi_channels=roi_channels)
+
+
+def test_roi_pooler_output_size_is_checked():
+    with pytest.raises(ValueError, match="output_size"):
+        roi_pooler("align", ["0"], 0, 256)  # RoIAlign accepted it and pooled nothing
+    assert roi_pooler("align", ["0"], 7, 256).output_size == (7, 7)
+
+
+def test_upfront_checks_accept_what_torchvision_accepts(training_detectors):
+    # A tuple of targets, integer boxes, no boxes, a [B, C, H, W] batch (the slow training tests run the
+    # usual form end to end).
+    from deformable.models.detection import _check_images, _check_targets
+
+    images = torch.rand(2, 3, 64, 64)
+    targets = (
+        {"boxes": torch.tensor([[1, 2, 30, 40]]), "labels": torch.tensor([0])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    )
+    _check_images(images)
+    _check_targets(training_detectors["faster"], images, targets)
+
+
+def test_count_parameters_wants_a_module():
+    with pytest.raises(TypeError, match="model must be an nn"):
+        count_parameters("model")  # was an AttributeError

@@ -20,6 +20,7 @@ the forward pass as soon as the layer has run.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -62,26 +63,56 @@ def make_node(layer: str, position, channel: int | None = None) -> Node:
     ):
         raise ValueError(f"channel must be a non-negative int or None, got {channel!r}")
     channel = None if channel is None else int(channel)
-    if isinstance(position, Tensor):
-        position = position.tolist()
-    try:
-        values = tuple(position)
-    except TypeError:
-        raise TypeError(f"position must be a sequence, got {type(position).__name__}") from None
     if layer in _ROI_ALIASES:
-        if len(values) != 4 or not all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values
-        ):
+        values = _values(position, "position")
+        if len(values) != 4 or not all(_is_finite_real(v) for v in values):
             raise ValueError(f"a RoI node's position must be a box (x1, y1, x2, y2), got {position!r}")
         x1, y1, x2, y2 = (float(v) for v in values)
         if not (x2 > x1 and y2 > y1):
             raise ValueError(f"a RoI node's box must have x2 > x1 and y2 > y1, got {position!r}")
         return Node(ROI, (x1, y1, x2, y2), channel)
+    return Node(layer, check_position(position), channel)
+
+
+def _values(value, name: str) -> tuple:
+    """``value`` (a sequence or a tensor) as a tuple; TypeError naming ``name`` otherwise."""
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if not isinstance(value, str):
+        with contextlib.suppress(TypeError):
+            return tuple(value)
+    raise TypeError(f"{name} must be a sequence of numbers, got {type(value).__name__}")
+
+
+def _is_finite_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_position(
+    position, layer: str | None = None, size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """``position`` as ``(y, x)`` ints; with ``size`` (height, width) of ``layer``'s output map, a
+    ValueError unless the position lies in it."""
+    values = _values(position, "position")
     if len(values) != 2 or not all(
         isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values
     ):
         raise ValueError(f"position must be (y, x) ints in the layer's output map, got {position!r}")
-    return Node(layer, (int(values[0]), int(values[1])), channel)
+    y, x = int(values[0]), int(values[1])
+    if size is not None and not (0 <= y < size[0] and 0 <= x < size[1]):
+        raise ValueError(
+            f"position {(y, x)} is outside the output map of {layer!r} (height {size[0]}, width {size[1]}): "
+            f"y must be in [0, {size[0] - 1}] and x in [0, {size[1] - 1}]"
+        )
+    return y, x
+
+
+def check_point(point, name: str = "point") -> tuple[float, float]:
+    """``point`` as ``(y, x)`` finite numbers (image pixel coordinates)."""
+    values = _values(point, name)
+    if len(values) != 2 or not all(_is_finite_real(v) for v in values):
+        raise ValueError(f"{name} must be (y, x) finite numbers in image pixels, got {point!r}")
+    return float(values[0]), float(values[1])
 
 
 def is_detector(model: nn.Module) -> bool:
@@ -142,6 +173,9 @@ def run_model(model: nn.Module, images: Tensor):
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
     """``dict(model.named_modules())[name]`` with a helpful error."""
+    check_model(model)
+    if not isinstance(name, str):
+        raise TypeError(f"layer must be a module name (str), got {type(name).__name__}")
     modules = dict(model.named_modules())
     if name not in modules:
         close = [n for n in modules if n and (name in n or n.endswith(name.rsplit(".", 1)[-1]))][:8]
@@ -190,12 +224,7 @@ class NodeOutput:
 def _evaluate_layer(model: nn.Module, images: Tensor, node: Node) -> NodeOutput:
     output = layer_output(model, images, node.layer)
     _, channels, height, width = output.shape
-    y, x = node.position
-    if not (0 <= y < height and 0 <= x < width):
-        raise ValueError(
-            f"position {node.position} is outside the output map of {node.layer!r} (height {height}, "
-            f"width {width})"
-        )
+    y, x = check_position(node.position, node.layer, (height, width))
     if node.channel is not None and node.channel >= channels:
         raise ValueError(f"channel {node.channel} is out of range: {node.layer!r} has {channels} channels")
     values = output[:, :, y, x]

@@ -26,7 +26,7 @@ similar). Elementwise modules (norms, activations) keep the geometry; global poo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +37,19 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import DeformConv2d as TorchvisionDeformConv2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..data._checks import is_int
 from ..nn import DeformConv2d
-from ._core import analysis_mode, find_module, is_detector, layer_output, prepare_image, transformed_scale
+from ._core import (
+    analysis_mode,
+    check_model,
+    check_point,
+    check_position,
+    find_module,
+    is_detector,
+    layer_output,
+    prepare_image,
+    transformed_scale,
+)
 
 __all__ = [
     "AxisMap",
@@ -222,8 +233,18 @@ def trace_geometry(
     Returns:
         ``{module name: (input MapGeometry | None, output MapGeometry | None)}``; ``""`` is the model.
     """
+    check_model(model)
+    if (
+        isinstance(image_size, str)
+        or not isinstance(image_size, Sequence)
+        or len(image_size) != 2
+        or not all(is_int(v) and v > 0 for v in image_size)
+    ):
+        raise ValueError(f"image_size must be (height, width) positive ints, got {image_size!r}")
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a mapping of module names to geometries, got {overrides!r}")
     out: Geometries = {}
-    _walk(model, "", image_geometry(model, image_size), out, dict(overrides or {}))
+    _walk(model, "", image_geometry(model, tuple(image_size)), out, dict(overrides or {}))
     return out
 
 
@@ -233,32 +254,42 @@ def _fallback(image_size: tuple[int, int], map_size: tuple[int, int]) -> MapGeom
     return MapGeometry(AxisMap(sy, 0.5 * sy - 0.5, 0.5 * sy), AxisMap(sx, 0.5 * sx - 0.5, 0.5 * sx))
 
 
+def _layer_map(model: nn.Module, image: Tensor, layer: str) -> tuple[MapGeometry, tuple[int, int]]:
+    """``layer``'s output geometry (as :func:`layer_geometry`) and its output map size (height, width)."""
+    x = prepare_image(image, model)
+    with torch.no_grad(), analysis_mode(model):
+        size = tuple(layer_output(model, x[None], layer).shape[-2:])
+    geometry = trace_geometry(model, tuple(x.shape[-2:])).get(layer, (None, None))[1]
+    return (geometry if geometry is not None else _fallback(tuple(x.shape[-2:]), size)), size
+
+
 def layer_geometry(model: nn.Module, image: Tensor, layer: str) -> MapGeometry:
     """The geometry of ``layer``'s output map for ``image`` [C, H, W]; if the walk cannot place the layer,
     the proportional geometry of its output size is returned (image size / map size per axis)."""
     find_module(model, layer)
-    size = tuple(image.shape[-2:])
-    geometry = trace_geometry(model, size).get(layer, (None, None))[1]
-    if geometry is not None:
-        return geometry
-    with torch.no_grad(), analysis_mode(model):
-        output = layer_output(model, prepare_image(image, model)[None], layer)
-    return _fallback(size, tuple(output.shape[-2:]))
+    x = prepare_image(image, model)
+    geometry = trace_geometry(model, tuple(x.shape[-2:])).get(layer, (None, None))[1]
+    return geometry if geometry is not None else _layer_map(model, x, layer)[0]
 
 
 def position_to_image(model: nn.Module, image: Tensor, layer: str, position) -> tuple[float, float]:
-    """Image coordinates (y, x) of the centre of ``position`` (y, x) in ``layer``'s output map."""
-    g = layer_geometry(model, image, layer)
-    return float(g.y.to_image(position[0])), float(g.x.to_image(position[1]))
+    """Image coordinates (y, x) of the centre of ``position`` (y, x) in ``layer``'s output map.
+
+    ``position`` must be a pair of ints inside the map (ValueError naming the valid range otherwise).
+    """
+    g, size = _layer_map(model, image, layer)
+    y, x = check_position(position, layer, size)
+    return float(g.y.to_image(y)), float(g.x.to_image(x))
 
 
 def image_to_position(model: nn.Module, image: Tensor, layer: str, point) -> tuple[int, int]:
-    """The position of ``layer``'s output map whose centre is nearest the image point (y, x)."""
-    g = layer_geometry(model, image, layer)
-    with torch.no_grad(), analysis_mode(model):
-        height, width = layer_output(model, prepare_image(image, model)[None], layer).shape[-2:]
-    y = min(max(round(g.y.from_image(point[0])), 0), height - 1)
-    x = min(max(round(g.x.from_image(point[1])), 0), width - 1)
+    """The position of ``layer``'s output map whose centre is nearest the image point (y, x) (finite
+    numbers; a point beyond the map's centres, inside the image or not, gives the nearest border
+    position)."""
+    point_y, point_x = check_point(point)
+    g, (height, width) = _layer_map(model, image, layer)
+    y = min(max(round(g.y.from_image(point_y)), 0), height - 1)
+    x = min(max(round(g.x.from_image(point_x)), 0), width - 1)
     return int(y), int(x)
 
 
@@ -267,7 +298,11 @@ def theoretical_receptive_field(
 ) -> tuple[float, float, float, float]:
     """The theoretical receptive field of ``position`` in ``layer``'s output: ``(y0, y1, x0, x1)``, the
     inclusive image-pixel bounds (not clipped to the image) implied by the stack's kernels, strides,
-    paddings and dilations (offsets of deformable layers ignored)."""
-    g = layer_geometry(model, image, layer)
-    cy, cx = g.y.to_image(position[0]), g.x.to_image(position[1])
+    paddings and dilations (offsets of deformable layers ignored).
+
+    ``position`` must be a pair of ints inside the map (ValueError naming the valid range otherwise).
+    """
+    g, size = _layer_map(model, image, layer)
+    y, x = check_position(position, layer, size)
+    cy, cx = float(g.y.to_image(y)), float(g.x.to_image(x))
     return cy - g.y.radius, cy + g.y.radius, cx - g.x.radius, cx + g.x.radius

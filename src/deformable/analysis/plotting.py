@@ -72,7 +72,18 @@ def _heat_overlay(erf: Tensor, colormap):
 
 
 def _models(models) -> list[tuple[str, nn.Module]]:
-    items = list(models.items()) if isinstance(models, Mapping) else [tuple(m) for m in models]
+    if isinstance(models, Mapping):
+        items = list(models.items())
+    elif isinstance(models, Sequence) and not isinstance(models, str):
+        items = list(models)
+        for index, item in enumerate(items):
+            if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2:
+                raise TypeError(f"models[{index}] must be a (label, model) pair, got {type(item).__name__}")
+    else:
+        raise TypeError(
+            f"models must be a mapping {{label: model}} or a list of (label, model) pairs, got "
+            f"{type(models).__name__}"
+        )
     if not items:
         raise ValueError("models must name at least one model")
     for label, model in items:
@@ -145,10 +156,24 @@ def plot_support_figure(
     """
     Figure, FigureCanvasAgg, Rectangle, colormaps = _matplotlib()
     rows = _models(models)
+    if not isinstance(nodes, Sequence) or not all(isinstance(n, FigureNode) for n in nodes):
+        raise TypeError(f"nodes must be a list of FigureNode, got {nodes!r}")
     if not nodes:
         raise ValueError("nodes must hold at least one FigureNode")
+    shown = prepare_image(image, rows[0][1])  # [C, H, W], checked
+    size = shown.shape[-2:]
+    if display_image is not None:
+        if not isinstance(display_image, Tensor):
+            raise TypeError(
+                f"display_image must be a [C, H, W] tensor or None, got {type(display_image).__name__}"
+            )
+        if display_image.dim() != 3 or display_image.shape[-2:] != size:
+            raise ValueError(
+                f"display_image must be [C, {size[0]}, {size[1]}] (the image's size), got "
+                f"{list(display_image.shape)}"
+            )
     shared = _sampling_names(rows) if layers == "shared" else None
-    background = _display(display_image if display_image is not None else image)
+    background = _display(display_image if display_image is not None else shown)
     height, width = background.shape[:2]
     columns = 3 * len(nodes)
     figure = Figure(figsize=(panel_size * columns, panel_size * len(rows) + (0.4 if title else 0)), dpi=dpi)
@@ -194,8 +219,9 @@ def plot_support_figure(
                 ax_saliency.set_xlabel(
                     f"area {100 * result.area_fraction:.1f}%, err {result.error:.2f}", fontsize=7
                 )
+            centre = None if node.is_roi else position_to_image(model, image, node.layer, node.position)
             for ax in (ax_erf, ax_points, ax_saliency):
-                _draw_node(ax, model, image, node, Rectangle)
+                _draw_node(ax, node, centre, Rectangle)
             if r == 0:
                 ax_erf.set_title(f"{spec.label}: ERF", fontsize=8)
                 ax_points.set_title("sampling locations" if not node.is_roi else "bin locations", fontsize=8)
@@ -218,12 +244,13 @@ def plot_support_figure(
     return out
 
 
-def _draw_node(ax, model, image, node, Rectangle) -> None:
+def _draw_node(ax, node, centre: tuple[float, float] | None, Rectangle) -> None:
+    """Mark the node: a RoI node's box, or a layer node's ``centre`` (y, x) in the image."""
     if node.is_roi:
         x1, y1, x2, y2 = node.position
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
     else:
-        y, x = position_to_image(model, image, node.layer, node.position)
+        y, x = centre
         ax.plot(
             [x], [y], marker="o", markersize=4, color="lime", markeredgecolor="black", markeredgewidth=0.5
         )

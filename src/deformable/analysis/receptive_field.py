@@ -67,6 +67,8 @@ def erf_spread(erf: Tensor) -> float:
     ``sqrt(sum_p w_p |p - c|^2 / sum_p w_p)`` with ``w = |erf|`` and ``c`` its weighted centroid: the
     RMS distance of the field's mass from its centre (0 for a single pixel; NaN for an all-zero field).
     """
+    if not isinstance(erf, Tensor):
+        raise TypeError(f"erf must be a torch.Tensor [H, W], got {type(erf).__name__}")
     if erf.dim() != 2:
         raise ValueError(f"erf must have shape [H, W], got {list(erf.shape)}")
     w = erf.detach().abs().double()

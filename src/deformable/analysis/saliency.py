@@ -71,9 +71,13 @@ def fill_value(image: Tensor, fill) -> Tensor:
             return image.new_zeros((1, 1, 1))
         raise ValueError(f"fill must be 'mean', 'zero', a number or a tensor, got {fill!r}")
     if isinstance(fill, int | float) and not isinstance(fill, bool):
+        if not math.isfinite(fill):
+            raise ValueError(f"fill must be finite, got {fill!r}")
         return image.new_full((1, 1, 1), float(fill))
     if isinstance(fill, Tensor):
         fill = fill.to(device=image.device, dtype=image.dtype)
+        if not bool(torch.isfinite(fill).all()):
+            raise ValueError("fill must be finite (the tensor holds NaN or infinite values)")
         if fill.dim() == 1:
             fill = fill[:, None, None]
         try:
@@ -184,8 +188,12 @@ def saliency_region(
         node = resolve_node(model, x, node)
         if erf is None:
             erf = node_gradient(model, x, node).abs().sum(0)
+        elif not isinstance(erf, Tensor):
+            raise TypeError(f"erf must be a torch.Tensor [H, W] or None, got {type(erf).__name__}")
         elif tuple(erf.shape) != (height, width):
             raise ValueError(f"erf must have shape {[height, width]}, got {list(erf.shape)}")
+        elif not bool(torch.isfinite(erf).all()):
+            raise ValueError("erf must be finite (it holds NaN or infinite values)")
         search = _Search(model, x, node, fill, block_size, float(error_bound), batch_size)
         grid = search.grid
         scores = _block_scores(erf.detach().to(x.device, x.dtype), block_size, grid).flatten()

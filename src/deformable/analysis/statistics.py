@@ -12,6 +12,7 @@ every output position, assigned to the category of the smallest box containing t
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ CATEGORIES = ("small", "medium", "large", "background")
 
 def size_category(area: float) -> str:
     """COCO size class of a box area (pixels^2): ``"small"``, ``"medium"`` or ``"large"``."""
+    if isinstance(area, bool) or not isinstance(area, numbers.Real):
+        raise TypeError(f"area must be a non-negative number, got {area!r}")
     for name, (low, high) in COCO_AREA_RANGES.items():
         if low <= area < high:
             return name
@@ -115,11 +118,39 @@ class SupportStatistics:
         return "\n".join(lines)
 
 
-def _boxes(boxes) -> Tensor:
-    boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-    if boxes.numel() and bool(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()):
-        raise ValueError("boxes must be (x1, y1, x2, y2) with x2 > x1 and y2 > y1")
+def _boxes(boxes, name: str = "boxes") -> Tensor:
+    """``boxes`` as a float64 ``[M, 4]`` tensor (one box ``[4]`` and no boxes ``[]`` are accepted)."""
+    try:
+        boxes = torch.as_tensor(boxes, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"{name} must be [M, 4] numbers (x1, y1, x2, y2), got {type(boxes).__name__}"
+        ) from None
+    if boxes.dim() == 1 and boxes.numel() in (0, 4):
+        boxes = boxes.reshape(-1, 4)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must have shape [M, 4] (x1, y1, x2, y2), got {list(boxes.shape)}")
+    if not bool(torch.isfinite(boxes).all()):
+        raise ValueError(f"{name} must be finite, got {boxes.tolist()}")
+    if bool(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any()):
+        raise ValueError(f"{name} must be (x1, y1, x2, y2) with x2 > x1 and y2 > y1")
     return boxes
+
+
+def _sample(index: int, sample) -> tuple[Tensor, Tensor, list]:
+    """``(image, boxes [M, 4], labels [M])`` of ``samples[index]`` (labels None when not given)."""
+    name = f"samples[{index}]"
+    if isinstance(sample, str) or not isinstance(sample, Sequence) or len(sample) not in (2, 3):
+        raise TypeError(
+            f"{name} must be (image, boxes) or (image, boxes, labels), got {type(sample).__name__}"
+        )
+    boxes = _boxes(sample[1], f"{name} boxes")
+    if len(sample) < 3 or sample[2] is None:
+        return sample[0], boxes, [None] * boxes.shape[0]
+    labels = sample[2].tolist() if isinstance(sample[2], Tensor) else list(sample[2])
+    if len(labels) != boxes.shape[0]:
+        raise ValueError(f"{name} labels must give one class per box ({boxes.shape[0]}), got {len(labels)}")
+    return sample[0], boxes, labels
 
 
 def _categorise(points: Tensor, boxes: Tensor) -> list[str]:
@@ -177,13 +208,18 @@ def support_statistics(
         raise TypeError(f"backgrounds_per_image must be an int >= 0, got {backgrounds_per_image!r}")
     if backgrounds_per_image < 0:
         raise ValueError(f"backgrounds_per_image must be an int >= 0, got {backgrounds_per_image}")
+    if not isinstance(samples, Iterable):
+        raise TypeError(
+            f"samples must be an iterable of (image, boxes[, labels]), got {type(samples).__name__}"
+        )
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if dilation:
         sampling_layers(model, dilation_layers)  # a bad selector is an error, not "no such layers"
     stats = SupportStatistics()
     sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     for index, sample in enumerate(samples):
-        image, boxes = sample[0], _boxes(sample[1])
-        labels = list(sample[2]) if len(sample) > 2 and sample[2] is not None else [None] * boxes.shape[0]
+        image, boxes, labels = _sample(index, sample)
         x = prepare_image(image, model)
         height, width = x.shape[-2:]
         nodes = []

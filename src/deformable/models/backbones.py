@@ -47,6 +47,22 @@ def check_dcn_stages(dcn_stages: Iterable[int], name: str = "dcn_stages") -> tup
     return tuple(sorted(stages))
 
 
+def check_module(model, name: str = "model") -> None:
+    """TypeError naming ``name`` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+
+
+def check_norm_layer(norm_layer) -> None:
+    """TypeError unless ``norm_layer`` is None or a factory ``channels -> nn.Module`` (a class such as
+    ``nn.BatchNorm2d`` or a function, not a name or a module instance)."""
+    if norm_layer is not None and (isinstance(norm_layer, nn.Module) or not callable(norm_layer)):
+        raise TypeError(
+            "norm_layer must be None or a callable taking a channel count and returning a module "
+            f"(e.g. nn.BatchNorm2d), got {norm_layer!r}"
+        )
+
+
 def _dcn_class(dcn: DCNVersion):
     if dcn not in ("v1", "v2", None):
         raise ValueError(f"dcn must be 'v1', 'v2' or None, got {dcn!r}")
@@ -100,6 +116,7 @@ def convert_resnet_to_dcn(
 
 def count_dcn_layers(model: nn.Module) -> int:
     """Number of DCNv1/DCNv2 layers in ``model``."""
+    check_module(model)
     return sum(isinstance(m, DCNv1 | DCNv2) for m in model.modules())
 
 
@@ -144,6 +161,7 @@ def _build(
 ) -> ResNet:
     cls = _dcn_class(dcn)
     stages = check_dcn_stages(dcn_stages)
+    check_norm_layer(norm_layer)
     if "num_classes" in kwargs:
         _positive_int(kwargs["num_classes"], "num_classes")
     if offset_groups is not None:
@@ -236,6 +254,7 @@ def freeze_offsets_to_identity(model: nn.Module) -> nn.Module:
     The network then computes exactly its plain convolutional counterpart; used by tests and to
     check converted checkpoints.
     """
+    check_module(model)
     for module in model.modules():
         if isinstance(module, DCNv1 | DCNv2):
             module.conv_offset.weight.zero_()

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet
 from torchvision.models._utils import IntermediateLayerGetter
@@ -33,8 +34,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..nn.deform_conv import _check_bool, _positive_int
 from ..nn.deform_roi_pool import MultiScaleDeformRoIPool
-from .backbones import BACKBONES, DCNVersion, convert_resnet_to_dcn
+from ..ops.deform_roi_pool import _output_size
+from .backbones import BACKBONES, DCNVersion, check_module, check_norm_layer, convert_resnet_to_dcn
 from .mimic import FeatureMimicking, MimicOptions
 
 RoIPoolKind = Literal["mdpool", "dpool", "align"]
@@ -56,7 +59,7 @@ def roi_pooler(
     if kind == "align":
         if options:
             raise ValueError(f"roi_pool='align' takes no pooling options, got {sorted(options)}")
-        return MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio)
+        return MultiScaleRoIAlign(featmap_names, _output_size(output_size), sampling_ratio)
     if kind not in ("mdpool", "dpool"):
         raise ValueError(f"roi_pool must be 'mdpool', 'dpool' or 'align', got {kind!r}")
     return MultiScaleDeformRoIPool(
@@ -77,10 +80,11 @@ class _MimickingMixin:
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """As torchvision's; in training with mimicking, the loss dict also has ``loss_mimic`` and
         ``loss_rcnn_cls``."""
+        _check_images(images)
+        if self.training:
+            _check_targets(self, images, targets)
         if self.mimic is None or not self.training:
             return super().forward(images, targets)
-        if targets is None:
-            raise ValueError("targets must be given in training mode")
         images, targets = self.transform(images, targets)
         features = self.backbone(images.tensors)
         if isinstance(features, Tensor):
@@ -90,6 +94,83 @@ class _MimickingMixin:
             _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
         mimic_losses = self.mimic.losses(self, images.tensors)
         return {**detector_losses, **proposal_losses, **mimic_losses}
+
+
+def _check_images(images) -> None:
+    """TypeError/ValueError unless ``images`` is a list of ``[C, H, W]`` tensors (or a ``[B, C, H, W]``
+    batch, which torchvision iterates)."""
+    if isinstance(images, Tensor) and images.dim() == 4:
+        return
+    if isinstance(images, Tensor | str) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list of [C, H, W] tensors, got {type(images).__name__}")
+    for index, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3:
+            got = list(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{index}] must be a [C, H, W] tensor, got {got}")
+
+
+def _check_targets(model, images, targets) -> None:
+    """Check training ``targets`` upfront (torchvision's own checks are asserts, KeyErrors or none):
+    one dict per image with ``boxes`` [N, 4] (finite, x2 > x1, y2 > y1), ``labels`` [N] int64 in
+    [0, num_classes) and, for Mask R-CNN, ``masks`` [N, H, W] of the image's size."""
+    expected = "a list of dicts with 'boxes' [N, 4] and 'labels' [N] (and 'masks' [N, H, W]), one per image"
+    if targets is None:
+        raise ValueError(f"targets must be given in training mode: {expected}")
+    if isinstance(targets, Tensor | str | Mapping) or not isinstance(targets, Sequence):
+        raise TypeError(f"targets must be {expected}, got {type(targets).__name__}")
+    if len(targets) != len(images):
+        raise ValueError(f"targets must hold one dict per image ({len(images)}), got {len(targets)}")
+    predictor = getattr(model.roi_heads.box_predictor, "cls_score", None)
+    num_classes = getattr(predictor, "out_features", None)
+    keys = ("boxes", "labels", "masks") if model.roi_heads.has_mask() else ("boxes", "labels")
+    flags = []  # per target: (boxes valid, labels valid), 0-d bool tensors on the data's device
+    for index, (image, target) in enumerate(zip(images, targets, strict=True)):
+        name = f"targets[{index}]"
+        if not isinstance(target, Mapping):
+            raise TypeError(f"{name} must be a dict with {keys}, got {type(target).__name__}")
+        missing = [key for key in keys if key not in target]
+        if missing:
+            raise ValueError(f"{name} lacks {missing}: every target needs {keys}")
+        boxes, labels = target["boxes"], target["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"{name}['boxes'] must be a [N, 4] tensor (x1, y1, x2, y2), got {_shape(boxes)}")
+        count = boxes.shape[0]
+        if not isinstance(labels, Tensor) or labels.shape != (count,):
+            raise ValueError(
+                f"{name}['labels'] must be a [{count}] tensor (one class per box), got {_shape(labels)}"
+            )
+        if labels.dtype != torch.int64:
+            raise TypeError(f"{name}['labels'] must be int64, got {labels.dtype}")
+        if "masks" in keys:
+            masks, size = target["masks"], (count, *image.shape[-2:])
+            if not isinstance(masks, Tensor) or masks.shape != size:
+                raise ValueError(
+                    f"{name}['masks'] must be a {list(size)} tensor (N, H, W), got {_shape(masks)}"
+                )
+        valid_boxes = (torch.isfinite(boxes).all(1) & (boxes[:, 2:] > boxes[:, :2]).all(1)).all()
+        valid_labels = ((labels >= 0) & (labels < num_classes)).all() if num_classes else valid_boxes
+        flags.append(torch.stack([valid_boxes, valid_labels.to(valid_boxes.device)]))
+    if not flags:
+        return
+    valid = torch.stack([flag.to(flags[0].device) for flag in flags])
+    if bool(valid.all()):  # one synchronisation for the whole batch
+        return
+    for index, (boxes_ok, labels_ok) in enumerate(valid.tolist()):
+        name = f"targets[{index}]"
+        if not boxes_ok:
+            raise ValueError(
+                f"{name}['boxes'] must be finite with x2 > x1 and y2 > y1, "
+                f"got {targets[index]['boxes'].tolist()}"
+            )
+        if not labels_ok:
+            raise ValueError(
+                f"{name}['labels'] must be class indices in [0, {num_classes - 1}], "
+                f"got {targets[index]['labels'].tolist()}"
+            )
+
+
+def _shape(value) -> str:
+    return str(list(value.shape)) if isinstance(value, Tensor) else type(value).__name__
 
 
 class DCNFasterRCNN(_MimickingMixin, FasterRCNN):
@@ -147,10 +228,12 @@ def _resnet(
     replace_stride_with_dilation=None,
 ):
     if isinstance(backbone, ResNet):
-        if weights_backbone is not None:
-            raise ValueError("weights_backbone cannot be combined with a ResNet instance as backbone")
+        if weights_backbone is not None or norm_layer is not None:
+            raise ValueError(
+                "weights_backbone and norm_layer cannot be combined with a ResNet instance as backbone"
+            )
         return convert_resnet_to_dcn(backbone, dcn, dcn_stages, offset_groups)
-    if backbone not in BACKBONES:
+    if not isinstance(backbone, str) or backbone not in BACKBONES:
         raise ValueError(
             f"backbone must be one of {sorted(BACKBONES)} or a torchvision ResNet, got {backbone!r}"
         )
@@ -170,7 +253,7 @@ def _resnet(
 def _trainable_layers(value: int | None, pretrained: bool) -> int:
     if value is None:
         return 3 if pretrained else 5
-    if not isinstance(value, int) or not 0 <= value <= 5:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
         raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {value!r}")
     return value
 
@@ -206,15 +289,24 @@ class _DetectorOptions:
     norm_layer: object
 
     def __post_init__(self) -> None:
+        """Check what would otherwise fail only once the backbone is built (or deep inside it)."""
+        num_classes, mimic_options, pool_options = self.num_classes, self.mimic_options, self.roi_pool_options
         # None is torchvision's "take the classes from the given box_predictor".
-        if self.num_classes is None:
-            return
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+                raise TypeError(
+                    f"num_classes must be a positive int (or None with box_predictor), got {num_classes!r}"
+                )
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        _check_bool(self.mimic, "mimic")
+        if mimic_options is not None and not isinstance(mimic_options, MimicOptions | Mapping):
             raise TypeError(
-                f"num_classes must be a positive int (or None with box_predictor), got {self.num_classes!r}"
+                f"mimic_options must be a MimicOptions, a dict or None, got {type(mimic_options).__name__}"
             )
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if pool_options is not None and not isinstance(pool_options, Mapping):
+            raise TypeError(f"roi_pool_options must be a dict or None, got {type(pool_options).__name__}")
+        check_norm_layer(self.norm_layer)
 
     def resnet(self, replace_stride_with_dilation=None) -> ResNet:
         return _resnet(
@@ -292,7 +384,7 @@ def _c4_anchors(anchors: AnchorGenerator | None) -> AnchorGenerator:
 
 def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
     _check_keywords(cls, kwargs, extra=("roi_channels",))
-    roi_channels = kwargs.pop("roi_channels", 256)
+    roi_channels = _positive_int(kwargs.pop("roi_channels", 256), "roi_channels")
     anchors = _c4_anchors(kwargs.pop("rpn_anchor_generator", None))
     backbone = o.backbone
     if isinstance(backbone, ResNet):
@@ -424,6 +516,7 @@ maskrcnn_resnet50_c4_dcn = _make_detector(DCNMaskRCNN, "c4", "maskrcnn_resnet50_
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
+    check_module(model)
     return sum(p.numel() for p in model.parameters())
 
 

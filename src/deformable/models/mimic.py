@@ -75,6 +75,8 @@ class FeatureMimicking(nn.Module):
         self, representation_size: int, num_classes: int, options: MimicOptions | None = None
     ) -> None:
         super().__init__()
+        if options is not None and not isinstance(options, MimicOptions):
+            raise TypeError(f"options must be a MimicOptions or None, got {type(options).__name__}")
         self.options = options or MimicOptions()
         self.classifier = nn.Linear(representation_size, num_classes)
         self._recorded: dict[str, object] = {}
