@@ -787,7 +787,7 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
     tile at 128, so each sample is gathered two or four times)."""
     report.add("## Configuration sweep")
     report.add("")
-    report.add("| shape | dtype | kernel | config (m, n, k, warps, stages) | ms | |")
+    report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits]) | ms | |")
     report.add("|---|---|---|---|---|---|")
     by_name = {p.name: p for p in anchors(smoke)}
     if smoke:
@@ -834,6 +834,7 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
                 if config in capped:
                     tag += " (ran with fewer stages: too little shared memory)"
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
+                c += (config.splits,) if config.splits > 1 else ()
                 report.add(f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
     report.add("")
     if tdc_launch._stage_caps:

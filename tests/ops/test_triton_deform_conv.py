@@ -217,6 +217,34 @@ def test_tiles_straddle_every_boundary(small_tiles):
     check_grads(STRADDLE, tensors, grad_output, backward(STRADDLE, tensors, grad_output), dtype)
 
 
+@pytest.mark.parametrize(
+    ("splits", "case_name", "dtype"),
+    [
+        (2, "straddle", torch.float64),
+        (3, "straddle", torch.float32),
+        (4, "kernel32", torch.float16),  # 6 taps in splits of 2: the fp32 buffer, then the copy
+        (9, "groups", torch.bfloat16),  # one tap per split
+    ],
+)
+def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
+    """Taps split across programs, the partial sums added atomically (the bias once), equal the oracle."""
+    case = {"straddle": STRADDLE, "kernel32": CASES["kernel32-stride21-pad10-dil21-odd"]}.get(
+        case_name, CASES["groups2-offset-groups3"]
+    )
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, splits=splits))
+    tensors = make_inputs(case, dtype)
+    check_forward(case, tensors, forward(case, tensors), dtype)
+
+
+def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):
+    """No float atomics in deterministic mode: a split configuration runs unsplit, bitwise as without."""
+    tensors = make_inputs(STRADDLE, torch.float32)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16))
+    plain = forward(STRADDLE, tensors)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, splits=3))
+    assert torch.equal(forward(STRADDLE, tensors), plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision(dtype):
     case = CASES["groups2-offset-groups3"]

@@ -151,13 +151,13 @@ def _columns(
     )
 
 
-@triton.jit(do_not_specialize=_SPATIAL_ARGS)
+@triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES", "TAPS_PER_SPLIT"])
 def deform_conv_fwd_kernel(
     x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, out_ptr,
     N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
-    CT: tl.constexpr, INDEX64: tl.constexpr,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES, TAPS_PER_SPLIT,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_TAPS: tl.constexpr, MMA: tl.constexpr,
+    PRECISION: tl.constexpr, CT: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, o] = bias[o] + sum over taps k and input channels c of w[k, c, o] * sample(m, k, c).
@@ -166,12 +166,22 @@ def deform_conv_fwd_kernel(
     group. For every tap and every offset group meeting the weight group it sets up the bilinear
     samples once, then for each BLOCK_K slice of the channels gathers the four neighbours, blends
     them (bilinear weight x mask folded into one factor per neighbour) and feeds the matrix unit.
-    Grid: (N * cdiv(Ho*Wo, BLOCK_M) * groups * cdiv(CG_OUT, BLOCK_N),), output-channel blocks fastest
-    so that the programs re-gathering the same pixels run together and hit L2.
+    With ``SPLIT_TAPS`` the taps are split too, TAPS_PER_SPLIT per program, for shapes with fewer
+    (pixel, channel) tiles than multiprocessors: each split adds its partial sums into ``out`` (a
+    zeroed fp32/fp64 buffer) with atomics, the first one adding the bias.
+    Grid: (splits * TILES,) with TILES = N * cdiv(Ho*Wo, BLOCK_M) * groups * cdiv(CG_OUT, BLOCK_N),
+    output-channel blocks fastest so that the programs re-gathering the same pixels run together and
+    hit L2; the split slowest.
     """
     pid = tl.program_id(0)
     if INDEX64:
         pid = pid.to(tl.int64)
+    k_lo = 0
+    k_hi = NTAPS
+    if SPLIT_TAPS:
+        k_lo = (pid // TILES) * TAPS_PER_SPLIT
+        k_hi = tl.minimum(NTAPS, k_lo + TAPS_PER_SPLIT)
+        pid = pid % TILES
     n_blocks = tl.cdiv(CG_OUT, BLOCK_N)
     groups = C // CG_IN
     wg = (pid // n_blocks) % groups
@@ -185,7 +195,7 @@ def deform_conv_fwd_kernel(
     c_hi = c_lo + CG_IN
     g_lo = c_lo // CPG
     g_hi = (c_hi - 1) // CPG + 1
-    for k in range(0, NTAPS):
+    for k in range(k_lo, k_hi):
         i = k // KW
         j = k % KW
         for g in range(g_lo, g_hi):
@@ -219,9 +229,15 @@ def deform_conv_fwd_kernel(
 
     oc = wg * CG_OUT + ocols
     if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=omask, other=0.0).to(CT)[None, :]
+        bias = tl.load(b_ptr + oc, mask=omask, other=0.0).to(CT)
+        if SPLIT_TAPS:
+            bias = tl.where(k_lo == 0, bias, 0.0)
+        acc += bias[None, :]
     optr = out_ptr + (n * C_OUT + oc)[None, :] * HoWo + p[:, None]
-    tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & omask[None, :])
+    if SPLIT_TAPS:
+        tl.atomic_add(optr, acc, mask=row_ok[:, None] & omask[None, :], sem="relaxed")
+    else:
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & omask[None, :])
 
 
 @triton.jit(do_not_specialize=_SPATIAL_ARGS)

@@ -18,6 +18,7 @@ not work under ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
@@ -99,7 +100,9 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
     common = {"MMA": mma, "PRECISION": precision, "CT": ct, "INDEX64": False}
     if kernel == "forward":
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "b_ptr", "out_ptr"), t)
-        constexprs = {"HAS_MASK": True, "HAS_BIAS": True, **common}
+        if config.splits > 1:  # partial sums go to an fp32 (fp64) buffer
+            pointers["out_ptr"] = acc
+        constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         return _k.deform_conv_fwd_kernel, pointers, constexprs
     if kernel == "data":
@@ -170,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         if (h * w) % 16 == 0:
             ints16.add("HW")
         for dtype, tf32 in modes:
-            for kernel in ("forward", "data", "weight", "gather"):
-                config = _heuristic(kernel, geo, dtype, interpreted=False, sms=args.sms, tf32=tf32)
+            for kernel in ("forward", "data", "weight", "gather", "forward-split"):
+                config = _heuristic(
+                    kernel.removesuffix("-split"), geo, dtype, interpreted=False, sms=args.sms, tf32=tf32
+                )
+                if kernel == "forward-split":  # the tap-split variant (autotune candidates), at 512 channels
+                    if c != 512 or dtype == torch.float64:
+                        continue
+                    config, kernel = dataclasses.replace(config, splits=3), "forward"
                 key = (kernel, dtype, tf32, config, frozenset(ints16))
                 if key in seen:
                     continue
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     bad += 1
                 mode = _TL[dtype] + ("" if dtype != torch.float32 else ("-tf32" if tf32 else "-ieee"))
                 blocks = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
+                blocks += (config.splits,) if config.splits > 1 else ()
                 print(f"{name:10s} {kernel:8s} {mode:10s} {blocks} {result}", flush=True)
     for dtype, _ in modes[:3] + modes[4:]:
         for kernel in ("roi-forward", "roi-backward"):

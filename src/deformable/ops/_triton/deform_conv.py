@@ -13,6 +13,9 @@ forward
     vectors from a channels-last copy of the input, blended and fed to ``tl.dot``. The sampled
     columns never exist in memory. Output-channel tiles cover a whole weight group where it fits
     (up to 256 channels for fp16/bf16, 128 for fp32), so most shapes gather each sample once.
+    A configuration may also split the taps across programs (``Config.splits``: partial sums added
+    with fp32 atomics, never in deterministic mode), for shapes whose tiles leave multiprocessors
+    idle; it is among the autotuning candidates, not yet a default (unmeasured on a GPU).
 backward, data part
     One program per (pixel block, offset group, tap): the column gradient
     ``grad_out @ weight_k`` by ``tl.dot``, reduced in the same pass into the offset and mask
@@ -100,6 +103,9 @@ class Config:
     data: pixels / input channels / output channels (the reduction);
     weight: pixels (the reduction) / output channels / input channels;
     gather: input pixels / input channels / unused.
+
+    ``splits`` (forward only) splits the taps too, for shapes with fewer tiles than multiprocessors:
+    the splits add their partial sums atomically into an fp32 buffer (ignored in deterministic mode).
     """
 
     block_m: int
@@ -107,6 +113,7 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    splits: int = 1
 
 
 # Kernel name ("forward", "data", "weight", "gather") -> Config used instead of the heuristic.
@@ -293,8 +300,10 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
             (128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 3),
             (128, 128, 64, 8, 3), (64, 64, 32, 4, 4), (32, 128, 32, 4, 3), (128, 64, 32, 4, 3),
             (64, 128, 32, 4, 2), (128, 128, 16, 8, 4), (32, 256, 32, 4, 3), (32, 256, 32, 8, 3),
+            # Taps split in 2 or 3: more programs where the (pixel, channel) tiles leave SMs idle.
+            (64, 256, 32, 8, 3, 2), (64, 256, 32, 8, 3, 3), (128, 128, 32, 8, 3, 3),
         ]  # fmt: skip
-        configs = [Config(m, min(n, cap_n), kk, w, s) for m, n, kk, w, s in raw]
+        configs = [Config(*c[:1], min(c[1], cap_n), *c[2:]) for c in raw]
     elif kernel == "data":
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
@@ -464,30 +473,45 @@ def forward(
     bias_c = bias.contiguous() if bias is not None else w
     tensors = (x, offset, mask_c, w, bias_c, out)
     flags = (mask is not None, bias is not None)
+    deterministic = torch.are_deterministic_algorithms_enabled()
     kernel = _k.deform_conv_fwd_kernel
 
     def spec_of(cfg: Config) -> _Launch:
-        programs = geo.pixel_tiles(cfg.block_m) * geo.groups * _cdiv(geo.group_out, cfg.block_n)
+        tiles = geo.pixel_tiles(cfg.block_m) * geo.groups * _cdiv(geo.group_out, cfg.block_n)
+        # Split taps add partial sums with float atomics: not in deterministic mode.
+        taps_per_split = _cdiv(geo.taps, 1 if deterministic else max(1, cfg.splits))
+        splits = _cdiv(geo.taps, taps_per_split)
         scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,
-            geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(),
+            geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(), tiles, taps_per_split,
         )  # fmt: skip
-        return _Launch(_grid(programs), scalars, dict(
-            HAS_MASK=flags[0], HAS_BIAS=flags[1], INDEX64=geo.index64(),
+        return _Launch(_grid(splits * tiles), scalars, dict(
+            HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(input),
         ))  # fmt: skip
 
-    key = ("forward", geo, flags, input.dtype, input.device, *_settings(input))
+    def run(spec: _Launch) -> None:
+        if not spec.kwargs["SPLIT_TAPS"]:
+            _run(kernel, spec, tensors)
+            return
+        wide = out.dtype in (torch.float32, torch.float64)
+        target = out.zero_() if wide else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        _run(kernel, spec, (*tensors[:-1], target))
+        if not wide:
+            out.copy_(target)
+
+    key = ("forward", geo, flags, deterministic, input.dtype, input.device, *_settings(input))
     with _device_guard(input):
-        spec = _plan(
-            key,
-            lambda: spec_of(
-                _choose("forward", geo, input, flags, lambda c: _run(kernel, spec_of(c), tensors))
-            ),
+        run(
+            _plan(
+                key,
+                lambda: spec_of(
+                    _choose("forward", geo, input, (*flags, deterministic), lambda c: run(spec_of(c)))
+                ),
+            )
         )
-        _run(kernel, spec, tensors)
     return out
 
 
