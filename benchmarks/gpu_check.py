@@ -784,7 +784,8 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
     """Time a few launch configurations per kernel through CONFIG_OVERRIDES: fp16 at a shape with
     many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and the fp32 (TF32)
     forward at 512 and 256 channels, which trails the 16-bit one most (its heuristic caps the channel
-    tile at 128, so each sample is gathered two or four times)."""
+    tile at 128, so each sample is gathered two or four times); the forward's tap splits; the weight
+    kernel at det-c3, where ptxas serialises its pipelined wgmma (one stage against two)."""
     report.add("## Configuration sweep")
     report.add("")
     report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits]) | ms | |")
@@ -800,6 +801,8 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
             (by_name["det-c5"], torch.float16, ("forward", "data")),
             (by_name["det-c5"], torch.float32, ("forward",)),
             (by_name["det-c4"], torch.float32, ("forward",)),
+            # Ho*Wo a multiple of 16: ptxas serialises the pipelined weight kernel's wgmma.
+            (by_name["det-c3"], torch.float16, ("weight",)),
         ]
     for problem, dtype, kernels in plan:
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)

@@ -7,7 +7,8 @@ For every deform_conv2d kernel, dtype and launch configuration the heuristic pic
 anchor shapes of ``shared/anchors``, and for the deformable RoI pooling kernels (7x7 bins, 256
 channels, every dtype), Triton compiles to PTX and Triton's bundled ``ptxas`` assembles it, which needs no
 driver. Printed per configuration: registers per thread, bytes spilled, shared memory, whether the
-matrix products use wgmma (Hopper) or mma.sync, and the compile time. Exits 1 if anything fails to
+matrix products use wgmma (Hopper) or mma.sync, "(serialized)" where ptxas had to serialise the
+wgmma instructions (its warning C7515), and the compile time. Exits 1 if anything fails to
 compile or spills more than ``--max-spill-bytes`` (default 0): a check a session without a GPU can run
 before handing kernels over (the test suite runs it with a small allowance, as ptxas may keep a few
 bytes of a loop's state on the stack).
@@ -81,6 +82,8 @@ def _compile(
     registers = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores", result.stderr)
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
+    if "C7515" in result.stderr:  # ptxas: wgmma serialized (no overlap of consecutive matrix products)
+        mma += " (serialized)"
     return {
         "registers": int(registers.group(1)) if registers else -1,
         "spill_bytes": int(spills.group(1)) if spills else 0,

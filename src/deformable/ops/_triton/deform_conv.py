@@ -317,6 +317,9 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
         raw = [
             (64, 128, 64, 8, 2), (32, 128, 64, 4, 2), (64, 64, 64, 4, 2), (64, 128, 32, 4, 2),
             (128, 128, 64, 8, 2), (32, 64, 32, 4, 2), (64, 256, 64, 8, 2), (64, 128, 128, 8, 2),
+            # One stage: no pipelined grad_out loads, but where Ho*Wo is a multiple of 16 the pipelined
+            # ones make ptxas serialise the wgmma instructions (compile_check: "serialized").
+            (64, 256, 64, 8, 1), (64, 128, 64, 8, 1),
         ]  # fmt: skip
         configs = [Config(m, min(n, cap_n), min(kk, cap_k), w, s) for m, n, kk, w, s in raw]
     else:
