@@ -14,6 +14,10 @@ if not torch.cuda.is_available():
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Autotuned configurations stay in memory: no test writes the user's cache (tests of the cache set
+# their own file).
+os.environ["DEFORMABLE_TRITON_AUTOTUNE_CACHE"] = ""
+
 
 @pytest.fixture(autouse=True)
 def _seed():

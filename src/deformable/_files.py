@@ -1,8 +1,13 @@
-"""Reading PyTorch files safely: one place that turns ``torch.load``'s many failures into clear errors."""
+"""Reading and writing files safely: ``torch.load``'s many failures turned into clear errors, and atomic
+writes (a temporary file beside the target, flushed and renamed over it) so that an interrupted write
+never leaves a file that looks valid."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +29,43 @@ def load_weights_only(path: str | os.PathLike, what: str = "PyTorch checkpoint")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors alike
         raise ValueError(f"{path} is not a readable {what} (weights_only=True): {error}") from error
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
+    return _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    return _atomic_write(path, "w", lambda handle: handle.write(text))
+
+
+def _atomic_write(path: str | Path, mode: str, write: Callable[[Any], object]) -> Path:
+    """``write(handle)`` into a flushed temporary file beside ``path``, then rename it over ``path``: a
+    reader sees the old file or the whole new one, never part of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _usual_permissions(Path(tmp), path)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _usual_permissions(tmp: Path, path: Path) -> None:
+    """``mkstemp`` makes a file its owner's alone: give it the permissions of the file it replaces, or
+    else those ``open`` would (0666 less the umask), so that shared caches stay readable."""
+    if path.exists():
+        shutil.copymode(path, tmp)
+        return
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)

@@ -566,3 +566,67 @@ def test_launch_plans_are_reused_and_follow_the_settings(monkeypatch):
         forward(case, tensors)
     backward(case, tensors, grad_output, output_mask=(False, True, True, True, True))
     assert sorted(chosen) == ["data", "data", "forward", "forward", "forward", "weight", "weight"]
+
+
+def test_autotuned_configurations_persist_across_processes(monkeypatch, tmp_path):
+    """The autotuner's winner is written to the cache file; a new process (cleared memory) reads it and
+    benchmarks nothing; a corrupt file or entry is ignored with a warning and tuned again."""
+    import json
+
+    import triton.testing
+
+    from deformable.ops._triton import _autotune_cache
+
+    case = Case(batch=1, in_channels=2, out_channels=3, size=(3, 4), kernel=(2, 2), padding=(0, 0))
+    tensors = make_inputs(case, torch.float64)
+    expected = oracle(case, tensors)
+    winner = tdc.Config(16, 16, 16, 4, 1)
+    timed = []
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        timed.append(1)
+        return 1.0 if len(timed) == 2 else 2.0  # the second candidate, ``winner``, is fastest
+
+    path = tmp_path / "cache" / "autotune.json"
+    monkeypatch.setenv(_autotune_cache.CACHE_ENV, str(path))
+    monkeypatch.setattr(tdc, "_autotune_enabled", lambda t: True)
+    monkeypatch.setattr(
+        tdc, "_candidates", lambda kernel, geo, dtype: [winner] if kernel == "forward" else []
+    )
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+
+    def new_process():
+        monkeypatch.setattr(tdc, "_TUNED", {})
+        monkeypatch.setattr(tdc, "_PLANS", {})
+        timed.clear()
+
+    new_process()
+    torch.testing.assert_close(forward(case, tensors).double(), expected, rtol=1e-12, atol=1e-12)
+    assert len(timed) == 2
+    scopes = json.loads(path.read_text())["scopes"]
+    (entries,) = scopes.values()
+    (key, fields) = next((k, v) for k, v in entries.items() if '"forward"' in k)
+    assert fields == [16, 16, 16, 4, 1, 1]
+
+    new_process()
+    torch.testing.assert_close(forward(case, tensors).double(), expected, rtol=1e-12, atol=1e-12)
+    assert timed == [] and tdc.Config(16, 16, 16, 4, 1) in tdc._TUNED.values()
+
+    # A broken entry, then a broken file: warned about, tuned again, rewritten.
+    data = json.loads(path.read_text())
+    next(iter(data["scopes"].values()))[key] = [16, 24, 16, 4, 1, 1]  # 24: not a power of two
+    path.write_text(json.dumps(data))
+    new_process()
+    with pytest.warns(UserWarning, match="invalid autotune cache entry"):
+        forward(case, tensors)
+    assert len(timed) == 2
+    path.write_text("{not json")
+    new_process()
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
+        forward(case, tensors)
+    assert len(timed) == 2 and json.loads(path.read_text())["format"] == 1
+
+    # An empty setting keeps results in memory only.
+    monkeypatch.setenv(_autotune_cache.CACHE_ENV, "")
+    assert _autotune_cache.cache_path() is None

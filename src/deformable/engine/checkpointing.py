@@ -7,60 +7,18 @@ tensor or a plain Python value, so it loads with ``torch.load(weights_only=True)
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._files import atomic_save as atomic_save  # re-exported: the writers live in deformable._files
+from .._files import atomic_write_text as atomic_write_text
 from .._files import load_weights_only
 
 FORMAT = "deformable-train-v1"
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` through a temporary file and an atomic rename."""
-    return _atomic_write(path, "wb", lambda handle: torch.save(obj, handle))
-
-
-def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    return _atomic_write(path, "w", lambda handle: handle.write(text))
-
-
-def _atomic_write(path: str | Path, mode: str, write: Callable[[Any], object]) -> Path:
-    """``write(handle)`` into a flushed temporary file beside ``path``, then rename it over ``path``: a
-    reader sees the old file or the whole new one, never part of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _usual_permissions(Path(tmp), path)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _usual_permissions(tmp: Path, path: Path) -> None:
-    """``mkstemp`` makes a file its owner's alone: give it the permissions of the file it replaces, or
-    else those ``open`` would (0666 less the umask), so that shared caches stay readable."""
-    if path.exists():
-        shutil.copymode(path, tmp)
-        return
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
 
 
 def rng_state() -> dict[str, Any]:

@@ -54,7 +54,9 @@ whose default is full fp32: compare the two in fp32 with TF32 off.)
 Launch configurations: a heuristic keyed by shape and dtype picks block sizes, warps and stages,
 so the first call compiles once and never benchmarks. ``DEFORMABLE_TRITON_AUTOTUNE=1`` (read at
 import) instead benchmarks a short candidate list per kernel the first time each (shape, dtype,
-flags) key is seen and caches the fastest for the process (a few seconds per new shape). Tests may
+flags) key is seen (a few seconds per new shape) and keeps the fastest, for the process and in a
+file per GPU model and Triton version, so later processes skip the benchmark (``_autotune_cache``:
+``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names the file; empty keeps results in memory only). Tests may
 pin configurations through :data:`CONFIG_OVERRIDES`. ``python -m deformable.ops._triton.compile_check``
 compiles every default configuration for sm_90 without a GPU and reports registers, spills and
 shared memory.
@@ -73,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -86,6 +89,7 @@ from torch import Tensor
 
 from .._aten import get_memory_budget
 from .._geometry import ConvGeometry
+from . import _autotune_cache
 from . import _deform_conv_kernels as _k
 from ._launch import launch
 
@@ -348,7 +352,16 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
     if kernel in CONFIG_OVERRIDES or not _autotune_enabled(t):
         return default
     key = (kernel, geo, t.dtype, t.device.index, flags, _fp32_precision())
-    if key not in _TUNED:
+    if key in _TUNED:
+        return _TUNED[key]
+    scope, text_key = (
+        _autotune_scope(t),
+        json.dumps([kernel, str(t.dtype), dataclasses.astuple(geo), *key[4:]]),
+    )
+    stored = _autotune_cache.lookup(scope, text_key)  # what an earlier process found on this GPU
+    if stored is not None:
+        _TUNED[key] = Config(*stored)
+    else:
         best, best_ms = default, float("inf")
         for config in dict.fromkeys([default, *_candidates(kernel, geo, t.dtype)]):
             # A candidate that cannot run at all is skipped; one short of shared memory runs with
@@ -360,7 +373,15 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
             if ms < best_ms:
                 best, best_ms = config, ms
         _TUNED[key] = best
+        if best_ms < float("inf"):
+            _autotune_cache.store(scope, text_key, dataclasses.astuple(best))
     return _TUNED[key]
+
+
+def _autotune_scope(t: Tensor) -> str:
+    """What a tuned configuration is valid for: the GPU model and the Triton version."""
+    device = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else t.device.type
+    return f"{device} | triton {triton.__version__}"
 
 
 # --------------------------------------------------------------------------------------------------

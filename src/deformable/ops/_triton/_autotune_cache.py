@@ -1,0 +1,96 @@
+"""The autotuner's results kept across processes (``DEFORMABLE_TRITON_AUTOTUNE=1`` only).
+
+Autotuning benchmarks a few candidate configurations per kernel the first time each (shape, dtype,
+flags) key is seen: seconds per key, which every new process would pay again. The winners are kept
+in a JSON file instead, per GPU model and Triton version (a configuration tuned for one says nothing
+about another): ``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names the file, by default
+``$XDG_CACHE_HOME/deformable/triton_autotune.json`` (``~/.cache`` without XDG_CACHE_HOME); an empty
+value keeps results in memory only. Writes are atomic and merge with what other processes wrote in
+the meantime; a file that cannot be read, or an entry that is not a valid configuration, is ignored
+with a warning (the key is then tuned again and the file rewritten).
+
+File layout: ``{"format": 1, "scopes": {scope: {key: [block_m, block_n, block_k, warps, stages,
+splits]}}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from ..._files import atomic_write_text
+
+CACHE_ENV = "DEFORMABLE_TRITON_AUTOTUNE_CACHE"
+_FORMAT = 1
+_FIELDS = 6  # block_m, block_n, block_k, num_warps, num_stages, splits
+
+__all__ = ["CACHE_ENV", "cache_path", "lookup", "store"]
+
+
+def cache_path() -> Path | None:
+    """The cache file, or None when ``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` is set to an empty value."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return Path(configured).expanduser() if configured.strip() else None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deformable" / "triton_autotune.json"
+
+
+def _read(path: Path) -> dict[str, dict[str, list]]:
+    """The scopes of the file at ``path``; {} (with a warning unless it does not exist) if unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):  # no file yet (the write will say if it cannot be made)
+        return {}
+    except (OSError, ValueError) as error:
+        warnings.warn(f"deformable: ignoring the unreadable autotune cache {path} ({error})", stacklevel=3)
+        return {}
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != _FORMAT
+        or not isinstance(data.get("scopes"), dict)
+    ):
+        warnings.warn(f"deformable: ignoring the autotune cache {path}: not format {_FORMAT}", stacklevel=3)
+        return {}
+    return {scope: keys for scope, keys in data["scopes"].items() if isinstance(keys, dict)}
+
+
+def _valid(entry) -> bool:
+    """A list of six positive ints whose three block sizes are powers of two (what a launch needs)."""
+    if not isinstance(entry, list) or len(entry) != _FIELDS:
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry):
+        return False
+    return all(v & (v - 1) == 0 for v in entry[:3])
+
+
+def lookup(scope: str, key: str) -> tuple[int, ...] | None:
+    """The stored configuration fields of ``key`` in ``scope``, or None."""
+    path = cache_path()
+    if path is None:
+        return None
+    entry = _read(path).get(scope, {}).get(key)
+    if entry is None:
+        return None
+    if not _valid(entry):
+        warnings.warn(
+            f"deformable: ignoring the invalid autotune cache entry {key!r}: {entry!r}", stacklevel=2
+        )
+        return None
+    return tuple(entry)
+
+
+def store(scope: str, key: str, fields: tuple[int, ...]) -> None:
+    """Add ``key`` -> ``fields`` to ``scope`` in the cache file (re-read first, so that entries other
+    processes wrote are kept); a file that cannot be written only costs a warning."""
+    path = cache_path()
+    if path is None:
+        return
+    scopes = _read(path)
+    scopes.setdefault(scope, {})[key] = list(fields)
+    try:
+        atomic_write_text(json.dumps({"format": _FORMAT, "scopes": scopes}, indent=1, sort_keys=True), path)
+    except OSError as error:
+        warnings.warn(f"deformable: could not write the autotune cache {path} ({error})", stacklevel=2)

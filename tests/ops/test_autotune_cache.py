@@ -1,0 +1,66 @@
+"""The autotune cache file: merging writers, scopes, and what it accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deformable.ops._triton import _autotune_cache as cache  # pure Python: no Triton needed
+
+
+@pytest.fixture
+def path(monkeypatch, tmp_path):
+    target = tmp_path / "autotune.json"
+    monkeypatch.setenv(cache.CACHE_ENV, str(target))
+    return target
+
+
+def test_store_keeps_what_other_processes_wrote(path):
+    cache.store("GPU A | triton 3", "k1", (64, 128, 32, 8, 3, 1))
+    data = json.loads(path.read_text())
+    data["scopes"]["GPU A | triton 3"]["k2"] = [32, 64, 16, 4, 2, 1]  # another process, meanwhile
+    data["scopes"]["GPU B | triton 3"] = {"k1": [16, 16, 16, 4, 1, 1]}
+    path.write_text(json.dumps(data))
+    cache.store("GPU A | triton 3", "k3", (128, 128, 64, 8, 2, 3))
+    assert cache.lookup("GPU A | triton 3", "k1") == (64, 128, 32, 8, 3, 1)
+    assert cache.lookup("GPU A | triton 3", "k2") == (32, 64, 16, 4, 2, 1)
+    assert cache.lookup("GPU A | triton 3", "k3") == (128, 128, 64, 8, 2, 3)
+    assert cache.lookup("GPU B | triton 3", "k1") == (16, 16, 16, 4, 1, 1)
+    assert cache.lookup("GPU B | triton 3", "k3") is None  # scopes do not mix
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [[64, 128, 32, 8, 3], [64, 128, 32, 8, 3, 0], [64, 100, 32, 8, 3, 1], [64, 128, 32, 8, True, 1], "x"],
+)
+def test_invalid_entries_are_ignored(path, entry):
+    path.write_text(json.dumps({"format": 1, "scopes": {"s": {"k": entry}}}))
+    with pytest.warns(UserWarning, match="invalid autotune cache entry"):
+        assert cache.lookup("s", "k") is None
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format": 2, "scopes": {}}', "\x00garbage"])
+def test_foreign_files_are_ignored_then_replaced(path, text):
+    path.write_text(text)
+    with pytest.warns(UserWarning, match="autotune cache"):
+        assert cache.lookup("s", "k") is None
+    with pytest.warns(UserWarning, match="autotune cache"):
+        cache.store("s", "k", (16, 16, 16, 4, 1, 1))
+    assert cache.lookup("s", "k") == (16, 16, 16, 4, 1, 1)
+
+
+def test_default_location_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv(cache.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.cache_path() == tmp_path / "deformable" / "triton_autotune.json"
+    monkeypatch.setenv(cache.CACHE_ENV, "   ")
+    assert cache.cache_path() is None
+
+
+def test_an_unwritable_cache_only_warns(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(cache.CACHE_ENV, str(blocker / "autotune.json"))  # its folder is a file
+    with pytest.warns(UserWarning, match="could not write"):
+        cache.store("s", "k", (16, 16, 16, 4, 1, 1))
