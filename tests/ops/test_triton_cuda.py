@@ -1,0 +1,113 @@
+"""deform_conv2d's Triton kernels on a CUDA GPU at real sizes (skipped without one): the output and all
+five gradients against float64 in fp32 (TF32 off), fp16 and bf16; parity with torchvision's fp32 op;
+autocast. ``benchmarks/gpu_check.py`` runs the same checks at every anchor shape with finer error
+accounting; these keep them in the test suite of any machine with a GPU (``pytest -m cuda``).
+
+The float64 reference is our ``aten`` backend on the same GPU (float64 throughout; the CPU tests check
+it against the loop oracle). Errors are judged against the size of what is summed: the output's per
+element (the float64 op on absolute values bounds each output's sum of |terms|), each gradient's by
+its largest value.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deformable.ops import deform_conv2d
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("triton")
+torchvision = pytest.importorskip("torchvision")
+
+pytestmark = pytest.mark.cuda
+
+DEVICE = torch.device("cuda")
+# (name, batch, channels in/out, size, stride, dilation, weight groups, offset groups)
+SHAPES = {
+    "det-c4": (1, 256, 256, (50, 84), 1, 1, 1, 1),
+    "cls-c5": (8, 512, 512, (7, 7), 1, 1, 1, 1),
+    "groups-s2-d2": (2, 96, 64, (33, 47), 2, 2, 2, 3),
+}
+# Output: |error| <= factor * eps * (sum of |terms|); gradients: <= factor * eps * max |gradient|
+# (gradients sum over taps, pixels and channels: a few hundred roundings of fp32 partial sums).
+OUT_FACTOR = {torch.float32: 64.0, torch.float16: 4.0, torch.bfloat16: 4.0}
+GRAD_FACTOR = {torch.float32: 2048.0, torch.float16: 16.0, torch.bfloat16: 16.0}
+
+
+def make_inputs(name: str, dtype: torch.dtype):
+    """(input, offset, mask, weight, bias) on the GPU, in ``dtype``; offsets ~ N(0, 2^2) pixels."""
+    batch, c_in, c_out, (h, w), stride, dilation, groups, offset_groups = SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1  # 3x3 kernel, padding = dilation
+    tensors = (
+        torch.randn(batch, c_in, h, w, generator=g),
+        torch.randn(batch, 2 * offset_groups * 9, ho, wo, generator=g) * 2,
+        torch.rand(batch, offset_groups * 9, ho, wo, generator=g),
+        torch.randn(c_out, c_in // groups, 3, 3, generator=g) / (c_in // groups * 9) ** 0.5,
+        torch.randn(c_out, generator=g),
+    )
+    return [t.to(DEVICE, dtype) for t in tensors], dict(stride=stride, padding=dilation, dilation=dilation)
+
+
+def run(tensors, geometry, backend: str, grad_output=None):
+    """Output and, with ``grad_output``, the five gradients."""
+    leaves = [t.detach().requires_grad_(grad_output is not None) for t in tensors]
+    x, offset, mask, weight, bias = leaves
+    out = deform_conv2d(x, offset, weight, bias, mask=mask, backend=backend, **geometry)
+    if grad_output is None:
+        return out.detach(), None
+    return out.detach(), torch.autograd.grad(out, leaves, grad_output)
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32():
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_real_sizes_against_float64(name, dtype):
+    tensors, geometry = make_inputs(name, dtype)
+    exact = [t.double() for t in tensors]
+    out_shape = run(tensors, geometry, "triton")[0].shape
+    grad_output = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    out, grads = run(tensors, geometry, "triton", grad_output)
+    ref_out, ref_grads = run(exact, geometry, "aten", grad_output.double())
+    x, offset, mask, weight, bias = exact
+    scale = deform_conv2d(x.abs(), offset, weight.abs(), bias.abs(), mask=mask, backend="aten", **geometry)
+    eps = torch.finfo(dtype).eps
+    assert out.dtype == dtype
+    assert ((out.double() - ref_out).abs() <= OUT_FACTOR[dtype] * eps * scale + 1e-30).all()
+    for label, got, want in zip(("input", "offset", "mask", "weight", "bias"), grads, ref_grads, strict=True):
+        assert got.dtype == dtype, label
+        error = (got.double() - want).abs().max().item()
+        assert error <= GRAD_FACTOR[dtype] * eps * want.abs().max().item(), (label, error)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_fp32_parity_with_torchvision(name):
+    tensors, geometry = make_inputs(name, torch.float32)
+    grad_output = torch.randn_like(run(tensors, geometry, "triton")[0])
+    out, grads = run(tensors, geometry, "triton", grad_output)
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    tv_out = torchvision.ops.deform_conv2d(
+        leaves[0], leaves[1], leaves[3], leaves[4], mask=leaves[2], **geometry
+    )
+    tv_grads = torch.autograd.grad(tv_out, leaves, grad_output)
+    torch.testing.assert_close(out, tv_out.detach(), rtol=0, atol=1e-5 * tv_out.abs().max().item())
+    for got, want in zip(grads, tv_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    tensors, geometry = make_inputs("det-c4", torch.float32)
+    x, offset, mask, weight, bias = tensors
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = deform_conv2d(x, offset, weight, bias, mask=mask, **geometry)
+    low = [t.bfloat16() for t in tensors]
+    expected = deform_conv2d(low[0], low[1], low[3], low[4], mask=low[2], **geometry)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
