@@ -3,9 +3,10 @@
 #   1. benchmarks/gpu_check.py: correctness at real sizes, per-shape timing (eager, host time, CUDA
 #      graph) against cuDNN and torchvision, a kernel cost breakdown, and (SWEEP=0 skips it) a
 #      configuration sweep, within BUDGET seconds;
-#   2. benchmarks/profile_host.py: host cost per call (the launch-overhead breakdown), with our fast
+#   2. tests/ops/test_triton_cuda.py (pytest -m cuda): the test suite's CUDA tests;
+#   3. benchmarks/profile_host.py: host cost per call (the launch-overhead breakdown), with our fast
 #      Triton launches and again with DEFORMABLE_TRITON_FAST_LAUNCH=0 (Triton's own dispatcher);
-#   3. benchmarks/bench_models.py: Faster R-CNN R50-FPN regular vs DCNv2, fp32 (and bf16 autocast
+#   4. benchmarks/bench_models.py: Faster R-CNN R50-FPN regular vs DCNv2, fp32 (and bf16 autocast
 #      unless MODELS_BF16=0).
 #
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh [BUDGET]      # from the repository root
@@ -49,6 +50,15 @@ sweep=()
 step $((budget + 90)) gpu_check.log "$py" benchmarks/gpu_check.py --budget "$budget" --out "$out" \
     ${sweep[@]+"${sweep[@]}"}
 tail -n 3 "$logs/gpu_check.log"
+# The CUDA tests of the test suite (real sizes, every dtype, torchvision parity, autocast); pytest from
+# the wheels in .whl/ when the machine lacks it (carry .whl).
+if ! "$py" -c "import pytest" 2>/dev/null && ls .whl/pytest-*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --target "$logs/site" \
+        .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$logs/site"
+fi
+step 120 pytest_cuda.log "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_triton_cuda.py
+tail -n 2 "$logs/pytest_cuda.log"
 step 90 profile_host.log "$py" benchmarks/profile_host.py --out "$out/profile_host.md"
 step 90 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
     "$py" benchmarks/profile_host.py --out "$out/profile_host_ordinary_launch.md"
