@@ -10,6 +10,10 @@ per call in Python, which on a GPU is more than the kernels of a small convoluti
 
 A backward run with ``create_graph=True`` (double backward) recomputes the op with the reference and
 differentiates that instead of calling the backend's backward (:mod:`._double_backward`).
+
+Under torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, vmap and their compositions) a
+third route applies (:mod:`._func_route`): the custom op (batched under vmap by its own rule: one call
+for vmapped inputs) differentiated as the reference is.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor
 from . import _aten
 from ._backend import resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
+from ._func_route import make_transformable, under_torch_func
 from ._reference import deform_conv2d_reference
 
 IntPair = int | tuple[int, int]
@@ -281,6 +286,64 @@ _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
+# torch.func: batching rules and a differentiable route
+
+
+def _fold(tensor: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """A vmapped tensor [.., B at ``dim``, ..] -> [B*N, ...] (an unbatched one is expanded to B)."""
+    if tensor is None:
+        return None
+    tensor = tensor.unsqueeze(0).expand(size, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
+    return tensor.reshape(size * tensor.shape[1], *tensor.shape[2:])
+
+
+def _per_sample(op, info, in_dims, args: tuple) -> tuple[Tensor, int]:
+    """The batching rule of last resort: ``op`` once per vmapped sample, outputs stacked (dim 0)."""
+    outputs = []
+    for b in range(info.batch_size):
+        sample = [
+            a.select(d, b) if isinstance(a, Tensor) and d is not None else a
+            for a, d in zip(args, in_dims, strict=True)
+        ]
+        outputs.append(op(*sample))
+    return torch.stack(outputs), 0
+
+
+@torch.library.register_vmap("deformable::deform_conv2d")
+def _deform_conv2d_vmap(info, in_dims, input, offset, mask, weight, bias, stride, padding, dilation, backend):
+    """vmap over input/offset/mask folds the vmapped dimension into the batch (one call); a vmapped
+    weight or bias (per-sample parameters) runs one call per sample."""
+    args = (input, offset, mask, weight, bias, stride, padding, dilation, backend)
+    if in_dims[3] is not None or in_dims[4] is not None:
+        return _per_sample(_deform_conv2d_op, info, in_dims, args)
+    size = info.batch_size
+    batch = (input if in_dims[0] is None else input.movedim(in_dims[0], 0)[0]).shape[0]
+    out = _deform_conv2d_op(
+        _fold(input, in_dims[0], size), _fold(offset, in_dims[1], size), _fold(mask, in_dims[2], size),
+        weight, bias, stride, padding, dilation, backend,
+    )  # fmt: skip
+    return out.reshape(size, batch, *out.shape[1:]), 0
+
+
+def _op_with_pairs(input, offset, mask, weight, bias, stride, padding, dilation, backend) -> Tensor:
+    return _deform_conv2d_op(
+        input, offset, mask, weight, bias, list(stride), list(padding), list(dilation), backend
+    )
+
+
+def _reference_in_op_order(input, offset, mask, weight, bias, stride, padding, dilation, backend) -> Tensor:
+    return deform_conv2d_reference(
+        input, offset, weight, bias, tuple(stride), tuple(padding), tuple(dilation), mask
+    )
+
+
+# input, offset, mask, weight and bias are differentiable.
+_DeformConv2dTransformable = make_transformable(
+    "_DeformConv2dTransformable", _op_with_pairs, _reference_in_op_order, (0, 1, 2, 3, 4)
+)
+
+
+# --------------------------------------------------------------------------------------------------
 # Public API
 
 
@@ -379,6 +442,10 @@ def deform_conv2d(
             return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
     if _plain_eager(input, offset, mask, weight, bias):
         return _DeformConv2dFunction.apply(
+            input, offset, mask, weight, bias, stride, padding, dilation, backend
+        )
+    if under_torch_func():
+        return _DeformConv2dTransformable.apply(
             input, offset, mask, weight, bias, stride, padding, dilation, backend
         )
     return _deform_conv2d_op(

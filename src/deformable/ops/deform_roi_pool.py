@@ -30,6 +30,7 @@ from torch import Tensor
 from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
+from ._func_route import make_transformable, under_torch_func
 from .deform_conv import _plain_eager, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
@@ -208,6 +209,16 @@ class _DeformRoIPoolFunction(torch.autograd.Function):
             )
         grad_input, grad_offset, grad_mask = grads
         return grad_input, None, grad_offset, grad_mask, *([None] * len(ctx.params))
+
+
+def _reference_in_op_order(input, rois, offset, mask, *params_and_backend) -> Tensor:
+    return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *params_and_backend[:-1])
+
+
+# The route under torch.func (see _func_route): input, offset and mask are differentiable, rois not.
+_DeformRoIPoolTransformable = make_transformable(
+    "_DeformRoIPoolTransformable", _deform_roi_pool_op, _reference_in_op_order, (0, 2, 3)
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,4 +430,6 @@ def deform_roi_pool(
         return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
     if _plain_eager(input, rois, offset, mask):
         return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)
+    if under_torch_func():
+        return _DeformRoIPoolTransformable.apply(input, rois, offset, mask, *args, chosen)
     return _deform_roi_pool_op(input, rois, offset, mask, *args, chosen)
