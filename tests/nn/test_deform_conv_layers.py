@@ -176,3 +176,23 @@ def test_outputs_are_contiguous_whatever_the_backend(backend):
 def test_from_conv2d_rejects_other_modules():
     with pytest.raises(TypeError, match="conv"):
         DCNv2.from_conv2d(nn.Linear(3, 3))
+
+
+def test_per_sample_gradients_of_a_dcnv2_layer():
+    """torch.func over a whole layer: vmap(grad(functional_call)) gives every parameter's gradient per
+    sample, as one backward per sample does (offset branch included)."""
+    layer = DCNv2(2, 3, 3, padding=1).double()
+    with torch.no_grad():
+        layer.conv_offset.weight.normal_(0, 0.1)  # non-trivial offsets and masks
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+
+    def loss(parameters, sample):
+        return (torch.func.functional_call(layer, parameters, (sample[None],)) ** 2).sum()
+
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        layer.zero_grad()
+        loss(dict(layer.named_parameters()), x[i]).backward()
+        for name, p in layer.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12)
