@@ -127,10 +127,41 @@ def test_deform_roi_pool_under_torch_func():
     jac = torch.func.jacrev(lambda o: pool(x, o, m))(offset)
     want = torch.autograd.functional.jacobian(lambda o: pool(x, o, m), offset)
     torch.testing.assert_close(jac, want, rtol=1e-10, atol=1e-10)
-    xs = torch.randn(3, *x.shape, generator=g, dtype=D)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PyTorch's note that it loops over the samples
-        batched = torch.vmap(lambda xi: pool(xi, offset, m))(xs)
-    torch.testing.assert_close(
-        batched, torch.stack([pool(xi, offset, m) for xi in xs]), rtol=1e-12, atol=1e-12
-    )
+
+
+def test_deform_roi_pool_vmap_rule():
+    """vmap over the features, the offsets, or the features with per-sample RoIs: one call (no
+    per-sample fallback), equal to a loop."""
+    from deformable.ops import deform_roi_pool
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 9, generator=g, dtype=D)
+    rois = torch.tensor([[0, 1.0, 1.5, 6.0, 7.0], [1, 0.5, 0.0, 8.0, 5.5], [1, 2.0, 2.0, 4.0, 7.0]], dtype=D)
+    offset = torch.randn(3, 2, 2, 3, generator=g, dtype=D) * 0.3
+    m = torch.rand(3, 1, 2, 3, generator=g, dtype=D)
+
+    def pool(x, rois, offset, m):
+        return deform_roi_pool(x, rois, offset, m, output_size=(2, 3), spatial_scale=1.0, sampling_ratio=2)
+
+    xs = torch.randn(4, *x.shape, generator=g, dtype=D)
+    offsets = torch.randn(4, *offset.shape, generator=g, dtype=D) * 0.3
+    many_rois = rois.expand(4, -1, -1).clone()
+    many_rois[:, :, 1:] += torch.rand(4, 3, 4, generator=g, dtype=D)  # a different box per sample
+    cases = [
+        (lambda xi: pool(xi, rois, offset, m), (xs,), lambda i: pool(xs[i], rois, offset, m)),
+        (lambda oi: pool(x, rois, oi, m), (offsets,), lambda i: pool(x, rois, offsets[i], m)),
+        (
+            lambda xi, ri: pool(xi, ri, offset, None),
+            (xs, many_rois),
+            lambda i: pool(xs[i], many_rois[i], offset, None),
+        ),
+    ]
+    for fn, args, one in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # PyTorch warns when it falls back to a per-sample loop
+            batched = torch.vmap(fn)(*args)
+        torch.testing.assert_close(batched, torch.stack([one(i) for i in range(4)]), rtol=1e-12, atol=1e-12)
+    # Per-sample RoIs are still checked: one sample's bad batch index is an error naming rois.
+    many_rois[2, 1, 0] = 5
+    with pytest.raises(ValueError, match="rois"):
+        torch.vmap(lambda xi, ri: pool(xi, ri, offset, None))(xs, many_rois)

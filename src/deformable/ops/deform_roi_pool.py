@@ -176,6 +176,35 @@ def _backward(ctx, grad_output):
 _deform_roi_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _batched(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """A vmapped tensor with its vmapped dimension first; an unbatched one expanded to ``size``."""
+    if t is None:
+        return None
+    return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+@torch.library.register_vmap("deformable::deform_roi_pool")
+def _deform_roi_pool_vmap(info, in_dims, input, rois, offset, mask, *params):
+    """One call for the whole vmapped batch: B feature batches of N images become B*N images, each
+    sample's RoIs (shared or its own) are renumbered onto its images, and the RoIs, offsets and masks
+    of all samples are stacked: [B*K, C, ph, pw] out, viewed as [B, K, C, ph, pw]."""
+    size = info.batch_size
+    rois = _batched(rois, in_dims[1], size).clone()  # [B, K, 5]
+    if in_dims[0] is not None:
+        input = _batched(input, in_dims[0], size)  # [B, N, C, H, W]
+        images = input.shape[1]
+        shift = torch.arange(size, device=rois.device, dtype=rois.dtype) * images
+        rois[..., 0] += shift[:, None]
+        input = input.reshape(size * images, *input.shape[2:])
+    count = rois.shape[1]
+    offset, mask = (
+        None if t is None else _batched(t, d, size).reshape(size * count, *t.shape[-3:])
+        for t, d in ((offset, in_dims[2]), (mask, in_dims[3]))
+    )
+    out = _deform_roi_pool_op(input, rois.reshape(size * count, 5), offset, mask, *params)
+    return out.reshape(size, count, *out.shape[1:]), 0
+
+
 class _DeformRoIPoolFunction(torch.autograd.Function):
     """The eager-mode route: what the custom op does, without its dispatcher (see deform_conv)."""
 
@@ -264,8 +293,18 @@ def _capturing(input: Tensor) -> bool:
     return input.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _plain_values(rois: Tensor) -> Tensor:
+    """``rois`` itself, or under torch.vmap the RoIs of every vmapped sample as one [B*K, 5] tensor (a
+    batched tensor's values cannot be read)."""
+    functorch = torch._C._functorch
+    while functorch.is_batchedtensor(rois):
+        rois = functorch.get_unwrapped(rois).movedim(functorch.maybe_get_bdim(rois), 0).flatten(0, -2)
+    return rois
+
+
 def _check_roi_values(rois: Tensor, batch_size: int) -> None:
     """Data-dependent checks of the RoIs (one host synchronisation)."""
+    rois = _plain_values(rois)
     if rois.shape[0] == 0:
         return
     batch = rois[:, 0]
