@@ -134,3 +134,15 @@ def test_train_out_is_a_folder_name_whatever_it_looks_like(monkeypatch, tmp_path
 )
 def test_analyze_and_export_sizes_are_checked(argv, capsys):
     assert "must be" in _usage_error(argv, capsys)
+
+
+def test_info_reports_backends_and_autotuning(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("triton")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "automatic backend: cpu -> aten" in out
+    assert "triton autotuning: off" in out
+    monkeypatch.setenv("DEFORMABLE_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("DEFORMABLE_TRITON_AUTOTUNE_CACHE", str(tmp_path / "tuned.json"))
+    assert main(["info"]) == 0
+    assert f"triton autotuning: on, results kept in {tmp_path / 'tuned.json'}" in capsys.readouterr().out

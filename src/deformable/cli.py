@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -66,6 +67,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .ops import get_memory_budget
 
     print(f"aten backend memory budget: {get_memory_budget() / 2**20:.0f} MiB")
+    if triton_available():
+        from .ops._triton._autotune_cache import cache_path  # pure Python: Triton is not imported
+
+        if os.environ.get("DEFORMABLE_TRITON_AUTOTUNE", "0") == "1":
+            path = cache_path()
+            print(f"triton autotuning: on, results kept in {path if path is not None else 'memory only'}")
+        else:
+            print(
+                "triton autotuning: off (heuristic configurations; DEFORMABLE_TRITON_AUTOTUNE=1 turns it on)"
+            )
     return 0
 
 
