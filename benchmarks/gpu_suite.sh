@@ -7,12 +7,13 @@
 #   3. benchmarks/profile_host.py: host cost per call (the launch-overhead breakdown), with our fast
 #      Triton launches and again with DEFORMABLE_TRITON_FAST_LAUNCH=0 (Triton's own dispatcher);
 #   4. benchmarks/bench_models.py: Faster R-CNN R50-FPN regular vs DCNv2, fp32 (and bf16 autocast
-#      unless MODELS_BF16=0).
+#      unless MODELS_BF16=0);
+#   5. benchmarks/triton_traffic.py: the kernels' modelled traffic beside this run's kernel times.
 #
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh [BUDGET]      # from the repository root
 #
 # Tables go to $OUT (gpu_check's also to benchmarks/results/), the logs into $OUT/logs.tgz, refreshed
-# after every step: at most seven files, as the device tool returns eight. About BUDGET + 150 seconds
+# after every step: at most eight files, as many as the device tool returns. About BUDGET + 150 seconds
 # on an H100/H200 (BUDGET defaults to 270). The whole suite stops within TOTAL seconds (default 570,
 # under the device tool's 600 s per command): each step's time limit is cut to what is left, steps
 # run in order of value, and a step with under 20 s left is skipped, so a run cut short keeps the
@@ -67,6 +68,10 @@ if [ "${MODELS_BF16:-1}" != 0 ]; then
     step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --amp bf16 \
         --out "$out/models_cuda_bf16.md"
 fi
+# The traffic model beside this run's kernel times (CPU arithmetic, seconds).
+report=$(ls "$out"/gpu_*.md 2>/dev/null | head -n 1)
+[ -n "$report" ] && step 30 traffic.log "$py" benchmarks/triton_traffic.py --measured "$report" \
+    --out "$out/triton_traffic.md"
 tar czf "$out/logs.tgz" -C "$logs" .
 ls -l "$out"
 exit $status
