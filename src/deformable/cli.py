@@ -72,7 +72,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
         if os.environ.get("DEFORMABLE_TRITON_AUTOTUNE", "0") == "1":
             path = cache_path()
-            print(f"triton autotuning: on, results kept in {path if path is not None else 'memory only'}")
+            kept = path if path is not None else "memory only"
+            print(f"triton autotuning: on (for CUDA tensors), results kept in {kept}")
         else:
             print(
                 "triton autotuning: off (heuristic configurations; DEFORMABLE_TRITON_AUTOTUNE=1 turns it on)"

@@ -133,6 +133,7 @@ def test_map_positions_accept_int_pairs_and_tensors():
     model, image = stack(), torch.rand(3, 8, 8, dtype=torch.float64)
     assert position_to_image(model, image, "4", torch.tensor([1, 2])) == (2.0, 4.0)
     assert theoretical_receptive_field(model, image, "4", [3, 3]) == (1.0, 11.0, 1.0, 11.0)
+    assert position_to_image(model, image, "4", (torch.tensor(1), torch.tensor(2))) == (2.0, 4.0)
 
 
 @pytest.mark.parametrize(

@@ -296,9 +296,13 @@ def test_training_targets_are_checked_upfront(training_detectors, targets, error
 
 @pytest.mark.parametrize(
     "masks, words",
-    [(None, r"lacks \['masks'\]"), (torch.zeros(64, 64), r"\['masks'\] must be a \[1, 64, 64\] tensor")],
+    [
+        (None, r"lacks \['masks'\]"),
+        (torch.zeros(64, 64), r"\['masks'\] must be a \[1, H, W\] tensor"),
+        (torch.zeros(2, 64, 64), r"\['masks'\] must be a \[1, H, W\] tensor"),
+    ],
 )
-def test_mask_rcnn_targets_need_masks_of_the_image_size(training_detectors, masks, words):
+def test_mask_rcnn_targets_need_one_mask_per_box(training_detectors, masks, words):
     # A [H, W] mask crashed inside a C++ kernel with "Dimension out of range".
     target = dict(_TARGET) if masks is None else {**_TARGET, "masks": masks}
     with pytest.raises(ValueError, match=words):

@@ -32,7 +32,15 @@ def test_store_keeps_what_other_processes_wrote(path):
 
 @pytest.mark.parametrize(
     "entry",
-    [[64, 128, 32, 8, 3], [64, 128, 32, 8, 3, 0], [64, 100, 32, 8, 3, 1], [64, 128, 32, 8, True, 1], "x"],
+    [
+        [64, 128, 32, 8, 3],
+        [64, 128, 32, 8, 3, 0],
+        [64, 100, 32, 8, 3, 1],
+        [64, 128, 32, 8, True, 1],
+        [64, 128, 32, 3, 2, 1],  # 3 warps
+        [64, 128, 32, 64, 2, 1],  # 64 warps
+        "x",
+    ],
 )
 def test_invalid_entries_are_ignored(path, entry):
     path.write_text(json.dumps({"format": 1, "scopes": {"s": {"k": entry}}}))
@@ -40,14 +48,24 @@ def test_invalid_entries_are_ignored(path, entry):
         assert cache.lookup("s", "k") is None
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '{"format": 2, "scopes": {}}', "\x00garbage"])
-def test_foreign_files_are_ignored_then_replaced(path, text):
-    path.write_text(text)
-    with pytest.warns(UserWarning, match="autotune cache"):
+def test_an_unparseable_file_is_ignored_then_replaced(path):
+    path.write_text("\x00garbage")
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
         assert cache.lookup("s", "k") is None
-    with pytest.warns(UserWarning, match="autotune cache"):
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
         cache.store("s", "k", (16, 16, 16, 4, 1, 1))
     assert cache.lookup("s", "k") == (16, 16, 16, 4, 1, 1)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format": 2, "scopes": {}}'])
+def test_another_format_is_neither_used_nor_overwritten(path, text):
+    """Another version of the package may own the file: it is left as it is."""
+    path.write_text(text)
+    with pytest.warns(UserWarning, match="not format 1"):
+        assert cache.lookup("s", "k") is None
+    with pytest.warns(UserWarning, match="not format 1"):
+        cache.store("s", "k", (16, 16, 16, 4, 1, 1))
+    assert path.read_text() == text
 
 
 def test_default_location_follows_xdg(monkeypatch, tmp_path):

@@ -165,3 +165,38 @@ def test_deform_roi_pool_vmap_rule():
     many_rois[2, 1, 0] = 5
     with pytest.raises(ValueError, match="rois"):
         torch.vmap(lambda xi, ri: pool(xi, ri, offset, None))(xs, many_rois)
+
+
+def test_deform_roi_pool_vmap_edge_cases():
+    """The vmapped dimension anywhere in offset; bf16 RoIs renumbered past 256 images (bf16's last
+    exact integer); derivatives with per-sample RoIs refused by name; functionalize keeps the op."""
+    from deformable.ops import deform_roi_pool
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 2, 6, 6, generator=g, dtype=D)
+    rois = torch.tensor([[0, 1.0, 1.0, 4.0, 5.0], [7, 0.0, 2.0, 5.0, 5.0]], dtype=D)
+    offset = torch.randn(2, 2, 2, 2, generator=g, dtype=D) * 0.3
+
+    def pool(x, rois, offset):
+        return deform_roi_pool(x, rois, offset, output_size=2, sampling_ratio=2)
+
+    offsets = torch.randn(2, 2, 2, 5, 2, generator=g, dtype=D)  # vmapped dimension 3 of 5
+    got = torch.vmap(lambda o: pool(x, rois, o), in_dims=3)(offsets)
+    want = torch.stack([pool(x, rois, offsets[:, :, :, i]) for i in range(5)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    xs = torch.randn(40, *x.shape, generator=g, dtype=D)  # 40 x 8 = 320 images
+    half_rois = rois.to(torch.bfloat16)
+    got = torch.vmap(lambda xi: pool(xi, half_rois, offset))(xs)
+    torch.testing.assert_close(
+        got, torch.stack([pool(xi, half_rois, offset) for xi in xs]), rtol=1e-12, atol=1e-12
+    )
+
+    many_rois = rois.expand(3, -1, -1)
+    with pytest.raises(NotImplementedError, match="per-sample"):
+        torch.vmap(torch.func.grad(lambda o, r: pool(x, r, o).sum()))(
+            offset.expand(3, -1, -1, -1, -1), many_rois
+        )
+
+    functional = torch.func.functionalize(lambda o: pool(x, rois, o))
+    torch.testing.assert_close(functional(offset), pool(x, rois, offset), rtol=0, atol=0)

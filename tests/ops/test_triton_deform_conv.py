@@ -627,6 +627,23 @@ def test_autotuned_configurations_persist_across_processes(monkeypatch, tmp_path
         forward(case, tensors)
     assert len(timed) == 2 and json.loads(path.read_text())["format"] == 1
 
+    # A well-formed entry whose launch fails (a kernel changed, a smaller GPU): tuned again.
+    data = json.loads(path.read_text())
+    next(iter(data["scopes"].values()))[key] = [64, 16, 16, 4, 1, 1]
+    path.write_text(json.dumps(data))
+    launch = tdc.launch
+
+    def failing_launch(*args, **kwargs):
+        if kwargs.get("BLOCK_M") == 64:
+            raise RuntimeError("out of resources")
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(tdc, "launch", failing_launch)
+    new_process()
+    with pytest.warns(UserWarning, match="ignoring the autotune cache entry"):
+        torch.testing.assert_close(forward(case, tensors).double(), expected, rtol=1e-12, atol=1e-12)
+    assert len(timed) == 2
+
     # An empty setting keeps results in memory only.
     monkeypatch.setenv(_autotune_cache.CACHE_ENV, "")
     assert _autotune_cache.cache_path() is None

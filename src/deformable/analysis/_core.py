@@ -75,12 +75,13 @@ def make_node(layer: str, position, channel: int | None = None) -> Node:
 
 
 def _values(value, name: str) -> tuple:
-    """``value`` (a sequence or a tensor) as a tuple; TypeError naming ``name`` otherwise."""
+    """``value`` (a sequence or a tensor) as a tuple, 0-d tensor elements as numbers; TypeError naming
+    ``name`` otherwise."""
     if isinstance(value, Tensor):
         value = value.tolist()
     if not isinstance(value, str):
         with contextlib.suppress(TypeError):
-            return tuple(value)
+            return tuple(v.item() if isinstance(v, Tensor) and v.dim() == 0 else v for v in value)
     raise TypeError(f"{name} must be a sequence of numbers, got {type(value).__name__}")
 
 

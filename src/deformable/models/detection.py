@@ -112,7 +112,7 @@ def _check_images(images) -> None:
 def _check_targets(model, images, targets) -> None:
     """Check training ``targets`` upfront (torchvision's own checks are asserts, KeyErrors or none):
     one dict per image with ``boxes`` [N, 4] (finite, x2 > x1, y2 > y1), ``labels`` [N] int64 in
-    [0, num_classes) and, for Mask R-CNN, ``masks`` [N, H, W] of the image's size."""
+    [0, num_classes) and, for Mask R-CNN, ``masks`` [N, H, W] (torchvision resizes them with the image)."""
     expected = "a list of dicts with 'boxes' [N, 4] and 'labels' [N] (and 'masks' [N, H, W]), one per image"
     if targets is None:
         raise ValueError(f"targets must be given in training mode: {expected}")
@@ -124,7 +124,7 @@ def _check_targets(model, images, targets) -> None:
     num_classes = getattr(predictor, "out_features", None)
     keys = ("boxes", "labels", "masks") if model.roi_heads.has_mask() else ("boxes", "labels")
     flags = []  # per target: (boxes valid, labels valid), 0-d bool tensors on the data's device
-    for index, (image, target) in enumerate(zip(images, targets, strict=True)):
+    for index, target in enumerate(targets):
         name = f"targets[{index}]"
         if not isinstance(target, Mapping):
             raise TypeError(f"{name} must be a dict with {keys}, got {type(target).__name__}")
@@ -141,11 +141,11 @@ def _check_targets(model, images, targets) -> None:
             )
         if labels.dtype != torch.int64:
             raise TypeError(f"{name}['labels'] must be int64, got {labels.dtype}")
-        if "masks" in keys:
-            masks, size = target["masks"], (count, *image.shape[-2:])
-            if not isinstance(masks, Tensor) or masks.shape != size:
+        if "masks" in keys:  # any resolution: torchvision resizes masks with their image
+            masks = target["masks"]
+            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != count:
                 raise ValueError(
-                    f"{name}['masks'] must be a {list(size)} tensor (N, H, W), got {_shape(masks)}"
+                    f"{name}['masks'] must be a [{count}, H, W] tensor (one per box), got {_shape(masks)}"
                 )
         valid_boxes = (torch.isfinite(boxes).all(1) & (boxes[:, 2:] > boxes[:, :2]).all(1)).all()
         valid_labels = ((labels >= 0) & (labels < num_classes)).all() if num_classes else valid_boxes

@@ -17,12 +17,32 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["make_transformable", "under_torch_func"]
+__all__ = ["differentiating", "make_transformable", "under_torch_func"]
+
+
+def _active_transforms() -> set:
+    """The kinds (``TransformType``) of the torch.func transforms active around this call."""
+    if torch._C._functorch.peek_interpreter_stack() is None:  # the common case, one C call
+        return set()
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return {interpreter.key() for interpreter in retrieve_all_functorch_interpreters()}
 
 
 def under_torch_func() -> bool:
-    """True inside a torch.func transform (grad, vjp, vmap, ...), outside torch.compile's tracing."""
-    return torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling()
+    """True inside a torch.func transform that the custom ops cannot serve (grad, vjp, jvp, vmap and
+    what is built of them), outside torch.compile's tracing. ``functionalize`` alone keeps the custom
+    op, which it handles."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the interpreter stack; the custom op serves
+        return False
+    kinds = torch._C._functorch.TransformType
+    return bool(_active_transforms() & {kinds.Grad, kinds.Jvp, kinds.Vmap})
+
+
+def differentiating() -> bool:
+    """True inside a torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd, ...)."""
+    kinds = torch._C._functorch.TransformType
+    return bool(_active_transforms() & {kinds.Grad, kinds.Jvp})
 
 
 def make_transformable(

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
-from ._func_route import make_transformable, under_torch_func
+from ._func_route import differentiating, make_transformable, under_torch_func
 from .deform_conv import _plain_eager, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
@@ -189,19 +189,22 @@ def _deform_roi_pool_vmap(info, in_dims, input, rois, offset, mask, *params):
     sample's RoIs (shared or its own) are renumbered onto its images, and the RoIs, offsets and masks
     of all samples are stacked: [B*K, C, ph, pw] out, viewed as [B, K, C, ph, pw]."""
     size = info.batch_size
-    rois = _batched(rois, in_dims[1], size).clone()  # [B, K, 5]
+    # [B, K, 5]; renumbered in fp32/fp64, where image indices stay exact (bf16's stop at 256).
+    rois = _batched(rois, in_dims[1], size).to(
+        torch.float64 if rois.dtype == torch.float64 else torch.float32
+    )
     if in_dims[0] is not None:
         input = _batched(input, in_dims[0], size)  # [B, N, C, H, W]
         images = input.shape[1]
         shift = torch.arange(size, device=rois.device, dtype=rois.dtype) * images
-        rois[..., 0] += shift[:, None]
-        input = input.reshape(size * images, *input.shape[2:])
+        rois = torch.cat([rois[..., :1] + shift[:, None, None], rois[..., 1:]], dim=-1)
+        input = input.flatten(0, 1)
     count = rois.shape[1]
     offset, mask = (
-        None if t is None else _batched(t, d, size).reshape(size * count, *t.shape[-3:])
+        None if t is None else _batched(t, d, size).flatten(0, 1)
         for t, d in ((offset, in_dims[2]), (mask, in_dims[3]))
     )
-    out = _deform_roi_pool_op(input, rois.reshape(size * count, 5), offset, mask, *params)
+    out = _deform_roi_pool_op(input, rois.flatten(0, 1), offset, mask, *params)
     return out.reshape(size, count, *out.shape[1:]), 0
 
 
@@ -293,12 +296,25 @@ def _capturing(input: Tensor) -> bool:
     return input.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _plain_values(rois: Tensor) -> Tensor:
-    """``rois`` itself, or under torch.vmap the RoIs of every vmapped sample as one [B*K, 5] tensor (a
-    batched tensor's values cannot be read)."""
+def _vmapped(t: Tensor) -> bool:
+    """Whether any torch.func wrapper of ``t`` is vmap's (``t`` differs between vmapped samples)."""
     functorch = torch._C._functorch
-    while functorch.is_batchedtensor(rois):
-        rois = functorch.get_unwrapped(rois).movedim(functorch.maybe_get_bdim(rois), 0).flatten(0, -2)
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _plain_values(rois: Tensor) -> Tensor:
+    """``rois`` itself, or under torch.func the plain tensor beneath its wrappers, with the RoIs of
+    every vmapped sample as rows of one [B*K, 5] tensor (a wrapped tensor's values cannot be read)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(rois):
+        if functorch.is_batchedtensor(rois):
+            rois = functorch.get_unwrapped(rois).movedim(functorch.maybe_get_bdim(rois), 0).flatten(0, -2)
+        else:
+            rois = functorch.get_unwrapped(rois)
     return rois
 
 
@@ -470,5 +486,11 @@ def deform_roi_pool(
     if _plain_eager(input, rois, offset, mask):
         return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)
     if under_torch_func():
+        if differentiating() and _vmapped(rois):
+            raise NotImplementedError(
+                "deform_roi_pool: torch.func derivatives with vmapped (per-sample) rois are not supported "
+                "(the reference they come from has data-dependent shapes); vmap over the features, "
+                "offsets and masks with shared rois, or loop over the samples"
+            )
         return _DeformRoIPoolTransformable.apply(input, rois, offset, mask, *args, chosen)
     return _deform_roi_pool_op(input, rois, offset, mask, *args, chosen)

@@ -2,12 +2,16 @@
 
 Autotuning benchmarks a few candidate configurations per kernel the first time each (shape, dtype,
 flags) key is seen: seconds per key, which every new process would pay again. The winners are kept
-in a JSON file instead, per GPU model and Triton version (a configuration tuned for one says nothing
-about another): ``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names the file, by default
-``$XDG_CACHE_HOME/deformable/triton_autotune.json`` (``~/.cache`` without XDG_CACHE_HOME); an empty
-value keeps results in memory only. Writes are atomic and merge with what other processes wrote in
-the meantime; a file that cannot be read, or an entry that is not a valid configuration, is ignored
-with a warning (the key is then tuned again and the file rewritten).
+in a JSON file instead, per scope: the GPU model, the Triton version and a hash of the kernels' source
+(a configuration tuned for one says nothing about another). ``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names
+the file, by default ``$XDG_CACHE_HOME/deformable/triton_autotune.json`` (``~/.cache`` without
+XDG_CACHE_HOME); an empty value keeps results in memory only.
+
+Writes are atomic and re-read the file first, keeping what other processes wrote (best effort: two
+processes storing at the same instant may lose one entry, which is then tuned again). A file that
+cannot be parsed is ignored with a warning and replaced by the next write; a file of another format
+(another version of this package) is used by neither and left as it is. An entry that is not a valid
+configuration, or whose trial launch fails, is ignored with a warning and tuned again.
 
 File layout: ``{"format": 1, "scopes": {scope: {key: [block_m, block_n, block_k, warps, stages,
 splits]}}}``.
@@ -38,8 +42,9 @@ def cache_path() -> Path | None:
     return Path(base) / "deformable" / "triton_autotune.json"
 
 
-def _read(path: Path) -> dict[str, dict[str, list]]:
-    """The scopes of the file at ``path``; {} (with a warning unless it does not exist) if unreadable."""
+def _read(path: Path) -> dict[str, dict[str, list]] | None:
+    """The scopes of the file at ``path``: {} if there is none or it cannot be parsed (with a warning),
+    None if it holds another format (not to be overwritten)."""
     try:
         data = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):  # no file yet (the write will say if it cannot be made)
@@ -52,18 +57,22 @@ def _read(path: Path) -> dict[str, dict[str, list]]:
         or data.get("format") != _FORMAT
         or not isinstance(data.get("scopes"), dict)
     ):
-        warnings.warn(f"deformable: ignoring the autotune cache {path}: not format {_FORMAT}", stacklevel=3)
-        return {}
+        message = (
+            f"deformable: not using the autotune cache {path}: not format {_FORMAT} (another version's?)"
+        )
+        warnings.warn(message, stacklevel=3)
+        return None
     return {scope: keys for scope, keys in data["scopes"].items() if isinstance(keys, dict)}
 
 
 def _valid(entry) -> bool:
-    """A list of six positive ints whose three block sizes are powers of two (what a launch needs)."""
+    """Six positive ints, power-of-two block sizes and warps (at most 32): what a launch needs (the
+    trial launch of the caller tests the rest)."""
     if not isinstance(entry, list) or len(entry) != _FIELDS:
         return False
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry):
         return False
-    return all(v & (v - 1) == 0 for v in entry[:3])
+    return all(v & (v - 1) == 0 for v in entry[:4]) and entry[3] <= 32
 
 
 def lookup(scope: str, key: str) -> tuple[int, ...] | None:
@@ -71,7 +80,7 @@ def lookup(scope: str, key: str) -> tuple[int, ...] | None:
     path = cache_path()
     if path is None:
         return None
-    entry = _read(path).get(scope, {}).get(key)
+    entry = (_read(path) or {}).get(scope, {}).get(key)
     if entry is None:
         return None
     if not _valid(entry):
@@ -89,6 +98,8 @@ def store(scope: str, key: str, fields: tuple[int, ...]) -> None:
     if path is None:
         return
     scopes = _read(path)
+    if scopes is None:  # another format: left to the version that wrote it
+        return
     scopes.setdefault(scope, {})[key] = list(fields)
     try:
         atomic_write_text(json.dumps({"format": _FORMAT, "scopes": scopes}, indent=1, sort_keys=True), path)

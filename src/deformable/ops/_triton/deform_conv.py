@@ -75,11 +75,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -360,8 +363,13 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
     )
     stored = _autotune_cache.lookup(scope, text_key)  # what an earlier process found on this GPU
     if stored is not None:
-        _TUNED[key] = Config(*stored)
-    else:
+        try:
+            run(Config(*stored))  # a trial launch: an entry that cannot run is tuned again
+            _TUNED[key] = Config(*stored)
+        except Exception as error:
+            message = f"deformable: ignoring the autotune cache entry {stored} of {kernel} ({error})"
+            warnings.warn(message, stacklevel=3)
+    if key not in _TUNED:
         best, best_ms = default, float("inf")
         for config in dict.fromkeys([default, *_candidates(kernel, geo, t.dtype)]):
             # A candidate that cannot run at all is skipped; one short of shared memory runs with
@@ -379,9 +387,14 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
 
 
 def _autotune_scope(t: Tensor) -> str:
-    """What a tuned configuration is valid for: the GPU model and the Triton version."""
+    """What a tuned configuration is valid for: the GPU model, the Triton version, the kernels' source."""
     device = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else t.device.type
-    return f"{device} | triton {triton.__version__}"
+    return f"{device} | triton {triton.__version__} | kernels {_kernels_hash()}"
+
+
+@functools.cache
+def _kernels_hash() -> str:
+    return hashlib.sha256(Path(_k.__file__).read_bytes()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------------------------------
