@@ -289,6 +289,12 @@ def test_argument_errors(tmp_path):
         export_onnx(layer, x, out, input_names=["a", "b"], dynamo=False)
     with pytest.raises(TypeError, match="input_names must be a sequence of str"):
         export_onnx(layer, x, out, input_names=5, dynamo=False)
+    with pytest.raises(ValueError, match="batch of 0"):  # was torch.export's "Constraints violated"
+        export_onnx(layer, x[:0], out)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"blocker is a file, not a folder"):  # was FileExistsError
+        export_onnx(layer, x, blocker / "x.onnx")
     assert not out.exists()
 
 

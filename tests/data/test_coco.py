@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 from deformable.data import (
     AnnotationError,
     CocoDetection,
+    check_coco_annotations,
     collate_detection,
     eval_transforms,
     train_transforms,
@@ -168,6 +169,15 @@ BAD = {
     ),
     "rle no counts": (lambda d: d["annotations"][2]["segmentation"].pop("counts"), "needs 'counts'"),
     "duplicate ann id": (lambda d: d["annotations"][1].update(id=10), "duplicate id"),
+    # json lists are unhashable: the set/dict lookups raised a bare "unhashable type: 'list'"
+    "category id list": (
+        lambda d: d["annotations"][1].update(category_id=[11]),
+        r"annotations\[1\] \(id 11\): unknown 'category_id' \[11\]",
+    ),
+    "image id list": (
+        lambda d: d["annotations"][1].update(image_id=[1]),
+        r"annotations\[1\] \(id 11\): 'image_id' \[1\] is not in 'images'",
+    ),
     "no width": (lambda d: d["images"][0].pop("width"), r"images\[0\] \(id 1\): 'width'"),
     "no categories": (lambda d: d.pop("categories"), "'categories' must be a list"),
     "image size": (_resize_image_2, "the file is 20x25 .* 'height' 26"),
@@ -363,3 +373,14 @@ def test_hand_written_json_is_not_modified(dataset_files):
     ds[0]
     assert json.loads(ann_file.read_text()) == before == coco_dict()
     assert copy.deepcopy(ds.coco.dataset["categories"]) == coco_dict()["categories"]
+
+
+def test_bad_arguments_are_named(dataset_files):
+    images, ann_file = dataset_files
+    with pytest.raises(TypeError, match="data must be a dict"):  # was AttributeError: 'list' ... 'get'
+        check_coco_annotations([])
+    with pytest.raises(TypeError, match="transforms must be None or a callable"):
+        CocoDetection(images, ann_file, "flip")
+    ds = CocoDetection(images, ann_file, lambda image, target: image)  # forgot to return the target
+    with pytest.raises(TypeError, match=r"transforms must return \(image, target\)"):
+        ds[0]

@@ -183,6 +183,13 @@ def test_presets_are_valid():
         ({"canvas_size": 10**9}, "canvas_size"),
         ({"size_weights": (float("nan"), 1, 1)}, "size_weights"),
         ({"size_weights": ("a", 1, 1)}, "size_weights"),
+        # were TypeErrors from deep inside: 'float' object is not iterable, '<=' not supported
+        ({"canvas_size": 64.5}, "canvas_size must be an int or a pair of ints"),
+        ({"size_weights": 1.0}, "size_weights"),
+        ({"size_weights": {1, 2, 3}}, "size_weights"),  # a set has no order: silently shuffled weights
+        ({"max_box_iou": "0.3"}, r"max_box_iou must be a number in \[0, 1\]"),
+        ({"max_box_iou": None}, "max_box_iou"),
+        ({"placement_tries": True}, "placement_tries"),
     ],
 )
 def test_bad_parameters(tmp_path, kwargs, message):
@@ -274,3 +281,33 @@ def test_bad_classification_arguments():
         DeformedFashionClassification(images[0], labels)  # one image's rows taken for images
     with pytest.raises(ValueError, match="labels must be a tensor"):
         DeformedFashionClassification(images, torch.zeros(5))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):  # 0.5 became class 0
+        DeformedFashionClassification(images, torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        DeformedFashionClassification(images, labels, channels=True)
+    with pytest.raises(TypeError, match="transform must be None or a callable"):
+        DeformedFashionClassification(images, labels, transform="resize")
+    with pytest.raises(ValueError, match="split must be"):  # was: unhashable type: 'list'
+        deformed_fashion_classification(["train"], 4)
+    with pytest.raises(ValueError, match="split must be"):
+        fashion_mnist.load_subset(["train"])
+
+
+def test_damaged_classification_cache_is_regenerated(tmp_path):
+    first = deformed_fashion_classification("val", 10, canvas_size=16, out_dir=tmp_path)
+    (path,) = (tmp_path / "deformed_fashion_cls").glob("*.npz")
+    for damage in (path.read_bytes()[:100], b""):  # was BadZipFile / EOFError on every later call
+        path.write_bytes(damage)
+        with pytest.warns(UserWarning, match="regenerating it"):
+            again = deformed_fashion_classification("val", 10, canvas_size=16, out_dir=tmp_path)
+        assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    assert len(deformed_fashion_classification("val", 10, canvas_size=16, out_dir=tmp_path)) == 10
+
+
+def test_dataset_statistics_names_bad_input():
+    with pytest.raises(ValueError, match="must be a COCO dict"):  # was KeyError: 'images'
+        deformed_fashion.dataset_statistics({})
+    orphan = {"image_id": 2, "area": 1.0, "bbox": [0, 0, 1, 1], "category_id": 1}
+    data = {"images": [{"id": 1}], "annotations": [orphan], "categories": []}
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'image_id' 2 is not in 'images'"):  # KeyError: 2
+        deformed_fashion.dataset_statistics(data)

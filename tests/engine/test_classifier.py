@@ -63,6 +63,17 @@ def test_image_folder_datasets_share_classes_and_shape_images(folders):
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
 
 
+def test_bad_image_sizes_are_named_before_reading_images(folders):
+    from deformable.data.image_folder import classification_transforms
+
+    # were RuntimeErrors from torch's interpolate on the first image (1.5 gave 1x1 images)
+    for size in (0, -1, 1.5, None):
+        with pytest.raises(ValueError, match="image_size must be a positive int"):
+            image_folder_datasets(*folders, image_size=size)
+    with pytest.raises(ValueError, match="resize_size must be a positive int"):
+        classification_transforms(False, 32, 0)
+
+
 def test_trains_evaluates_and_reloads(folders, tmp_path):
     cfg = load_any_config("imagenet_resnet50_dcnv2", _overrides(folders, tmp_path / "run", "iterations=3"))
     assert isinstance(cfg, ClassifierConfig) and cfg.dcn == "v2"

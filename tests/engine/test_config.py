@@ -163,3 +163,29 @@ def test_warmup_and_step_schedule():
     assert lr_factor(cfg, 5) == pytest.approx(0.55)
     assert lr_factor(cfg, 10) == 1.0 and lr_factor(cfg, 19) == 1.0
     assert lr_factor(cfg, 20) == pytest.approx(0.1) and lr_factor(cfg, 30) == pytest.approx(0.01)
+
+
+def test_bad_arguments_and_values_are_named(tmp_path):
+    with pytest.raises(TypeError, match="values must be a mapping"):  # was AttributeError: 'get'
+        config_from_dict(None)
+    with pytest.raises(TypeError, match="kind must be TrainConfig, ClassifierConfig or None"):
+        config_from_dict({}, dict)
+    with pytest.raises(TypeError, match="overrides must be a list"):  # a string was split into letters
+        parse_overrides("lr=0.1")
+    with pytest.raises(TypeError, match="overrides must be a list"):
+        parse_overrides([1])
+    with pytest.raises(ValueError, match=r"--set 'lr=\[1,': the value is not valid YAML"):  # yaml.ParserError
+        parse_overrides(["lr=[1,"])
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe lr: 1")
+    with pytest.raises(ValueError, match=r"binary\.yaml is not UTF-8"):
+        load_config(binary)
+    # A config built directly is type-checked too (was TypeError: '>' not supported ... 'str' and 'int').
+    with pytest.raises(ValueError, match="config key 'lr' must be a number, got 'x'"):
+        TrainConfig(lr="x").validate()
+    with pytest.raises(ValueError, match="config key 'batch_size' must be an integer"):
+        TrainConfig(batch_size=None).validate()
+    with pytest.raises(TypeError, match="config must be a TrainConfig or ClassifierConfig"):
+        dump_config({"lr": 1}, tmp_path / "config.yaml")
+    with pytest.raises(ValueError, match="path must be a file"):
+        dump_config(TrainConfig(), tmp_path)

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -17,7 +18,7 @@ from deformable.data import CocoDetection, collate_detection, eval_transforms
 from deformable.data.deformed_fashion import generate
 from deformable.engine.evaluation import METRIC_NAMES, Evaluator, coco_evaluate, detections_to_coco
 
-from ..data.helpers import write_dataset
+from ..data.helpers import coco_dict, write_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -124,6 +125,51 @@ def test_bad_predictions_raise(hand_written):
             [1],
             ds.label_to_cat_id,
         )
+
+
+def test_malformed_predictions_and_arguments_are_named(hand_written):
+    ds = hand_written
+    good = _perfect_predictions(ds)
+    for field, value, message in (  # were unpacking/float() errors, pycocotools TypeErrors or silent
+        ("bbox", [1, 2, 3], r"predictions\[0\]: 'bbox' must be \[x, y, w, h\] of finite numbers"),
+        ("bbox", [float("nan"), 0, 1, 1], "'bbox' must be"),  # scored as a miss
+        ("score", float("nan"), r"predictions\[0\]: 'score' must be a finite number"),  # sorted anywhere
+        ("image_id", [1], r"image_id \[1\] is not in the ground truth"),  # unhashable type: 'list'
+        ("segmentation", [[2, 3, 12, 3, 12, 9]], "'segmentation' must be an RLE dict"),
+        ("segmentation", {"size": [3, 4], "counts": "04"}, "size 3x4 .* does not match"),  # AP 0
+    ):
+        with pytest.raises(ValueError, match=message):
+            coco_evaluate(ds.coco, [dict(good[0], **{field: value})])
+    with pytest.raises(TypeError, match=r"coco_gt must be a pycocotools\.coco\.COCO"):
+        coco_evaluate(coco_dict(), good)
+    with pytest.raises(TypeError, match="iou_types must be a sequence"):  # was "got 'b'"
+        Evaluator(ds.coco, ds.label_to_cat_id, "bbox")
+    with pytest.raises(ValueError, match="mask_threshold must be a finite number"):  # every mask empty
+        Evaluator(ds.coco, ds.label_to_cat_id, mask_threshold=float("nan"))
+    out = {"boxes": torch.zeros(1, 4), "labels": torch.tensor([1]), "scores": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"image_sizes\[0\] must be \(height, width\)"):  # ZeroDivisionError
+        detections_to_coco([out], [1], ds.label_to_cat_id, image_sizes=[(0, 0)], orig_sizes=[(30, 40)])
+    with pytest.raises(ValueError, match=r"outputs\[0\]: 'boxes' must be \[K, 4\]"):  # a reshape error
+        detections_to_coco([dict(out, boxes=torch.zeros(1, 3))], [1], ds.label_to_cat_id)
+    with pytest.raises(TypeError, match=r"outputs\[0\]\['boxes'\] must be a Tensor"):
+        detections_to_coco([dict(out, boxes=[[0, 0, 1, 1]])], [1], ds.label_to_cat_id)
+    evaluator = Evaluator(ds.coco, ds.label_to_cat_id, ("bbox",))
+    with pytest.raises(ValueError, match=r"targets\[0\] must be a dict with an 'image_id'"):  # KeyError
+        evaluator.update([out], [{}])
+
+
+def test_uncompressed_rle_predictions_are_scored(hand_written):
+    """RLE with a list of run lengths passes the checks, so it must score as its compressed form (it
+    was a TypeError from pycocotools' area())."""
+    good = _perfect_predictions(hand_written)
+    uncompressed = []
+    for p in good:
+        flat = mask_utils.decode(p["segmentation"]).flatten(order="F")
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]))
+        runs = ([0] if flat[0] else []) + np.diff(bounds).tolist()
+        uncompressed.append(dict(p, segmentation={"size": p["segmentation"]["size"], "counts": runs}))
+    expected = coco_evaluate(hand_written.coco, good, ("segm",))
+    assert coco_evaluate(hand_written.coco, uncompressed, ("segm",)) == expected
 
 
 def test_mask_threshold_and_rescaling():

@@ -61,3 +61,18 @@ def test_forced_regeneration_killed_while_deleting_leaves_no_complete_looking_fo
     assert not deformed_fashion._is_complete(paths.root)
     again = deformed_fashion.generate(tmp_path, **small)  # regenerated, not trusted as it was
     assert deformed_fashion._is_complete(again.root) and any((again.root / "images").rglob("*.png"))
+
+
+def test_an_interrupted_config_dump_leaves_the_old_file(tmp_path, monkeypatch):
+    from deformable.engine.config import TrainConfig, dump_config, load_config
+
+    path = tmp_path / "config.yaml"
+    dump_config(TrainConfig(seed=1), path)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)  # the rename that publishes the new file never happens
+    with pytest.raises(KeyboardInterrupt):
+        dump_config(TrainConfig(seed=2), path)
+    assert load_config(path).seed == 1 and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

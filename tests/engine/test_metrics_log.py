@@ -223,3 +223,14 @@ def test_an_evaluation_killed_at_a_checkpoint_iteration_is_redone_on_resume(tmp_
             run.step(model(torch.ones(1, 2)).pow(2).sum(), {"loss": 0.0}, killed_evaluation)
     assert run.iteration == 4
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["iteration"] == 2
+
+
+def test_records_without_an_iteration_are_refused(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for record in ({"loss": 1.0}, {"iteration": "3"}, None):  # were written, then never read back
+        with pytest.raises(ValueError, match="record must be a dict with an int 'iteration'"):
+            log.write(record)
+    log.write({"iteration": 1, "loss": 0.5})
+    assert read_records(tmp_path / "metrics.jsonl") == [{"iteration": 1, "loss": 0.5}]
+    with pytest.raises(ValueError, match="resume_from must be None or an int"):  # '>' not supported
+        MetricsLog(tmp_path, tensorboard=False, resume_from="1")

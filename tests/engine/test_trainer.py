@@ -46,6 +46,31 @@ def test_sampler_is_deterministic_resumable_and_sharded():
         IterationBatchSampler(3, 4, seed=0, start=0, stop=1)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [  # batch_size 0 and world 0 were ZeroDivisionErrors; 2.0 a RuntimeError from manual_seed
+        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+        ({"batch_size": 2.0}, "batch_size must be an int >= 1"),
+        ({"world": 0}, "world must be an int >= 1"),
+        ({"rank": 2, "world": 2}, r"rank must be < world \(2\)"),  # silently an empty shard
+        ({"size": -1}, "size must be an int >= 0"),
+    ],
+)
+def test_sampler_arguments_are_checked(kwargs, message):
+    args = {"size": 10, "batch_size": 2, "seed": 0, "start": 0, "stop": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        IterationBatchSampler(**args)
+
+
+def test_eval_indices_takes_none_or_a_positive_count():
+    from deformable.engine.loop import eval_indices
+
+    assert eval_indices(5, None) == [0, 1, 2, 3, 4] and eval_indices(5, 2) == [0, 1]
+    for bad in (-1, 0, 1.5):  # -1 silently dropped the last image; 1.5 was a slice TypeError
+        with pytest.raises(ValueError, match="max_images must be None"):
+            eval_indices(5, bad)
+
+
 @pytest.mark.slow
 def test_short_training_reduces_the_loss_on_a_fixed_batch(smoke_overrides):
     from deformable.data import collate_detection

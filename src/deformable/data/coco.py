@@ -180,6 +180,8 @@ def check_coco_annotations(
     Raises:
         AnnotationError: naming ``ann_file``, the entry (list and index, id) and the field.
     """
+    if not isinstance(data, dict):
+        raise TypeError(f"data must be a dict (a parsed COCO json), got {type(data).__name__}")
     if check_images not in ("size", "exists", "none"):
         raise ValueError(f"check_images must be 'size', 'exists' or 'none', got {check_images!r}")
     errors: list[str] = []
@@ -246,11 +248,11 @@ def check_coco_annotations(
         if ann["id"] in ann_ids:
             fail(f"{where}: duplicate id")
         ann_ids.add(ann["id"])
-        img = images.get(ann.get("image_id"))
+        img = images.get(ann.get("image_id")) if _hashable(ann.get("image_id")) else None
         if img is None:
             fail(f"{where}: 'image_id' {ann.get('image_id')!r} is not in 'images'")
             continue
-        if ann.get("category_id") not in cat_ids:
+        if not _hashable(ann.get("category_id")) or ann.get("category_id") not in cat_ids:
             fail(f"{where}: unknown 'category_id' {ann.get('category_id')!r} (known: {sorted(cat_ids)})")
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1) or isinstance(iscrowd, bool):
@@ -292,6 +294,11 @@ def check_coco_annotations(
         data = dict(data)
         data["annotations"] = [_with_area(a, images[a["image_id"]]) for a in kept]
     return data
+
+
+def _hashable(value: Any) -> bool:
+    """Whether ``value`` can be looked up in a dict or set (a json list or object cannot)."""
+    return not isinstance(value, list | dict)
 
 
 def _with_area(ann: dict[str, Any], img: dict[str, Any]) -> dict[str, Any]:
@@ -387,6 +394,11 @@ class CocoDetection(Dataset):
     ) -> None:
         self.root = Path(root)
         self.ann_file = Path(ann_file)
+        if transforms is not None and not callable(transforms):
+            raise TypeError(
+                f"transforms must be None or a callable (image, target) -> (image, target), "
+                f"got {type(transforms).__name__}"
+            )
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder root={str(self.root)!r} does not exist")
         data = load_coco_json(self.ann_file)
@@ -479,7 +491,13 @@ class CocoDetection(Dataset):
         image = tv_tensors.Image(self.load_image(image_id))
         target = self.load_target(image_id)
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            result = self.transforms(image, target)
+            if not isinstance(result, tuple | list) or len(result) != 2:
+                raise TypeError(
+                    f"transforms must return (image, target), got {type(result).__name__}"
+                    + (f" of length {len(result)}" if isinstance(result, tuple | list) else "")
+                )
+            image, target = result
         image = image.as_subclass(torch.Tensor)
         if image.dtype == torch.uint8:  # the same conversion as v2.ToDtype(torch.float32, scale=True)
             image = to_dtype(image, torch.float32, scale=True)

@@ -46,6 +46,8 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,8 @@ def cache_root(out_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if not isinstance(value, int | Sequence):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -488,7 +492,7 @@ class DeformedFashionPaths:
 
 
 def _check_split(split: str) -> None:
-    if split not in _SPLIT_CODES:
+    if not isinstance(split, str) or split not in _SPLIT_CODES:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
 
 
@@ -520,16 +524,20 @@ def _detection_params(
     if sizes[1] > min(H, W):
         raise ValueError(f"object_size max {sizes[1]} exceeds the canvas side {min(H, W)}")
     if size_weights is not None:
-        if isinstance(size_weights, str) or not all(is_number(w) for w in size_weights):
+        if (
+            isinstance(size_weights, str)
+            or not isinstance(size_weights, Sequence)
+            or not all(is_number(w) for w in size_weights)
+        ):
             raise ValueError(f"size_weights must be 3 finite numbers >= 0, got {size_weights!r}")
         size_weights = tuple(float(w) for w in size_weights)
         if len(size_weights) != 3 or min(size_weights) < 0 or sum(size_weights) <= 0:
             raise ValueError(f"size_weights must be 3 numbers >= 0 with a positive sum, got {size_weights!r}")
     if background not in ("plain", "noise", "mixed"):
         raise ValueError(f"background must be 'plain', 'noise' or 'mixed', got {background!r}")
-    if not 0.0 <= max_box_iou <= 1.0:
-        raise ValueError(f"max_box_iou must be in [0, 1], got {max_box_iou!r}")
-    if not isinstance(placement_tries, int) or placement_tries < 1:
+    if not is_number(max_box_iou) or not 0.0 <= max_box_iou <= 1.0:
+        raise ValueError(f"max_box_iou must be a number in [0, 1], got {max_box_iou!r}")
+    if not is_int(placement_tries) or placement_tries < 1:
         raise ValueError(f"placement_tries must be an int >= 1, got {placement_tries!r}")
     return dict(
         num_train=num_train,
@@ -617,7 +625,24 @@ def _generate_split(folder: Path, split: str, count: int, p: dict[str, Any]) -> 
 def dataset_statistics(coco_json: dict[str, Any]) -> dict[str, Any]:
     """Summarise a COCO json: images, objects per image (min/mean/max, histogram), COCO size buckets
     (by ``area``: small < 32^2 <= medium < 96^2 <= large), sqrt(area) and box-side percentiles, objects
-    per category."""
+    per category.
+
+    Raises:
+        ValueError: ``coco_json`` lacks the ``images``/``annotations``/``categories`` lists, or an
+            annotation lacks a field used here or names an image that is not in ``images``.
+    """
+    if not isinstance(coco_json, dict) or not all(
+        isinstance(coco_json.get(key), list) for key in ("images", "annotations", "categories")
+    ):
+        raise ValueError("coco_json must be a COCO dict with 'images', 'annotations' and 'categories' lists")
+    image_ids = {img.get("id") for img in coco_json["images"] if isinstance(img, dict)}
+    for i, a in enumerate(coco_json["annotations"]):
+        if not isinstance(a, dict) or not all(k in a for k in ("image_id", "area", "bbox", "category_id")):
+            raise ValueError(
+                f"coco_json annotations[{i}] must have 'image_id', 'area', 'bbox' and 'category_id'"
+            )
+        if a["image_id"] not in image_ids:
+            raise ValueError(f"coco_json annotations[{i}]: 'image_id' {a['image_id']!r} is not in 'images'")
     n_img = len(coco_json["images"])
     per_image: dict[int, int] = {img["id"]: 0 for img in coco_json["images"]}
     areas, sides, per_cat = [], [], {}
@@ -835,14 +860,20 @@ class DeformedFashionClassification(Dataset):
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, channels: int = 1, transform: Callable | None = None
     ) -> None:
-        if channels not in (1, 3):
+        if not is_int(channels) or channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if transform is not None and not callable(transform):
+            raise TypeError(
+                f"transform must be None or a callable on image tensors, got {type(transform).__name__}"
+            )
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 3:
             got = _describe(images)
             raise TypeError(f"images must be a uint8 tensor [N, H, W], got {got}")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             got = _describe(labels)
             raise ValueError(f"labels must be a tensor [N], one per image (N = {images.shape[0]}), got {got}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor (class indices), got {labels.dtype}")
         self.images = images
         self.labels = labels
         self.channels = channels
@@ -890,7 +921,7 @@ def deformed_fashion_classification(
         rotation, shear, aspect, elastic, background: as for :func:`generate`.
         channels: 1 (grey) or 3 (grey repeated), the channel count of the returned images.
     """
-    if split not in _CLS_SPLIT_CODES:
+    if not isinstance(split, str) or split not in _CLS_SPLIT_CODES:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if num_samples is None:
         num_samples = 6000 if split == "train" else 2000
@@ -907,8 +938,12 @@ def deformed_fashion_classification(
     sizes = _check_range(object_size, "object_size", 4)
     if background not in ("plain", "noise", "mixed"):
         raise ValueError(f"background must be 'plain', 'noise' or 'mixed', got {background!r}")
-    if channels not in (1, 3):
+    if not is_int(channels) or channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    if transform is not None and not callable(transform):
+        raise TypeError(
+            f"transform must be None or a callable on image tensors, got {type(transform).__name__}"
+        )
     p = dict(
         split=split,
         num_samples=num_samples,
@@ -920,7 +955,8 @@ def deformed_fashion_classification(
     )
     parent = cache_root(out_dir) / "deformed_fashion_cls"
     path = parent / f"{_params_hash('classification', p)}.npz"
-    if not path.is_file():
+    cached = _read_classification_cache(path, p) if path.is_file() else None
+    if cached is None:
         with _one_thread():
             images, labels = _render_classification(p)
         parent.mkdir(parents=True, exist_ok=True)
@@ -933,9 +969,30 @@ def deformed_fashion_classification(
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-    with np.load(path) as z:
-        images, labels = torch.from_numpy(z["images"]), torch.from_numpy(z["labels"].astype(np.int64))
+        cached = images, labels
+    images, labels = torch.from_numpy(cached[0]), torch.from_numpy(cached[1].astype(np.int64))
     return DeformedFashionClassification(images, labels, channels=channels, transform=transform)
+
+
+def _read_classification_cache(path: Path, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (images, labels) at ``path``, or None (with a warning) when the file is unreadable or
+    does not hold ``p``'s arrays (damaged on disk, or not written by this module): it is regenerated."""
+    n, side = p["num_samples"], p["canvas_size"]
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        problem = f"cannot be read ({type(error).__name__}: {error})"
+    else:
+        if images.dtype == np.uint8 and images.shape == (n, side, side) and labels.shape == (n,):
+            return images, labels
+        problem = f"holds images {images.dtype} {list(images.shape)}, labels {list(labels.shape)}"
+    warnings.warn(
+        f"cached classification data {path} {problem}; expected uint8 [{n}, {side}, {side}] images: "
+        "regenerating it",
+        stacklevel=3,
+    )
+    return None
 
 
 def _render_classification(p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -57,7 +57,7 @@ def load_subset(split: str) -> tuple[np.ndarray, np.ndarray]:
     ``split``: ``"train"`` (2500 images from Fashion-MNIST's training file) or ``"val"``/``"test"``
     (800 images from its test file). Arrays are read-only and shared between calls.
     """
-    if split not in _SPLITS:
+    if not isinstance(split, str) or split not in _SPLITS:
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     arrays = _arrays()
     name = _SPLITS[split]

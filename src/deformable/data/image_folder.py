@@ -13,6 +13,8 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from ._checks import is_int
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "classification_transforms", "image_folder_datasets"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,6 +23,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def classification_transforms(train: bool, image_size: int = 224, resize_size: int = 256) -> v2.Compose:
     """PIL image or uint8/float tensor [C, H, W] -> normalised float32 [3, image_size, image_size]."""
+    for name, value in (("image_size", image_size), ("resize_size", resize_size)):
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
     if train:
         geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
     else:
@@ -42,8 +47,9 @@ def image_folder_datasets(
 
     Raises:
         ValueError: a folder is missing or holds no images, or the two splits' class folders differ
-            (class indices would not agree).
+            (class indices would not agree); ``image_size`` or ``resize_size`` is not a positive int.
     """
+    classification_transforms(True, image_size, resize_size)  # checks the sizes before reading folders
     splits = []
     for name, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
         path = Path(folder)

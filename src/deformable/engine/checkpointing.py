@@ -19,6 +19,8 @@ from .._files import atomic_write_text as atomic_write_text
 from .._files import load_weights_only
 
 FORMAT = "deformable-train-v1"
+# What a resumed run restores from a checkpoint (the trainer writes them all).
+_REQUIRED = ("iteration", "model", "optimizer", "scheduler", "scaler", "rng")
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,4 +67,9 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     data = load_weights_only(path, "training checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deformable training checkpoint (format {FORMAT!r} expected)")
+    missing = [key for key in _REQUIRED if key not in data]
+    if missing:
+        raise ValueError(f"{path} is an incomplete training checkpoint: it lacks {missing}")
+    if not isinstance(data["iteration"], int) or data["iteration"] < 0:
+        raise ValueError(f"{path}: 'iteration' must be an int >= 0, got {data['iteration']!r}")
     return data

@@ -32,7 +32,7 @@ from .loop import (
     device_for,
     eval_indices,
     init_distributed,
-    read_model_file,
+    model_source,
 )
 from .pretrain import norm_layer_for
 from .trainer import lr_factor, warmup
@@ -91,10 +91,10 @@ def load_trained_classifier(
     ``source`` is its path, or what :func:`read_model_file` already read from it."""
     from .config import config_from_dict
 
-    data = source if isinstance(source, dict) else read_model_file(source)
-    cfg = cfg or config_from_dict(data["config"], ClassifierConfig)
-    model = build_classifier(cfg, data["model"]["fc.weight"].shape[0])
-    model.load_state_dict(data["model"])
+    state, config = model_source(source, "fc.weight", classifier=True, need_config=cfg is None)
+    cfg = cfg or config_from_dict(config, ClassifierConfig)
+    model = build_classifier(cfg, state["fc.weight"].shape[0])
+    model.load_state_dict(state)
     return model
 
 

@@ -12,11 +12,14 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .._files import atomic_write_text
 
 # Shipped inside the package so that pip-installed users have them too.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -229,8 +232,12 @@ def detector_builders() -> tuple[str, ...]:
 def _check_run(config, choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
     """The checks every run's config shares: ``choices`` (key -> allowed values, plus amp and device),
     ``positive`` keys (plus the run's sizes, intervals and optimiser settings), the DCN stages and
-    increasing lr_steps. Float fields are finite already (:func:`_check_type`)."""
+    increasing lr_steps. Every field is first checked for its annotated type (:func:`_check_type`), as
+    :func:`config_from_dict` does, for configs built directly (``TrainConfig(lr="x")``)."""
     from ..models.backbones import check_dcn_stages
+
+    for key, hint in typing.get_type_hints(type(config)).items():
+        setattr(config, key, _check_type(key, getattr(config, key), hint))
 
     choices = {**choices, "amp": ("none", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")}
     for key, allowed in choices.items():
@@ -333,8 +340,12 @@ def config_from_dict(values: dict[str, Any], kind: type | None = None):
     ``kind`` is :class:`TrainConfig` (detection) or :class:`ClassifierConfig`; by default the
     mapping's ``task`` key decides ("classification" -> ClassifierConfig, else TrainConfig).
     """
+    if not isinstance(values, Mapping):
+        raise TypeError(f"values must be a mapping of config keys to values, got {type(values).__name__}")
     if kind is None:
         kind = ClassifierConfig if values.get("task") == "classification" else TrainConfig
+    if kind not in (TrainConfig, ClassifierConfig):
+        raise TypeError(f"kind must be TrainConfig, ClassifierConfig or None, got {kind!r}")
     values = dict(values)
     if kind is TrainConfig and values.pop("task", "detection") != "detection":
         raise ValueError("config key 'task' of a detection config must be 'detection'")
@@ -348,12 +359,19 @@ def config_from_dict(values: dict[str, Any], kind: type | None = None):
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """``["lr=0.01", "dcn_stages=[5]"]`` -> ``{"lr": 0.01, "dcn_stages": [5]}`` (values read as YAML)."""
+    if overrides is not None and (isinstance(overrides, str) or not isinstance(overrides, list | tuple)):
+        raise TypeError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
     result = {}
     for item in overrides or []:
+        if not isinstance(item, str):
+            raise TypeError(f"overrides must be a list of 'key=value' strings, got the item {item!r}")
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set expects key=value, got {item!r}")
-        result[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        try:
+            result[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML: {error}") from error
     return result
 
 
@@ -386,9 +404,13 @@ def load_any_config(
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ValueError(f"config {path} is not valid YAML: {error}") from error
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"config {path} is not UTF-8 text ({error.reason} at byte {error.start})"
+            ) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config {path} must hold a flat mapping of keys to values")
         values.update(loaded)
@@ -402,5 +424,9 @@ def load_any_config(
 
 
 def dump_config(config: TrainConfig | ClassifierConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML (atomically: an interrupted write leaves the old file or none)."""
+    if not isinstance(config, TrainConfig | ClassifierConfig):
+        raise TypeError(f"config must be a TrainConfig or ClassifierConfig, got {type(config).__name__}")
+    if Path(path).is_dir():
+        raise ValueError(f"path must be a file to write the config to, got the folder {path}")
+    atomic_write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), path)

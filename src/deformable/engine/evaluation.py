@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ..data._checks import is_number
+from ..data.coco import _check_rle
 
 __all__ = ["METRIC_NAMES", "Evaluator", "coco_evaluate", "detections_to_coco"]
 
@@ -63,6 +66,8 @@ def _results_coco(coco_gt: COCO, anns: list[dict[str, Any]], iou_type: str) -> C
             ann["area"] = w * h
         else:
             rle = p["segmentation"]
+            if isinstance(rle["counts"], list):  # uncompressed: pycocotools' area/toBbox need it compressed
+                rle = mask_utils.frPyObjects(rle, *rle["size"])
             ann["segmentation"] = rle
             ann["area"] = float(mask_utils.area(rle))
             ann["bbox"] = mask_utils.toBbox(rle).tolist()
@@ -102,21 +107,18 @@ def coco_evaluate(
         ``{iou_type: {"AP": ..., "AP50": ..., "AP75": ..., "APs": ..., "APm": ..., "APl": ..., "AR1": ...,
         "AR10": ..., "AR100": ..., "ARs": ..., "ARm": ..., "ARl": ...}}``; NaN where undefined.
     """
-    iou_types = tuple(iou_types)
-    for t in iou_types:
-        if t not in _RESULT_KEY:
-            raise ValueError(f"iou_types entries must be 'bbox' or 'segm', got {t!r}")
+    _check_coco(coco_gt)
+    iou_types = _check_iou_types(iou_types)
     known_images = set(coco_gt.getImgIds())
     known_cats = set(coco_gt.getCatIds())
     for i, p in enumerate(predictions):
-        for field in ("image_id", "category_id", "score"):
-            if field not in p:
-                raise ValueError(f"predictions[{i}] lacks {field!r}")
-        if p["image_id"] not in known_images:
-            raise ValueError(f"predictions[{i}]: image_id {p['image_id']!r} is not in the ground truth")
-        if p["category_id"] not in known_cats:
-            raise ValueError(f"predictions[{i}]: category_id {p['category_id']!r} is not in the ground truth")
+        _check_prediction(coco_gt, p, i, known_images, known_cats)
     if img_ids is not None:
+        if isinstance(img_ids, str | bytes) or not isinstance(img_ids, Iterable):
+            raise TypeError(f"img_ids must be None or an iterable of image ids, got {img_ids!r}")
+        img_ids = list(img_ids)
+        if not all(isinstance(i, Hashable) for i in img_ids):
+            raise ValueError(f"img_ids must hold image ids, got {img_ids[:10]!r}")
         img_ids = sorted(set(img_ids))
         unknown = [i for i in img_ids if i not in known_images]
         if unknown:
@@ -149,6 +151,65 @@ def coco_evaluate(
             for name, v in zip(METRIC_NAMES, evaluator.stats, strict=True)
         }
     return metrics
+
+
+def _check_coco(coco_gt: Any) -> None:
+    if not isinstance(coco_gt, COCO):
+        raise TypeError(
+            f"coco_gt must be a pycocotools.coco.COCO (e.g. CocoDetection.coco), got {type(coco_gt).__name__}"
+        )
+
+
+def _check_iou_types(iou_types: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(iou_types, str):
+        raise TypeError(f"iou_types must be a sequence such as ('bbox',), got the string {iou_types!r}")
+    iou_types = tuple(iou_types)
+    for t in iou_types:
+        if t not in _RESULT_KEY:
+            raise ValueError(f"iou_types entries must be 'bbox' or 'segm', got {t!r}")
+    return iou_types
+
+
+def _check_prediction(coco_gt: COCO, p: Any, i: int, known_images: set, known_cats: set) -> None:
+    """Raise a ValueError naming ``predictions[i]`` and the field that pycocotools would choke on."""
+    if not isinstance(p, Mapping):
+        raise ValueError(f"predictions[{i}] must be a dict, got {type(p).__name__}")
+    for field in ("image_id", "category_id", "score"):
+        if field not in p:
+            raise ValueError(f"predictions[{i}] lacks {field!r}")
+    if not isinstance(p["image_id"], Hashable) or p["image_id"] not in known_images:
+        raise ValueError(f"predictions[{i}]: image_id {p['image_id']!r} is not in the ground truth")
+    if not isinstance(p["category_id"], Hashable) or p["category_id"] not in known_cats:
+        raise ValueError(f"predictions[{i}]: category_id {p['category_id']!r} is not in the ground truth")
+    if not _finite(p["score"]):
+        raise ValueError(f"predictions[{i}]: 'score' must be a finite number, got {p['score']!r}")
+    if "bbox" in p:
+        bbox = p["bbox"]
+        bbox = list(bbox) if isinstance(bbox, Iterable) and not isinstance(bbox, str | bytes) else None
+        if bbox is None or len(bbox) != 4 or not all(_finite(v) for v in bbox):
+            raise ValueError(
+                f"predictions[{i}]: 'bbox' must be [x, y, w, h] of finite numbers, got {p['bbox']!r}"
+            )
+    if "segmentation" in p:
+        segm = p["segmentation"]
+        info = coco_gt.imgs[p["image_id"]]
+        problem = (
+            _check_rle(segm, info["height"], info["width"])
+            if isinstance(segm, dict)
+            else f"'segmentation' must be an RLE dict with 'size' and 'counts', got {type(segm).__name__}"
+        )
+        if problem:
+            raise ValueError(f"predictions[{i}] (image_id {p['image_id']}): {problem}")
+
+
+def _finite(value: Any) -> bool:
+    """A finite number as ``float()`` reads it (Python, numpy and 0-d torch scalars), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _cat_id(label_to_cat_id: Mapping[int, int] | Sequence[int], label: int) -> int:
@@ -187,11 +248,18 @@ def detections_to_coco(
     for name, sizes in (("image_sizes", image_sizes), ("orig_sizes", orig_sizes)):
         if sizes is not None and len(sizes) != len(outputs):
             raise ValueError(f"{name} has {len(sizes)} entries for {len(outputs)} outputs")
+    if not is_number(mask_threshold):
+        raise ValueError(f"mask_threshold must be a finite number, got {mask_threshold!r}")
     results: list[dict[str, Any]] = []
     for n, (out, image_id) in enumerate(zip(outputs, image_ids, strict=True)):
         for field in ("boxes", "labels", "scores"):
             if field not in out:
                 raise ValueError(f"outputs[{n}] lacks {field!r}")
+        for field in ("boxes", "labels", "scores", "masks"):
+            if field in out and not isinstance(out[field], torch.Tensor):
+                raise TypeError(f"outputs[{n}][{field!r}] must be a Tensor, got {type(out[field]).__name__}")
+        if out["boxes"].numel() % 4:
+            raise ValueError(f"outputs[{n}]: 'boxes' must be [K, 4], got {tuple(out['boxes'].shape)}")
         boxes = out["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4).clone()
         labels = out["labels"].detach().cpu().reshape(-1).tolist()
         scores = out["scores"].detach().cpu().reshape(-1).tolist()
@@ -201,8 +269,8 @@ def detections_to_coco(
                 f"({boxes.shape[0]}, {len(labels)}, {len(scores)})"
             )
         masks = out.get("masks")
-        in_hw = tuple(int(v) for v in image_sizes[n]) if image_sizes is not None else None
-        orig_hw = tuple(int(v) for v in orig_sizes[n]) if orig_sizes is not None else None
+        in_hw = _height_width(image_sizes[n], f"image_sizes[{n}]") if image_sizes is not None else None
+        orig_hw = _height_width(orig_sizes[n], f"orig_sizes[{n}]") if orig_sizes is not None else None
         if in_hw is None and masks is not None:
             in_hw = tuple(masks.shape[-2:])
         if orig_hw is not None and in_hw is not None and orig_hw != in_hw:
@@ -240,9 +308,32 @@ def detections_to_coco(
     return results
 
 
-def _image_id(target: Mapping[str, Any]) -> int:
+def _height_width(value: Any, name: str) -> tuple[int, int]:
+    """``value`` (H, W) as two positive ints, or a ValueError naming it."""
+    try:
+        hw = tuple(int(v) for v in value)
+        exact = all(float(v) == h for v, h in zip(value, hw, strict=True))
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        hw, exact = (), False
+    if len(hw) != 2 or not exact or min(hw) <= 0:
+        raise ValueError(f"{name} must be (height, width), two positive integers, got {value!r}")
+    return hw  # type: ignore[return-value]
+
+
+def _image_id(target: Mapping[str, Any], i: int) -> int:
+    if not isinstance(target, Mapping) or "image_id" not in target:
+        raise ValueError(f"targets[{i}] must be a dict with an 'image_id'")
     value = target["image_id"]
-    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"targets[{i}]['image_id'] must be one id, got a tensor of shape {list(value.shape)}"
+            )
+        value = value.item()
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"targets[{i}]['image_id'] must be an integer id, got {value!r}") from None
 
 
 class Evaluator:
@@ -271,12 +362,12 @@ class Evaluator:
         mask_threshold: float = 0.5,
         verbose: bool = False,
     ) -> None:
+        _check_coco(coco_gt)
+        if not is_number(mask_threshold):
+            raise ValueError(f"mask_threshold must be a finite number, got {mask_threshold!r}")
         self.coco_gt = coco_gt
         self.label_to_cat_id = label_to_cat_id
-        self.iou_types = tuple(iou_types)
-        for t in self.iou_types:
-            if t not in _RESULT_KEY:
-                raise ValueError(f"iou_types entries must be 'bbox' or 'segm', got {t!r}")
+        self.iou_types = _check_iou_types(iou_types)
         self.mask_threshold = mask_threshold
         self.verbose = verbose
         self._results: dict[int, list[dict[str, Any]]] = {}
@@ -293,7 +384,7 @@ class Evaluator:
             raise ValueError(f"outputs and targets differ in length: {len(outputs)} vs {len(targets)}")
         if "segm" in self.iou_types and any("masks" not in o for o in outputs):
             raise ValueError("iou_types includes 'segm' but an output has no 'masks'")
-        image_ids = [_image_id(t) for t in targets]
+        image_ids = [_image_id(t, i) for i, t in enumerate(targets)]
         sizes = [t.get("size") for t in targets]
         origs = [t.get("orig_size") for t in targets]
         have_sizes = all(s is not None for s in sizes) and all(o is not None for o in origs)
@@ -301,8 +392,12 @@ class Evaluator:
             outputs,
             image_ids,
             self.label_to_cat_id,
-            image_sizes=[tuple(int(v) for v in s) for s in sizes] if have_sizes else None,
-            orig_sizes=[tuple(int(v) for v in o) for o in origs] if have_sizes else None,
+            image_sizes=[_height_width(s, f"targets[{i}]['size']") for i, s in enumerate(sizes)]
+            if have_sizes
+            else None,
+            orig_sizes=[_height_width(o, f"targets[{i}]['orig_size']") for i, o in enumerate(origs)]
+            if have_sizes
+            else None,
             mask_threshold=self.mask_threshold,
         )
         for image_id in image_ids:

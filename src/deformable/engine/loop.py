@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import models
 from .._files import load_weights_only
+from ..data._checks import is_int
 from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from .config import dump_config
 from .metrics_log import MetricsLog
@@ -77,6 +78,10 @@ def barrier() -> None:
 def eval_indices(size: int, max_images: int | None) -> list[int]:
     """This process's share of an evaluation over the first ``max_images`` of ``size`` items (all
     when None): every world-th index from its rank on."""
+    if not is_int(size) or size < 0:
+        raise ValueError(f"size must be an int >= 0, got {size!r}")
+    if max_images is not None and (not is_int(max_images) or max_images <= 0):
+        raise ValueError(f"max_images must be None (all) or a positive int, got {max_images!r}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return list(range(size))[:max_images][rank::world]
 
@@ -89,9 +94,37 @@ def read_model_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     data = load_weights_only(path, "model file")
-    if not isinstance(data, dict) or "model" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ValueError(f"{path} holds no 'model' state dict")
     return data
+
+
+def model_source(
+    source: str | Path | dict[str, Any], key: str, classifier: bool, need_config: bool
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state dict, config dict or None) of a model file (``source``: its path, or what
+    :func:`read_model_file` read from it), checked to hold the ``key`` weight of a classifier or a
+    detector and, with ``need_config``, a config of that task.
+
+    Raises:
+        ValueError: naming the file and what it lacks.
+    """
+    data = source if isinstance(source, dict) else read_model_file(source)
+    where = "source" if isinstance(source, dict) else str(source)
+    state, config = data.get("model"), data.get("config")
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} holds no 'model' state dict")
+    if need_config:
+        if not isinstance(config, dict):
+            raise ValueError(f"{where} holds no 'config' mapping to build the model from: pass cfg")
+        if (config.get("task") == "classification") != classifier:
+            found = "an image classifier" if not classifier else "a detector"
+            loader = "load_trained_classifier" if not classifier else "load_trained_model"
+            raise ValueError(f"{where} holds {found} (its config's task): load it with {loader}")
+    if key not in state:
+        what = "an image classifier" if classifier else "a detector"
+        raise ValueError(f"{where}: the 'model' state dict has no {key!r}, so it is not {what}'s")
+    return state, config if isinstance(config, dict) else None
 
 
 # Config keys a resumed run may change: how long and how visibly it runs, where its files live, and
@@ -139,6 +172,7 @@ def autocast_for(cfg, device: torch.device):
 
 def check_out_dir(path: Path) -> None:
     """Create ``path`` and prove it writable, or raise a ValueError naming it (before any training)."""
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
@@ -179,6 +213,16 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
     def __init__(
         self, size: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1
     ) -> None:
+        if not is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        for name, value, low in (
+            ("size", size, 0), ("batch_size", batch_size, 1), ("start", start, 0), ("stop", stop, 0),
+            ("rank", rank, 0), ("world", world, 1),
+        ):  # fmt: skip
+            if not is_int(value) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if rank >= world:
+            raise ValueError(f"rank must be < world ({world}), got {rank}")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.start, self.stop, self.rank, self.world = start, stop, rank, world
         self.per_epoch = (size // world) // batch_size

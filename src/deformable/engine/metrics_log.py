@@ -28,6 +28,8 @@ class MetricsLog:
     def __init__(
         self, out_dir: str | Path, tensorboard: bool = True, *, resume_from: int | None = None
     ) -> None:
+        if resume_from is not None and (not _is_iteration(resume_from)):
+            raise ValueError(f"resume_from must be None or an int >= 0 (an iteration), got {resume_from!r}")
         self.path = Path(out_dir) / "metrics.jsonl"
         if resume_from is None:
             self.path.write_text("")
@@ -43,6 +45,11 @@ class MetricsLog:
         return self._writer is not None
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record``, a JSON-serialisable dict with an int ``"iteration"`` >= 0 (a record without
+        one could not be read back)."""
+        if not isinstance(record, dict) or not _is_iteration(record.get("iteration")):
+            got = record.get("iteration") if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"record must be a dict with an int 'iteration' >= 0, got {got!r}")
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._writer is not None:
@@ -87,6 +94,10 @@ def _parse(line: str) -> dict[str, Any] | None:
     if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
         return None
     return record
+
+
+def _is_iteration(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _tensorboard_writer(log_dir: Path, purge_step: int):

@@ -33,7 +33,8 @@ from .loop import (  # re-exported: the names runs, tests and the CLI have alway
     device_for,
     eval_indices,
     init_distributed,
-    read_model_file,
+    model_source,
+    read_model_file,  # noqa: F401 (re-exported)
 )
 from .pretrain import norm_layer_for, pretrained_backbone
 
@@ -181,6 +182,10 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) 
     from ..data import collate_detection
     from .evaluation import Evaluator
 
+    if not all(hasattr(dataset, name) for name in ("coco", "label_to_cat_id", "__getitem__", "__len__")):
+        raise TypeError(
+            f"dataset must be a CocoDetection (with .coco and .label_to_cat_id), got {type(dataset).__name__}"
+        )
     core = model.module if hasattr(model, "module") else model
     is_mask = isinstance(core, models.DCNMaskRCNN)
     was_training = core.training
@@ -284,12 +289,13 @@ def load_trained_model(
     ``source`` is its path, or what :func:`read_model_file` already read from it."""
     from .config import config_from_dict
 
-    data = source if isinstance(source, dict) else read_model_file(source)
-    cfg = cfg or config_from_dict(data["config"])
+    key = "roi_heads.box_predictor.cls_score.weight"
+    state, config = model_source(source, key, classifier=False, need_config=cfg is None)
+    cfg = cfg or config_from_dict(config, TrainConfig)
     if num_classes is None:
-        num_classes = data["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
     model = build_model(_without_backbone_weights(cfg), num_classes)
-    model.load_state_dict(data["model"])
+    model.load_state_dict(state)
     return model
 
 

@@ -282,6 +282,13 @@ def export_onnx(
         raise ValueError(f"opset must be <= {top} with {exporter} of this PyTorch, got {opset}")
     if Path(path).is_dir():
         raise ValueError(f"path must be a file to write the model to, got the folder {path}")
+    for parent in Path(path).parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"path {path}: {parent} is a file, not a folder to write the model into")
+    if dynamic_batch and _batch_size(args) == 0:
+        raise ValueError(
+            "example_inputs have a batch of 0: give at least one example (the batch axis stays dynamic)"
+        )
     if dynamic_batch and _batch_size(args) == 1:
         args = tuple(torch.cat([a, a]) if isinstance(a, Tensor) else a for a in args)
 
