@@ -66,6 +66,19 @@ def _usual_permissions(tmp: Path, path: Path) -> None:
     if path.exists():
         shutil.copymode(path, tmp)
         return
+    tmp.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc on Linux, since setting it to read it back would race with
+    other threads creating files; elsewhere, set and restored at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
+    return umask

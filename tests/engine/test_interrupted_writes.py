@@ -76,3 +76,15 @@ def test_an_interrupted_config_dump_leaves_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         dump_config(TrainConfig(seed=2), path)
     assert load_config(path).seed == 1 and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+def test_the_umask_is_read_without_changing_it():
+    """Reading the umask must not set it, even for a moment (other threads may be creating files)."""
+    from deformable._files import _umask
+
+    previous = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what it was
+    finally:
+        os.umask(previous)
