@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["differentiating", "make_transformable", "under_torch_func"]
+__all__ = ["differentiating", "make_transformable", "under_torch_func", "vmapped_first", "vmapped_folded"]
 
 
 def _active_transforms() -> set:
@@ -43,6 +43,20 @@ def differentiating() -> bool:
     """True inside a torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd, ...)."""
     kinds = torch._C._functorch.TransformType
     return bool(_active_transforms() & {kinds.Grad, kinds.Jvp})
+
+
+def vmapped_first(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """For a vmap rule: ``t`` with its vmapped dimension ``dim`` moved first, an unbatched ``t`` (dim
+    None) expanded to ``size`` samples; None stays None."""
+    if t is None:
+        return None
+    return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def vmapped_folded(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    """:func:`vmapped_first` with the samples folded into the next dimension: [B, N, ...] -> [B*N, ...]."""
+    t = vmapped_first(t, dim, size)
+    return None if t is None else t.flatten(0, 1)
 
 
 def make_transformable(

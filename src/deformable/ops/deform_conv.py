@@ -29,7 +29,7 @@ from torch import Tensor
 from . import _aten
 from ._backend import resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
-from ._func_route import make_transformable, under_torch_func
+from ._func_route import make_transformable, under_torch_func, vmapped_first, vmapped_folded
 from ._reference import deform_conv2d_reference
 
 IntPair = int | tuple[int, int]
@@ -289,14 +289,6 @@ _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 # torch.func: batching rules and a differentiable route
 
 
-def _fold(tensor: Tensor | None, dim: int | None, size: int) -> Tensor | None:
-    """A vmapped tensor [.., B at ``dim``, ..] -> [B*N, ...] (an unbatched one is expanded to B)."""
-    if tensor is None:
-        return None
-    tensor = tensor.unsqueeze(0).expand(size, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
-    return tensor.reshape(size * tensor.shape[1], *tensor.shape[2:])
-
-
 def _per_sample(op, info, in_dims, args: tuple) -> tuple[Tensor, int]:
     """The batching rule of last resort: ``op`` once per vmapped sample, outputs stacked (dim 0)."""
     outputs = []
@@ -317,12 +309,12 @@ def _deform_conv2d_vmap(info, in_dims, input, offset, mask, weight, bias, stride
     if in_dims[3] is not None or in_dims[4] is not None:
         return _per_sample(_deform_conv2d_op, info, in_dims, args)
     size = info.batch_size
-    batch = (input if in_dims[0] is None else input.movedim(in_dims[0], 0)[0]).shape[0]
+    input = vmapped_first(input, in_dims[0], size)  # [B, N, C, H, W]
     out = _deform_conv2d_op(
-        _fold(input, in_dims[0], size), _fold(offset, in_dims[1], size), _fold(mask, in_dims[2], size),
+        input.flatten(0, 1), vmapped_folded(offset, in_dims[1], size), vmapped_folded(mask, in_dims[2], size),
         weight, bias, stride, padding, dilation, backend,
     )  # fmt: skip
-    return out.reshape(size, batch, *out.shape[1:]), 0
+    return out.unflatten(0, input.shape[:2]), 0
 
 
 def _op_with_pairs(input, offset, mask, weight, bias, stride, padding, dilation, backend) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
-from ._func_route import differentiating, make_transformable, under_torch_func
+from ._func_route import differentiating, make_transformable, under_torch_func, vmapped_first, vmapped_folded
 from .deform_conv import _plain_eager, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
@@ -176,13 +176,6 @@ def _backward(ctx, grad_output):
 _deform_roi_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _batched(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
-    """A vmapped tensor with its vmapped dimension first; an unbatched one expanded to ``size``."""
-    if t is None:
-        return None
-    return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
-
-
 @torch.library.register_vmap("deformable::deform_roi_pool")
 def _deform_roi_pool_vmap(info, in_dims, input, rois, offset, mask, *params):
     """One call for the whole vmapped batch: B feature batches of N images become B*N images, each
@@ -190,20 +183,17 @@ def _deform_roi_pool_vmap(info, in_dims, input, rois, offset, mask, *params):
     of all samples are stacked: [B*K, C, ph, pw] out, viewed as [B, K, C, ph, pw]."""
     size = info.batch_size
     # [B, K, 5]; renumbered in fp32/fp64, where image indices stay exact (bf16's stop at 256).
-    rois = _batched(rois, in_dims[1], size).to(
+    rois = vmapped_first(rois, in_dims[1], size).to(
         torch.float64 if rois.dtype == torch.float64 else torch.float32
     )
     if in_dims[0] is not None:
-        input = _batched(input, in_dims[0], size)  # [B, N, C, H, W]
+        input = vmapped_first(input, in_dims[0], size)  # [B, N, C, H, W]
         images = input.shape[1]
         shift = torch.arange(size, device=rois.device, dtype=rois.dtype) * images
         rois = torch.cat([rois[..., :1] + shift[:, None, None], rois[..., 1:]], dim=-1)
         input = input.flatten(0, 1)
     count = rois.shape[1]
-    offset, mask = (
-        None if t is None else _batched(t, d, size).flatten(0, 1)
-        for t, d in ((offset, in_dims[2]), (mask, in_dims[3]))
-    )
+    offset, mask = vmapped_folded(offset, in_dims[2], size), vmapped_folded(mask, in_dims[3], size)
     out = _deform_roi_pool_op(input, rois.flatten(0, 1), offset, mask, *params)
     return out.reshape(size, count, *out.shape[1:]), 0
 

@@ -310,7 +310,7 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
             # Taps split in 2 or 3: more programs where the (pixel, channel) tiles leave SMs idle.
             (64, 256, 32, 8, 3, 2), (64, 256, 32, 8, 3, 3), (128, 128, 32, 8, 3, 3),
         ]  # fmt: skip
-        configs = [Config(*c[:1], min(c[1], cap_n), *c[2:]) for c in raw]
+        configs = [Config(c[0], min(c[1], cap_n), *c[2:]) for c in raw]
     elif kernel == "data":
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
@@ -420,13 +420,16 @@ _PLANS: dict[tuple, object] = {}
 _MAX_PLANS = 2048  # detectors with varying image sizes keep adding shapes
 
 
-def _plan(key: tuple, make: Callable[[], object]):
-    """The plan cached under ``key``, made by ``make()`` on a miss."""
+def _planned(
+    key: tuple, kernel: str, geo: _Geometry, t: Tensor, flags: tuple, spec_of: Callable, run: Callable
+):
+    """The launch plan cached under ``key``; on a miss, ``spec_of`` the configuration :func:`_choose`
+    picks for ``kernel`` (autotuning launches candidates through ``run(spec_of(config))``)."""
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = make()
+        plan = _PLANS[key] = spec_of(_choose(kernel, geo, t, flags, lambda config: run(spec_of(config))))
     return plan
 
 
@@ -541,14 +544,7 @@ def forward(
 
     key = ("forward", geo, flags, deterministic, input.dtype, input.device, *_settings(input))
     with _device_guard(input):
-        run(
-            _plan(
-                key,
-                lambda: spec_of(
-                    _choose("forward", geo, input, (*flags, deterministic), lambda c: run(spec_of(c)))
-                ),
-            )
-        )
+        run(_planned(key, "forward", geo, input, (*flags, deterministic), spec_of, run))
     return out
 
 
@@ -687,10 +683,7 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, need_input, need_offset, 
                 gx.zero_()
             _run(kernel, spec, tensors)
 
-        def choose(sub=sub, spec_of=spec_of, run=run) -> _Launch:
-            return spec_of(_choose("data", sub, x, flags, lambda cfg: run(spec_of(cfg))))
-
-        run(_plan(("data", sub.batch, *key), choose))
+        run(_planned(("data", sub.batch, *key), "data", sub, x, flags, spec_of, run))
         if buffers is not None and grad_input is not None:
             _gather_input_grad(sub, *buffers, rows(grad_input), dtype)
         elif buffers is not None:
@@ -805,8 +798,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, deterministic, key) -> Tens
         _run(kernel, spec[0], (x, offset, mask, go, part))
         result[:] = [part.sum(dim=0) if part.shape[0] > 1 else part[0]]
 
-    flags = (has_mask, deterministic)
-    run(_plan(("weight", *key), lambda: spec_of(_choose("weight", geo, x, flags, lambda c: run(spec_of(c))))))
+    run(_planned(("weight", *key), "weight", geo, x, (has_mask, deterministic), spec_of, run))
     # One copy converts and reorders [groups, taps, C_in/g, C_out/g] -> [C_out, C_in/g, kh, kw].
     gw = torch.empty((geo.out_channels, geo.group_in, geo.kh, geo.kw), dtype=x.dtype, device=x.device)
     gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 2, 1))
