@@ -55,11 +55,11 @@ Launch configurations: a heuristic keyed by shape and dtype picks block sizes, w
 so the first call compiles once and never benchmarks. ``DEFORMABLE_TRITON_AUTOTUNE=1`` (read at
 import) instead benchmarks a short candidate list per kernel the first time each (shape, dtype,
 flags) key is seen (a few seconds per new shape) and keeps the fastest, for the process and in a
-file per GPU model and Triton version, so later processes skip the benchmark (``_autotune_cache``:
-``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names the file; empty keeps results in memory only). Tests may
-pin configurations through :data:`CONFIG_OVERRIDES`. ``python -m deformable.ops._triton.compile_check``
-compiles every default configuration for sm_90 without a GPU and reports registers, spills and
-shared memory.
+file per GPU model, Triton version and kernel source, so later processes skip the benchmark
+(``_autotune_cache``: ``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names the file; empty keeps results in
+memory only). Tests may pin configurations through :data:`CONFIG_OVERRIDES`.
+``python -m deformable.ops._triton.compile_check`` compiles every default configuration for sm_90
+without a GPU and reports registers, spills and shared memory.
 
 Host time: at detector sizes the kernels take tens of microseconds, so the host's cost matters. Each
 call's launch arguments (configuration, grid, integer arguments, constexprs) are worked out once per
