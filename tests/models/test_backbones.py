@@ -109,7 +109,7 @@ def test_bad_backbone_arguments(kwargs, error, words):
 
 @pytest.mark.parametrize("function", [count_dcn_layers, freeze_offsets_to_identity])
 def test_module_helpers_want_a_module(function):
-    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         function("resnet")  # was an AttributeError
 
 
@@ -123,7 +123,7 @@ def test_convert_wants_a_resnet(model):
 @pytest.mark.parametrize(
     "model, kwargs, error, words",
     [
-        ("model", dict(lr=0.1), TypeError, "model must be an nn.Module"),
+        ("model", dict(lr=0.1), TypeError, "model must be a torch.nn.Module"),
         (None, dict(lr=None), TypeError, "lr must be a number"),
         (None, dict(lr=float("nan")), ValueError, "lr must be a finite"),
         (None, dict(lr=0.1, weight_decay=-1), ValueError, "weight_decay must be a finite number >= 0"),

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from ..models.backbones import check_module
+
 #: ``layer`` value naming the RoI-head node of a detector.
 ROI = "roi"
 _ROI_ALIASES = (ROI, "roi_heads", "roi_heads.box_head")
@@ -121,15 +123,9 @@ def is_detector(model: nn.Module) -> bool:
     return isinstance(model, GeneralizedRCNN)
 
 
-def check_model(model) -> None:
-    """TypeError unless ``model`` is an ``nn.Module`` (every analysis entry point reaches this)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and floating dtype of the model's first floating parameter (CPU/float32 if none)."""
-    check_model(model)
+    check_module(model)
     for p in model.parameters():
         if p.is_floating_point():
             return p.device, p.dtype
@@ -151,7 +147,7 @@ def prepare_image(image: Tensor, model: nn.Module) -> Tensor:
 @contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Evaluation mode for the duration (every module's ``training`` flag is restored afterwards)."""
-    check_model(model)
+    check_module(model)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -174,7 +170,7 @@ def run_model(model: nn.Module, images: Tensor):
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
     """``dict(model.named_modules())[name]`` with a helpful error."""
-    check_model(model)
+    check_module(model)
     if not isinstance(name, str):
         raise TypeError(f"layer must be a module name (str), got {type(name).__name__}")
     modules = dict(model.named_modules())

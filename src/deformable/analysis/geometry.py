@@ -38,10 +38,10 @@ from torchvision.ops import DeformConv2d as TorchvisionDeformConv2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data._checks import is_int
+from ..models.backbones import check_module
 from ..nn import DeformConv2d
 from ._core import (
     analysis_mode,
-    check_model,
     check_point,
     check_position,
     find_module,
@@ -233,7 +233,7 @@ def trace_geometry(
     Returns:
         ``{module name: (input MapGeometry | None, output MapGeometry | None)}``; ``""`` is the model.
     """
-    check_model(model)
+    check_module(model)
     if (
         isinstance(image_size, str)
         or not isinstance(image_size, Sequence)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..models.backbones import check_module
 from ._core import analysis_mode, make_node, prepare_image, resolve_node
 from .geometry import position_to_image
 from .receptive_field import effective_receptive_field
@@ -87,8 +88,7 @@ def _models(models) -> list[tuple[str, nn.Module]]:
     if not items:
         raise ValueError("models must name at least one model")
     for label, model in items:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model {label!r} must be an nn.Module, got {type(model).__name__}")
+        check_module(model, f"model {label!r}")
     return [(str(label), model) for label, model in items]
 
 

@@ -45,13 +45,13 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import MultiScaleRoIAlign
 
+from ..models.backbones import check_module
 from ..nn import DCNv1, DCNv2, DeformConv2d, MultiScaleDeformRoIPool
 from ..ops import deform_conv2d
 from ._core import (
     Node,
     RoIForward,
     analysis_mode,
-    check_model,
     evaluate_node,
     is_detector,
     make_node,
@@ -119,7 +119,7 @@ def sampling_layers(model: nn.Module, layers: str | Sequence[str] | None = None)
             convolution with a kernel larger than 1x1; ``"deformable"``; ``"regular"``; ``"all"`` (both);
             or a sequence of module names (deformable or ``nn.Conv2d``).
     """
-    check_model(model)
+    check_module(model)
     modules = dict(model.named_modules())
     deformable = [n for n, m in modules.items() if isinstance(m, DEFORMABLE_TYPES)]
     inside = tuple(f"{n}." for n in deformable)

@@ -50,7 +50,7 @@ def check_dcn_stages(dcn_stages: Iterable[int], name: str = "dcn_stages") -> tup
 def check_module(model, name: str = "model") -> None:
     """TypeError naming ``name`` unless ``model`` is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def check_norm_layer(norm_layer) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._files import load_weights_only
+from .backbones import check_module
 
 Source = Literal["deformable", "torchvision", "mmdet", "detectron2"]
 _IGNORABLE_MISSING = re.compile(r"(^|\.)num_batches_tracked$")
@@ -232,8 +233,7 @@ def load_checkpoint(
     Returns:
         A :class:`LoadReport` (its ``str`` is a readable table of missing and unexpected keys).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     if not isinstance(source, str) or source not in _RULES:
         raise ValueError(f"source must be one of {sorted(_RULES)}, got {source!r}")
     if isinstance(path_or_state_dict, str | os.PathLike):

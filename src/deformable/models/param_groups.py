@@ -7,6 +7,8 @@ import numbers
 
 from torch import nn
 
+from .backbones import check_module
+
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
@@ -36,8 +38,7 @@ def param_groups(
         A list of dicts with ``params``, ``lr``, ``weight_decay`` and a ``name`` for logging; empty
         groups are dropped. Each group also records ``lr_mult`` so schedulers can rescale.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module(model)
     rates = {
         "lr": lr, "weight_decay": weight_decay, "norm_weight_decay": norm_weight_decay,
         "bias_weight_decay": bias_weight_decay, "offset_weight_decay": offset_weight_decay,
