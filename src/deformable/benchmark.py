@@ -180,12 +180,11 @@ def run(
             for _ in range(repeats):
                 for name, fn in cases.items():
                     samples[name].append(_time_once(fn, device))
-            row = Row(shape, dtype, {k: statistics.median(v) for k, v in samples.items()}, peaks)
+            medians = {k: statistics.median(v) for k, v in samples.items()}
             for stage in ("fwd", "fwdbwd"):
-                if f"conv_cl_{stage}" in row.times:
-                    row.times[f"conv_{stage}"] = min(
-                        row.times[f"conv_{stage}"], row.times[f"conv_cl_{stage}"]
-                    )
+                if f"conv_cl_{stage}" in medians:
+                    medians[f"conv_{stage}"] = min(medians[f"conv_{stage}"], medians[f"conv_cl_{stage}"])
+            row = Row(shape, dtype, dict(medians), peaks)
             rows.append(row)
             log(_format_row(row))
     return rows

@@ -92,6 +92,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.parser.error(str(error))
     if args.threads:
         torch.set_num_threads(args.threads)
+    shapes: tuple[benchmark.Shape, ...]
     if args.small:
         shapes = benchmark.SMALL_SHAPES
     elif device.type == "cuda":
@@ -163,13 +164,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if isinstance(cfg, ClassifierConfig):
         from .engine.classifier import train_classifier
 
-        result = train_classifier(cfg, resume=args.resume, evaluate_at_end=not args.no_eval)
+        metrics = train_classifier(cfg, resume=args.resume, evaluate_at_end=not args.no_eval).metrics
     else:
         from .engine.trainer import train
 
-        result = train(cfg, resume=args.resume, evaluate_at_end=not args.no_eval)
-    if result.metrics:
-        print(json.dumps(result.metrics, indent=2))
+        metrics = train(cfg, resume=args.resume, evaluate_at_end=not args.no_eval).metrics
+    if metrics:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -177,13 +178,14 @@ def _read_checkpoint(args: argparse.Namespace) -> dict:
     """The ``--checkpoint`` file's contents, or a usage error saying why it cannot be read."""
     from .engine.loop import read_model_file
 
+    parser: argparse.ArgumentParser = args.parser  # its error() exits
     path = Path(args.checkpoint)
     try:
         return read_model_file(path)
     except FileNotFoundError:
-        args.parser.error(f"--checkpoint {path}: no such file")
+        parser.error(f"--checkpoint {path}: no such file")
     except ValueError as error:
-        args.parser.error(f"--checkpoint {path} is not a model file of deformable train/convert: {error}")
+        parser.error(f"--checkpoint {path} is not a model file of deformable train/convert: {error}")
 
 
 def _trained_model(args: argparse.Namespace, load, data: dict, cfg):

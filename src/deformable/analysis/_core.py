@@ -23,8 +23,9 @@ import contextlib
 import math
 import numbers
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -118,7 +119,7 @@ def check_point(point, name: str = "point") -> tuple[float, float]:
     return float(values[0]), float(values[1])
 
 
-def is_detector(model: nn.Module) -> bool:
+def is_detector(model: nn.Module) -> TypeGuard[GeneralizedRCNN]:
     """True for torchvision's two-stage detectors (Faster/Mask R-CNN and this library's subclasses)."""
     return isinstance(model, GeneralizedRCNN)
 
@@ -229,14 +230,22 @@ def _evaluate_layer(model: nn.Module, images: Tensor, node: Node) -> NodeOutput:
     return NodeOutput(scalar, scalar[:, None])
 
 
-def _check_detector(model: nn.Module) -> None:
+def spatial_size(t: Tensor) -> tuple[int, int]:
+    """``(height, width)``: the sizes of the last two dimensions of ``t``."""
+    height, width = t.shape[-2:]
+    return height, width
+
+
+def _check_detector(model: nn.Module) -> GeneralizedRCNN:
+    """``model``, checked to be a torchvision two-stage detector."""
     if not is_detector(model):
         raise ValueError(
             f"RoI nodes need a torchvision Faster/Mask R-CNN (GeneralizedRCNN), got {type(model).__name__}"
         )
+    return model
 
 
-def transformed_scale(model: nn.Module, image_size: tuple[int, int]) -> tuple[float, float, tuple]:
+def transformed_scale(model: GeneralizedRCNN, image_size: tuple[int, int]) -> tuple[float, float, tuple]:
     """For a detector, the resize ratios ``(r_y, r_x)`` of its transform (transformed / original size)
     for an image of ``image_size`` (height, width), and the transformed size."""
     probe = torch.zeros((3, *image_size), device=model_device_dtype(model)[0])
@@ -255,10 +264,9 @@ class RoIForward:
     """
 
     def __init__(self, model: nn.Module, box: Sequence[float]):
-        _check_detector(model)
-        self.model = model
+        self.model = _check_detector(model)
         self.box = tuple(float(v) for v in box)
-        self.pooled_hook = None
+        self.pooled_hook: Callable[[Tensor], Tensor] | None = None
         self.last_image_sizes: list[tuple[int, int]] | None = None
         self.last_boxes: list[Tensor] | None = None
 

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._argtypes import positive_float, positive_int
 from .._files import load_weights_only
+
+if TYPE_CHECKING:  # the models are imported when needed (startup time)
+    from ..models.checkpoint import Source
 
 __all__ = ["CLASSIFIERS", "DETECTORS", "add_cli", "build_model", "load_image", "run_analyze"]
 
@@ -192,10 +196,10 @@ def build_model(
 
     dcn = None if dcn in (None, "none") else dcn
     if name in CLASSIFIERS:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
         return getattr(models, name)(dcn=dcn, dcn_stages=tuple(dcn_stages), **kwargs)
     if name in DETECTORS:
-        kwargs: dict = {"num_classes": 91 if num_classes is None else num_classes, "backbone": backbone}
+        kwargs = {"num_classes": 91 if num_classes is None else num_classes, "backbone": backbone}
         kwargs["roi_pool"] = roi_pool or _DEFAULT_ROI_POOL[dcn or "none"]
         if min_size is not None:
             kwargs["min_size"] = min_size
@@ -243,7 +247,7 @@ def _trained_model(path: str) -> tuple[torch.nn.Module, bool] | None:
     return load_trained_model(data, cfg), True
 
 
-def _load_state_dict(model, path: str, name: str, dcn, source: str, allow_partial: bool) -> None:
+def _load_state_dict(model, path: str, name: str, dcn, source: Source, allow_partial: bool) -> None:
     """Load a plain checkpoint into ``model``; one that fits only partly needs ``allow_partial``."""
     from ..models import load_checkpoint
 

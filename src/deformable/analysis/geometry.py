@@ -48,6 +48,7 @@ from ._core import (
     is_detector,
     layer_output,
     prepare_image,
+    spatial_size,
     transformed_scale,
 )
 
@@ -244,7 +245,8 @@ def trace_geometry(
     if overrides is not None and not isinstance(overrides, Mapping):
         raise TypeError(f"overrides must be a mapping of module names to geometries, got {overrides!r}")
     out: Geometries = {}
-    _walk(model, "", image_geometry(model, tuple(image_size)), out, dict(overrides or {}))
+    size = (image_size[0], image_size[1])  # a tuple, whatever the sequence
+    _walk(model, "", image_geometry(model, size), out, dict(overrides or {}))
     return out
 
 
@@ -258,9 +260,9 @@ def _layer_map(model: nn.Module, image: Tensor, layer: str) -> tuple[MapGeometry
     """``layer``'s output geometry (as :func:`layer_geometry`) and its output map size (height, width)."""
     x = prepare_image(image, model)
     with torch.no_grad(), analysis_mode(model):
-        size = tuple(layer_output(model, x[None], layer).shape[-2:])
-    geometry = trace_geometry(model, tuple(x.shape[-2:])).get(layer, (None, None))[1]
-    return (geometry if geometry is not None else _fallback(tuple(x.shape[-2:]), size)), size
+        size = spatial_size(layer_output(model, x[None], layer))
+    geometry = trace_geometry(model, spatial_size(x)).get(layer, (None, None))[1]
+    return (geometry if geometry is not None else _fallback(spatial_size(x), size)), size
 
 
 def layer_geometry(model: nn.Module, image: Tensor, layer: str) -> MapGeometry:
@@ -268,7 +270,7 @@ def layer_geometry(model: nn.Module, image: Tensor, layer: str) -> MapGeometry:
     the proportional geometry of its output size is returned (image size / map size per axis)."""
     find_module(model, layer)
     x = prepare_image(image, model)
-    geometry = trace_geometry(model, tuple(x.shape[-2:])).get(layer, (None, None))[1]
+    geometry = trace_geometry(model, spatial_size(x)).get(layer, (None, None))[1]
     return geometry if geometry is not None else _layer_map(model, x, layer)[0]
 
 

@@ -102,7 +102,7 @@ def _sampling_names(models: list[tuple[str, nn.Module]]) -> list[str]:
     return names
 
 
-def _layers_for(model: nn.Module, names: list[str]):
+def _layers_for(model: nn.Module, names: list[str]) -> list[str] | None:
     """The shared sampling-layer names present in ``model`` as deformable layers or ``nn.Conv2d``
     (None, i.e. the default choice, when there are none)."""
     modules = dict(model.named_modules())
@@ -180,7 +180,7 @@ def plot_support_figure(
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), columns, squeeze=False)
     for r, (label, model) in enumerate(rows):
-        model_layers = _layers_for(model, shared) if layers == "shared" else layers
+        model_layers = _layers_for(model, shared) if shared is not None else layers
         for n, spec in enumerate(nodes):
             node = make_node(spec.layer, spec.position, spec.channel)
             with analysis_mode(model):
@@ -250,6 +250,7 @@ def _draw_node(ax, node, centre: tuple[float, float] | None, Rectangle) -> None:
         x1, y1, x2, y2 = node.position
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
     else:
+        assert centre is not None  # given for every layer node
         y, x = centre
         ax.plot(
             [x], [y], marker="o", markersize=4, color="lime", markeredgecolor="black", markeredgewidth=0.5

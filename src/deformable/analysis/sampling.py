@@ -37,7 +37,7 @@ layer the walk cannot place, from the proportional geometry of its input size.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,7 @@ from ..ops import deform_conv2d
 from ._core import (
     Node,
     RoIForward,
+    _check_detector,
     analysis_mode,
     evaluate_node,
     is_detector,
@@ -58,6 +59,7 @@ from ._core import (
     prepare_image,
     resolve_node,
     run_model,
+    spatial_size,
 )
 from .geometry import DEFORMABLE_TYPES, AxisMap, MapGeometry, _fallback, trace_geometry
 
@@ -127,15 +129,14 @@ def sampling_layers(model: nn.Module, layers: str | Sequence[str] | None = None)
     if layers is None:
         return deformable or regular
     if isinstance(layers, str):
-        choices = {"deformable": deformable, "regular": regular, "all": None}
-        if layers not in choices:
+        if layers not in ("deformable", "regular", "all"):
             raise ValueError(
                 f"layers must be None, 'deformable', 'regular', 'all' or a list of names, got {layers!r}"
             )
         if layers == "all":
             chosen = set(deformable) | set(regular)
             return [n for n in modules if n in chosen]
-        return choices[layers]
+        return deformable if layers == "deformable" else regular
     if not isinstance(layers, Sequence) or not all(isinstance(name, str) for name in layers):
         raise ValueError(
             f"layers must be None, 'deformable', 'regular', 'all' or a list of names, got {layers!r}"
@@ -161,7 +162,7 @@ class _Call:
     """One call of a probed sampling layer."""
 
     name: str
-    module: nn.Module
+    module: DeformConv2d | nn.Conv2d
     input_channels: int
     input_size: tuple[int, int]
     offset: Tensor  # [N, 2*G*K, Ho, Wo], detached
@@ -216,7 +217,9 @@ def _probed_forward(module, name, calls, input, offset, mask):
     return out + out_probe
 
 
-def _make_forward(module: nn.Module, name: str, calls: list[_Call]):
+def _make_forward(module: nn.Module, name: str, calls: list[_Call]) -> Callable[..., Tensor]:
+    # The probed forward takes the arguments of the layer's own: (input) or (input, offset, mask).
+    forward: Callable[..., Tensor]
     if isinstance(module, DCNv2):
 
         def forward(input):
@@ -358,7 +361,7 @@ def _layer_samples(call: _Call, grads, weighting: str, geometry: MapGeometry) ->
 def _conv_samples(model, x, node, names, weighting, roi=None, extra_leaves=None):
     """Samples of the ``names`` layers under ``node``, and the gradients of ``extra_leaves()`` (leaves
     created during the forward pass) from the same backward pass."""
-    geometries = trace_geometry(model, tuple(x.shape[-2:]))
+    geometries = trace_geometry(model, spatial_size(x))
     with _probes(model, names) as calls:
         scalar = evaluate_node(model, x[None], node, roi).scalar[0]
         extra = extra_leaves() if extra_leaves is not None else []
@@ -378,7 +381,7 @@ def _conv_samples(model, x, node, names, weighting, roi=None, extra_leaves=None)
 
 
 def _roi_bins(model: nn.Module, x: Tensor, node: Node, weighting: str, names) -> list[LayerSamples]:
-    pooler = model.roi_heads.box_roi_pool
+    pooler = _check_detector(model).roi_heads.box_roi_pool
     if not isinstance(pooler, MultiScaleDeformRoIPool | MultiScaleRoIAlign):
         raise ValueError(
             "RoI bins need roi_heads.box_roi_pool to be a MultiScaleDeformRoIPool or MultiScaleRoIAlign, got "
@@ -621,7 +624,7 @@ def effective_dilation(
     result: dict[str, DilationMap] = {}
     with analysis_mode(model), torch.no_grad():
         x = prepare_image(image, model)
-        geometries = trace_geometry(model, tuple(x.shape[-2:]))
+        geometries = trace_geometry(model, spatial_size(x))
         with _probes(model, names) as calls:
             if is_detector(model):
                 image_list, _ = model.transform([x])

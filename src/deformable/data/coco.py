@@ -248,7 +248,8 @@ def check_coco_annotations(
         if ann["id"] in ann_ids:
             fail(f"{where}: duplicate id")
         ann_ids.add(ann["id"])
-        img = images.get(ann.get("image_id")) if _hashable(ann.get("image_id")) else None
+        image_id = ann.get("image_id")
+        img = images.get(image_id) if image_id is not None and _hashable(image_id) else None
         if img is None:
             fail(f"{where}: 'image_id' {ann.get('image_id')!r} is not in 'images'")
             continue

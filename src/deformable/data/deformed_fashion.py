@@ -131,7 +131,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _check_range(value: Sequence[float], name: str, low: float, integer: bool = False) -> tuple:
@@ -330,7 +330,8 @@ def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def _paint(canvas: np.ndarray, obj: _Object, y: int, x: int, rng: np.random.Generator) -> None:
-    channels = canvas.shape[2]
+    channels: int = canvas.shape[2]
+    tint: np.ndarray
     if channels > 1:
         tint = rng.uniform(0.35, 1.0, size=channels)
         tint = tint / tint.max() * rng.uniform(0.75, 1.0)
@@ -378,7 +379,7 @@ def _find_spot(
 
 def _render_canvas(
     rng: np.random.Generator,
-    pool: tuple[torch.Tensor, np.ndarray, np.ndarray],
+    pool: tuple[torch.Tensor, list[np.ndarray], np.ndarray, np.ndarray],
     canvas_hw: tuple[int, int],
     channels: int,
     num_objects: int,
@@ -424,6 +425,7 @@ def _render_canvas(
             size *= 0.75
         if spot is None:
             continue
+        assert obj is not None  # a spot is searched for a drawn object only
         y, x, box = spot
         h, w = obj.mask.shape
         _paint(canvas, obj, y, x, rng)
@@ -579,7 +581,8 @@ def _generate_split(folder: Path, split: str, count: int, p: dict[str, Any]) -> 
     pool = _pool(split)
     H, W = p["canvas_size"]
     warp = {k: p[k] for k in ("rotation", "shear", "aspect", "elastic")}
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for i in range(count):
         rng = np.random.default_rng([p["seed"], _SPLIT_CODES[split], i])
         n = int(rng.integers(p["objects_per_image"][0], p["objects_per_image"][1] + 1))
@@ -645,7 +648,9 @@ def dataset_statistics(coco_json: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"coco_json annotations[{i}]: 'image_id' {a['image_id']!r} is not in 'images'")
     n_img = len(coco_json["images"])
     per_image: dict[int, int] = {img["id"]: 0 for img in coco_json["images"]}
-    areas, sides, per_cat = [], [], {}
+    areas: list[float] = []
+    sides: list[float] = []
+    per_cat: dict[int, int] = {}
     for a in coco_json["annotations"]:
         per_image[a["image_id"]] += 1
         areas.append(a["area"])
@@ -970,8 +975,8 @@ def deformed_fashion_classification(
             Path(tmp_name).unlink(missing_ok=True)
             raise
         cached = images, labels
-    images, labels = torch.from_numpy(cached[0]), torch.from_numpy(cached[1].astype(np.int64))
-    return DeformedFashionClassification(images, labels, channels=channels, transform=transform)
+    image_tensor, label_tensor = torch.from_numpy(cached[0]), torch.from_numpy(cached[1].astype(np.int64))
+    return DeformedFashionClassification(image_tensor, label_tensor, channels=channels, transform=transform)
 
 
 def _read_classification_cache(path: Path, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:

@@ -25,7 +25,8 @@ _REQUIRED = ("iteration", "model", "optimizer", "scheduler", "scaler", "rng")
 
 def rng_state() -> dict[str, Any]:
     """The state of every random generator a training step touches, as weights-only-safe values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global generator is an MT19937: its legacy state is a tuple
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),

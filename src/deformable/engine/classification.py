@@ -70,6 +70,8 @@ def run_classification_demo(
         cfg = config_from_dict({**settings, "dcn": dcn, "out_dir": str(out / "classification" / slug)})
         print(f"== {name} -> {cfg.out_dir}")
         run = train_classifier(cfg, resume=resume)
+        # train_classifier evaluates at the end by default: the errors and metrics are there.
+        assert run.top1_error is not None and run.metrics is not None
         results.append(
             ClassificationResult(
                 name, run.top1_error, run.parameters, 1000 * run.train_seconds / max(run.iterations, 1),

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import models
-from .config import ClassifierConfig
+from .config import ClassifierConfig, required_path
 from .loop import (
     TrainingRun,
     autocast_for,
@@ -36,6 +37,11 @@ from .loop import (
 )
 from .pretrain import norm_layer_for
 from .trainer import lr_factor, warmup
+
+if TYPE_CHECKING:  # the datasets' modules are imported when needed
+    from torchvision.datasets import ImageFolder
+
+    from ..data.deformed_fashion import DeformedFashionClassification
 
 __all__ = [
     "ClassifierResult",
@@ -61,12 +67,19 @@ class ClassifierResult:
     parameters: int
 
 
-def build_classification_datasets(cfg: ClassifierConfig) -> tuple[Dataset, Dataset, int]:
+def build_classification_datasets(
+    cfg: ClassifierConfig,
+) -> tuple[ImageFolder | DeformedFashionClassification, ImageFolder | DeformedFashionClassification, int]:
     """(train, val, number of classes); items are ``(image [3, S, S] float32, class index)``."""
     if cfg.dataset == "imagefolder":
         from ..data.image_folder import image_folder_datasets
 
-        train, val = image_folder_datasets(cfg.train_dir, cfg.val_dir, cfg.image_size, cfg.resize_size)
+        train, val = image_folder_datasets(
+            required_path(cfg.train_dir, "train_dir", "imagefolder"),
+            required_path(cfg.val_dir, "val_dir", "imagefolder"),
+            cfg.image_size,
+            cfg.resize_size,
+        )
         return train, val, len(train.classes)
     from torchvision.transforms import v2
 
@@ -92,7 +105,9 @@ def load_trained_classifier(
     from .config import config_from_dict
 
     state, config = model_source(source, "fc.weight", classifier=True, need_config=cfg is None)
-    cfg = cfg or config_from_dict(config, ClassifierConfig)
+    if cfg is None:
+        assert config is not None  # model_source checked it (need_config)
+        cfg = config_from_dict(config, ClassifierConfig)
     model = build_classifier(cfg, state["fc.weight"].shape[0])
     model.load_state_dict(state)
     return model
@@ -126,7 +141,9 @@ def evaluate_classifier(
 ) -> dict[str, Any]:
     """Top-1 / top-5 error and inference ms per image on ``dataset`` (its first ``eval_max_images``),
     each process taking every world-th image; the counts are summed over processes."""
-    core = model.module if hasattr(model, "module") else model
+    core: nn.Module = getattr(model, "module", model)  # the model inside a DistributedDataParallel
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"dataset must be a map-style dataset with a length, got {type(dataset).__name__}")
     was_training = core.training
     core.eval()
     shard = Subset(dataset, eval_indices(len(dataset), cfg.eval_max_images))

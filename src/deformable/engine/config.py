@@ -229,6 +229,14 @@ def detector_builders() -> tuple[str, ...]:
     return tuple(name for name in models.__all__ if name.endswith(("_fpn_dcn", "_c4_dcn")))
 
 
+def required_path(value: str | None, key: str, dataset: str) -> str:
+    """The value of config key ``key``, which dataset ``dataset`` needs (a ValueError naming it when unset,
+    as :meth:`TrainConfig.validate` and :meth:`ClassifierConfig.validate` raise)."""
+    if not value:
+        raise ValueError(f"config key {key!r} is required when dataset is {dataset!r}")
+    return value
+
+
 def _check_run(config, choices: dict[str, tuple], positive: tuple[str, ...]) -> None:
     """The checks every run's config shares: ``choices`` (key -> allowed values, plus amp and device),
     ``positive`` keys (plus the run's sizes, intervals and optimiser settings), the DCN stages and

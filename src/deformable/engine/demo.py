@@ -97,6 +97,7 @@ def run_demo(
             )
             print(f"== {name} (seed {seed}) -> {run_dir}")
             result = train(cfg, resume=resume)
+            assert result.metrics is not None  # train evaluates at the end by default
             start = start or _describe_start(cfg)
             metrics.append(result.metrics["bbox"])
             train_ms.append(1000 * result.train_seconds / max(result.iterations, 1))

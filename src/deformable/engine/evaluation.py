@@ -49,7 +49,7 @@ METRIC_NAMES: tuple[str, ...] = (
 _RESULT_KEY = {"bbox": "bbox", "segm": "segmentation"}
 
 
-def _results_coco(coco_gt: COCO, anns: list[dict[str, Any]], iou_type: str) -> COCO:
+def _results_coco(coco_gt: COCO, anns: Sequence[Mapping[str, Any]], iou_type: str) -> COCO:
     """Build the results COCO object (what ``COCO.loadRes`` does, without printing or mutating input)."""
     out = []
     for i, p in enumerate(anns):
@@ -269,7 +269,9 @@ def detections_to_coco(
                 f"({boxes.shape[0]}, {len(labels)}, {len(scores)})"
             )
         masks = out.get("masks")
-        in_hw = _height_width(image_sizes[n], f"image_sizes[{n}]") if image_sizes is not None else None
+        in_hw: tuple[int, ...] | None = (
+            _height_width(image_sizes[n], f"image_sizes[{n}]") if image_sizes is not None else None
+        )
         orig_hw = _height_width(orig_sizes[n], f"orig_sizes[{n}]") if orig_sizes is not None else None
         if in_hw is None and masks is not None:
             in_hw = tuple(masks.shape[-2:])
@@ -317,7 +319,7 @@ def _height_width(value: Any, name: str) -> tuple[int, int]:
         hw, exact = (), False
     if len(hw) != 2 or not exact or min(hw) <= 0:
         raise ValueError(f"{name} must be (height, width), two positive integers, got {value!r}")
-    return hw  # type: ignore[return-value]
+    return hw[0], hw[1]
 
 
 def _image_id(target: Mapping[str, Any], i: int) -> int:
@@ -446,4 +448,5 @@ class Evaluator:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = box[0]
+        assert metrics is not None  # computed on rank 0, broadcast to the others
         return metrics

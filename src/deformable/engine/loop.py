@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -186,10 +186,18 @@ def check_out_dir(path: Path) -> None:
 # Data order
 
 
+class SizedDataset(Protocol):
+    """A map-style dataset that knows its length (what the training loop samples from)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset so that item ``(epoch, index)`` is transformed under its own seed."""
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: SizedDataset, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
 
@@ -242,6 +250,7 @@ class IterationBatchSampler(Sampler[list[tuple[int, int]]]):
                 epoch = iteration // self.per_epoch
                 generator = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
                 order = torch.randperm(self.size, generator=generator)[self.rank :: self.world]
+            assert order is not None  # drawn at the first iteration (epoch -1 never matches)
             position = (iteration % self.per_epoch) * self.batch_size
             yield [(epoch, int(i)) for i in order[position : position + self.batch_size]]
 
@@ -313,7 +322,7 @@ class TrainingRun:
             )
         self.iteration = self.start
         self.seconds = self._seconds_before = seconds_before
-        self.log = None
+        self.log: MetricsLog | None = None  # written by the main process only
         if is_main():
             self.log = MetricsLog(self.out_dir, cfg.tensorboard, resume_from=self.start if resumed else None)
         self._progress = None
@@ -325,7 +334,7 @@ class TrainingRun:
         self._began = time.perf_counter()
         model.train()
 
-    def loader(self, dataset: Dataset, collate_fn: Callable | None = None) -> DataLoader:
+    def loader(self, dataset: SizedDataset, collate_fn: Callable | None = None) -> DataLoader:
         """Batches for iterations ``[start, iterations)``: this rank's shard, each item under its seed."""
         cfg = self.cfg
         sampler = IterationBatchSampler(
@@ -368,7 +377,7 @@ class TrainingRun:
                 shown = scalars["loss"] if "loss" in scalars else float(loss.detach())
                 self._progress.set_postfix(loss=f"{shown:.3f}", lr=f"{lr:.2e}")
                 self._progress.update(1)
-            if iteration % cfg.log_every == 0 or last:
+            if self.log is not None and (iteration % cfg.log_every == 0 or last):
                 elapsed = time.perf_counter() - self._began
                 self.log.write({"iteration": iteration, "lr": lr, **scalars, "time": elapsed})
         # The evaluation comes before the checkpoint of the same iteration: a run killed while
@@ -376,7 +385,7 @@ class TrainingRun:
         # random state is the one training continues from.
         if evaluate is not None and cfg.eval_every and iteration % cfg.eval_every == 0 and not last:
             metrics = evaluate()
-            if is_main():
+            if self.log is not None:  # the main process
                 self.log.write({"iteration": iteration, "eval": metrics})
         if iteration % cfg.checkpoint_every == 0 or last:
             self.seconds = self._seconds_before + time.perf_counter() - self._began
@@ -392,7 +401,7 @@ class TrainingRun:
         metrics = None
         if evaluate is not None:
             metrics = evaluate()
-            if is_main():
+            if self.log is not None:  # the main process
                 if self.iteration == self.start:  # a finished run resumed: its final evaluation is redone
                     self.log.discard(lambda r: r["iteration"] == self.iteration and "eval" in r)
                 self.log.write({"iteration": self.iteration, "eval": metrics})
@@ -403,7 +412,7 @@ class TrainingRun:
         return metrics
 
     def _save_checkpoint(self) -> None:
-        states = rng_state()
+        states: dict[str, Any] | list[Any] = rng_state()
         if dist.is_initialized():
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states)

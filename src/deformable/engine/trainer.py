@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import models
-from .config import TrainConfig, detector_builders
+from .config import ClassifierConfig, TrainConfig, detector_builders, required_path
 from .loop import (  # re-exported: the names runs, tests and the CLI have always imported from here
     CHECKPOINT_NAME,
     FINAL_NAME,
@@ -62,7 +62,9 @@ def build_datasets(cfg: TrainConfig):
 
     if cfg.scale_jitter:
         low, high = cfg.scale_jitter
-        sizes = sorted({max(1, round(cfg.min_size * f)) for f in torch.linspace(low, high, 5).tolist()})
+        sizes: int | list[int] = sorted(
+            {max(1, round(cfg.min_size * f)) for f in torch.linspace(low, high, 5).tolist()}
+        )
     else:
         sizes = cfg.min_size
     train_tf = train_transforms(sizes, cfg.max_size, hflip_prob=0.5 if cfg.hflip else 0.0)
@@ -73,8 +75,17 @@ def build_datasets(cfg: TrainConfig):
         )
         val = deformed_fashion.load("val", transforms=eval_tf, out_dir=cfg.data_dir, preset=cfg.data_preset)
     else:
-        train = CocoDetection(cfg.train_images, cfg.train_annotations, train_tf, remove_empty=True)
-        val = CocoDetection(cfg.val_images, cfg.val_annotations, eval_tf)
+        train = CocoDetection(
+            required_path(cfg.train_images, "train_images", "coco"),
+            required_path(cfg.train_annotations, "train_annotations", "coco"),
+            train_tf,
+            remove_empty=True,
+        )
+        val = CocoDetection(
+            required_path(cfg.val_images, "val_images", "coco"),
+            required_path(cfg.val_annotations, "val_annotations", "coco"),
+            eval_tf,
+        )
     return train, val
 
 
@@ -167,7 +178,7 @@ def warmup(cfg, iteration: int) -> float:
     return cfg.warmup_factor * (1 - alpha) + alpha
 
 
-def lr_factor(cfg: TrainConfig, iteration: int) -> float:
+def lr_factor(cfg: TrainConfig | ClassifierConfig, iteration: int) -> float:
     """Linear warmup from ``warmup_factor``, then x ``lr_gamma`` at every step in ``lr_steps``."""
     return cfg.lr_gamma ** sum(iteration >= step for step in cfg.lr_steps) * warmup(cfg, iteration)
 
@@ -186,7 +197,7 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) 
         raise TypeError(
             f"dataset must be a CocoDetection (with .coco and .label_to_cat_id), got {type(dataset).__name__}"
         )
-    core = model.module if hasattr(model, "module") else model
+    core: nn.Module = getattr(model, "module", model)  # the model inside a DistributedDataParallel
     is_mask = isinstance(core, models.DCNMaskRCNN)
     was_training = core.training
     core.eval()
@@ -291,7 +302,9 @@ def load_trained_model(
 
     key = "roi_heads.box_predictor.cls_score.weight"
     state, config = model_source(source, key, classifier=False, need_config=cfg is None)
-    cfg = cfg or config_from_dict(config, TrainConfig)
+    if cfg is None:
+        assert config is not None  # model_source checked it (need_config)
+        cfg = config_from_dict(config, TrainConfig)
     if num_classes is None:
         num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0]
     model = build_model(_without_backbone_weights(cfg), num_classes)

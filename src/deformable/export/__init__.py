@@ -336,9 +336,11 @@ def _export_dynamo(model, args, path, opset, dynamic_batch, input_names, output_
             custom_translation_table=table,
             verbose=False,
         )
+    assert program is not None  # the dynamo exporter returns an ONNXProgram
     if dynamic_batch and program.model.graph.inputs and hasattr(program, "rename_axes"):
-        symbol = program.model.graph.inputs[0].shape[0]
-        if not isinstance(symbol, int):
+        shape = program.model.graph.inputs[0].shape
+        symbol = None if shape is None else shape[0]
+        if symbol is not None and not isinstance(symbol, int):
             program.rename_axes({symbol: "batch"})
     program.save(str(path), external_data=not single_file)
 

@@ -13,7 +13,7 @@ the op's arguments (named as in the op's schema) and it emits standard ``ai.onnx
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import onnxscript
 from onnxscript import opset19 as op
@@ -85,7 +85,7 @@ def deform_roi_pool(
 
 
 #: qualified op name -> translation
-TRANSLATIONS = {
+TRANSLATIONS: dict[str, Callable[..., object]] = {
     "deformable::deform_conv2d": deform_conv2d,
     "deformable::deform_roi_pool": deform_roi_pool,
 }

@@ -258,7 +258,8 @@ def freeze_offsets_to_identity(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, DCNv1 | DCNv2):
             module.conv_offset.weight.zero_()
-            module.conv_offset.bias.zero_()
+            if module.conv_offset.bias is not None:
+                module.conv_offset.bias.zero_()
             if isinstance(module, DCNv2):
                 module.mask_scale = 2.0
     return model

@@ -89,7 +89,10 @@ def unwrap_state_dict(data, what: str = "checkpoint") -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------
 # Renaming rules: (pattern, replacement) applied in order; the first match wins.
 
-_MMDET_RULES = [
+#: (key pattern, replacement): a ``re.sub`` template or a function of the match.
+_Rule = tuple[str, str | Callable[[re.Match[str]], str]]
+
+_MMDET_RULES: list[_Rule] = [
     (r"^backbone\.(.*)$", r"backbone.body.\1"),
     (r"^neck\.lateral_convs\.(\d+)\.conv\.(.*)$", r"backbone.fpn.inner_blocks.\1.0.\2"),
     (r"^neck\.fpn_convs\.(\d+)\.conv\.(.*)$", r"backbone.fpn.layer_blocks.\1.0.\2"),
@@ -117,7 +120,7 @@ def _detectron2_block(match: re.Match) -> str:
     return f"backbone.body.layer{stage - 1}.{block}.{rest}"
 
 
-_DETECTRON2_RULES = [
+_DETECTRON2_RULES: list[_Rule] = [
     (r"^backbone\.bottom_up\.stem\.conv1\.norm\.(.*)$", r"backbone.body.bn1.\1"),
     (r"^backbone\.bottom_up\.stem\.conv1\.(.*)$", r"backbone.body.conv1.\1"),
     (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.(.*)$", _detectron2_block),
@@ -137,7 +140,7 @@ _DETECTRON2_RULES = [
     (r"^roi_heads\.mask_head\.predictor\.(.*)$", r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
 ]
 
-_RULES: dict[str, list[tuple[str, str | Callable]]] = {
+_RULES: dict[str, list[_Rule]] = {
     "deformable": [],
     "torchvision": [],
     "mmdet": _MMDET_RULES,
@@ -145,7 +148,7 @@ _RULES: dict[str, list[tuple[str, str | Callable]]] = {
 }
 
 
-def _rename(key: str, rules) -> str | None:
+def _rename(key: str, rules: list[_Rule]) -> str | None:
     for pattern, replacement in rules:
         if re.match(pattern, key):
             return re.sub(pattern, replacement, key)

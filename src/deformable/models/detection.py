@@ -29,6 +29,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
@@ -72,10 +73,18 @@ def roi_pooler(
     )
 
 
-class _MimickingMixin:
-    """Adds the optional R-CNN feature-mimicking branch (``self.mimic``) to a torchvision R-CNN."""
+class _MimickingMixin(nn.Module):
+    """Adds the optional R-CNN feature-mimicking branch (``self.mimic``) to a torchvision R-CNN.
+
+    It precedes ``FasterRCNN`` or ``MaskRCNN`` among the bases (the MRO is theirs, the mixin first); the
+    annotations name the attributes of theirs it uses.
+    """
 
     mimic: FeatureMimicking | None
+    transform: GeneralizedRCNNTransform
+    backbone: nn.Module
+    rpn: RegionProposalNetwork
+    roi_heads: RoIHeads
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """As torchvision's; in training with mimicking, the loss dict also has ``loss_mimic`` and
@@ -85,14 +94,14 @@ class _MimickingMixin:
             _check_targets(self, images, targets)
         if self.mimic is None or not self.training:
             return super().forward(images, targets)
-        images, targets = self.transform(images, targets)
-        features = self.backbone(images.tensors)
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
         if isinstance(features, Tensor):
             features = OrderedDict([("0", features)])
-        proposals, proposal_losses = self.rpn(images, features, targets)
+        proposals, proposal_losses = self.rpn(image_list, features, targets)
         with self.mimic.record(self.roi_heads):
-            _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
-        mimic_losses = self.mimic.losses(self, images.tensors)
+            _, detector_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        mimic_losses = self.mimic.losses(self, image_list.tensors)
         return {**detector_losses, **proposal_losses, **mimic_losses}
 
 
@@ -163,6 +172,7 @@ def _check_targets(model, images, targets) -> None:
                 f"got {targets[index]['boxes'].tolist()}"
             )
         if not labels_ok:
+            assert num_classes is not None  # without a class count, labels_ok is boxes_ok
             raise ValueError(
                 f"{name}['labels'] must be class indices in [0, {num_classes - 1}], "
                 f"got {targets[index]['labels'].tolist()}"
@@ -319,7 +329,7 @@ class _DetectorOptions:
         return _trainable_layers(self.trainable_backbone_layers, self.weights_backbone is not None)
 
 
-def _detector_arguments(detector: type) -> set[str]:
+def _detector_arguments(detector: type[nn.Module]) -> set[str]:
     """The keyword arguments torchvision's ``detector`` (FasterRCNN or MaskRCNN) takes by name.
 
     torchvision passes any other keyword on to ``GeneralizedRCNNTransform``, which ignores what it does

@@ -21,14 +21,25 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import roi_align
 
 Selection = Literal["foreground", "all", "background"]
+
+
+class _Recorded(TypedDict, total=False):
+    """What :meth:`FeatureMimicking.record` keeps of the detector's training pass."""
+
+    #: ``RoIHeads.select_training_samples``'s (proposals, matched_idxs, labels, regression_targets).
+    samples: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+    #: The box head's output for the sampled RoIs.
+    box_features: Tensor
 
 
 @dataclass
@@ -79,12 +90,12 @@ class FeatureMimicking(nn.Module):
             raise TypeError(f"options must be a MimicOptions or None, got {type(options).__name__}")
         self.options = options or MimicOptions()
         self.classifier = nn.Linear(representation_size, num_classes)
-        self._recorded: dict[str, object] = {}
+        self._recorded: _Recorded = {}
 
     @contextlib.contextmanager
-    def record(self, roi_heads: nn.Module) -> Iterator[None]:
+    def record(self, roi_heads: RoIHeads) -> Iterator[None]:
         """While active, keep the RoIs ``roi_heads`` samples for training and their box-head features."""
-        self._recorded.clear()
+        self._recorded = {}
         original = roi_heads.select_training_samples
 
         def select_and_keep(proposals, targets):
@@ -117,7 +128,7 @@ class FeatureMimicking(nn.Module):
             chosen.append(candidates[order[: self.options.rois_per_image]])
         return chosen
 
-    def losses(self, detector: nn.Module, image_tensors: Tensor) -> dict[str, Tensor]:
+    def losses(self, detector: GeneralizedRCNN, image_tensors: Tensor) -> dict[str, Tensor]:
         """The two mimicking losses for the RoIs recorded during the detector's last training pass.
 
         Args:
@@ -125,7 +136,7 @@ class FeatureMimicking(nn.Module):
             image_tensors: the transformed batch [N, 3, H, W] the proposals refer to.
         """
         proposals, _, labels, _ = self._recorded["samples"]
-        box_features: Tensor = self._recorded["box_features"]
+        box_features = self._recorded["box_features"]
         chosen = self._choose(labels)
         starts = torch.tensor([0] + [p.shape[0] for p in proposals[:-1]], device=box_features.device).cumsum(
             0

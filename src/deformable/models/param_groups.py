@@ -57,9 +57,10 @@ def param_groups(
 
     for module in model.modules():
         mult = getattr(module, "offset_lr_mult", None)
-        if mult is None or not hasattr(module, "offset_parameters"):
+        offset_parameters = getattr(module, "offset_parameters", None)
+        if mult is None or offset_parameters is None:
             continue
-        for param in module.offset_parameters():
+        for param in offset_parameters():
             # The outermost module wins (a multi-scale pool before the pools it wraps).
             assigned.setdefault(id(param), (f"offsets x{mult:g}", float(mult), offset_decay))
 

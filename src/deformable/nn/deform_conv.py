@@ -52,6 +52,13 @@ def _check_input_dtype(input: Tensor, dtype: torch.dtype, owner: str, module: st
         )
 
 
+def _string_padding_error(padding: str) -> ValueError:
+    # nn.Conv2d's 'same' can need uneven padding, which the operator cannot express.
+    return ValueError(
+        f"padding must be an int or a pair of ints ('same'/'valid' unsupported), got {padding!r}"
+    )
+
+
 def _finite_number(value, name: str, *, allow_zero: bool) -> float:
     """``value`` as a float, checked to be finite and positive (or >= 0 with ``allow_zero``)."""
     expected = "a finite number >= 0" if allow_zero else "a finite positive number"
@@ -103,20 +110,18 @@ class DeformConv2d(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         _check_bool(bias, "bias")
         if isinstance(padding, str):
-            # nn.Conv2d's 'same' can need uneven padding, which the operator cannot express.
-            raise ValueError(
-                f"padding must be an int or a pair of ints ('same'/'valid' unsupported), got {padding!r}"
-            )
+            raise _string_padding_error(padding)
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _pair(stride, "stride", 1)
         self.padding = _pair(padding, "padding", 0)
         self.dilation = _pair(dilation, "dilation", 1)
         self.backend = check_backend_name(backend)
-        factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size, device=device, dtype=dtype)
         )
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.bias: nn.Parameter | None = (
+            nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -199,6 +204,7 @@ class _OffsetPredictingConv(DeformConv2d):
             device=device,
             dtype=dtype,
         )
+        assert self.conv_offset.bias is not None  # built with bias=True
         nn.init.zeros_(self.conv_offset.weight)
         nn.init.zeros_(self.conv_offset.bias)
 
@@ -226,14 +232,22 @@ class _OffsetPredictingConv(DeformConv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if isinstance(conv.padding, str):
+            raise _string_padding_error(conv.padding)
+        # nn.Conv2d stores its hyper-parameters as pairs, typed as tuple[int, ...].
+        kernel_size = _pair(conv.kernel_size, "kernel_size", 1)
+        stride = _pair(conv.stride, "stride", 1)
+        padding = _pair(conv.padding, "padding", 0)
+        dilation = _pair(conv.dilation, "dilation", 1)
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.in_channels, conv.out_channels, kernel_size, stride, padding, dilation,
             conv.groups, conv.bias is not None, conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype, **kwargs,
         )  # fmt: skip
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
+                assert layer.bias is not None  # built with bias=True
                 layer.bias.copy_(conv.bias)
         return layer
 
@@ -251,7 +265,8 @@ class DCNv1(_OffsetPredictingConv):
     _outputs_per_tap = 2
     offset_lr_mult = 1.0
 
-    def forward(self, input: Tensor) -> Tensor:
+    # The layer predicts its own offsets: forward takes only the input, unlike DeformConv2d's.
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(input, self._predict(input))
 
 
@@ -280,7 +295,8 @@ class DCNv2(_OffsetPredictingConv):
             mask = mask * self.mask_scale
         return prediction[:, :split], mask
 
-    def forward(self, input: Tensor) -> Tensor:
+    # The layer predicts its own offsets and mask: forward takes only the input, unlike DeformConv2d's.
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]
         offset, mask = self.offsets_and_mask(input)
         return super().forward(input, offset, mask)
 

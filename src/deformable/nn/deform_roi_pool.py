@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -267,7 +267,7 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
 
 
 def _is_positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) > 0
 
 
 def _check_pyramid_inputs(x, boxes, image_shapes, featmap_names: list[str]) -> None:
@@ -350,9 +350,9 @@ class MultiScaleDeformRoIPool(nn.Module):
             raise TypeError(f"canonical_scale must be a positive number, got {canonical_scale!r}")
         if not (math.isfinite(canonical_scale) and canonical_scale > 0):
             raise ValueError(f"canonical_scale must be a positive finite number, got {canonical_scale!r}")
-        self.canonical_scale = canonical_scale
-        self.canonical_level = _positive_int(canonical_level, "canonical_level")
-        self.share_offset_branch = _check_bool(share_offset_branch, "share_offset_branch")
+        self.canonical_scale: float = canonical_scale
+        self.canonical_level: int = _positive_int(canonical_level, "canonical_level")
+        self.share_offset_branch: bool = _check_bool(share_offset_branch, "share_offset_branch")
         self.scales: list[float] | None = None
         self.map_levels: LevelMapper | None = None
         kwargs: dict = dict(
@@ -370,13 +370,17 @@ class MultiScaleDeformRoIPool(nn.Module):
             raise ValueError(f"branch={branch!r} needs modulated=True")
         cls = ModulatedDeformRoIPool if modulated else DeformRoIPool
         count = 1 if self.share_offset_branch else len(self.featmap_names)
-        self.pools = nn.ModuleList(cls(self.output_size, **kwargs) for _ in range(count))
-        self.sampling_ratio = self.pools[0].sampling_ratio  # checked by the pooling module
+        self.pools: nn.ModuleList = nn.ModuleList(cls(self.output_size, **kwargs) for _ in range(count))
+        self.sampling_ratio: int = self._branch(0).sampling_ratio  # checked by the pooling module
+
+    def _branch(self, index: int) -> _DeformRoIPoolBase:
+        """``pools[index]``, typed: the pooling module (with its offset branch) of level ``index``."""
+        return cast(_DeformRoIPoolBase, self.pools[index])
 
     @property
     def offset_lr_mult(self) -> float:
         """Learning-rate multiplier of :meth:`offset_parameters` (that of the wrapped pooling class)."""
-        return self.pools[0].offset_lr_mult
+        return self._branch(0).offset_lr_mult
 
     def offset_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters of the offset (and mask) branches."""
@@ -390,7 +394,7 @@ class MultiScaleDeformRoIPool(nn.Module):
         offset: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        pool = self.pools[0]
+        pool = self._branch(0)
         assert self.scales is not None
         if levels is None:
             return pool.pool(features[0], rois, offset, mask, self.scales[0])
@@ -453,23 +457,23 @@ class MultiScaleDeformRoIPool(nn.Module):
         """Pool ``boxes`` (one [L_i, 4] tensor per image, image coordinates) from the FPN maps ``x``."""
         features, rois, levels = self._assign(x, boxes, image_shapes)
         for feature in features:
-            self.pools[0]._check_input(feature)
+            self._branch(0)._check_input(feature)
         features = [_channels_last(f) for f in features]
         plain = self._pool_levels(features, rois, levels, None, None)
         if self.share_offset_branch:
-            offset, mask = self.pools[0].predict(plain)
+            offset, mask = self._branch(0).predict(plain)
         else:
             offset, mask = self._predict_per_level(plain, levels)
         return self._pool_levels(features, rois, levels, offset, mask)
 
     def _predict_per_level(self, plain: Tensor, levels: list[Tensor] | None) -> tuple[Tensor, Tensor | None]:
         if levels is None:
-            return self.pools[0].predict(plain)
+            return self._branch(0).predict(plain)
         offset = plain.new_zeros((plain.shape[0], 2, *self.output_size))
         mask = plain.new_ones((plain.shape[0], 1, *self.output_size))
         has_mask = False
         for branch, index in zip(self.pools, levels, strict=True):
-            level_offset, level_mask = branch.predict(plain[index])
+            level_offset, level_mask = cast(_DeformRoIPoolBase, branch).predict(plain[index])
             offset[index] = level_offset.to(offset.dtype)
             if level_mask is not None:
                 mask[index] = level_mask.to(mask.dtype)

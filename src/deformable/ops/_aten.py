@@ -317,7 +317,7 @@ def backward(
     grads = _Gradients(
         input=torch.zeros_like(input, dtype=dtype) if need_input else None,
         offset=torch.zeros_like(offset, dtype=dtype) if need_offset else None,
-        mask=torch.zeros_like(mask, dtype=dtype) if need_mask else None,
+        mask=torch.zeros_like(mask, dtype=dtype) if need_mask and mask is not None else None,
         weight=torch.zeros_like(weight, dtype=dtype) if need_weight else None,
     )
     grad_bias = grad_output.to(dtype).sum((0, 2, 3)) if need_bias else None
@@ -326,9 +326,21 @@ def backward(
         element = torch.finfo(dtype).bits // 8
         for chunk in _chunks(geo, element, get_memory_budget()):
             _backward_chunk(grad_output, input, offset, mask, pointwise, geo, chunk, dtype, grads)
-    results = (grads.input, grads.offset, grads.mask, grads.weight, grad_bias)
-    like = (input, offset, mask, weight, weight)
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(results, like, strict=True))
+    return (
+        _in_dtype_of(grads.input, input),
+        _in_dtype_of(grads.offset, offset),
+        _in_dtype_of(grads.mask, mask),
+        _in_dtype_of(grads.weight, weight),
+        _in_dtype_of(grad_bias, weight),
+    )
+
+
+def _in_dtype_of(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """``grad`` in the dtype of ``like``; None stays None (``like`` is None only when ``grad`` is)."""
+    if grad is None:
+        return None
+    assert like is not None
+    return grad.to(like.dtype)
 
 
 @dataclass
@@ -417,4 +429,5 @@ def _backward_chunk(
         pairs = torch.stack((grad_y.view(shape), grad_x.view(shape)), dim=-1)
         _chunk_view(grads.offset, geo, chunk, 2).copy_(pairs)
     if grads.mask is not None:
+        assert grad_m is not None  # a mask gradient is accumulated only when there is a mask
         _chunk_view(grads.mask, geo, chunk, 1).copy_(grad_m.view(*shape, 1))

@@ -13,6 +13,7 @@ memory: torch.func code pays that price, plain autograd does not.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -45,6 +46,12 @@ def differentiating() -> bool:
     return bool(_active_transforms() & {kinds.Grad, kinds.Jvp})
 
 
+@overload
+def vmapped_first(t: Tensor, dim: int | None, size: int) -> Tensor: ...
+@overload
+def vmapped_first(t: None, dim: int | None, size: int) -> None: ...
+@overload
+def vmapped_first(t: Tensor | None, dim: int | None, size: int) -> Tensor | None: ...
 def vmapped_first(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
     """For a vmap rule: ``t`` with its vmapped dimension ``dim`` moved first, an unbatched ``t`` (dim
     None) expanded to ``size`` samples; None stays None."""
@@ -53,6 +60,12 @@ def vmapped_first(t: Tensor | None, dim: int | None, size: int) -> Tensor | None
     return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
 
 
+@overload
+def vmapped_folded(t: Tensor, dim: int | None, size: int) -> Tensor: ...
+@overload
+def vmapped_folded(t: None, dim: int | None, size: int) -> None: ...
+@overload
+def vmapped_folded(t: Tensor | None, dim: int | None, size: int) -> Tensor | None: ...
 def vmapped_folded(t: Tensor | None, dim: int | None, size: int) -> Tensor | None:
     """:func:`vmapped_first` with the samples folded into the next dimension: [B, N, ...] -> [B*N, ...]."""
     t = vmapped_first(t, dim, size)
@@ -94,7 +107,7 @@ def make_transformable(
     def backward(ctx, grad_output):
         args = arguments(ctx)
         variables = [i for i in differentiable if args[i] is not None]
-        _, vjp = torch.func.vjp(of_variables(args, variables), *(args[i] for i in variables))
+        vjp = torch.func.vjp(of_variables(args, variables), *(args[i] for i in variables))[1]
         grads = [None] * len(args)
         for position, grad in zip(variables, vjp(grad_output), strict=True):
             grads[position] = grad if ctx.needs_input_grad[position] else None

@@ -355,14 +355,15 @@ def deform_roi_pool_backward(
                 chunk = _grad_table(grad_rows, plan, weight, batch * height * width)
                 grad_in = chunk if grad_in is None else grad_in.add_(chunk)
             if need_offset or need_mask:
+                assert table is not None  # built when the offset or mask needs its gradient
                 _offset_mask_grads(grad_rows, table, plan, mask_samples, k0, k1, grad_off, grad_mask)
     if need_input:
         if grad_in is None:
             grad_in = input.new_zeros((batch * height * width, channels), dtype=dtype)
         grad_in = grad_in.view(batch, height, width, channels).permute(0, 3, 1, 2).to(input.dtype)
-    if grad_off is not None:
+    if grad_off is not None and offset is not None:
         grad_off = grad_off.to(offset.dtype)
-    if grad_mask is not None:
+    if grad_mask is not None and mask is not None:
         grad_mask = grad_mask.to(mask.dtype)
     return grad_in, grad_off, grad_mask
 
@@ -408,6 +409,7 @@ def _offset_mask_grads(
     by_row = (dots * plan.wx[:, None, :]).sum(2)  # [T, 2]: low row, high row
     columns = []
     if grad_off is not None:
+        assert plan.dx is not None and plan.dy is not None  # planned with need_offset
         by_col = (dots * plan.wy[:, :, None]).sum(1)  # [T, 2]: low column, high column
         scale = plan.scale if mask_samples is None else plan.scale * mask_samples
         columns.append(scale * plan.dx * (by_col[:, 1] - by_col[:, 0]))

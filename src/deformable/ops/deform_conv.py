@@ -81,7 +81,9 @@ def _check_tensor(t, name: str, ndim: int, like: Tensor | None) -> None:
             raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
 
 
-def _validate(input, offset, weight, bias, stride, padding, dilation, mask):
+def _validate(
+    input, offset, weight, bias, stride, padding, dilation, mask
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Check every argument; return (stride, padding, dilation) as pairs."""
     _check_tensor(input, "input", 4, None)
     _check_tensor(offset, "offset", 4, input)
@@ -244,7 +246,10 @@ def _deform_conv2d_backward_op(
         grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend
     )
     # Custom ops return tensors only: a gradient that was not asked for comes back empty.
-    return tuple(input.new_empty(0) if g is None else g for g in grads)
+    grad_input, grad_offset, grad_mask, grad_weight, grad_bias = (
+        input.new_empty(0) if g is None else g for g in grads
+    )
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
 @_deform_conv2d_backward_op.register_fake

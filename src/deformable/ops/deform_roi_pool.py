@@ -110,7 +110,8 @@ def _deform_roi_pool_backward_op(
         gamma, aligned, need_input, need_offset, need_mask,
     )  # fmt: skip
     # Custom operators cannot return None: a gradient that was not asked for is an empty tensor.
-    return tuple(input.new_empty(0) if g is None else g for g in grads)
+    grad_input, grad_offset, grad_mask = (input.new_empty(0) if g is None else g for g in grads)
+    return grad_input, grad_offset, grad_mask
 
 
 @_deform_roi_pool_backward_op.register_fake
@@ -369,14 +370,14 @@ def validate_pooling_parameters(
     pooled_height, pooled_width = _output_size(output_size)
     if isinstance(spatial_scale, bool) or not isinstance(spatial_scale, numbers.Real):
         raise TypeError(f"spatial_scale must be a positive float, got {spatial_scale!r}")
-    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+    if not (math.isfinite(spatial_scale) and float(spatial_scale) > 0):
         raise ValueError(f"spatial_scale must be a positive finite float, got {spatial_scale!r}")
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
         raise TypeError(
             "sampling_ratio must be an int (> 0: samples per bin side, <= 0: adaptive), "
             f"got {sampling_ratio!r}"
         )
-    if sampling_ratio > MAX_SAMPLING_RATIO:  # the adaptive grid's cap; beyond it sizes overflow
+    if int(sampling_ratio) > MAX_SAMPLING_RATIO:  # the adaptive grid's cap; beyond it sizes overflow
         raise ValueError(
             f"sampling_ratio must be at most {MAX_SAMPLING_RATIO} samples per bin side (<= 0: adaptive), "
             f"got {sampling_ratio}"

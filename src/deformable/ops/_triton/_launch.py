@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ __all__ = ["ENABLED", "FAST_LAUNCH_ENV", "clear_cache", "launch"]
 
 _MAX_ENTRIES = 4096  # shapes x configurations; detectors with varying image sizes keep adding keys
 
-_compiled: dict[tuple, object] = {}
+_compiled: dict[tuple, Any] = {}  # key -> Triton's CompiledKernel
 # id(kernel) -> (names of the parameters after the positional ones, their defaults); None = never
 # fast. Keyed by id: the kernels are module globals, and JITFunction.__hash__ is a Python call.
 _tails: dict[int, tuple[tuple[str, ...], tuple] | None] = {}
@@ -149,7 +150,9 @@ def _key(kernel, device: int, args: Sequence, constexprs: dict, num_warps: int, 
 
 
 def _tail_values(kernel, constexprs: dict) -> tuple:
-    names, defaults = _tails[id(kernel)]
+    tail = _tails[id(kernel)]
+    assert tail is not None  # only kernels with a tail spec reach the cached path
+    names, defaults = tail
     return tuple(constexprs.get(name, default) for name, default in zip(names, defaults, strict=True))
 
 

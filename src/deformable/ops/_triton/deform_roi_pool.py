@@ -103,8 +103,16 @@ def deform_roi_pool_backward(
         if need_input
         else None
     )
-    grad_offset = torch.empty_like(offset, memory_format=torch.contiguous_format) if need_offset else None
-    grad_mask = torch.empty_like(mask, memory_format=torch.contiguous_format) if need_mask else None
+    grad_offset = (
+        torch.empty_like(offset, memory_format=torch.contiguous_format)
+        if need_offset and offset is not None
+        else None
+    )
+    grad_mask = (
+        torch.empty_like(mask, memory_format=torch.contiguous_format)
+        if need_mask and mask is not None
+        else None
+    )
     if num_rois > 0 and input.numel() > 0 and (need_input or need_offset or need_mask):
         x = _channels_last(input)
         params = _params(float(spatial_scale), float(gamma), acc, device)
@@ -130,5 +138,5 @@ def deform_roi_pool_backward(
             if g is not None:
                 g.zero_()
     # Channels-last strides, as the ATen backend's (and the op's fake kernel's) grad_input: no copy.
-    grad_input = gx.to(input.dtype).permute(0, 3, 1, 2) if need_input else None
+    grad_input = gx.to(input.dtype).permute(0, 3, 1, 2) if gx is not None else None
     return grad_input, grad_offset, grad_mask
