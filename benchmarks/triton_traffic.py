@@ -15,10 +15,12 @@ the kernels' loops, not measured:
   pixel and the grad_out tile of every pixel.
 
 The wrapper's own passes (channels-last copies, weight layout, zeroing and converting the fp32
-input-gradient accumulator) are counted apart, as DRAM traffic. With ``--measured``, the measured
-kernel times of a gpu_check.py report (its ``ours fwd``, ``ours bwd data`` and ``ours bwd weight``
-columns, which include the wrapper) give the bytes per second each kernel achieved: the kernels
-furthest below the L2's bandwidth are bound by latency or by atomics, not by traffic.
+input-gradient accumulator, and the channels-last copy of grad_out where NCHW rows would not start on
+16-byte vectors, charged to the weight kernel, which runs first) are counted apart, as DRAM traffic.
+With ``--measured``, the measured kernel times of a gpu_check.py report (its ``ours fwd``,
+``ours bwd data`` and ``ours bwd weight`` columns, which include the wrapper) give the bytes per
+second each kernel achieved: the kernels furthest below the L2's bandwidth are bound by latency or by
+atomics, not by traffic.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from deformable.benchmark import publish  # noqa: E402
-from deformable.ops._triton.deform_conv import _Geometry, _heuristic  # noqa: E402
+from deformable.ops._triton.deform_conv import _Geometry, _grad_out_operand, _heuristic  # noqa: E402
 
 ANCHORS = {
     "det-c3": (2, 128, 100, 168, 1), "det-c4": (2, 256, 50, 84, 1), "det-c5": (2, 512, 25, 42, 1),
@@ -93,6 +95,10 @@ def traffic(geo: _Geometry, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         "flop": flop,
     }
 
+    go_shape = (geo.batch, c_out, geo.out_h, geo.out_w)
+    go_strides = _grad_out_operand(torch.empty(go_shape, dtype=dtype, device="meta"), dtype)[1]
+    go_copy = 2 * pixels * c_out * elt if go_strides[1] == 1 else 0  # read + write
+
     w = _heuristic("weight", geo, dtype, interpreted=False, sms=SMS)
     channel_blocks, out_blocks = _cdiv(c_in, w.block_k), _cdiv(c_out, w.block_n)
     others = taps * channel_blocks * out_blocks
@@ -105,7 +111,8 @@ def traffic(geo: _Geometry, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         "weight": 0.0,
         "grad_out": 1.0 * pixels * c_out * elt * taps * channel_blocks,
         "atomic": splits * taps * c_in * c_out * 4.0,  # every split adds its partial sums
-        "wrapper": 2 * x_bytes + taps * c_in * c_out * (4 + 4 + elt),  # copy; zero, reorder the fp32 sum
+        # copies; zero, reorder the fp32 sum
+        "wrapper": 2 * x_bytes + go_copy + taps * c_in * c_out * (4 + 4 + elt),
         "flop": flop,
     }
     return {"forward": forward, "data": data, "weight": weight}

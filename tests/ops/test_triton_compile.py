@@ -5,6 +5,7 @@ crashes, register spills (the interpreter runs code that would not compile)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,3 +24,11 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "roi-backward" in result.stdout and "0 failed" in result.stdout
+    # The backward kernels load grad_out as 16-byte vectors at every anchor shape, whatever Ho*Wo:
+    # loaded one element at a time (an NCHW grad_out whose rows start mid-vector) it was 64-70
+    # narrow loads per iteration; what remains are the per-pixel offset and mask loads.
+    narrow = re.compile(r"^(\S+)\s+(data|weight)\s+(fp16|bf16)\s.*'loop_narrow_loads': (\d+)", re.M)
+    found = narrow.findall(result.stdout)
+    assert len(found) >= 12, result.stdout[-4000:]
+    for shape, kernel, dtype, count in found:
+        assert int(count) <= 8, f"{shape} {kernel} {dtype}: {count} narrow loads in the main loop"

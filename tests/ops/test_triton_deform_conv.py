@@ -326,6 +326,51 @@ def test_non_contiguous_inputs_give_identical_results():
         assert_same(a, b)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "out_size", "expected"),
+    [
+        (torch.float16, (4, 4), "nchw"),  # Ho*Wo = 16: the compiler's specialisation sees the alignment
+        (torch.float16, (2, 4), "nchw-hint8"),  # 8 fp16 = one 16-byte vector
+        (torch.float32, (3, 4), "nchw-hint4"),
+        (torch.float64, (1, 6), "nchw-hint2"),
+        (torch.float16, (3, 4), "channels-last"),  # 12 pixels: rows would start mid-vector
+        (torch.float32, (5, 7), "channels-last"),
+    ],
+)
+def test_grad_output_layout_for_vector_loads(dtype, out_size, expected):
+    """NCHW grad_output is kept where its pixel rows start on 16-byte vectors (telling the kernels so
+    when only a hint can), copied to channels-last otherwise; channels-last is always kept as given."""
+    grad_output = torch.randn(2, 5, *out_size).to(dtype)
+    go, (sn, sc, sp, hint) = tdc._grad_out_operand(grad_output, dtype)
+    layout = "channels-last" if sc == 1 else ("nchw" if hint == 1 else f"nchw-hint{hint}")
+    assert layout == expected
+    assert go.dtype == dtype and torch.equal(go, grad_output)
+    assert (sn, sc, sp) == (go.stride(0), go.stride(1), go.stride(3))
+    as_given = grad_output.to(memory_format=torch.channels_last)
+    kept, (_, sc, sp, hint) = tdc._grad_out_operand(as_given, dtype)
+    assert kept.data_ptr() == as_given.data_ptr() and (sc, sp, hint) == (1, 5, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("size", [(4, 4), (3, 4), (5, 7)], ids=["aligned", "hint-or-copy", "copy"])
+def test_every_grad_output_layout_gives_the_same_gradients(small_tiles, dtype, size):
+    """The kernels read grad_output through its strides: NCHW (with or without the alignment hint),
+    a channels-last copy and a channels-last tensor as given all give the same gradients, within the
+    tolerance of the float64 reference (bitwise under the interpreter, but for the bias gradient: a
+    PyTorch sum, whose order follows the layout)."""
+    case = Case(batch=2, in_channels=16, out_channels=17, size=size)
+    tensors = make_inputs(case, dtype)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64)
+    grad_output = grad_output.to(dtype).to(DEVICE)
+    dense = backward(case, tensors, grad_output)
+    check_grads(case, tensors, grad_output, dense, dtype)
+    given = backward(case, tensors, grad_output.to(memory_format=torch.channels_last))
+    for a, b in zip(given[:4], dense[:4], strict=True):
+        assert_same(a, b)
+    terms = grad_output.double().abs().sum(dim=(0, 2, 3)).max().item()
+    torch.testing.assert_close(given[4], dense[4], rtol=0, atol=4 * EPS[dtype] * terms)
+
+
 def test_extreme_offsets_and_nan():
     """Infinite and huge offsets are simply outside; NaN offsets and masks make NaN only what they feed."""
     case = Case(batch=1, in_channels=4, out_channels=3, offset_groups=2)

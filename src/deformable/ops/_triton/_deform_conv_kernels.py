@@ -5,7 +5,9 @@ CPG = C_in / G channels per offset group, CG_IN / CG_OUT channels per weight gro
 
 - ``x``: the input, channels-last contiguous [N, H, W, C_in], so that the channels of one
   bilinear neighbour are one contiguous vector;
-- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` / ``go`` [N, C_out, Ho, Wo]: contiguous;
+- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` [N, C_out, Ho, Wo]: contiguous;
+- ``go`` [N, C_out, Ho, Wo] (the output's gradient): strides ``GO_SN`` (image), ``GO_SC`` (channel),
+  ``GO_SP`` (flat pixel): NCHW or channels-last, whichever the host found loads as vectors;
 - ``w``: the weight in GEMM layout [groups, K, CG_IN, CG_OUT] (contiguous over output channels).
 
 All arithmetic on positions, bilinear weights and accumulators is in ``CT`` (float32, or float64 for
@@ -119,13 +121,22 @@ def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.conste
 
 
 @triton.jit
-def _load_grad_out(go_ptr, n, p, row_ok, oc, omask, C_OUT, HoWo):
-    """grad_out [BLOCK, len(oc)] of image n, pixels p, output channels oc (NCHW)."""
-    return tl.load(
-        go_ptr + (n * C_OUT + oc)[None, :] * HoWo + p[:, None],
-        mask=row_ok[:, None] & omask[None, :],
-        other=0.0,
-    )
+def _load_grad_out(go_ptr, n, p, HoWo, oc, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN: tl.constexpr):
+    """grad_out [BLOCK, len(oc)] of image n, pixels p (a tile of ``_pixel_tile``), output channels oc.
+
+    A channel stride of 1 (channels-last, specialised to a constant) makes the channels contiguous;
+    a pixel stride of 1 (NCHW) the pixels. ``GO_ALIGN`` > 1 tells the compiler what the
+    specialisation cannot (it only sees divisibility by 16): Ho*Wo, hence every channel's row start and
+    the end of the pixel range, is a multiple of GO_ALIGN elements, so an NCHW tile loads as 16-byte
+    vectors of pixels.
+    """
+    rows = n * GO_SN + oc * GO_SC
+    inside = p < HoWo
+    if GO_ALIGN > 1:
+        rows = tl.multiple_of(rows, GO_ALIGN)
+        inside = tl.max_constancy(inside, GO_ALIGN)
+    mask = inside[:, None] & omask[None, :]
+    return tl.load(go_ptr + rows[None, :] + p[:, None] * GO_SP, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -245,10 +256,10 @@ def deform_conv_bwd_data_kernel(
     x_ptr, off_ptr, msk_ptr, w_ptr, go_ptr,
     gx_ptr, goff_ptr, gmsk_ptr, colgrad_ptr, frac_ptr, key_ptr,
     N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, G, NTAPS, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SENTINEL,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SENTINEL, GO_SN, GO_SC, GO_SP,
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
-    CT: tl.constexpr, INDEX64: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the sampled columns for one (pixel block, offset group g, tap k).
@@ -301,7 +312,9 @@ def deform_conv_bwd_data_kernel(
         seg_hi = tl.minimum(cg_hi, wg * CG_IN + CG_IN)
         if ONE_O_BLOCK:  # the grad_out tile of this weight group, loaded once for all channel blocks
             ocols = tl.arange(0, BLOCK_O)
-            go_tile = _load_grad_out(go_ptr, n, p, row_ok, wg * CG_OUT + ocols, ocols < CG_OUT, C_OUT, HoWo)
+            go_tile = _load_grad_out(
+                go_ptr, n, p, HoWo, wg * CG_OUT + ocols, ocols < CG_OUT, GO_SN, GO_SC, GO_SP, GO_ALIGN
+            )
         for c0 in range(seg_lo, seg_hi, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cmask = cols < seg_hi
@@ -318,7 +331,9 @@ def deform_conv_bwd_data_kernel(
                 for o0 in range(0, CG_OUT, BLOCK_O):
                     ocols = o0 + tl.arange(0, BLOCK_O)
                     omask = ocols < CG_OUT
-                    go = _load_grad_out(go_ptr, n, p, row_ok, wg * CG_OUT + ocols, omask, C_OUT, HoWo)
+                    go = _load_grad_out(
+                        go_ptr, n, p, HoWo, wg * CG_OUT + ocols, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN
+                    )
                     wt = tl.load(
                         w_ptr + wrow[None, :] * CG_OUT + ocols[:, None],
                         mask=omask[:, None] & cmask[None, :],
@@ -426,10 +441,10 @@ def deform_conv_gather_input_grad_kernel(
 def deform_conv_bwd_weight_kernel(
     x_ptr, off_ptr, msk_ptr, go_ptr, part_ptr,
     N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES_PER_SPLIT,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES_PER_SPLIT, GO_SN, GO_SC, GO_SP,
     HAS_MASK: tl.constexpr, ONE_GROUP: tl.constexpr, ATOMIC: tl.constexpr, MMA: tl.constexpr,
     PRECISION: tl.constexpr,
-    CT: tl.constexpr, INDEX64: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Split-K weight gradient: part[s, wg, k, c, o] = sum over split s's pixels m of col[m, k, c] * go[m, o].
@@ -489,7 +504,7 @@ def deform_conv_bwd_weight_kernel(
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, gmask, HAS_MASK, CT,
                 )  # fmt: skip
                 a = tl.where(gmask[None, :], blend, a)
-        go = _load_grad_out(go_ptr, n, p, row_ok, oc, omask, C_OUT, HoWo)
+        go = _load_grad_out(go_ptr, n, p, HoWo, oc, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN)
         acc = _mma(tl.trans(a.to(go_ptr.dtype.element_ty)), go, acc, MMA, PRECISION)
 
     if ATOMIC:

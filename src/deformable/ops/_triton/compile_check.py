@@ -8,7 +8,9 @@ anchor shapes of ``shared/anchors``, and for the deformable RoI pooling kernels 
 channels, every dtype), Triton compiles to PTX and Triton's bundled ``ptxas`` assembles it, which needs no
 driver. Printed per configuration: registers per thread, bytes spilled, shared memory, whether the
 matrix products use wgmma (Hopper) or mma.sync, "(serialized)" where ptxas had to serialise the
-wgmma instructions (its warning C7515), and the compile time. Exits 1 if anything fails to
+wgmma instructions (its warning C7515), the SASS instructions of the main loop's body and how many of
+them are global loads narrower than 16 bytes (``nvdisasm``; a static proxy for the cost of an
+instruction-bound kernel, see ``loop_mix``), and the compile time. Exits 1 if anything fails to
 compile or spills more than ``--max-spill-bytes`` (default 0): a check a session without a GPU can run
 before handing kernels over (the test suite runs it with a small allowance, as ptxas may keep a few
 bytes of a loop's state on the stack).
@@ -35,7 +37,7 @@ from triton.compiler import ASTSource
 
 from . import _deform_conv_kernels as _k
 from . import _deform_roi_pool_kernels as _roi_k
-from .deform_conv import _Geometry, _heuristic
+from .deform_conv import _Geometry, _grad_out_operand, _heuristic
 from .deform_roi_pool import _launch_args as _roi_launch_args
 
 ANCHORS = {
@@ -75,26 +77,78 @@ def _compile(
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
             f.write(ptx)
+        cubin = os.path.join(tmp, "kernel.cubin")
         result = subprocess.run(
-            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", cubin],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
+        sass = subprocess.run(
+            [os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
     registers = re.search(r"Used (\d+) registers", result.stderr)
     spills = re.search(r"(\d+) bytes spill stores", result.stderr)
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
     if "C7515" in result.stderr:  # ptxas: wgmma serialized (no overlap of consecutive matrix products)
         mma += " (serialized)"
+    loop, narrow = loop_mix(sass)
     return {
         "registers": int(registers.group(1)) if registers else -1,
         "spill_bytes": int(spills.group(1)) if spills else 0,
         "shared_bytes": kernel.metadata.shared,
         "mma": mma,
+        "loop_instructions": loop,
+        "loop_narrow_loads": narrow,
         "seconds": round(seconds, 1),
     }
 
 
+_LOAD = re.compile(r"^(?:@!?U?P\w+\s+)?(LDG|LDGSTS)(\.[A-Z0-9_.]+)?\s")
+
+
+def loop_mix(sass: str) -> tuple[int, int]:
+    """(instructions, global loads narrower than 16 bytes) in the longest loop body of ``sass``
+    (nvdisasm output): the static cost of one iteration of a kernel's main loop, a proxy for an
+    instruction-bound kernel's time (each is issued by every warp)."""
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        instruction = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if instruction:
+            instructions.append(instruction.group(1).strip())
+    longest = (0, -1)
+    for end, text in enumerate(instructions):
+        target = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            start = labels[target.group(1)]
+            longest = max(longest, (start, end), key=lambda span: span[1] - span[0])
+    body = instructions[longest[0] : longest[1] + 1]
+    narrow = 0
+    for text in body:
+        load = _LOAD.match(text)
+        if load and not (load.group(2) or "").endswith(".128"):
+            narrow += 1
+    return len(body), narrow
+
+
+def _grad_out_args(dtype: torch.dtype, geo: _Geometry) -> tuple[dict, set[str]]:
+    """The grad_out stride arguments as the JIT specialises them for an NCHW grad_output: constexprs
+    (strides of 1, GO_ALIGN) and the names of those divisible by 16."""
+    shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
+    _, (sn, sc, sp, align) = _grad_out_operand(torch.empty(shape, dtype=dtype, device="meta"), dtype)
+    strides = {"GO_SN": sn, "GO_SC": sc, "GO_SP": sp}
+    constexprs = {name: 1 for name, value in strides.items() if value == 1}
+    divisible = {name for name, value in strides.items() if value % 16 == 0}
+    return {**constexprs, "GO_ALIGN": align}, divisible
+
+
 def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geometry):
-    """(jit function, pointer types, constexprs) for one kernel, as deform_conv.py launches it."""
+    """(jit function, pointer types, constexprs, integer arguments divisible by 16 beyond the
+    channel counts) for one kernel, as deform_conv.py launches it."""
     t = "*" + _TL[dtype]
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     ct = tl.float64 if dtype == torch.float64 else tl.float32
@@ -107,7 +161,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
             pointers["out_ptr"] = acc
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-        return _k.deform_conv_fwd_kernel, pointers, constexprs
+        return _k.deform_conv_fwd_kernel, pointers, constexprs, set()
     if kernel == "data":
         pointers = dict.fromkeys(
             ("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "go_ptr", "goff_ptr", "gmsk_ptr"), t
@@ -116,17 +170,19 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs = {"HAS_MASK": True, "NEED_INPUT": True, "NEED_OFFSET": True, "NEED_MASK": True}
         constexprs.update(DETERMINISTIC=False, ONE_O_BLOCK=config.block_k >= geo.group_out, **common)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
-        return _k.deform_conv_bwd_data_kernel, pointers, constexprs
+        go_constexprs, divisible = _grad_out_args(dtype, geo)
+        return _k.deform_conv_bwd_data_kernel, pointers, {**constexprs, **go_constexprs}, divisible
     if kernel == "weight":
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "go_ptr"), t)
         pointers["part_ptr"] = acc
         one_group = geo.channels_per_offset_group % config.block_k == 0 and geo.group_in % config.block_k == 0
         constexprs = {"HAS_MASK": True, "ONE_GROUP": one_group, "ATOMIC": True, **common}
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-        return _k.deform_conv_bwd_weight_kernel, pointers, constexprs
+        go_constexprs, divisible = _grad_out_args(dtype, geo)
+        return _k.deform_conv_bwd_weight_kernel, pointers, {**constexprs, **go_constexprs}, divisible
     pointers = {"colgrad_ptr": acc, "frac_ptr": acc, "order_ptr": "*i64", "start_ptr": "*i64", "gx_ptr": t}
     constexprs = {"CT": ct, "INDEX64": False, "BLOCK_P": config.block_m, "BLOCK_C": config.block_n}
-    return _k.deform_conv_gather_input_grad_kernel, pointers, constexprs
+    return _k.deform_conv_gather_input_grad_kernel, pointers, constexprs, set()
 
 
 def _roi_kernel_args(kernel: str, dtype: torch.dtype):
@@ -184,20 +240,28 @@ def main(argv: list[str] | None = None) -> int:
                     if c != 512 or dtype == torch.float64:
                         continue
                     config, kernel = dataclasses.replace(config, splits=3), "forward"
-                key = (kernel, dtype, tf32, config, frozenset(ints16))
+                fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
+                go_layout = frozenset((k, v) for k, v in constexprs.items() if k.startswith("GO_"))
+                key = (kernel, dtype, tf32, config, frozenset(ints16 | divisible), go_layout)
                 if key in seen:
                     continue
-                fn, pointers, constexprs = _kernel_args(kernel, dtype, config, tf32, geo)
                 try:
                     seen[key] = result = _compile(
-                        fn, pointers, constexprs, ints16, config.num_warps, config.num_stages, args.arch
-                    )
+                        fn, pointers, constexprs, ints16 | divisible, config.num_warps, config.num_stages,
+                        args.arch,
+                    )  # fmt: skip
                     bad += result["spill_bytes"] > args.max_spill_bytes
                 except Exception as e:  # report every failure, then fail
                     seen[key] = result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
                     bad += 1
                 mode = _TL[dtype] + ("" if dtype != torch.float32 else ("-tf32" if tf32 else "-ieee"))
-                blocks = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
+                blocks: tuple[int, ...] = (
+                    config.block_m,
+                    config.block_n,
+                    config.block_k,
+                    config.num_warps,
+                    config.num_stages,
+                )
                 blocks += (config.splits,) if config.splits > 1 else ()
                 print(f"{name:10s} {kernel:8s} {mode:10s} {blocks} {result}", flush=True)
     for dtype, _ in modes[:3] + modes[4:]:
