@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -149,3 +151,74 @@ def test_info_reports_backends_and_autotuning(monkeypatch, capsys, tmp_path):
         f"autotuning: on (for CUDA tensors), results kept in {tmp_path / 'tuned.json'}"
         in capsys.readouterr().out
     )
+
+
+def _detector_file(tmp_path, categories: list | None) -> tuple:
+    """A detector's model file (untrained) whose config names a training folder that does not exist and a
+    validation file without the training set's 'cat'; with ``categories`` (the training set's, as
+    `deformable train` stores them)."""
+    import copy
+
+    from deformable.engine.config import load_config
+    from deformable.engine.trainer import build_model
+
+    from .data.helpers import coco_dict, write_dataset
+
+    data = copy.deepcopy(coco_dict())
+    data["categories"] = [c for c in data["categories"] if c["id"] != 3]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 3]
+    val_images, val_json = write_dataset(tmp_path / "val", data)
+    absent = tmp_path / "absent"
+    cfg = load_config(
+        "demo_smoke",
+        [
+            "dataset=coco", f"train_images={absent}", f"train_annotations={absent / 'train.json'}",
+            f"val_images={val_images}", f"val_annotations={val_json}", "pretrain_iterations=0", "min_size=32",
+            "max_size=48", "device=cpu", "batch_size=1",
+        ],
+    )  # fmt: skip
+    model = build_model(cfg, 4)  # three training categories and the background
+    path = tmp_path / "model_final.pth"
+    saved = {"model": model.state_dict(), "config": cfg.to_dict()}
+    torch.save(saved if categories is None else {**saved, "categories": categories}, path)
+    return path, val_json
+
+
+def test_eval_needs_only_the_validation_set(tmp_path, capsys):
+    """`deformable eval` built the training set too, so it failed where the training folder is gone."""
+    categories = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 11, "name": "bird"}]
+    path, _ = _detector_file(tmp_path, categories)
+    assert main(["eval", "--checkpoint", str(path)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 2 and "AP" in metrics["bbox"]
+
+
+def test_eval_refuses_labels_it_cannot_match_to_the_validation_categories(tmp_path, capsys):
+    path, val_json = _detector_file(tmp_path, None)  # no stored categories, no training annotations
+    err = _usage_error(["eval", "--checkpoint", str(path)], capsys)
+    assert "scores 4 classes (with background) but the validation set has 3" in err
+    path, val_json = _detector_file(tmp_path, [{"id": 7, "name": "dog"}, {"id": 12, "name": "fox"}])
+    err = _usage_error(["eval", "--checkpoint", str(path)], capsys)
+    assert "cannot build the validation set" in err and f"{val_json} has categories [11]" in err
+
+
+def test_classifier_eval_needs_only_the_validation_folder(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from deformable.engine.classifier import build_classifier
+    from deformable.engine.config import ClassifierConfig
+
+    for name in ("cat", "dog"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "val" / name / "0.png")
+    cfg = ClassifierConfig(
+        train_dir=str(tmp_path / "absent"), val_dir=str(tmp_path / "val"), arch="resnet18", stem="small",
+        dcn=None, image_size=32, resize_size=32, batch_size=2, workers=0, device="cpu",
+    )  # fmt: skip
+    torch.save({"model": build_classifier(cfg, 2).state_dict(), "config": cfg.to_dict()}, tmp_path / "m.pth")
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.pth")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    torch.save({"model": build_classifier(cfg, 3).state_dict(), "config": cfg.to_dict()}, tmp_path / "m.pth")
+    err = _usage_error(["eval", "--checkpoint", str(tmp_path / "m.pth")], capsys)
+    assert "scores 3 classes but the validation set has 2" in err

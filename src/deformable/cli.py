@@ -213,22 +213,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = device_for(cfg)
     if isinstance(cfg, ClassifierConfig):
         from .engine.classifier import (
-            build_classification_datasets,
+            build_classification_val_dataset,
             evaluate_classifier,
             load_trained_classifier,
         )
 
         model = _trained_model(args, load_trained_classifier, data, cfg)
-        _, val, _ = build_classification_datasets(cfg)
+        val = _val_dataset(args, build_classification_val_dataset, cfg)  # the training set may be gone
+        _check_classes(args, data["model"]["fc.weight"].shape[0], len(val.classes), "classes")
         metrics = evaluate_classifier(model.to(device), val, cfg, device)
     else:
-        from .engine.trainer import build_datasets, evaluate, load_trained_model
+        from .engine.trainer import build_val_dataset, evaluate, load_trained_model, training_categories
 
         model = _trained_model(args, load_trained_model, data, cfg)
-        _, val = build_datasets(cfg)
+        # Labelled as training did: the categories the model file holds, else the training annotations'.
+        found = _val_dataset(args, training_categories, cfg, data.get("categories"))
+        val = _val_dataset(args, build_val_dataset, cfg, *(found or ()))
+        classes = data["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0]
+        _check_classes(args, classes, val.num_classes + 1, "classes (with background)")
         metrics = evaluate(model.to(device), val, cfg, device)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _val_dataset(args: argparse.Namespace, build, *arguments):
+    """``build(*arguments)`` (what the validation set needs); a missing file or a bad annotation or
+    category is a usage error."""
+    try:
+        return build(*arguments)
+    except (FileNotFoundError, ValueError) as error:
+        args.parser.error(f"cannot build the validation set of the config: {error}")
+
+
+def _check_classes(args: argparse.Namespace, model_classes: int, data_classes: int, what: str) -> None:
+    """A usage error when the model and the validation set count different classes: its labels could
+    not be the validation set's."""
+    if model_classes != data_classes:
+        args.parser.error(
+            f"--checkpoint {args.checkpoint} scores {model_classes} {what} but the validation set has "
+            f"{data_classes}: its labels cannot be the validation set's (pass the training config's data)"
+        )
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

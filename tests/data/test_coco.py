@@ -384,3 +384,43 @@ def test_bad_arguments_are_named(dataset_files):
     ds = CocoDetection(images, ann_file, lambda image, target: image)  # forgot to return the target
     with pytest.raises(TypeError, match=r"transforms must return \(image, target\)"):
         ds[0]
+
+
+def _without_category(data: dict, cat_id: int) -> dict:
+    """The json without category ``cat_id`` and its annotations (a split that lacks one category)."""
+    data = copy.deepcopy(data)
+    data["categories"] = [c for c in data["categories"] if c["id"] != cat_id]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != cat_id]
+    return data
+
+
+def test_a_split_labels_its_objects_as_the_training_split_does(tmp_path):
+    """A validation file that lists fewer categories than the training file took labels from its own
+    list (dog 1, bird 2 where training had cat 1, dog 2, bird 3): a detector's labels were scored as
+    other categories."""
+    train = CocoDetection(*write_dataset(tmp_path / "train"))
+    val = CocoDetection(*write_dataset(tmp_path / "val", _without_category(coco_dict(), 3)))
+    assert val.cat_id_to_label == {7: 1, 11: 2}  # its own list, before
+    assert train.categories == [
+        {"id": 3, "name": "cat"},
+        {"id": 7, "name": "dog"},
+        {"id": 11, "name": "bird"},
+    ]
+    val.use_categories(train.categories, train.ann_file)
+    assert val.cat_id_to_label == train.cat_id_to_label and val.label_to_cat_id == train.label_to_cat_id
+    assert val.class_names == train.class_names and val.num_classes == 3
+    assert val.categories == train.categories
+    assert torch.equal(val[0][1]["labels"], torch.tensor([3]))  # the bird, labelled as in training
+    assert torch.equal(val[1][1]["labels"], torch.tensor([2]))  # the dog
+
+
+def test_a_split_with_categories_the_training_split_lacks_is_refused(tmp_path):
+    train = CocoDetection(*write_dataset(tmp_path / "train", _without_category(coco_dict(), 11)))
+    val = CocoDetection(*write_dataset(tmp_path / "val"))
+    with pytest.raises(ValueError) as info:
+        val.use_categories(train.categories, train.ann_file)
+    message = str(info.value)
+    assert str(val.ann_file) in message and str(train.ann_file) in message and "[11]" in message
+    assert val.cat_id_to_label == {3: 1, 7: 2, 11: 3}  # unchanged
+    with pytest.raises(ValueError, match=r"categories\[0\] must be a dict with an int 'id'"):
+        val.use_categories([{"id": "3", "name": "cat"}], "train.json")

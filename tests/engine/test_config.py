@@ -103,7 +103,17 @@ def test_exponent_notation_is_a_number(override, key, value):
         ({"scale_jitter": [0.8]}, "'scale_jitter' must be null or \\[low, high\\]"),
         ({"scale_jitter": [1.2, 0.8]}, "'scale_jitter' must be null or \\[low, high\\]"),
         ({"scale_jitter": [0, 1.2]}, "'scale_jitter' must be null or \\[low, high\\]"),
-        ({"anchor_sizes": [32, 0]}, "'anchor_sizes' must be null or a list of positive integers"),
+        ({"anchor_sizes": [32, 0]}, "'anchor_sizes' must be null or a non-empty list of positive integers"),
+        ({"anchor_sizes": []}, "'anchor_sizes' must be null or a non-empty list of positive integers"),
+        # the FPN has five levels (P2-P6): four sizes built a generator the RPN's head did not match
+        ({"anchor_sizes": [16, 32, 64, 128]}, "'anchor_sizes' must have 5 entries for the FPN model"),
+        ({"anchor_sizes": [8] * 6}, r"'anchor_sizes' must have 5 entries .* got 6: \[8, 8"),
+        # pre-training trains resnet18/34/50/101 only: this failed at the start of training
+        (
+            {"backbone": "resnext50_32x4d", "pretrain_iterations": 10},
+            r"'backbone' must be one of \('resnet18', 'resnet34', 'resnet50', 'resnet101'\) for pre-training "
+            r"\(pretrain_iterations 10\), got 'resnext50_32x4d'",
+        ),
         ({"box_detections_per_img": 0}, "'box_detections_per_img' must be positive"),
     ],
 )
@@ -189,3 +199,12 @@ def test_bad_arguments_and_values_are_named(tmp_path):
         dump_config({"lr": 1}, tmp_path / "config.yaml")
     with pytest.raises(ValueError, match="path must be a file"):
         dump_config(TrainConfig(), tmp_path)
+
+
+def test_settings_that_need_no_check_are_accepted():
+    """Five sizes for an FPN, any number of sizes for C4 (one level), a ResNeXt that starts from given
+    weights (pre-training is skipped) or from scratch."""
+    assert config_from_dict({"anchor_sizes": [16, 32, 64, 128, 256]}).anchor_sizes == [16, 32, 64, 128, 256]
+    assert config_from_dict({"model": "fasterrcnn_resnet50_c4_dcn", "anchor_sizes": [32, 64]}).anchor_sizes
+    for values in ({"weights_backbone": "w.pth"}, {"pretrain_iterations": 0}):
+        config_from_dict({"backbone": "resnext50_32x4d", "pretrain_iterations": 10, **values})

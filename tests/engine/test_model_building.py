@@ -42,3 +42,19 @@ def test_scale_jitter_reaches_the_network(smoke_overrides):
     assert len(trained_sizes) > 1 and trained_sizes == {min(image.shape[-2:]) for image in images}
     model.eval()
     assert {min(size) for size in model.transform(images)[0].image_sizes} == {cfg.min_size}
+
+
+def test_configured_anchor_sizes_reach_the_rpn_of_both_layouts():
+    """``anchor_sizes`` was ignored for the C4 layout (its RPN kept the paper's 32-512)."""
+    from deformable.engine.trainer import anchor_generator
+
+    sizes = [16, 32, 64, 128, 256]
+    assert anchor_generator("fasterrcnn_resnet50_fpn_dcn", sizes).sizes == tuple((s,) for s in sizes)
+    assert anchor_generator("maskrcnn_resnet50_c4_dcn", [8, 16]).sizes == ((8, 16),)
+    cfg = load_config(
+        None,
+        ["model=fasterrcnn_resnet50_c4_dcn", "dcn=null", "roi_pool=align", "anchor_sizes=[8, 16, 32, 64]"],
+    )
+    model = build_model(cfg, 3)
+    assert model.rpn.anchor_generator.sizes == ((8, 16, 32, 64),)
+    assert model.rpn.head.cls_logits.out_channels == 4 * 3  # sizes x aspect ratios

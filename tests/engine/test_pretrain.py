@@ -48,3 +48,49 @@ def test_bad_pretraining_arguments(tmp_path, kwargs, words):
 def test_config_rejects_negative_pretraining():
     with pytest.raises(ValueError, match="pretrain_iterations"):
         load_config("demo_smoke", ["pretrain_iterations=-1"]).validate()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_pretraining_runs_on_the_given_device(tmp_path, monkeypatch, device):
+    """Pre-training always ran on the CPU, whatever device the detector trained on."""
+    import torchvision
+
+    from deformable.engine import pretrain
+
+    seen = set()
+    original = torchvision.models.resnet18
+
+    def spied(**kwargs):
+        model = original(**kwargs)
+        model.register_forward_pre_hook(
+            lambda module, args: seen.add((args[0].device.type, next(module.parameters()).device.type))
+        )
+        return model
+
+    monkeypatch.setattr(torchvision.models, "resnet18", spied)
+    monkeypatch.setattr(pretrain, "BATCH_SIZE", 8)  # quicker
+    path = pretrained_backbone("resnet18", "gn", 2, cache_dir=tmp_path, progress=False, device=device)
+    assert seen == {(device, device)}
+    assert {t.device.type for t in torch.load(path, weights_only=True).values()} == {"cpu"}  # loads anywhere
+
+
+def test_detector_training_pretrains_on_its_own_device(smoke_overrides, monkeypatch):
+    import deformable.engine.trainer as trainer
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "pretrained_backbone", recorded)
+    cfg = load_config("demo_smoke", [*smoke_overrides, "device=cpu"])
+    with pytest.raises(Stop):
+        trainer.train(cfg)
+    assert calls[0]["device"] == torch.device("cpu")

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,7 +376,8 @@ class CocoDetection(Dataset):
     Attributes:
         coco: the checked ``pycocotools.coco.COCO`` object, for evaluation.
         ids: image ids in sample order.
-        cat_id_to_label / label_to_cat_id: COCO category id <-> contiguous label 1..C (sorted ids).
+        cat_id_to_label / label_to_cat_id: COCO category id <-> contiguous label 1..C (sorted ids; see
+            :meth:`use_categories` to label as the training set does).
         class_names: ``class_names[label]`` is the category name; index 0 is ``"__background__"``.
         num_classes: C, the number of categories (background excluded).
         has_masks: whether targets carry ``masks`` (any annotation has a segmentation).
@@ -421,6 +422,44 @@ class CocoDetection(Dataset):
         if remove_empty:
             ids = [i for i in ids if self._annotations(i)]
         self.ids: list[int] = ids
+
+    @property
+    def categories(self) -> list[dict[str, Any]]:
+        """The categories in label order: ``categories[label - 1]`` is ``{"id": ..., "name": ...}``."""
+        labels = sorted(self.label_to_cat_id.items())
+        return [{"id": cat_id, "name": self.class_names[label]} for label, cat_id in labels]
+
+    def use_categories(self, categories: Sequence[Mapping[str, Any]], source: str | os.PathLike) -> None:
+        """Label objects as another annotation file does: ``categories`` is that file's category list
+        (dicts with an int ``id`` and a str ``name``, e.g. the training set's :attr:`categories`), and
+        label ``l`` becomes the ``l``-th of them by id, as in a :class:`CocoDetection` of ``source``.
+
+        A validation set must be labelled as the training set was, or a detector's label ``l`` is scored
+        as another category when the two files list different categories. Categories of ``source`` that
+        this file lacks are fine (nothing of theirs is in the ground truth).
+
+        Raises:
+            ValueError: an entry is not such a dict, or this file has categories ``source`` lacks (a
+                model trained on ``source`` cannot detect them), naming both files and the ids.
+        """
+        names: dict[int, str] = {}
+        for i, cat in enumerate(categories):
+            if not (isinstance(cat, Mapping) and is_int(cat.get("id")) and isinstance(cat.get("name"), str)):
+                raise ValueError(
+                    f"categories[{i}] must be a dict with an int 'id' and a str 'name', got {cat!r}"
+                )
+            names[cat["id"]] = cat["name"]
+        extra = sorted(set(self.coco.cats) - set(names))
+        if extra:
+            raise ValueError(
+                f"{self.ann_file} has categories {extra[:_MAX_LISTED]} that {source} lacks: a model trained "
+                f"on {source} cannot detect them (its categories: {sorted(names)[:_MAX_LISTED]})"
+            )
+        ids = sorted(names)
+        self.cat_id_to_label = {c: i + 1 for i, c in enumerate(ids)}
+        self.label_to_cat_id = {v: k for k, v in self.cat_id_to_label.items()}
+        self.class_names = ("__background__", *(names[c] for c in ids))
+        self.num_classes = len(ids)
 
     def _annotations(self, image_id: int) -> list[dict[str, Any]]:
         anns = self.coco.imgToAnns.get(image_id, [])

@@ -15,7 +15,13 @@ from torchvision.transforms import v2
 
 from ._checks import is_int
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "classification_transforms", "image_folder_datasets"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "classification_transforms",
+    "image_folder_dataset",
+    "image_folder_datasets",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +46,27 @@ def classification_transforms(train: bool, image_size: int = 224, resize_size: i
     )
 
 
+def image_folder_dataset(
+    folder: str | Path, train: bool, image_size: int = 224, resize_size: int = 256, name: str = "folder"
+) -> datasets.ImageFolder:
+    """One split: an ImageFolder of ``folder`` (one sub-folder of images per class, class indices in
+    sorted folder order) with the training (``train``) or evaluation transforms; items are
+    ``(image [3, S, S] float32, class index)``.
+
+    Raises:
+        ValueError: ``folder`` (named ``name`` in the message) is missing or holds no images;
+            ``image_size`` or ``resize_size`` is not a positive int.
+    """
+    transform = classification_transforms(train, image_size, resize_size)  # checks the sizes first
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{name} {path} is not a folder (expected one sub-folder of images per class)")
+    try:
+        return datasets.ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as error:  # no class folders, or no image files in them
+        raise ValueError(f"{name} {path}: {error}") from error
+
+
 def image_folder_datasets(
     train_dir: str | Path, val_dir: str | Path, image_size: int = 224, resize_size: int = 256
 ) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
@@ -50,19 +77,8 @@ def image_folder_datasets(
             (class indices would not agree); ``image_size`` or ``resize_size`` is not a positive int.
     """
     classification_transforms(True, image_size, resize_size)  # checks the sizes before reading folders
-    splits = []
-    for name, folder in (("train_dir", train_dir), ("val_dir", val_dir)):
-        path = Path(folder)
-        if not path.is_dir():
-            raise ValueError(f"{name} {path} is not a folder (expected one sub-folder of images per class)")
-        try:
-            dataset = datasets.ImageFolder(
-                str(path), transform=classification_transforms(name == "train_dir", image_size, resize_size)
-            )
-        except FileNotFoundError as error:  # no class folders, or no image files in them
-            raise ValueError(f"{name} {path}: {error}") from error
-        splits.append(dataset)
-    train, val = splits
+    train = image_folder_dataset(train_dir, True, image_size, resize_size, "train_dir")
+    val = image_folder_dataset(val_dir, False, image_size, resize_size, "val_dir")
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))[:5]
         only_val = sorted(set(val.classes) - set(train.classes))[:5]

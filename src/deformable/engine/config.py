@@ -117,15 +117,29 @@ class TrainConfig:
         )  # fmt: skip
         _check_run(self, choices, positive)
         _check_each(
-            self, ("anchor_sizes", "roi_pool_hidden"), lambda v: v is None or all(x > 0 for x in v),
-            "null or a list of positive integers",
+            self, ("anchor_sizes", "roi_pool_hidden"), lambda v: v is None or (v and all(x > 0 for x in v)),
+            "null or a non-empty list of positive integers",
         )  # fmt: skip
+        if self.anchor_sizes is not None and self.model.endswith("_fpn_dcn") and len(self.anchor_sizes) != 5:
+            raise ValueError(
+                f"config key 'anchor_sizes' must have 5 entries for the FPN model {self.model!r} (one size "
+                f"per pyramid level, P2-P6), got {len(self.anchor_sizes)}: {self.anchor_sizes}"
+            )
         _check_each(
             self, ("scale_jitter",), lambda v: v is None or (len(v) == 2 and 0 < v[0] <= v[1]),
             "null or [low, high] with 0 < low <= high",
         )  # fmt: skip
         if self.pretrain_iterations < 0:
             raise ValueError(f"config key 'pretrain_iterations' must be >= 0, got {self.pretrain_iterations}")
+        if self.pretrain_iterations and self.weights_backbone is None:
+            from .pretrain import PRETRAINABLE
+
+            if self.backbone not in PRETRAINABLE:
+                raise ValueError(
+                    f"config key 'backbone' must be one of {PRETRAINABLE} for pre-training "
+                    f"(pretrain_iterations {self.pretrain_iterations}), got {self.backbone!r}: set "
+                    "pretrain_iterations=0, or weights_backbone to starting weights"
+                )
         if self.pretrain_iterations and self.norm == "frozen_bn":
             raise ValueError(
                 "config key 'pretrain_iterations' needs norm 'gn', 'bn' or 'auto', got 'frozen_bn'"

@@ -255,13 +255,14 @@ def _plot_examples(
 
     from .config import config_from_dict
     from .loop import read_model_file
-    from .trainer import FINAL_NAME, build_datasets, load_trained_model
+    from .trainer import FINAL_NAME, build_val_dataset, load_trained_model, training_categories
 
     first = results[0].out_dirs[0] / FINAL_NAME
     if not first.exists():
         return None
     first_data = read_model_file(first)
-    _, val = build_datasets(config_from_dict(first_data["config"]))
+    cfg = config_from_dict(first_data["config"])
+    val = build_val_dataset(cfg, *(training_categories(cfg, first_data.get("categories")) or ()))
     fig, axes = plt.subplots(len(results), images, figsize=(3 * images, 3 * len(results)), squeeze=False)
     for row, r in enumerate(results):
         model = load_trained_model(first_data if row == 0 else r.out_dirs[0] / FINAL_NAME).eval()

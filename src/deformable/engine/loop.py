@@ -35,6 +35,11 @@ from .metrics_log import MetricsLog
 
 CHECKPOINT_NAME = "checkpoint_last.pth"
 FINAL_NAME = "model_final.pth"
+# What the checkpoint and model_final.pth hold besides a run's metadata.
+_RESERVED_KEYS = frozenset(
+    {"format", "iteration", "model", "optimizer", "scheduler", "scaler", "rng", "train_seconds", "config",
+     "world_size"}
+)  # fmt: skip
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -44,11 +49,14 @@ __all__ = [
     "TrainingRun",
     "autocast_for",
     "barrier",
+    "broadcast_buffers",
     "check_out_dir",
+    "ddp_device_ids",
     "device_for",
     "eval_indices",
     "init_distributed",
     "is_main",
+    "local_rank",
     "read_model_file",
 ]
 
@@ -153,13 +161,82 @@ def _check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], path:
         )
 
 
+def _check_same_world(state: dict[str, Any], world: int, path: Path) -> None:
+    """Refuse to resume a checkpoint written by another number of processes.
+
+    The data order shards every epoch over the processes and the effective batch is ``batch_size`` x
+    processes, so a resumed run with another count would not continue the saved one. Checkpoints
+    written before the count was saved (no ``world_size``) are accepted, unless their per-process
+    random states show fewer processes than there are now (their ranks would have none to restore).
+    """
+    saved = state.get("world_size")
+    if saved is None and isinstance(state.get("rng"), list) and len(state["rng"]) < world:
+        saved = len(state["rng"])
+    if saved is not None and saved != world:
+        raise ValueError(
+            f"{path} was saved by a run of {saved} processes, now {world}: the run's data sharding and "
+            f"effective batch (batch_size x processes) depend on it. Resume with {saved} processes "
+            "(torchrun --nproc_per_node) or start afresh (no --resume, or another out_dir)."
+        )
+
+
 def device_for(cfg) -> torch.device:
-    """The config's ``device`` ("auto": CUDA when available)."""
+    """The config's ``device`` ("auto": CUDA when available) for this process.
+
+    Under torchrun (``WORLD_SIZE`` > 1) a CUDA device is this process's own GPU, ``cuda:LOCAL_RANK``,
+    which is also made the current device (before the process group is joined, so that NCCL and every
+    ``torch.cuda`` call without an index use it); one process, or the CPU, gets the plain device.
+    """
     if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    elif cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("config key 'device' is 'cuda' but no CUDA device is available")
-    return torch.device(cfg.device)
+    else:
+        kind = cfg.device
+    if kind != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return torch.device(kind)
+    device = torch.device("cuda", local_rank(torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
+def local_rank(devices: int) -> int:
+    """This process's index among the processes of its node (torchrun's ``LOCAL_RANK``), checked to
+    name one of the node's ``devices`` GPUs.
+
+    Raises:
+        ValueError: ``LOCAL_RANK`` is unset or not an int >= 0, or there are fewer GPUs than processes.
+    """
+    text = os.environ.get("LOCAL_RANK")
+    value = int(text) if text is not None and text.strip().isdigit() else None
+    if value is None:
+        raise ValueError(
+            f"LOCAL_RANK must be an int >= 0 when WORLD_SIZE > 1 (torchrun sets it), got {text!r}: "
+            "without it every process would use the same GPU"
+        )
+    if value >= devices:
+        raise ValueError(
+            f"LOCAL_RANK is {value} but this node has {devices} CUDA device(s): start at most {devices} "
+            "processes per node (torchrun --nproc_per_node)"
+        )
+    return value
+
+
+def ddp_device_ids(device: torch.device) -> list[int] | None:
+    """DistributedDataParallel's ``device_ids`` for a model on ``device``: ``[index]`` of its GPU (the
+    current one when ``device`` has no index), None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, ...) of ``model`` to every process, in
+    place; nothing without an initialised process group of more than one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def autocast_for(cfg, device: torch.device):
@@ -266,7 +343,10 @@ class TrainingRun:
     optimizer, the ``LambdaLR`` schedule with ``lr_lambda``, the AMP scaler, restores them (and every
     random generator) from ``out_dir/checkpoint_last.pth`` when ``resume`` and that file exists, writes
     the resolved config, opens the metrics log (a fresh run starts it empty; a resumed one drops the
-    records written after the checkpoint) and wraps the model for data parallelism. Then::
+    records written after the checkpoint) and wraps the model for data parallelism. A checkpoint holds
+    the number of processes (``world_size``) and resuming under another number is refused.
+    ``metadata`` (plain values, e.g. the detector's ``categories``) is written into the checkpoint
+    and ``model_final.pth`` beside the model. Then::
 
         for batch in run.loader(train_set, collate_fn):
             loss, scalars = ...forward of run.train_model...
@@ -287,8 +367,13 @@ class TrainingRun:
         rank: int,
         world: int,
         resume: bool,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.model, self.device, self.rank, self.world = cfg, model, device, rank, world
+        self.metadata = dict(metadata or {})
+        reserved = sorted(set(self.metadata) & _RESERVED_KEYS)
+        if reserved:
+            raise ValueError(f"metadata must not use the model files' own keys, got {reserved}")
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
         self.parameters = sum(p.numel() for p in model.parameters())
@@ -301,6 +386,7 @@ class TrainingRun:
         if resumed:
             state = load_training_checkpoint(self.checkpoint_path)
             _check_same_run(state.get("config"), cfg.to_dict(), self.checkpoint_path)
+            _check_same_world(state, world, self.checkpoint_path)
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -317,9 +403,7 @@ class TrainingRun:
             dump_config(cfg, self.out_dir / "config.yaml")
         self.train_model = model
         if world > 1:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
+            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ddp_device_ids(device))
         self.iteration = self.start
         self.seconds = self._seconds_before = seconds_before
         self.log: MetricsLog | None = None  # written by the main process only
@@ -384,7 +468,7 @@ class TrainingRun:
         # evaluating resumes from the checkpoint before and evaluates again, and the checkpoint's
         # random state is the one training continues from.
         if evaluate is not None and cfg.eval_every and iteration % cfg.eval_every == 0 and not last:
-            metrics = evaluate()
+            metrics = self._evaluate(evaluate)
             if self.log is not None:  # the main process
                 self.log.write({"iteration": iteration, "eval": metrics})
         if iteration % cfg.checkpoint_every == 0 or last:
@@ -396,11 +480,11 @@ class TrainingRun:
         if self._progress is not None:
             self._progress.close()
         if is_main():
-            final = {"model": self.model.state_dict(), "config": self.cfg.to_dict()}
+            final = {"model": self.model.state_dict(), "config": self.cfg.to_dict(), **self.metadata}
             atomic_save(final, self.out_dir / FINAL_NAME)
         metrics = None
         if evaluate is not None:
-            metrics = evaluate()
+            metrics = self._evaluate(evaluate)
             if self.log is not None:  # the main process
                 if self.iteration == self.start:  # a finished run resumed: its final evaluation is redone
                     self.log.discard(lambda r: r["iteration"] == self.iteration and "eval" in r)
@@ -410,6 +494,16 @@ class TrainingRun:
             self.log.close()
         barrier()
         return metrics
+
+    def _evaluate(self, evaluate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``evaluate()`` of the model every process holds: rank 0's, the one the files save.
+
+        Data parallelism keeps the parameters equal, not the buffers: each process updates its
+        BatchNorm running statistics on its own batches (DDP copies rank 0's only at the start of each
+        forward), so they are broadcast from rank 0 first.
+        """
+        broadcast_buffers(self.model)
+        return evaluate()
 
     def _save_checkpoint(self) -> None:
         states: dict[str, Any] | list[Any] = rng_state()
@@ -429,6 +523,8 @@ class TrainingRun:
                     "rng": states,
                     "train_seconds": self.seconds,
                     "config": self.cfg.to_dict(),
+                    "world_size": self.world,
+                    **self.metadata,
                 },
                 self.checkpoint_path,
             )

@@ -12,11 +12,13 @@ Reproducibility and resumption:
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import models
@@ -38,27 +40,36 @@ from .loop import (  # re-exported: the names runs, tests and the CLI have alway
 )
 from .pretrain import norm_layer_for, pretrained_backbone
 
+if TYPE_CHECKING:  # the data modules are imported when needed
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    from ..data import CocoDetection
+
 __all__ = [
     "CHECKPOINT_NAME",
     "FINAL_NAME",
     "IterationBatchSampler",
     "SeededSamples",
     "TrainResult",
+    "anchor_generator",
     "build_datasets",
     "build_model",
+    "build_val_dataset",
     "evaluate",
     "load_trained_model",
     "lr_factor",
     "train",
+    "training_categories",
 ]
 
 # ------------------------------------------------------------------------------------------------
 # Data
 
 
-def build_datasets(cfg: TrainConfig):
-    """(train, val) CocoDetection datasets with the config's transforms."""
-    from ..data import CocoDetection, deformed_fashion, eval_transforms, train_transforms
+def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
+    """(train, val) CocoDetection datasets with the config's transforms; the validation set labels its
+    objects as the training set does (see :func:`build_val_dataset`)."""
+    from ..data import CocoDetection, deformed_fashion, train_transforms
 
     if cfg.scale_jitter:
         low, high = cfg.scale_jitter
@@ -68,12 +79,10 @@ def build_datasets(cfg: TrainConfig):
     else:
         sizes = cfg.min_size
     train_tf = train_transforms(sizes, cfg.max_size, hflip_prob=0.5 if cfg.hflip else 0.0)
-    eval_tf = eval_transforms(cfg.min_size, cfg.max_size)
     if cfg.dataset == "deformed_fashion":
         train = deformed_fashion.load(
             "train", transforms=train_tf, out_dir=cfg.data_dir, preset=cfg.data_preset
         )
-        val = deformed_fashion.load("val", transforms=eval_tf, out_dir=cfg.data_dir, preset=cfg.data_preset)
     else:
         train = CocoDetection(
             required_path(cfg.train_images, "train_images", "coco"),
@@ -81,12 +90,57 @@ def build_datasets(cfg: TrainConfig):
             train_tf,
             remove_empty=True,
         )
+    return train, build_val_dataset(cfg, train.categories, str(train.ann_file))
+
+
+def build_val_dataset(
+    cfg: TrainConfig, categories: Sequence[Mapping[str, Any]] | None = None, source: str | None = None
+) -> CocoDetection:
+    """The validation CocoDetection alone (evaluation transforms), e.g. to evaluate a trained model.
+
+    Args:
+        categories: the training set's categories (dicts with ``id`` and ``name``, e.g.
+            ``train.categories`` or what :func:`training_categories` finds): the validation set labels
+            its objects as the training set did, so that a detector's label ``l`` is scored as the
+            category it was trained on. None: the validation file's own categories (sorted ids).
+        source: where ``categories`` come from, for the error message (default "the training set").
+
+    Raises:
+        ValueError: the validation file has categories that ``categories`` lack (naming both files).
+    """
+    from ..data import CocoDetection, deformed_fashion, eval_transforms
+
+    eval_tf = eval_transforms(cfg.min_size, cfg.max_size)
+    if cfg.dataset == "deformed_fashion":
+        val = deformed_fashion.load("val", transforms=eval_tf, out_dir=cfg.data_dir, preset=cfg.data_preset)
+    else:
         val = CocoDetection(
             required_path(cfg.val_images, "val_images", "coco"),
             required_path(cfg.val_annotations, "val_annotations", "coco"),
             eval_tf,
         )
-    return train, val
+    if categories is not None:
+        val.use_categories(categories, source or "the training set")
+    return val
+
+
+def training_categories(cfg: TrainConfig, stored: Any = None) -> tuple[list[dict[str, Any]], str] | None:
+    """(categories in label order, where from) of the training set, without building it: ``stored``
+    (the ``categories`` a model file of :func:`train` holds) when it is a list, else those of the
+    config's ``train_annotations`` when that file exists (dataset coco); None when neither is at hand
+    (the deformed-fashion splits share their categories).
+    """
+    train_file = cfg.train_annotations if cfg.dataset == "coco" else None
+    if isinstance(stored, list):
+        return stored, str(train_file or "the training set")
+    if train_file and Path(train_file).is_file():
+        from ..data import load_coco_json
+
+        categories = load_coco_json(train_file).get("categories")
+        if not isinstance(categories, list):
+            raise ValueError(f"{train_file}: top-level 'categories' must be a list, got {categories!r}")
+        return categories, str(train_file)
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,15 +194,27 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         kwargs["mimic_options"] = dict(
             rois_per_image=cfg.mimic_rois_per_image, patch_size=cfg.mimic_patch_size, select=cfg.mimic_select
         )
-    if cfg.anchor_sizes and cfg.model.endswith("_fpn_dcn"):
-        from torchvision.models.detection.anchor_utils import AnchorGenerator
-
-        sizes = tuple((s,) for s in cfg.anchor_sizes)
-        kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    if cfg.anchor_sizes:
+        kwargs["rpn_anchor_generator"] = anchor_generator(cfg.model, cfg.anchor_sizes)
     model = builder(**kwargs)
     if cfg.scale_jitter:
         _keep_training_scales(model)
     return model
+
+
+def anchor_generator(model: str, sizes: Sequence[int]) -> AnchorGenerator:
+    """The RPN's anchors of config key ``anchor_sizes`` (aspect ratios 0.5, 1, 2 at every size).
+
+    An FPN detector (``*_fpn_dcn``) takes one size per pyramid level, P2..P6 (five: what
+    :meth:`TrainConfig.validate` checks); a C4 detector (``*_c4_dcn``) has one feature map (conv4), so
+    all the sizes go to that one level, as the paper's C4 RPN has 15 anchors per position.
+    """
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    if model.endswith("_c4_dcn"):
+        return AnchorGenerator((tuple(sizes),), ((0.5, 1.0, 2.0),))
+    levels = tuple((size,) for size in sizes)
+    return AnchorGenerator(levels, ((0.5, 1.0, 2.0),) * len(levels))
 
 
 def _keep_training_scales(model: nn.Module) -> None:
@@ -189,7 +255,14 @@ def lr_factor(cfg: TrainConfig | ClassifierConfig, iteration: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """COCO AP of ``model`` on ``dataset`` (bbox, and segm for Mask R-CNN), plus inference time."""
+    """COCO AP of ``model`` on ``dataset`` (bbox, and segm for Mask R-CNN), plus inference time.
+
+    Under torch.distributed each process runs every world-th image and the metrics cover them all:
+    ``images`` is the number evaluated by all processes together and ``inference_ms_per_image`` the
+    model's time per image (seconds summed over processes / images summed over processes). Detections of
+    categories the validation file does not list (a model trained on more) are left out, as COCOeval
+    scores only the ground truth's categories.
+    """
     from ..data import collate_detection
     from .evaluation import Evaluator
 
@@ -203,6 +276,7 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) 
     core.eval()
     indices = eval_indices(len(dataset), cfg.eval_max_images)
     evaluator = Evaluator(dataset.coco, dataset.label_to_cat_id, ("bbox", "segm") if is_mask else ("bbox",))
+    scored = _scored_labels(dataset)
     seconds, images = 0.0, 0
     for start in range(0, len(indices), cfg.batch_size):
         batch = collate_detection([dataset[i] for i in indices[start : start + cfg.batch_size]])
@@ -215,10 +289,41 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, device: torch.device) 
         seconds += time.perf_counter() - begin
         images += len(inputs)
         outputs = [{k: v.float().cpu() for k, v in o.items()} for o in outputs]
+        if scored is not None:
+            outputs = [_keep_labels(o, scored) for o in outputs]
         evaluator.update(outputs, batch[1])
     metrics = evaluator.compute()
     core.train(was_training)
-    return {**metrics, "inference_ms_per_image": 1000 * seconds / max(images, 1), "images": len(indices)}
+    images, seconds = _summed_over_processes(images, seconds, device)
+    return {**metrics, "inference_ms_per_image": 1000 * seconds / max(images, 1), "images": images}
+
+
+def _scored_labels(dataset) -> torch.Tensor | None:
+    """The labels [L] int64 whose categories the dataset's ground truth lists, or None when all are."""
+    labels = [label for label, cat in dataset.label_to_cat_id.items() if cat in dataset.coco.cats]
+    if len(labels) == len(dataset.label_to_cat_id):
+        return None
+    return torch.tensor(labels, dtype=torch.int64)
+
+
+def _keep_labels(output: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One image's detections (every field indexed by detection along dim 0) of the given labels only."""
+    keep = torch.isin(output["labels"].long(), labels)
+    return {key: value[keep] for key, value in output.items()}
+
+
+def _summed_over_processes(images: int, seconds: float, device: torch.device) -> tuple[int, float]:
+    """(images, seconds) summed over the processes of torch.distributed (as given without one).
+
+    The sums make ``seconds / images`` the model's mean time per image on one device, whatever the
+    number of processes (each process times its own images; they run side by side, so the wall time of
+    the whole evaluation is about the slowest process's, not the sum).
+    """
+    if not dist.is_initialized():
+        return images, seconds
+    totals = torch.tensor([float(images), seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return int(totals[0].item()), float(totals[1].item())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,14 +368,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, evaluate_at_end: bool = Tru
     if cfg.pretrain_iterations and cfg.weights_backbone is None:
         if rank == 0:  # trained once (then cached); the other ranks wait and read the cache
             pretrained_backbone(
-                cfg.backbone, cfg.norm, cfg.pretrain_iterations, cache_dir=cfg.data_dir, progress=cfg.progress
-            )
+                cfg.backbone, cfg.norm, cfg.pretrain_iterations,
+                cache_dir=cfg.data_dir, progress=cfg.progress, device=device,
+            )  # fmt: skip
         barrier()
         path = pretrained_backbone(cfg.backbone, cfg.norm, cfg.pretrain_iterations, cache_dir=cfg.data_dir)
         cfg.weights_backbone = str(path)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg, num_classes).to(device)
-    run = TrainingRun(cfg, model, device, lambda it: lr_factor(cfg, it), rank, world, resume)
+    # The categories in label order go into the model files: `deformable eval` labels the validation
+    # set as training did without the training set.
+    metadata = {"categories": train_set.categories}
+    run = TrainingRun(cfg, model, device, lambda it: lr_factor(cfg, it), rank, world, resume, metadata)
     from ..data import collate_detection
 
     def evaluate_now() -> dict[str, Any]:
