@@ -188,3 +188,93 @@ def test_analyze_builds_trained_runs_from_their_config_and_refuses_partial_fits(
         bad = parser.parse_args(["analyze", "--checkpoint", str(path), "--out", "d.png", *common])
         with pytest.raises(SystemExit, match=message):
             bad.func(bad)
+
+
+def _analyze_parser():
+    parser = argparse.ArgumentParser(prog="deformable")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_analyze_title_names_the_configured_architecture_and_errors_are_messages(tmp_path, monkeypatch):
+    # Checkpoints carrying their config used to be titled "None: layer4" (the unset --model); a bad
+    # --layer (any ValueError of the analysis) was a traceback.
+    from deformable.analysis import plotting
+    from deformable.engine.classifier import build_classifier
+    from deformable.engine.config import load_any_config
+
+    cfg = load_any_config(
+        None, ["task=classification", "dataset=deformed_fashion", "arch=resnet18", "dcn=v2", "dcn_stages=[5]"]
+    )
+    torch.manual_seed(0)
+    run_file = tmp_path / "model_final.pth"
+    torch.save({"model": build_classifier(cfg, 4).state_dict(), "config": cfg.to_dict()}, run_file)
+    image_io.imsave(str(tmp_path / "image.png"), torch.rand(32, 32, 3).numpy())
+    seen = {}
+
+    def fake_plot(rows, image, nodes, out, **kwargs):
+        seen.update(kwargs)
+        return out
+
+    monkeypatch.setattr(plotting, "plot_support_figure", fake_plot)
+    parser = _analyze_parser()
+    common = [
+        "analyze",
+        "--checkpoint",
+        str(run_file),
+        "--image",
+        str(tmp_path / "image.png"),
+        "--out",
+        "x.png",
+    ]
+    args = parser.parse_args(common)
+    assert args.func(args) == 0
+    assert seen["title"] == "resnet18: layer4" and seen["weighting"] == "location"
+
+    monkeypatch.undo()
+    for extra, words in ((["--layer", "nope"], "not a module"), (["--channel", "100000"], "channel")):
+        args = parser.parse_args([*common, "--no-saliency", *extra])
+        with pytest.raises(SystemExit, match=words):
+            args.func(args)
+
+
+def test_location_weighting_is_the_default_of_figures():
+    import inspect
+
+    assert inspect.signature(plot_support_figure).parameters["weighting"].default == "location"
+
+
+def test_roi_rectangles_and_box_categories_use_pixel_centre_coordinates():
+    # imshow puts pixel centres at integers: a box (x1, y1, x2, y2), pixel j spanning [j, j + 1), is drawn
+    # from (x1 - 0.5, y1 - 0.5); points are compared with boxes the same way (both used to be 0.5 off).
+    from matplotlib.patches import Rectangle
+
+    from deformable.analysis import make_node
+    from deformable.analysis.plotting import _draw_node
+    from deformable.analysis.statistics import _categorise
+
+    class Axes:
+        def __init__(self):
+            self.patches = []
+
+        def add_patch(self, patch):
+            self.patches.append(patch)
+
+    axes = Axes()
+    _draw_node(axes, make_node("roi", (10, 12, 40, 50)), None, Rectangle)
+    (patch,) = axes.patches
+    assert patch.get_xy() == (9.5, 11.5) and (patch.get_width(), patch.get_height()) == (30, 38)
+
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0]], dtype=torch.float64)  # pixels 0..3: centres in [-0.5, 3.5]
+    points = torch.tensor([[-0.4, -0.4], [3.4, 3.4], [3.6, 1.0], [1.0, -0.6]])
+    assert _categorise(points, boxes) == ["small", "small", "background", "background"]
+
+
+def test_foreground_node_is_the_position_nearest_the_box_centre_in_pixel_centres():
+    # Box (0, 0, 6, 6) covers pixels 0..5, centred on pixel-centre point (2.5, 2.5): position 1 of the
+    # stride-2 map of layer "4" (image 2), not 2 (image 4, the nearest to the box coordinate 3).
+    stats = support_statistics(
+        stack(), [(torch.rand(3, 16, 16, dtype=torch.float64), [[0.0, 0.0, 6.0, 6.0]])], "4",
+        backgrounds_per_image=0, saliency=False, dilation=False,
+    )  # fmt: skip
+    assert [record.position for record in stats.nodes] == [(1, 1)]

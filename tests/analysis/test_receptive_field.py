@@ -160,3 +160,32 @@ def test_geometry_arguments_are_checked():
         trace_geometry(model, (8, 8), 3)
     with pytest.raises(TypeError, match=r"erf must be a torch\.Tensor"):
         erf_spread([[1.0]])
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_analyses_work_inside_no_grad_and_inference_mode(mode):
+    # Every analysis takes gradients: they used to fail with "element 0 of tensors does not require grad"
+    # when called inside torch.no_grad() or torch.inference_mode().
+    from deformable.analysis import effective_dilation, saliency_region, sampling_locations_by_layer
+
+    model = randomise_offsets(stack("v2"))
+    image = torch.rand(3, 12, 12, dtype=torch.float64)
+    node = ("4", (2, 3))
+
+    def run(image):
+        samples = sampling_locations_by_layer(model, image, *node)
+        return (
+            effective_receptive_field(model, image, *node),
+            torch.cat([s.weights for s in samples]),
+            saliency_region(model, image, *node, block_size=3).mask,
+            effective_dilation(model, image)["4"].dilation,
+        )
+
+    expected = run(image)
+    with mode():
+        inside = run(image)
+        made_inside = run(image.clone())  # an inference tensor under torch.inference_mode()
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    for ours, reference in zip((*inside, *made_inside), expected * 2, strict=True):
+        assert torch.equal(ours, reference)
+    assert float(expected[0].sum()) > 0 and float(expected[1].sum()) > 0

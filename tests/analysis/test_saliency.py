@@ -88,3 +88,30 @@ def test_fill_and_erf_must_be_finite_tensors():
         saliency_region(model, image, "4", (0, 0), erf=[[1.0] * 8] * 8)
     with pytest.raises(ValueError, match="erf must be finite"):
         saliency_region(model, image, "4", (0, 0), erf=torch.full((8, 8), float("nan")))
+
+
+def test_channel_none_keeps_the_feature_vector_within_the_bound():
+    # With channel=None the response is the node's C-vector, not the channel sum, in which channels can
+    # cancel: the region used to keep only the sum within the bound (vector errors of 20% and more).
+    model = randomise_offsets(stack("v2"))
+    image = torch.rand(3, 14, 14, dtype=torch.float64)
+    position, bound, block = (4, 3), 0.1, 2
+    result = saliency_region(model, image, "4", position, error_bound=bound, fill="zero", block_size=block)
+    fill = fill_value(image, "zero")
+
+    def vector(mask):
+        with torch.no_grad():
+            return model(torch.where(mask[None], image, fill.expand_as(image))[None])[0, :, 4, 3]
+
+    reference = vector(torch.ones(14, 14, dtype=torch.bool))
+    assert result.reference.shape == (2,) and torch.allclose(result.reference, reference)
+    assert torch.allclose(result.response, vector(result.mask))
+
+    def error(mask):
+        return float((vector(mask) - reference).norm() / reference.norm())
+
+    assert error(result.mask) <= bound and error(result.mask) == pytest.approx(result.error, rel=1e-9)
+    for by, bx in result.blocks.nonzero().tolist():  # minimal for the vector criterion
+        smaller = result.mask.clone()
+        smaller[by * block : (by + 1) * block, bx * block : (bx + 1) * block] = False
+        assert error(smaller) > bound

@@ -14,6 +14,7 @@ from deformable.analysis import (
     sampling_locations_by_layer,
 )
 from deformable.models import resnet18_dcn
+from deformable.ops import deform_conv2d
 
 from .helpers import randomise_offsets, stack
 
@@ -69,7 +70,9 @@ def test_regular_network_contributes_its_fixed_grid():
     (top,) = [s for s in sampling_locations_by_layer(model, image, "4", (5, 5), layers=["4"])]
     assert _sorted_points(top.points) == [(y, x) for y in (8.0, 10.0, 12.0) for x in (8.0, 10.0, 12.0)]
     # "value" weights of the top layer: |d node / d x(p_k)| summed over input channels = sum_c |W[ch, c, k]|.
-    (top,) = sampling_locations_by_layer(model, image, "4", (5, 5), channel=1, layers=["4"])
+    (top,) = sampling_locations_by_layer(
+        model, image, "4", (5, 5), channel=1, layers=["4"], weighting="value"
+    )
     expected = model[4].weight[1].abs().sum(0).flatten()
     assert torch.allclose(top.weights[top.taps.argsort()], expected)
 
@@ -96,6 +99,33 @@ def test_weightings_are_non_negative_and_cover_the_same_samples(weighting):
         model, image, "4", (3, 4), weighting=weighting, max_points=10
     )
     assert top.shape == (10, 2) and torch.allclose(top_weights, weights.topk(10).values)
+
+
+def test_location_weights_are_gradients_per_image_pixel_and_the_default():
+    # The spec's weight is the gradient with respect to the sampling location; layer "4" samples a map of
+    # stride 2, so the gradient per image pixel is half the gradient per input-map pixel (the weights
+    # used to be in input-map pixels, and "value" was the default).
+    model = randomise_offsets(stack("v2"))
+    image = torch.rand(3, 16, 16, dtype=torch.float64)
+    position = (3, 4)
+    (top,) = sampling_locations_by_layer(model, image, "4", position, layers=["4"])
+    assert top.input_geometry.y.scale == top.input_geometry.x.scale == 2.0
+
+    dcn = model[4]
+    with torch.no_grad():
+        features = model[:4](image[None])
+        offset, mask = dcn.offsets_and_mask(features)
+    offset.requires_grad_(True)
+    out = deform_conv2d(features, offset, dcn.weight, dcn.bias, dcn.stride, dcn.padding, dcn.dilation, mask)
+    (grad,) = torch.autograd.grad(out[0, :, position[0], position[1]].sum(), offset)
+    per_map_pixel = grad[0, :, position[0], position[1]].reshape(9, 2).norm(dim=1)  # taps (y, x) pairs
+    assert float(per_map_pixel.sum()) > 0
+    assert torch.allclose(top.weights[top.taps.argsort()], per_map_pixel / 2)
+
+    _, default = effective_sampling_locations(model, image, "4", position)
+    _, located = effective_sampling_locations(model, image, "4", position, weighting="location")
+    _, valued = effective_sampling_locations(model, image, "4", position, weighting="value")
+    assert torch.equal(default, located) and not torch.allclose(default, valued)
 
 
 def test_effective_dilation():

@@ -2,10 +2,17 @@
 sampling / bin locations and error-bounded saliency regions, their statistics and the paper's figures.
 
 A *node* is one position of a layer's output (``layer`` = a name from ``model.named_modules()``,
-``position`` = ``(y, x)`` in that layer's output map, ``channel`` = one channel or None for the sum over
-channels), or, for a torchvision Faster/Mask R-CNN, the RoI head for one box: ``layer="roi"``,
-``position`` = the box ``(x1, y1, x2, y2)`` in image pixels, ``channel`` = a class (None: the best
-foreground class). A RoI node's response is the 2fc output; gradients are those of the class score.
+``position`` = ``(y, x)`` in that layer's output map, ``channel`` = one channel or None for all of them:
+the response is then the feature vector at the position and gradients are those of its sum), or, for a
+torchvision Faster/Mask R-CNN, the RoI head for one box: ``layer="roi"``, ``position`` = the box
+``(x1, y1, x2, y2)`` in image pixels, ``channel`` = a class (None: the best foreground class). A RoI
+node's response is the 2fc output; gradients are those of the class score.
+
+Image points are pixel-centre coordinates ``(y, x)`` (pixel centres at integers); boxes follow
+torchvision's convention (pixel ``j`` spans ``[j, j + 1)``, so box coordinate ``u`` is pixel-centre
+coordinate ``u - 0.5``). Effective sampling locations are weighted by default by the gradient of the
+node with respect to the sampling location, per image pixel (``weighting="location"``). The analyses take
+gradients whatever the caller's autograd mode (``torch.no_grad()``, ``torch.inference_mode()``).
 
 Images are ``[C, H, W]`` tensors in the model's input space (detectors: unnormalised values in [0, 1];
 their transform normalises and resizes, and every coordinate here is in the given image). Models run in

@@ -4,7 +4,9 @@ A *node* is either
 
 - one position of a layer's output map: ``layer`` is a name from ``model.named_modules()`` whose output
   is a tensor ``[N, C, H_l, W_l]``, ``position`` is ``(y, x)`` in that map and ``channel`` one channel
-  (or None: the sum over the channels); or
+  or None (all channels). Its *response* is the feature vector ``output[:, :, y, x]`` ``[C]`` (or the one
+  channel, ``[1]``); the scalar whose gradients the analyses take is the sum of that vector (or the
+  channel); or
 - the RoI head of a torchvision detector (Faster/Mask R-CNN) for one box: ``layer="roi"``, ``position``
   the box ``(x1, y1, x2, y2)`` in image pixels, ``channel`` a class index (None: the highest-scoring
   foreground class on the unmasked image). Its *response* is the 2fc output (``roi_heads.box_head``,
@@ -15,6 +17,13 @@ Models are run as they expect their input: a batch ``model(images)`` ``[B, C, H,
 networks, a list ``model([image, ...])`` for torchvision's ``GeneralizedRCNN`` detectors (whose
 ``transform`` normalises and resizes; image coordinates are those of the image given). A layer node stops
 the forward pass as soon as the layer has run.
+
+Coordinates: image points ``(y, x)`` are pixel-centre coordinates (pixel ``(i, j)`` is centred on the
+integer point ``(i, j)``); boxes ``(x1, y1, x2, y2)`` follow torchvision's convention, where pixel ``j``
+spans ``[j, j + 1)``, so a box coordinate ``u`` is the pixel-centre coordinate ``u - 0.5``.
+
+The analyses take gradients whatever the caller's autograd mode: they run under
+:func:`gradients_enabled`, so they also work inside ``torch.no_grad()`` and ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ class Node:
     Attributes:
         layer: a module name, or ``"roi"`` for the RoI head of a detector.
         position: ``(y, x)`` in the layer's output map, or the box ``(x1, y1, x2, y2)`` for RoI nodes.
-        channel: one output channel / class index, or None (sum of channels / best foreground class).
+        channel: one output channel / class index, or None (all channels / best foreground class).
     """
 
     layer: str
@@ -142,7 +151,18 @@ def prepare_image(image: Tensor, model: nn.Module) -> Tensor:
     if image.dim() != 3:
         raise ValueError(f"image must have shape [C, H, W], got {list(image.shape)}")
     device, dtype = model_device_dtype(model)
-    return image.detach().to(device=device, dtype=dtype)
+    image = image.detach().to(device=device, dtype=dtype)
+    # An image created under torch.inference_mode() cannot enter autograd: a copy made outside can.
+    return image.clone() if image.is_inference() and not torch.is_inference_mode_enabled() else image
+
+
+@contextlib.contextmanager
+def gradients_enabled() -> Iterator[None]:
+    """Autograd on for the duration, even inside the caller's ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (both restored afterwards). Images must be prepared inside
+    (:func:`prepare_image` copies an inference-mode image into a tensor autograd can use)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 @contextlib.contextmanager
@@ -213,7 +233,9 @@ def layer_output(model: nn.Module, images: Tensor, layer: str) -> Tensor:
 @dataclass
 class NodeOutput:
     """A node evaluated on a batch: ``scalar`` [B] (what gradients are taken of) and ``response`` [B, D]
-    (what the saliency error compares; D = 1 for layer nodes, 2fc width for RoI nodes)."""
+    (what the saliency error compares). Layer nodes: the response is the feature vector at the position
+    (D = C, or D = 1 for one channel) and the scalar its sum (or the channel); RoI nodes: the 2fc output
+    (D = its width) and the class score."""
 
     scalar: Tensor
     response: Tensor
@@ -225,9 +247,11 @@ def _evaluate_layer(model: nn.Module, images: Tensor, node: Node) -> NodeOutput:
     y, x = check_position(node.position, node.layer, (height, width))
     if node.channel is not None and node.channel >= channels:
         raise ValueError(f"channel {node.channel} is out of range: {node.layer!r} has {channels} channels")
-    values = output[:, :, y, x]
-    scalar = values.sum(1) if node.channel is None else values[:, node.channel]
-    return NodeOutput(scalar, scalar[:, None])
+    values = output[:, :, y, x]  # [B, C]
+    if node.channel is None:
+        return NodeOutput(values.sum(1), values)
+    response = values[:, node.channel : node.channel + 1]  # [B, 1]
+    return NodeOutput(response[:, 0], response)
 
 
 def spatial_size(t: Tensor) -> tuple[int, int]:

@@ -14,9 +14,11 @@ carry their config: their model is built from it, and the model options are not 
         --image canvas.png --out figure1.png
 
 Node positions (``--fg``, ``--bg``) are image pixels (y, x), mapped to the nearest position of ``--layer``'s
-output map; ``--box`` is (x1, y1, x2, y2). A checkpoint that fits its model only partly (missing,
-unexpected or mismatched tensors) is an error unless ``--allow-partial`` is given. Wire the command
-into the main parser with ``add_cli(subparsers)``.
+output map; ``--box`` is (x1, y1, x2, y2) in torchvision's box coordinates (pixel j spans [j, j + 1)).
+Errors in the options (a layer or channel that does not exist, a bad box, ...) are messages, not
+tracebacks. A checkpoint that fits its model only partly (missing, unexpected or mismatched tensors) is
+an error unless ``--allow-partial`` is given. Wire the command into the main parser with
+``add_cli(subparsers)``.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--layer", help="module whose output positions are the nodes (default layer4 / backbone.body.layer4)"
     )
-    parser.add_argument("--channel", type=int, help="node channel (default: sum over channels)")
+    parser.add_argument(
+        "--channel", type=int,
+        help="node channel (default: all channels; the gradients are those of their sum)",
+    )  # fmt: skip
     parser.add_argument(
         "--fg", nargs=2, type=float, metavar=("Y", "X"), help="foreground node, image pixels (default centre)"
     )
@@ -126,12 +131,14 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         help="background node, image pixels (default H/8, W/8)",
     )
     parser.add_argument(
-        "--box", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"), help="detectors: add a RoI node"
-    )
+        "--box", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"),
+        help="detectors: add a RoI node (torchvision box coordinates: pixel j spans [j, j + 1))",
+    )  # fmt: skip
     parser.add_argument("--class", dest="roi_class", type=int, help="RoI node class (default: best)")
     parser.add_argument(
-        "--weighting", default="value", choices=["value", "contribution", "location"],
-        help="weight of the sampling locations (default value)",
+        "--weighting", default="location", choices=["location", "value", "contribution"],
+        help="weight of the sampling locations: the gradient w.r.t. the location (default, per image "
+        "pixel), w.r.t. the sampled value, or the sample's contribution",
     )  # fmt: skip
     parser.add_argument(
         "--error-bound", type=positive_float, default=0.1, help="saliency error bound (default 0.1)"
@@ -228,9 +235,10 @@ def _fill(text: str):
         raise SystemExit(f"--fill must be mean, zero or a number, got {text!r}") from None
 
 
-def _trained_model(path: str) -> tuple[torch.nn.Module, bool] | None:
-    """(model, is_detector) of a file written by ``deformable train`` / ``demo``, built from the config
-    it carries; None for a file without one (a plain state dict)."""
+def _trained_model(path: str) -> tuple[torch.nn.Module, bool, str] | None:
+    """(model, is_detector, architecture) of a file written by ``deformable train`` / ``demo``, built from
+    the config it carries (architecture: the classifier's ``arch``, or the detector's ``model`` and
+    ``backbone``); None for a file without one (a plain state dict)."""
     from ..engine.classifier import load_trained_classifier
     from ..engine.config import ClassifierConfig, config_from_dict
     from ..engine.trainer import load_trained_model
@@ -243,8 +251,13 @@ def _trained_model(path: str) -> tuple[torch.nn.Module, bool] | None:
         return None
     cfg = config_from_dict(data["config"])
     if isinstance(cfg, ClassifierConfig):
-        return load_trained_classifier(data, cfg), False
-    return load_trained_model(data, cfg), True
+        return load_trained_classifier(data, cfg), False, cfg.arch
+    return load_trained_model(data, cfg), True, _architecture(cfg.model, cfg.backbone, True)
+
+
+def _architecture(model: str, backbone: str, detector: bool) -> str:
+    """The name shown in the figure title: the builder, with the backbone for detectors."""
+    return f"{model} ({backbone})" if detector else model
 
 
 def _load_state_dict(model, path: str, name: str, dcn, source: Source, allow_partial: bool) -> None:
@@ -281,11 +294,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     labels = args.labels or [Path(p).stem for p in args.checkpoint]
     device = torch.device(args.device)
 
-    rows, kinds = [], set()
+    rows, kinds, architectures = [], set(), []
     for path, dcn, pool, label in zip(args.checkpoint, dcns, pools, labels, strict=True):
         trained = _trained_model(path)
         if trained is not None:
-            model, is_detector = trained
+            model, is_detector, architecture = trained
         else:
             if args.model is None:
                 raise SystemExit(
@@ -298,7 +311,10 @@ def run_analyze(args: argparse.Namespace) -> int:
             )  # fmt: skip
             _load_state_dict(model, path, args.model, dcn, args.source, args.allow_partial)
             is_detector = args.model in DETECTORS
+            architecture = _architecture(args.model, args.backbone, is_detector)
         kinds.add(is_detector)
+        if architecture not in architectures:
+            architectures.append(architecture)
         rows.append((label, model.to(device).eval()))
     if len(kinds) > 1:
         raise SystemExit("--checkpoint files must all be detectors or all classifiers")
@@ -306,7 +322,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.box is not None and not detector:
         raise SystemExit("--box (a RoI node) needs a detector model")
 
-    shown = load_image(args.image).to(device)
+    try:
+        shown = load_image(args.image).to(device)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--image: {error}") from None
     image = shown
     if args.normalize == "imagenet" or (args.normalize == "auto" and not detector):
         from ..data.image_folder import IMAGENET_MEAN, IMAGENET_STD
@@ -319,17 +338,21 @@ def run_analyze(args: argparse.Namespace) -> int:
     first = rows[0][1]
     fg = args.fg if args.fg is not None else ((height - 1) / 2, (width - 1) / 2)
     bg = args.bg if args.bg is not None else (height / 8, width / 8)
-    nodes = [
-        FigureNode("foreground", layer, image_to_position(first, image, layer, fg), args.channel),
-        FigureNode("background", layer, image_to_position(first, image, layer, bg), args.channel),
-    ]
-    if args.box is not None:
-        nodes.append(FigureNode("RoI", "roi", tuple(args.box), args.roi_class))
-    out = plot_support_figure(
-        rows, image, nodes, args.out, display_image=shown, weighting=args.weighting,
-        saliency=not args.no_saliency, error_bound=args.error_bound, fill=_fill(args.fill),
-        block_size=args.block_size, max_points=args.max_points, dpi=args.dpi,
-        title=f"{args.model}: {layer}",
-    )  # fmt: skip
+    fill = _fill(args.fill)
+    try:  # the library's ValueErrors name what is wrong (layer, channel, box, ...): a message, no traceback
+        nodes = [
+            FigureNode("foreground", layer, image_to_position(first, image, layer, fg), args.channel),
+            FigureNode("background", layer, image_to_position(first, image, layer, bg), args.channel),
+        ]
+        if args.box is not None:
+            nodes.append(FigureNode("RoI", "roi", tuple(args.box), args.roi_class))
+        out = plot_support_figure(
+            rows, image, nodes, args.out, display_image=shown, weighting=args.weighting,
+            saliency=not args.no_saliency, error_bound=args.error_bound, fill=fill,
+            block_size=args.block_size, max_points=args.max_points, dpi=args.dpi,
+            title=f"{', '.join(architectures)}: {layer}",
+        )  # fmt: skip
+    except ValueError as error:
+        raise SystemExit(f"deformable analyze: {error}") from None
     print(f"wrote {out}")
     return 0

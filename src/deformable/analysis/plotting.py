@@ -121,7 +121,7 @@ def plot_support_figure(
     out: str | os.PathLike,
     *,
     display_image: Tensor | None = None,
-    weighting: str = "value",
+    weighting: str = "location",
     layers: str | Sequence[str] | None = "shared",
     saliency: bool = True,
     error_bound: float = 0.1,
@@ -141,7 +141,8 @@ def plot_support_figure(
         out: the PNG to write (parent folders are created; written to a temporary file, then renamed).
         display_image: what to draw under the overlays (default ``image``, min-max scaled), e.g. the
             unnormalised image when ``image`` is normalised.
-        weighting: sampling-location weighting (see :mod:`.sampling`).
+        weighting: sampling-location weighting: ``"location"`` (default, the gradient with respect to
+            the sampling location, per image pixel), ``"value"`` or ``"contribution"`` (see :mod:`.sampling`).
         layers: sampling layers: ``"shared"`` (default) = the deformable layers' names found in any of
             the models, taken in each model whether deformable or regular (so a plain network shows its
             fixed grid at the same places); otherwise passed to
@@ -245,10 +246,12 @@ def plot_support_figure(
 
 
 def _draw_node(ax, node, centre: tuple[float, float] | None, Rectangle) -> None:
-    """Mark the node: a RoI node's box, or a layer node's ``centre`` (y, x) in the image."""
+    """Mark the node: a RoI node's box, or a layer node's ``centre`` (y, x) in the image. ``imshow`` puts
+    pixel centres at integers, so box coordinates (pixel ``j`` spans ``[j, j + 1)``) are drawn 0.5 lower."""
     if node.is_roi:
         x1, y1, x2, y2 = node.position
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
+        corner = (x1 - 0.5, y1 - 0.5)
+        ax.add_patch(Rectangle(corner, x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1.2))
     else:
         assert centre is not None  # given for every layer node
         y, x = centre

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._core import Node, analysis_mode, evaluate_node, make_node, prepare_image, resolve_node
+from ._core import (
+    Node,
+    analysis_mode,
+    evaluate_node,
+    gradients_enabled,
+    make_node,
+    prepare_image,
+    resolve_node,
+)
 
 __all__ = ["effective_receptive_field", "erf_spread", "node_gradient"]
 
@@ -13,10 +21,12 @@ _REDUCTIONS = ("abs_sum", "l2", "sum", "none")
 
 
 def node_gradient(model: nn.Module, image: Tensor, node: Node) -> Tensor:
-    """d(node scalar) / d(image): ``[C, H, W]``, signed, for a resolved :class:`~._core.Node`."""
-    x = prepare_image(image, model).clone().requires_grad_(True)
-    scalar = evaluate_node(model, x[None], node).scalar[0]
-    (grad,) = torch.autograd.grad(scalar, x, allow_unused=True)
+    """d(node scalar) / d(image): ``[C, H, W]``, signed, for a resolved :class:`~._core.Node` (also
+    inside ``torch.no_grad()`` / ``torch.inference_mode()``)."""
+    with gradients_enabled():
+        x = prepare_image(image, model).clone().requires_grad_(True)
+        scalar = evaluate_node(model, x[None], node).scalar[0]
+        (grad,) = torch.autograd.grad(scalar, x, allow_unused=True)
     return torch.zeros_like(x) if grad is None else grad
 
 
@@ -32,8 +42,9 @@ def effective_receptive_field(
     """The effective receptive field of a node: its gradient with respect to every image pixel.
 
     The model runs in evaluation mode (restored afterwards); a layer node's forward pass stops at its
-    layer. For a RoI node (``layer="roi"``) the gradient is that of the class score (see
-    :mod:`deformable.analysis`).
+    layer. The gradient is that of the node's scalar: the channel, or with ``channel=None`` the sum over
+    the channels; for a RoI node (``layer="roi"``) the class score (see :mod:`deformable.analysis`).
+    Gradients are taken even inside ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     Args:
         model: the network (an ordinary ``[B, C, H, W]`` network or a torchvision detector).
@@ -49,7 +60,7 @@ def effective_receptive_field(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     node = make_node(layer, position, channel)
-    with analysis_mode(model):
+    with analysis_mode(model), gradients_enabled():
         node = resolve_node(model, prepare_image(image, model), node)
         grad = node_gradient(model, image, node)
     if reduction == "abs_sum":

@@ -13,11 +13,13 @@ The search (our choice; the DCNv2 paper describes it only as "progressively mask
    when the bound still holds. Passes repeat until a whole pass removes nothing, so on return removing
    any single remaining block breaks the bound.
 
-The response of a layer node is its scalar value (one channel, or the sum over channels); that of a RoI
-node the 2fc output vector. The relative error is ``||r(masked) - r(image)||_2 / ||r(image)||_2`` (the
-absolute norm when the reference response is exactly 0). Masked pixels take the ``fill`` value: the
-image's per-channel mean by default (``"mean"``), or ``"zero"``, a number, or a tensor broadcastable to
-``[C, H, W]``.
+The response of a layer node is its feature vector at the position (all ``C`` channels with
+``channel=None``, so channels cannot cancel each other; one value for one channel); that of a RoI node the
+2fc output vector. The relative error is ``||r(masked) - r(image)||_2 / ||r(image)||_2`` (the absolute
+norm when the reference response is exactly 0). The ERF that ranks the blocks is the gradient of the
+node's scalar (the channel, the sum over channels, or a RoI node's class score). Masked pixels take the
+``fill`` value: the image's per-channel mean by default (``"mean"``), or ``"zero"``, a number, or a tensor
+broadcastable to ``[C, H, W]``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._core import Node, analysis_mode, evaluate_node, make_node, prepare_image, resolve_node
+from ._core import (
+    Node,
+    analysis_mode,
+    evaluate_node,
+    gradients_enabled,
+    make_node,
+    prepare_image,
+    resolve_node,
+)
 from .receptive_field import node_gradient
 
 __all__ = ["SaliencyResult", "fill_value", "saliency_region"]
@@ -157,7 +167,8 @@ def saliency_region(
 ) -> SaliencyResult:
     """The smallest region found whose keeping reproduces the node's response within ``error_bound``.
 
-    See the module docstring for the search, the response, the error and the fill.
+    See the module docstring for the search, the response, the error and the fill. Works inside
+    ``torch.no_grad()`` and ``torch.inference_mode()`` too (the ERF ranking needs gradients).
 
     Args:
         model, image, layer, position, channel: the node (see :mod:`deformable.analysis`).
@@ -178,7 +189,7 @@ def saliency_region(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     node = make_node(layer, position, channel)
-    with analysis_mode(model):
+    with analysis_mode(model), gradients_enabled():
         x = prepare_image(image, model)
         height, width = x.shape[-2:]
         if block_size is None:

@@ -14,19 +14,31 @@ on the output. One backward pass from the node gives, for every sample ``k`` of 
   dilations of everything below; :mod:`.geometry`);
 - its weight, by ``weighting``:
 
-  * ``"value"`` (default): ``|d node / d x(p)|``, the gradient of the node with respect to the sampled
-    value, summed in absolute value over the input channels of the offset group (the ERF's reduction)
-    and including the modulation ``m_k``: ``sum_c |m_k * sum_o' dN/dy[o', o] * w[o', c, k]|``;
+  * ``"location"`` (default): ``|d node / d p|_2``, the gradient of the node with respect to the sampling
+    location (the DCNv2 paper's definition), from the offset probe, per image pixel: the gradient in the
+    layer's input-map pixels divided, per axis, by the map's scale (image pixels per map pixel), so that
+    weights of layers at different strides compare;
+  * ``"value"``: ``|d node / d x(p)|``, the gradient of the node with respect to the sampled value, summed
+    in absolute value over the input channels of the offset group (the ERF's reduction) and including the
+    modulation ``m_k``: ``sum_c |m_k * sum_o' dN/dy[o', o] * w[o', c, k]|``;
   * ``"contribution"``: ``|d node / d g|`` for the unit gate ``g`` multiplying the sample, i.e. the
-    sample's first-order contribution (gradient x input) ``|m_k * sum dN/dy * w * x(p)|``;
-  * ``"location"``: ``|d node / d p|_2``, the gradient with respect to the sampling location (the DCNv2
-    paper's wording), from the offset probe.
+    sample's first-order contribution (gradient x input) ``|m_k * sum dN/dy * w * x(p)|``.
 
-Every sample under the node is returned, even with weight 0. The effective *bin* locations of a RoI node
-are the centres of the ``ph x pw`` bins of the detector's (deformable) RoI pooling, moved by their
-offsets, weighted the same way from the gradient with respect to the pooled bin (``"value"``:
-``sum_c |dN/dbin_c| * mask``; ``"contribution"``: ``|sum_c dN/dbin_c * bin_c|``; ``"location"``: gradient
-with respect to the bin's displacement in feature-map pixels, deformable pooling only).
+The node's scalar is the one differentiated: its channel, the sum over channels with ``channel=None``, or
+a RoI node's class score. Every sample under the node is returned, even with weight 0.
+
+The effective *bin* locations of a RoI node are the centres of the ``ph x pw`` bins of the detector's RoI
+pooling (deformable, or torchvision's ``MultiScaleRoIAlign``), moved by their offsets, on the RoI's FPN
+level (with one offset branch per level, ``share_offset_branch=False``, the branch of that level), in
+pixel-centre image coordinates (box coordinates minus 0.5). They are weighted from the gradient with
+respect to the bin's displacement (``"location"``, per image pixel; for RoIAlign the pooling is run
+through deformable RoI pooling with zero offsets, which computes exactly RoIAlign, to get it, and a
+deformable pooling with ``gamma=0`` is run at ``gamma=1`` with zero offsets, the same bins) or with
+respect to the pooled bin (``"value"``: ``sum_c |dN/dbin_c| * mask``; ``"contribution"``:
+``|sum_c dN/dbin_c * bin_c|``).
+
+Gradients are taken whatever the caller's autograd mode (also inside ``torch.no_grad()`` and
+``torch.inference_mode()``).
 
 Limits: sampling layers must run as ``forward(input)`` (DCNv1/DCNv2, ``nn.Conv2d`` with zero padding) or
 ``forward(input, offset, mask=None)`` (``DeformConv2d``); their image coordinates come from
@@ -38,22 +50,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from ..models.backbones import check_module
 from ..nn import DCNv1, DCNv2, DeformConv2d, MultiScaleDeformRoIPool
-from ..ops import deform_conv2d
+from ..ops import deform_conv2d, deform_roi_pool
 from ._core import (
     Node,
     RoIForward,
     _check_detector,
     analysis_mode,
     evaluate_node,
+    gradients_enabled,
     is_detector,
     make_node,
     prepare_image,
@@ -311,6 +325,17 @@ def _value_weights(call: _Call, grad_out: Tensor, support: Tensor) -> Tensor:
     return value
 
 
+def _location_weights(call: _Call, grad_shift: Tensor | None, flat: Tensor, geometry: MapGeometry) -> Tensor:
+    """``|d node / d p|_2`` per (offset group, tap, supported position) ``[G, K, S]``, per image pixel: the
+    offset gradient (input-map pixels, (y, x) per tap) divided per axis by the input map's scale."""
+    g = torch.zeros_like(call.shift) if grad_shift is None else grad_shift
+    kh, kw = call.module.kernel_size
+    taps = kh * kw
+    per_axis = g[0].reshape(-1, taps, 2, g.shape[-2] * g.shape[-1])[:, :, :, flat]  # [G, K, 2, S]
+    scale = torch.tensor([geometry.y.scale, geometry.x.scale], dtype=per_axis.dtype, device=per_axis.device)
+    return (per_axis / scale[:, None]).norm(dim=2)
+
+
 def _layer_samples(call: _Call, grads, weighting: str, geometry: MapGeometry) -> LayerSamples | None:
     grad_shift, grad_gate, grad_out = grads
     offset = call.offset[0]
@@ -329,8 +354,7 @@ def _layer_samples(call: _Call, grads, weighting: str, geometry: MapGeometry) ->
         g = torch.zeros_like(call.gate) if grad_gate is None else grad_gate
         weights = g[0].reshape(groups, taps, -1)[:, :, flat].abs()
     else:
-        g = torch.zeros_like(call.shift) if grad_shift is None else grad_shift
-        weights = g[0].reshape(groups, taps, 2, -1)[:, :, :, flat].norm(dim=2)
+        weights = _location_weights(call, grad_shift, flat, geometry)
     oy, ox = torch.nonzero(support, as_tuple=True)  # [S]
     stride, dilation, padding = _pair(call.module.stride), _pair(call.module.dilation), call.padding
     i = torch.arange(kh, device=device).repeat_interleave(kw)  # [K]
@@ -380,99 +404,181 @@ def _conv_samples(model, x, node, names, weighting, roi=None, extra_leaves=None)
 # RoI bins
 
 
+@dataclass
+class _BranchCall:
+    """One call of a RoI pooling's offset branch (for RoIAlign: of the zero-offset probe pooling).
+
+    ``offset`` ``[K_l, 2, ph, pw]`` normalised offsets (x, y) of the RoIs it pooled (detached), ``mask``
+    ``[K_l, 1, ph, pw]`` or None, ``shift`` the additive zero probe on the offsets (a leaf), ``gamma`` and
+    ``aligned`` the pooling's offset scale and convention (a bin moves by ``gamma * offset * roi size``).
+    """
+
+    offset: Tensor
+    mask: Tensor | None
+    shift: Tensor
+    gamma: float
+    aligned: bool
+
+
+@dataclass
+class _BinCapture:
+    """What a RoI forward pass leaves for the bins: the pooled features ``[K, C, ph, pw]`` and their additive
+    zero probe, and every offset-branch call by branch index (one per FPN level when the levels have
+    their own branch, else index 0)."""
+
+    pooled: Tensor | None = None
+    out_probe: Tensor | None = None
+    branches: dict[int, _BranchCall] = field(default_factory=dict)
+
+    def pooled_hook(self, pooled: Tensor) -> Tensor:
+        probe = torch.zeros_like(pooled).requires_grad_(True)
+        self.pooled, self.out_probe = pooled, probe
+        return pooled + probe
+
+    def leaves(self) -> list[Tensor]:
+        """The probes to differentiate: ``out_probe``, then the branches' shifts by branch index."""
+        if self.out_probe is None:
+            raise RuntimeError("the RoI pooling did not run in the forward pass")
+        return [self.out_probe] + [self.branches[i].shift for i in sorted(self.branches)]
+
+
+def _probed_predict(
+    branch, index: int, capture: _BinCapture, pooling, zero_offsets: bool
+) -> Callable[[Tensor], tuple]:
+    """``branch.predict`` with an additive zero probe on its offsets, recorded as branch ``index``;
+    ``pooling`` is the module whose ``gamma`` and ``aligned`` the pooling uses. ``zero_offsets`` replaces
+    the offsets by zeros (for a pooling run at gamma 1 in place of 0, where they have no effect)."""
+    original = branch.predict
+
+    def predict(plain: Tensor):
+        offset, mask = original(plain)
+        if zero_offsets:
+            offset = torch.zeros_like(offset)
+        shift = torch.zeros_like(offset).requires_grad_(True)
+        detached_mask = None if mask is None else mask.detach()
+        capture.branches[index] = _BranchCall(
+            offset.detach(), detached_mask, shift, float(pooling.gamma), pooling.aligned
+        )
+        return offset + shift, mask
+
+    return predict
+
+
+def _probed_align(pooler: MultiScaleRoIAlign, capture: _BinCapture) -> Callable[..., Tensor]:
+    """A forward for torchvision's ``MultiScaleRoIAlign`` that pools every RoI on its level through
+    deformable RoI pooling with zero offsets (exactly RoIAlign: same bins, samples and bilinear rule) and
+    ``gamma=1``, so that the offsets are a probe on the bins' locations (branch 0 of ``capture``)."""
+    output_size = tuple(_pair(pooler.output_size))
+
+    def forward(x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        features = [v for k, v in x.items() if k in pooler.featmap_names]  # torchvision's order
+        if pooler.scales is None or pooler.map_levels is None:
+            pooler.scales, pooler.map_levels = _setup_scales(
+                features, image_shapes, pooler.canonical_scale, pooler.canonical_level
+            )
+        rois = _convert_to_roi_format(boxes)
+        first = features[0]
+        if len(features) > 1:
+            levels = pooler.map_levels(boxes)
+        else:
+            levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+        shift = first.new_zeros((rois.shape[0], 2, *output_size)).requires_grad_(True)
+        result = first.new_zeros((rois.shape[0], first.shape[1], *output_size))
+        for level, (feature, scale) in enumerate(zip(features, pooler.scales, strict=True)):
+            index = torch.where(levels == level)[0]
+            if index.numel():
+                result[index] = deform_roi_pool(
+                    feature, rois[index], shift[index], None, output_size, scale, pooler.sampling_ratio, 1.0
+                )
+        capture.branches[0] = _BranchCall(shift.detach().clone(), None, shift, 1.0, False)
+        return result
+
+    return forward
+
+
 def _roi_bins(model: nn.Module, x: Tensor, node: Node, weighting: str, names) -> list[LayerSamples]:
+    """The samples of the ``names`` layers under the RoI node and, last, its bins (one forward and one
+    backward pass, with probes on the pooled bins and on the offsets of every offset branch)."""
     pooler = _check_detector(model).roi_heads.box_roi_pool
     if not isinstance(pooler, MultiScaleDeformRoIPool | MultiScaleRoIAlign):
         raise ValueError(
             "RoI bins need roi_heads.box_roi_pool to be a MultiScaleDeformRoIPool or MultiScaleRoIAlign, got "
             f"{type(pooler).__name__}"
         )
-    deformable = isinstance(pooler, MultiScaleDeformRoIPool)
-    if weighting == "location" and not deformable:
-        raise ValueError("weighting='location' needs deformable RoI pooling (the model uses RoIAlign)")
     roi = RoIForward(model, node.position)
-    captured: dict = {}
-
-    def pooled_hook(pooled):
-        probe = torch.zeros_like(pooled).requires_grad_(True)
-        captured["pooled"], captured["out_probe"] = pooled, probe
-        return pooled + probe
-
-    roi.pooled_hook = pooled_hook
-
-    def extra_leaves():
-        return [captured["out_probe"]] + ([captured["shift"]] if "shift" in captured else [])
-
+    capture = _BinCapture()
+    roi.pooled_hook = capture.pooled_hook
     with contextlib.ExitStack() as stack:
-        for branch in pooler.pools if deformable else []:
+        if isinstance(pooler, MultiScaleDeformRoIPool):
+            pooling = pooler._branch(0)  # its settings pool every level
+            ignored = pooling.gamma == 0  # offsets without effect: probe the bins at gamma 1, offsets 0
+            if ignored:
+                stack.enter_context(_replaced(pooling, "gamma", 1.0))
+            for index, branch in enumerate(pooler.pools):
+                probed = _probed_predict(branch, index, capture, pooling, ignored)
+                stack.enter_context(_replaced(branch, "predict", probed))
+        else:
+            stack.enter_context(_replaced(pooler, "forward", _probed_align(pooler, capture)))
+        conv, extra = _conv_samples(model, x, node, names, weighting, roi, capture.leaves)
+    grad_shifts = dict(zip(sorted(capture.branches), extra[1:], strict=True))
+    bins = _bins_from_capture(pooler, roi, capture, extra[0], grad_shifts, weighting, x.shape[-2:])
+    return [*conv, bins]
 
-            def predict(plain, _original=branch.predict):
-                offset, mask = _original(plain)
-                shift = torch.zeros_like(offset).requires_grad_(True)
-                captured["offset"], captured["mask"], captured["shift"] = offset, mask, shift
-                return offset + shift, mask
 
-            stack.enter_context(_replaced(branch, "predict", predict))
-        conv, extra = _conv_samples(model, x, node, names, weighting, roi, extra_leaves)
-    captured["grad_out"] = extra[0]
-    captured["grad_shift"] = extra[1] if len(extra) > 1 else None
-    return [*conv, _bins_from_capture(pooler, roi, captured, weighting, deformable, x.shape[-2:])]
-
-
-def _bins_from_capture(pooler, roi, captured, weighting, deformable, image_size) -> LayerSamples:
-    ph, pw = _pair(pooler.output_size)
-    box = roi.last_boxes[0][0].detach().double()  # transformed-image coordinates
-    image_h, image_w = roi.last_image_sizes[0]
+def _roi_level(pooler, roi: RoIForward) -> tuple[int, int]:
+    """``(level, branch index)`` of the analysed RoI (the first box of the last forward pass): its FPN
+    level, and the offset branch that predicted its offsets (that level's with per-level branches)."""
+    assert pooler.scales is not None and roi.last_boxes is not None
     level = 0 if len(pooler.scales) == 1 else int(pooler.map_levels(roi.last_boxes)[0])
+    per_level = isinstance(pooler, MultiScaleDeformRoIPool) and not pooler.share_offset_branch
+    return level, level if per_level else 0
+
+
+def _bins_from_capture(
+    pooler, roi: RoIForward, capture: _BinCapture, grad_out, grad_shifts, weighting: str, image_size
+) -> LayerSamples:
+    """The :class:`LayerSamples` of the RoI's bins from the probes of one forward/backward pass."""
+    ph, pw = _pair(pooler.output_size)
+    level, branch_index = _roi_level(pooler, roi)
+    call = capture.branches.get(branch_index)
+    if call is None or call.offset.shape[0] == 0:
+        raise RuntimeError(f"the offset branch {branch_index} of the RoI pooling did not see the RoI")
+    assert roi.last_boxes is not None and roi.last_image_sizes is not None and capture.pooled is not None
+    box = roi.last_boxes[0][0].detach().double()  # transformed-image coordinates (box convention)
     scale = float(pooler.scales[level])
-    if deformable:
-        branch = pooler.pools[0]
-        gamma, aligned = branch.gamma, branch.aligned
-    else:
-        gamma, aligned = 0.0, False
-    half = 0.5 if aligned else 0.0
+    half = 0.5 if call.aligned else 0.0
     start_x, start_y = float(box[0]) * scale - half, float(box[1]) * scale - half
     roi_w, roi_h = float(box[2]) * scale - half - start_x, float(box[3]) * scale - half - start_y
-    if not aligned:
+    if not call.aligned:
         roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-    pooled = captured["pooled"][0].detach()  # [C, ph, pw]
+    pooled = capture.pooled[0].detach()  # [C, ph, pw]
     dtype, device = pooled.dtype, pooled.device
-    offset = captured.get("offset")
-    offset = torch.zeros((2, ph, pw), dtype=dtype, device=device) if offset is None else offset[0].detach()
-    mask = captured.get("mask")
-    mask = None if mask is None else mask[0, 0].detach()
+    offset = call.offset[0].to(dtype)  # [2, ph, pw] (x, y)
     i = torch.arange(ph, dtype=dtype, device=device)[:, None]
     j = torch.arange(pw, dtype=dtype, device=device)[None, :]
-    fy = start_y + gamma * roi_h * offset[1] + (i + 0.5) * roi_h / ph
-    fx = start_x + gamma * roi_w * offset[0] + (j + 0.5) * roi_w / pw
+    fy = start_y + call.gamma * roi_h * offset[1] + (i + 0.5) * roi_h / ph
+    fx = start_x + call.gamma * roi_w * offset[0] + (j + 0.5) * roi_w / pw
     feature_points = torch.stack((fy, fx), -1).reshape(-1, 2)
-    height, width = image_size
-    ry, rx = image_h / height, image_w / width
-    # feature f -> transformed image (f + half) / scale -> original image (box convention) / r
-    level_geometry = MapGeometry(
-        AxisMap(1 / (scale * ry), half / (scale * ry)), AxisMap(1 / (scale * rx), half / (scale * rx))
-    )
-    points = level_geometry.to_image(feature_points)
-    grad_out = captured["grad_out"]
+    geometry = _level_geometry(scale, half, roi.last_image_sizes[0], image_size)
     grad_out = torch.zeros_like(pooled) if grad_out is None else grad_out[0].detach()
     if weighting == "value":
         weights = grad_out.abs().sum(0)
-        if mask is not None:
-            weights = weights * mask
+        if call.mask is not None:
+            weights = weights * call.mask[0, 0].to(dtype)
     elif weighting == "contribution":
         weights = (grad_out * pooled).sum(0).abs()
     else:
-        g = captured["grad_shift"]
+        g = grad_shifts.get(branch_index)
         g = torch.zeros((2, ph, pw), dtype=dtype, device=device) if g is None else g[0].detach()
-        if gamma == 0:
-            raise ValueError("weighting='location' needs gamma != 0 in the deformable RoI pooling")
-        weights = torch.stack((g[0] / (gamma * roi_w), g[1] / (gamma * roi_h))).norm(dim=0)
+        per_image_x = g[0] / (call.gamma * roi_w) / geometry.x.scale  # d node / d (bin x, image px)
+        per_image_y = g[1] / (call.gamma * roi_h) / geometry.y.scale
+        weights = torch.stack((per_image_y, per_image_x)).norm(dim=0)
     rows, cols = torch.arange(ph, device=device), torch.arange(pw, device=device)
     bins = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
     zeros = torch.zeros(ph * pw, dtype=torch.long, device=device)
     return LayerSamples(
         "roi_heads.box_roi_pool",
-        points,
+        geometry.to_image(feature_points),
         weights.reshape(-1),
         feature_points,
         bins,
@@ -481,7 +587,20 @@ def _bins_from_capture(pooler, roi, captured, weighting, deformable, image_size)
         (ph, pw),
         (1, 1),
         (1, 1),
-        level_geometry,
+        geometry,
+    )
+
+
+def _level_geometry(scale: float, half: float, transformed_size, image_size) -> MapGeometry:
+    """Geometry of a pooled feature level as RoI pooling sees it: feature coordinate ``f`` is the
+    transformed-image box coordinate ``(f + half) / scale``, i.e. the original-image box coordinate
+    ``(f + half) / (scale * r)`` (``r`` the transform's resize ratio), i.e. the pixel-centre image
+    coordinate 0.5 less."""
+    (image_h, image_w), (height, width) = transformed_size, image_size
+    ry, rx = image_h / height, image_w / width
+    return MapGeometry(
+        AxisMap(1 / (scale * ry), half / (scale * ry) - 0.5),
+        AxisMap(1 / (scale * rx), half / (scale * rx) - 0.5),
     )
 
 
@@ -497,7 +616,7 @@ def sampling_locations_by_layer(
     channel: int | None = None,
     *,
     layers: str | Sequence[str] | None = None,
-    weighting: str = "value",
+    weighting: str = "location",
 ) -> list[LayerSamples]:
     """The samples under a node, layer by layer (see the module docstring).
 
@@ -505,7 +624,7 @@ def sampling_locations_by_layer(
         model, image, layer, position, channel: as :func:`effective_sampling_locations`.
         layers: which sampling layers (see :func:`sampling_layers`); for RoI nodes None means the bins
             only, anything else adds those layers' samples to the bins.
-        weighting: ``"value"``, ``"contribution"`` or ``"location"``.
+        weighting: ``"location"`` (default), ``"value"`` or ``"contribution"`` (module docstring).
 
     Returns:
         One :class:`LayerSamples` per layer call with at least one sample under the node, bottom-up
@@ -514,7 +633,7 @@ def sampling_locations_by_layer(
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     node = make_node(layer, position, channel)
-    with analysis_mode(model):
+    with analysis_mode(model), gradients_enabled():
         x = prepare_image(image, model)
         node = resolve_node(model, x, node)
         if node.is_roi:
@@ -531,7 +650,7 @@ def effective_sampling_locations(
     channel: int | None = None,
     *,
     layers: str | Sequence[str] | None = None,
-    weighting: str = "value",
+    weighting: str = "location",
     max_points: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The effective sampling locations of a node: every sample of the sampling layers under it (the
@@ -543,7 +662,8 @@ def effective_sampling_locations(
         layer, position, channel: the node (see :mod:`deformable.analysis`).
         layers: sampling layers (see :func:`sampling_layers`; default: the deformable ones, or the
             regular k>1 convolutions of a network without any).
-        weighting: ``"value"`` (default), ``"contribution"`` or ``"location"`` (module docstring).
+        weighting: ``"location"`` (default: ``|d node / d p|`` per image pixel), ``"value"`` or
+            ``"contribution"`` (module docstring).
         max_points: keep only the ``max_points`` largest weights (None: all).
 
     Returns:
@@ -622,7 +742,7 @@ def effective_dilation(
     """
     names = sampling_layers(model, layers)
     result: dict[str, DilationMap] = {}
-    with analysis_mode(model), torch.no_grad():
+    with analysis_mode(model), gradients_enabled(), torch.no_grad():
         x = prepare_image(image, model)
         geometries = trace_geometry(model, spatial_size(x))
         with _probes(model, names) as calls:

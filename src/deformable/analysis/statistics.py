@@ -7,6 +7,8 @@ records each node's ERF spread (radius of gyration, :func:`~.receptive_field.erf
 its error-bounded saliency area. It also measures DCNv1's effective dilation of every deformable layer at
 every output position, assigned to the category of the smallest box containing the position's centre
 (background if none). Categories follow COCO: small (area < 32^2), medium (< 96^2), large, background.
+Boxes ``(x1, y1, x2, y2)`` follow torchvision's convention (pixel ``j`` spans ``[j, j + 1)``); they are
+compared with positions' image centres in pixel-centre coordinates (box coordinate minus 0.5).
 """
 
 from __future__ import annotations
@@ -154,10 +156,11 @@ def _sample(index: int, sample) -> tuple[Tensor, Tensor, list]:
 
 
 def _categorise(points: Tensor, boxes: Tensor) -> list[str]:
-    """Category of each image point ``[P, 2]`` (y, x): the smallest box containing it, else background."""
+    """Category of each image point ``[P, 2]`` (y, x), pixel-centre coordinates: the smallest box
+    ``(x1, y1, x2, y2)`` (box convention: pixel ``j`` spans ``[j, j + 1)``) containing it, else background."""
     if boxes.numel() == 0:
         return ["background"] * points.shape[0]
-    y, x = points[:, 0:1].double(), points[:, 1:2].double()
+    y, x = points[:, 0:1].double() + 0.5, points[:, 1:2].double() + 0.5  # in box coordinates
     inside = (x >= boxes[:, 0]) & (x <= boxes[:, 2]) & (y >= boxes[:, 1]) & (y <= boxes[:, 3])  # [P, M]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     masked = torch.where(inside, areas[None], torch.full_like(inside, math.inf, dtype=areas.dtype))
@@ -229,14 +232,15 @@ def support_statistics(
                 nodes.append((size_category(area), ROI, tuple(box), None if label is None else int(label)))
             side = min(height, width) / 4
             for y, x0 in _background_points(model, x, None, boxes, backgrounds_per_image, generator):
-                box = (x0 - side / 2, y - side / 2, x0 + side / 2, y + side / 2)
+                cy, cx = y + 0.5, x0 + 0.5  # the pixel's centre in box coordinates
+                box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
                 nodes.append(("background", ROI, box, None))
         else:
             geometry = layer_geometry(model, x, layer)
             with torch.no_grad(), analysis_mode(model):
                 map_h, map_w = layer_output(model, x[None], layer).shape[-2:]
             for box in boxes.tolist():
-                cy, cx = (box[1] + box[3]) / 2, (box[0] + box[2]) / 2
+                cy, cx = (box[1] + box[3]) / 2 - 0.5, (box[0] + box[2]) / 2 - 0.5  # pixel-centre coordinates
                 py = min(max(round(geometry.y.from_image(cy)), 0), map_h - 1)
                 px = min(max(round(geometry.x.from_image(cx)), 0), map_w - 1)
                 area = (box[2] - box[0]) * (box[3] - box[1])
@@ -302,8 +306,11 @@ def _background_points(model, x: Tensor, layer: str | None, boxes: Tensor, count
             (geometry.y.to_image(candidates[:, 0].double()), geometry.x.to_image(candidates[:, 1].double())),
             -1,
         )
-        inside_image = (
-            (centres[:, 0] >= 0) & (centres[:, 0] < height) & (centres[:, 1] >= 0) & (centres[:, 1] < width)
+        inside_image = (  # pixel-centre coordinates: the image spans [-0.5, size - 0.5)
+            (centres[:, 0] >= -0.5)
+            & (centres[:, 0] < height - 0.5)
+            & (centres[:, 1] >= -0.5)
+            & (centres[:, 1] < width - 0.5)
         )
         candidates, centres = candidates[inside_image], centres[inside_image]
     categories = _categorise(centres, boxes)
