@@ -115,6 +115,11 @@ def test_exponent_notation_is_a_number(override, key, value):
             r"\(pretrain_iterations 10\), got 'resnext50_32x4d'",
         ),
         ({"box_detections_per_img": 0}, "'box_detections_per_img' must be positive"),
+        (
+            {"roi_pool_hidden": []},
+            r"'roi_pool_hidden' must be null or a list .*\(empty only for roi_pool 'dpool'",
+        ),
+        ({"roi_pool_hidden": [256, 0]}, "'roi_pool_hidden' must be null or a list of positive integers"),
     ],
 )
 def test_bad_configs_name_the_key(values, words):
@@ -208,3 +213,5 @@ def test_settings_that_need_no_check_are_accepted():
     assert config_from_dict({"model": "fasterrcnn_resnet50_c4_dcn", "anchor_sizes": [32, 64]}).anchor_sizes
     for values in ({"weights_backbone": "w.pth"}, {"pretrain_iterations": 0}):
         config_from_dict({"backbone": "resnext50_32x4d", "pretrain_iterations": 10, **values})
+    # DCNv1's pooling with no hidden layer: the paper's single fc
+    assert config_from_dict({"roi_pool": "dpool", "roi_pool_hidden": []}).roi_pool_hidden == []

@@ -139,11 +139,16 @@ def test_param_groups_multipliers_and_decay():
     model = resnet18_dcn(dcn="v2", dcn_stages=(5,))
     model.layer2[0].conv2 = DCNv1.from_conv2d(model.layer2[0].conv2)
     groups = {g["name"]: g for g in param_groups(model, lr=0.02, weight_decay=1e-4)}
-    offsets_v2 = {id(p) for p in model.layer4[0].conv2.conv_offset.parameters()}
-    offsets_v1 = {id(p) for p in model.layer2[0].conv2.conv_offset.parameters()}
-    assert {id(p) for p in groups["offsets x0.1"]["params"]} >= offsets_v2
+    v2, v1 = model.layer4[0].conv2.conv_offset, model.layer2[0].conv2.conv_offset
+    assert id(v2.weight) in {id(p) for p in groups["offsets x0.1"]["params"]}
     assert groups["offsets x0.1"]["lr"] == pytest.approx(0.002)
-    assert {id(p) for p in groups["offsets x1"]["params"]} == offsets_v1
+    assert groups["offsets x0.1"]["weight_decay"] == 1e-4
+    assert [id(p) for p in groups["offsets x1"]["params"]] == [id(v1.weight)]
+    # the offset branches' biases: their multiplier, and no weight decay, as every bias
+    assert id(v2.bias) in {id(p) for p in groups["offset biases x0.1"]["params"]}
+    assert groups["offset biases x0.1"]["lr"] == pytest.approx(0.002)
+    assert [id(p) for p in groups["offset biases x1"]["params"]] == [id(v1.bias)]
+    assert groups["offset biases x1"]["weight_decay"] == 0.0
     assert groups["norm"]["weight_decay"] == 0.0 and groups["bias"]["weight_decay"] == 0.0
     assert groups["weights"]["weight_decay"] == 1e-4
     every = [id(p) for g in groups.values() for p in g["params"]]
@@ -188,3 +193,28 @@ def test_feature_mimicking_wants_mimic_options():
 
     with pytest.raises(TypeError, match="options must be a MimicOptions"):
         FeatureMimicking(8, 3, {"rois_per_image": 2})  # was accepted, failing only in training
+
+
+def test_weights_of_another_shape_are_a_value_error(tmp_path):
+    """Weights that do not fit (another class count, another depth) are a ValueError naming the fit,
+    not load_state_dict's RuntimeError."""
+    import torchvision
+
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(ValueError, match=r"weights do not fit resnet18 with num_classes=10: .*fc\.weight"):
+        resnet18_dcn(weights=str(path), num_classes=10)
+    deeper = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), deeper)
+    with pytest.raises(ValueError, match="weights do not fit resnet18"):
+        resnet18_dcn(weights=str(deeper))
+
+
+def test_layer_options_reach_every_dcn_layer():
+    """``layer_options`` are the DCN layers' own arguments (mask_scale used to be a TypeError from
+    torchvision's ResNet)."""
+    model = resnet18_dcn(layer_options={"mask_scale": 2.0})
+    scales = {m.mask_scale for m in model.modules() if isinstance(m, DCNv2)}
+    assert scales == {2.0}
+    with pytest.raises(TypeError, match="layer_options must be a dict"):
+        resnet18_dcn(layer_options=[("mask_scale", 2.0)])

@@ -214,3 +214,33 @@ def test_load_checkpoint_rejects_non_string_keys_and_sources():
         load_checkpoint(model, {1: torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="source must be one of"):
         load_checkpoint(model, model.state_dict(), source=["mmdet"])
+
+
+def test_detectron2_stride_layout():
+    """detectron2's MSRA layout strides in the 1x1 conv: load_checkpoint warns while the model strides
+    in the 3x3 conv, and move_stride_to_1x1 moves it (with the DCN offset branch) in place."""
+    import warnings
+
+    from deformable.models import move_stride_to_1x1, resnet50_dcn
+
+    model = resnet50_dcn(dcn="v2")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
+    stem = {"backbone.bottom_up.stem.conv1.weight": model.conv1.weight.detach().clone()}
+    with pytest.warns(UserWarning, match="STRIDE_IN_1X1"):
+        load_checkpoint(model, stem, source="detectron2")
+    assert move_stride_to_1x1(model) is model
+    for layer in (model.layer2, model.layer3, model.layer4):
+        block = layer[0]
+        assert tuple(block.conv1.stride) == (2, 2) and tuple(block.conv2.stride) == (1, 1)
+        assert tuple(block.conv2.conv_offset.stride) == (1, 1)
+        assert tuple(layer[1].conv1.stride) == (1, 1)
+    with torch.no_grad():
+        after = model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))
+    assert after.shape == before.shape and not torch.allclose(after, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(model, stem, source="detectron2")
+    with pytest.raises(ValueError, match="bottleneck blocks only"):
+        move_stride_to_1x1(resnet18_dcn())

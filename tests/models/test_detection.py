@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -160,6 +161,18 @@ def test_mimicking_selection(select):
     assert model.mimic.classifier.weight.grad is not None
 
 
+def test_mimicking_keeps_nothing_of_a_training_step():
+    """After a step the mimicking head holds no tensor of the step's graph: the model deep-copies (EMA,
+    SWA, a copy for evaluation) and the step's activations are freed."""
+    model = build("faster", "fpn", mimic=True)
+    images, targets = batch(False)
+    model.train()
+    sum(model(images, targets).values()).backward()
+    assert not model.mimic._recorded
+    copied = copy.deepcopy(model)
+    assert torch.equal(copied.mimic.classifier.weight, model.mimic.classifier.weight)
+
+
 def test_placement_of_deformable_parts():
     model = build("mask", "fpn", dcn="v2", roi_pool="mdpool")
     assert count_dcn_layers(model.backbone.body) == 12  # resnet18: 2 blocks x two 3x3 convs x conv3-5
@@ -283,7 +296,13 @@ _TARGET = {"boxes": _BOX, "labels": torch.tensor([1])}
         (
             [{**_TARGET, "labels": torch.tensor([3])}],
             ValueError,
-            r"\['labels'\] must be class indices in \[0, 2\]",
+            r"\['labels'\] must be foreground class indices in \[1, 2\]",
+        ),
+        # 0 is the background: the RPN would learn the box as an object, the box head against it
+        (
+            [{**_TARGET, "labels": torch.tensor([0])}],
+            ValueError,
+            r"\['labels'\] must be foreground class indices in \[1, 2\] \(0 is the background\)",
         ),
     ],
 )
@@ -358,7 +377,7 @@ def test_upfront_checks_accept_what_torchvision_accepts(training_detectors):
 
     images = torch.rand(2, 3, 64, 64)
     targets = (
-        {"boxes": torch.tensor([[1, 2, 30, 40]]), "labels": torch.tensor([0])},
+        {"boxes": torch.tensor([[1, 2, 30, 40]]), "labels": torch.tensor([1])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
     )
     _check_images(images)
@@ -368,3 +387,22 @@ def test_upfront_checks_accept_what_torchvision_accepts(training_detectors):
 def test_count_parameters_wants_a_module():
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         count_parameters("model")  # was an AttributeError
+
+
+@pytest.mark.parametrize(
+    ("dcn", "layers", "pool"),
+    [("v2", 13, "ModulatedDeformRoIPool"), ("v1", 3, "DeformRoIPool"), (None, 0, "MultiScaleRoIAlign")],
+)
+def test_builder_defaults_follow_the_papers_rows(dcn, layers, pool):
+    """Left out, dcn_stages and roi_pool follow dcn: DCNv2 conv3-5 + mdpool, DCNv1 conv5 + dpool, a
+    regular network + RoIAlign (the three rows of the paper's ablation)."""
+    from deformable.nn import DCNv1, DCNv2
+
+    model = fasterrcnn_resnet50_fpn_dcn(num_classes=3, dcn=dcn, backbone="resnet50", min_size=64, max_size=64)
+    dcn_layers = [m for m in model.backbone.body.modules() if isinstance(m, DCNv1 | DCNv2)]
+    assert len(dcn_layers) == layers
+    box_pool = model.roi_heads.box_roi_pool
+    names = {type(m).__name__ for m in box_pool.modules()}
+    assert pool in names
+    if dcn == "v2":
+        assert "DeformRoIPool" not in names

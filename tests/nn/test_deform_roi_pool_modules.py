@@ -51,7 +51,8 @@ def test_modulated_starts_as_half_roi_align(branch):
     offset, mask = module.predict(module.pool(x, rois))
     assert torch.equal(offset, torch.zeros(9, 2, 7, 5))
     assert torch.equal(mask, torch.full((9, 1, 7, 5), 0.5))
-    torch.testing.assert_close(module(x, rois), 0.5 * roi_align(x, rois, (7, 5), 0.5, 0, False))
+    aligned = branch == "mmcv"  # mmcv's op samples half a pixel shifted
+    torch.testing.assert_close(module(x, rois), 0.5 * roi_align(x, rois, (7, 5), 0.5, 0, aligned))
 
 
 def test_mmcv_branch_state_dict_names():
@@ -69,6 +70,9 @@ def test_mmcv_branch_state_dict_names():
         "mask_fc.2.weight": (49, 1024),
         "mask_fc.2.bias": (49,),
     }
+    # DCNv1's default is the paper's single fc: pooled features -> 2K normalised offsets.
+    single = DeformRoIPool(7, in_channels=16)
+    assert [tuple(p.shape) for p in single.offset_fc.parameters()] == [(98, 16 * 49), (98,)]
     # DCNv1 with two hidden layers has the names of mmcv's DeformRoIPoolPack.
     v1 = DeformRoIPool(7, in_channels=16, hidden_channels=(64, 64))
     assert list(v1.state_dict()) == [f"offset_fc.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
@@ -349,3 +353,18 @@ def test_bad_multiscale_forward_arguments():
     for name, value in (("offset", torch.zeros(5, 2, 2, 2)), ("mask", torch.zeros(1, 1, 2, 2))):
         with pytest.raises(ValueError, match=rf"{name} must have shape \[2, \d, 2, 2\]"):
             module.pool(x, boxes, shapes, **{name: value})
+
+
+def test_mmcv_branch_samples_as_mmcv():
+    """mmcv's op samples half a pixel shifted (aligned) on an adaptive grid: the mmcv layout does too by
+    default, so mmdetection checkpoints pool as they were trained; explicit settings win."""
+    from deformable.models import roi_pooler
+
+    assert ModulatedDeformRoIPool(3, in_channels=4, hidden_channels=(8,), branch="mmcv").aligned is True
+    assert ModulatedDeformRoIPool(3, in_channels=4, hidden_channels=(8,)).aligned is False
+    explicit = ModulatedDeformRoIPool(3, in_channels=4, hidden_channels=(8,), branch="mmcv", aligned=False)
+    assert explicit.aligned is False
+    mmcv = roi_pooler("mdpool", ["p2"], 7, 4, branch="mmcv", hidden_channels=(8,))
+    paper = roi_pooler("mdpool", ["p2"], 7, 4, hidden_channels=(8,))
+    assert (mmcv.pools[0].sampling_ratio, mmcv.pools[0].aligned) == (0, True)
+    assert (paper.pools[0].sampling_ratio, paper.pools[0].aligned) == (2, False)

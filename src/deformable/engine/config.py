@@ -117,8 +117,14 @@ class TrainConfig:
         )  # fmt: skip
         _check_run(self, choices, positive)
         _check_each(
-            self, ("anchor_sizes", "roi_pool_hidden"), lambda v: v is None or (v and all(x > 0 for x in v)),
+            self, ("anchor_sizes",), lambda v: v is None or (v and all(x > 0 for x in v)),
             "null or a non-empty list of positive integers",
+        )  # fmt: skip
+        # An empty list is DCNv1's single fc (no hidden layer); modulated pooling needs one at least.
+        _check_each(
+            self, ("roi_pool_hidden",),
+            lambda v: v is None or ((v or self.roi_pool == "dpool") and all(x > 0 for x in v)),
+            "null or a list of positive integers (empty only for roi_pool 'dpool': its single fc)",
         )  # fmt: skip
         if self.anchor_sizes is not None and self.model.endswith("_fpn_dcn") and len(self.anchor_sizes) != 5:
             raise ValueError(

@@ -188,7 +188,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         kwargs["box_head"] = TwoMLPHead(channels * 7 * 7, cfg.representation_size)
         kwargs["box_predictor"] = FastRCNNPredictor(cfg.representation_size, num_classes)
         kwargs["num_classes"] = None  # torchvision takes the classes from the given predictor
-    if cfg.roi_pool != "align" and cfg.roi_pool_hidden:
+    if cfg.roi_pool != "align" and cfg.roi_pool_hidden is not None:
         kwargs["roi_pool_options"] = {"hidden_channels": tuple(cfg.roi_pool_hidden)}
     if cfg.mimic:
         kwargs["mimic_options"] = dict(

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import ResNet
+from torchvision.models.resnet import Bottleneck
 
 from ..nn import DCNv1, DCNv2
 from ..nn.deform_conv import _positive_int
@@ -139,6 +140,18 @@ def _load_torchvision_weights(arch: str, model: ResNet, weights, progress: bool)
         if not isinstance(weights, enum):
             raise TypeError(f"weights must be a path, a {enum.__name__} or its name, got {weights!r}")
         state = weights.get_state_dict(progress=progress)  # downloads only when the user asked for it
+    # Shapes first: load_state_dict raises a RuntimeError on them, after naming the keys it would load.
+    target = model.state_dict()
+    mismatched = [
+        f"{key} {tuple(value.shape)} (model: {tuple(target[key].shape)})"
+        for key, value in state.items()
+        if key in target and isinstance(value, torch.Tensor) and value.shape != target[key].shape
+    ]
+    if mismatched:
+        raise ValueError(
+            f"weights do not fit {arch} with num_classes={getattr(model.fc, 'out_features', '?')}: "
+            f"{len(mismatched)} tensor(s) of another shape, e.g. {mismatched[:3]}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -157,9 +170,12 @@ def _build(
     weights,
     norm_layer: Callable[..., nn.Module] | None,
     progress: bool,
+    layer_options: dict | None = None,
     **kwargs,
 ) -> ResNet:
     cls = _dcn_class(dcn)
+    if layer_options is not None and not isinstance(layer_options, dict):
+        raise TypeError(f"layer_options must be a dict or None, got {type(layer_options).__name__}")
     stages = check_dcn_stages(dcn_stages)
     check_norm_layer(norm_layer)
     if "num_classes" in kwargs:
@@ -184,7 +200,7 @@ def _build(
     if weights is not None:
         _load_torchvision_weights(arch, model, weights, progress)
     if cls is not None:
-        convert_resnet_to_dcn(model, dcn, stages, offset_groups)
+        convert_resnet_to_dcn(model, dcn, stages, offset_groups, **(layer_options or {}))
     return model
 
 
@@ -198,6 +214,7 @@ def _make_builder(arch: str):
         weights=None,
         norm_layer: Callable[..., nn.Module] | None = None,
         progress: bool = True,
+        layer_options: dict | None = None,
         **kwargs,
     ) -> ResNet:
         return _build(
@@ -209,6 +226,7 @@ def _make_builder(arch: str):
             weights=weights,
             norm_layer=norm_layer,
             progress=progress,
+            layer_options=layer_options,
             **kwargs,
         )
 
@@ -222,6 +240,8 @@ def _make_builder(arch: str):
         replace_stride_with_dilation: as torchvision's (e.g. ``[False, False, True]`` dilates conv5).
         weights: ImageNet weights: a local ``.pth``/``.safetensors`` file, or torchvision's weights
             enum (or its name, e.g. "IMAGENET1K_V1"), which torchvision downloads on request.
+        layer_options: further arguments of every DCN layer, e.g. ``{{"mask_scale": 2.0}}`` (DCNv2) or
+            ``{{"backend": "aten"}}``.
         norm_layer, progress, kwargs: passed to torchvision's builder.
 
     Returns:
@@ -245,6 +265,45 @@ BACKBONES = {
     "resnext50_32x4d": resnext50_32x4d_dcn,
     "resnext101_32x8d": resnext101_32x8d_dcn,
 }
+
+
+def move_stride_to_1x1(model: nn.Module) -> nn.Module:
+    """Give a bottleneck ResNet the MSRA layout, in place: the first block of conv3-conv5 strides in its
+    1x1 ``conv1`` instead of torchvision's 3x3 ``conv2`` (whose offset branch follows it).
+
+    detectron2 builds this layout (``MODEL.RESNETS.STRIDE_IN_1X1``, True by default, the layout of its
+    MSRA-initialised ResNet-50/101, including its DCN configs). Its weights have the same shapes either
+    way, so a checkpoint loads into either layout without complaint, but computes something else in the
+    wrong one: call this on the backbone before loading such a checkpoint. Blocks that do not stride
+    (a dilated conv5) are left alone.
+
+    Args:
+        model: a torchvision ``ResNet`` of ``Bottleneck`` blocks (ResNet-50/101, ResNeXt), or a module
+            holding one (a detector: its ``backbone.body``).
+
+    Returns:
+        ``model``.
+    """
+    check_module(model)
+    resnets = [m for m in model.modules() if isinstance(m, ResNet)]
+    if len(resnets) != 1:
+        raise ValueError(f"model must be or hold one torchvision ResNet, found {len(resnets)}")
+    for layer in (resnets[0].layer2, resnets[0].layer3, resnets[0].layer4):
+        block = layer[0]
+        if not isinstance(block, Bottleneck):
+            raise ValueError(
+                "the stride moves to the 1x1 convolution of bottleneck blocks only, got "
+                f"{type(block).__name__}"
+            )
+        stride = block.conv2.stride
+        if tuple(stride) == (1, 1):
+            continue
+        block.conv1.stride = tuple(stride)
+        block.conv2.stride = (1, 1)
+        offset_branch = getattr(block.conv2, "conv_offset", None)
+        if isinstance(offset_branch, nn.Conv2d):
+            offset_branch.stride = (1, 1)
+    return model
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck
 
 from .._files import load_weights_only
 from .backbones import check_module
@@ -109,6 +111,14 @@ _MMDET_RULES: list[_Rule] = [
     (r"^roi_head\.bbox_roi_extractor\.roi_layers\.(\d+)\.(.*)$", r"roi_heads.box_roi_pool.pools.\1.\2"),
     (r"^roi_head\.mask_roi_extractor\.roi_layers\.(\d+)\.(.*)$", r"roi_heads.mask_roi_pool.pools.\1.\2"),
 ]
+
+
+def _strides_in_3x3(model: nn.Module) -> bool:
+    """Whether ``model`` has a bottleneck block that strides in its 3x3 ``conv2`` (torchvision's layout)."""
+    return any(
+        isinstance(m, Bottleneck) and tuple(m.conv2.stride) != (1, 1) and tuple(m.conv1.stride) == (1, 1)
+        for m in model.modules()
+    )
 
 
 def _detectron2_block(match: re.Match) -> str:
@@ -274,6 +284,16 @@ def load_checkpoint(
             value = torch.cat([value[-1:], value[:-1]])
         accepted[key] = value
     model.load_state_dict(accepted, strict=False)
+    if source == "detectron2" and _strides_in_3x3(model):
+        warnings.warn(
+            "detectron2's MSRA-initialised ResNets (MODEL.RESNETS.STRIDE_IN_1X1, True by default, its DCN "
+            "configs included) stride in each stage's first 1x1 convolution, this model in the 3x3 one: "
+            "the weights load either way, but compute something else in the wrong layout. If the "
+            "checkpoint was trained so, call deformable.models.move_stride_to_1x1(model) before loading. "
+            "detectron2 also pools boxes with aligned=True (ROIAlignV2).",
+            UserWarning,
+            stacklevel=2,
+        )
     report.loaded = sorted(accepted)
     report.missing = sorted(k for k in target if k not in accepted and not _IGNORABLE_MISSING.search(k))
     if verbose:

@@ -49,14 +49,17 @@ def roi_pooler(
     featmap_names: list[str],
     output_size: int,
     in_channels: int,
-    sampling_ratio: int = 2,
+    sampling_ratio: int | None = None,
     **options,
 ) -> nn.Module:
     """The RoI feature extractor of a torchvision RoIHeads: RoIAlign or (modulated) deformable pooling.
 
     ``options`` go to :class:`~deformable.nn.MultiScaleDeformRoIPool` (``gamma``, ``hidden_channels``,
-    ``share_offset_branch``, ``branch``...).
+    ``share_offset_branch``, ``branch``...). ``sampling_ratio`` defaults to the paper's 2 x 2 samples
+    per bin, or to mmcv's adaptive grid (0) with ``branch="mmcv"`` (mmdetection's checkpoints).
     """
+    if sampling_ratio is None:
+        sampling_ratio = 0 if options.get("branch") == "mmcv" else 2
     if kind == "align":
         if options:
             raise ValueError(f"roi_pool='align' takes no pooling options, got {sorted(options)}")
@@ -121,7 +124,8 @@ def _check_images(images) -> None:
 def _check_targets(model, images, targets) -> None:
     """Check training ``targets`` upfront (torchvision's own checks are asserts, KeyErrors or none):
     one dict per image with ``boxes`` [N, 4] (finite, x2 > x1, y2 > y1), ``labels`` [N] int64 in
-    [0, num_classes) and, for Mask R-CNN, ``masks`` [N, H, W] (torchvision resizes them with the image)."""
+    [1, num_classes) (0 is the background) and, for Mask R-CNN, ``masks`` [N, H, W] (torchvision resizes
+    them with the image)."""
     expected = "a list of dicts with 'boxes' [N, 4] and 'labels' [N] (and 'masks' [N, H, W]), one per image"
     if targets is None:
         raise ValueError(f"targets must be given in training mode: {expected}")
@@ -157,7 +161,8 @@ def _check_targets(model, images, targets) -> None:
                     f"{name}['masks'] must be a [{count}, H, W] tensor (one per box), got {_shape(masks)}"
                 )
         valid_boxes = (torch.isfinite(boxes).all(1) & (boxes[:, 2:] > boxes[:, :2]).all(1)).all()
-        valid_labels = ((labels >= 0) & (labels < num_classes)).all() if num_classes else valid_boxes
+        # 0 is the background: a box labelled 0 would train the RPN on it and the box head against it.
+        valid_labels = ((labels >= 1) & (labels < num_classes)).all() if num_classes else valid_boxes
         flags.append(torch.stack([valid_boxes, valid_labels.to(valid_boxes.device)]))
     if not flags:
         return
@@ -174,7 +179,8 @@ def _check_targets(model, images, targets) -> None:
         if not labels_ok:
             assert num_classes is not None  # without a class count, labels_ok is boxes_ok
             raise ValueError(
-                f"{name}['labels'] must be class indices in [0, {num_classes - 1}], "
+                f"{name}['labels'] must be foreground class indices in [1, {num_classes - 1}] (0 is the "
+                f"background), "
                 f"got {targets[index]['labels'].tolist()}"
             )
 
@@ -460,6 +466,14 @@ def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
     return model
 
 
+# dcn -> (dcn_stages, roi_pool) of the paper's rows (Table 1 / 3): the builders' defaults.
+_PAPER_ROWS: dict[DCNVersion, tuple[tuple[int, ...], RoIPoolKind]] = {
+    "v2": ((3, 4, 5), "mdpool"),
+    "v1": ((5,), "dpool"),
+    None: ((3, 4, 5), "align"),  # no DCN layer: the stages are not used
+}
+
+
 def _make_detector(cls, layout: str, name: str):
     build = _fpn_detector if layout == "fpn" else _c4_detector
 
@@ -467,9 +481,9 @@ def _make_detector(cls, layout: str, name: str):
         *,
         num_classes: int = 91,
         dcn: DCNVersion = "v2",
-        dcn_stages: Iterable[int] = (3, 4, 5),
+        dcn_stages: Iterable[int] | None = None,
         offset_groups: int = 1,
-        roi_pool: RoIPoolKind = "mdpool",
+        roi_pool: RoIPoolKind | None = None,
         roi_pool_options: dict | None = None,
         mimic: bool = False,
         mimic_options: MimicOptions | dict | None = None,
@@ -479,8 +493,12 @@ def _make_detector(cls, layout: str, name: str):
         norm_layer=None,
         **kwargs,
     ):
+        # An invalid dcn (even unhashable) is reported by name when the backbone is built.
+        known = dcn is None or isinstance(dcn, str)
+        stages_default, pool_default = _PAPER_ROWS.get(dcn, _PAPER_ROWS["v2"]) if known else _PAPER_ROWS["v2"]
         options = _DetectorOptions(
-            num_classes, dcn, dcn_stages, offset_groups, roi_pool, roi_pool_options, mimic, mimic_options,
+            num_classes, dcn, stages_default if dcn_stages is None else dcn_stages, offset_groups,
+            pool_default if roi_pool is None else roi_pool, roi_pool_options, mimic, mimic_options,
             backbone, weights_backbone, trainable_backbone_layers, norm_layer,
         )  # fmt: skip
         return build(cls, options, kwargs)
@@ -502,7 +520,9 @@ def _make_detector(cls, layout: str, name: str):
 
     Args:
         num_classes: classes including background (None: taken from a given ``box_predictor``).
-        dcn: "v2", "v1" or None for the backbone's DCN layers; ``dcn_stages`` among 2-5 (default conv3-5).
+        dcn: "v2", "v1" or None for the backbone's DCN layers; ``dcn_stages`` among 2-5. Left out,
+            ``dcn_stages`` and ``roi_pool`` follow the paper's row of ``dcn``: DCNv2 in conv3-5 with
+            "mdpool", DCNv1 in conv5 with "dpool", a regular network with "align".
         offset_groups: offset groups of the DCN layers.
         roi_pool: "mdpool" (modulated deformable RoI pooling), "dpool" (deformable) or "align"; Mask
             R-CNN replaces the 14x14 mask pooling too. ``roi_pool_options`` go to

@@ -44,7 +44,12 @@ class _Recorded(TypedDict, total=False):
 
 @dataclass
 class MimicOptions:
-    """Settings of R-CNN feature mimicking (defaults: the paper's)."""
+    """Settings of R-CNN feature mimicking.
+
+    The paper's: 32 foreground RoIs per image, 224 x 224 patches, both loss weights 0.1, the losses
+    summed over the RoIs (``reduction="sum"``). The default ``reduction="mean"`` averages them
+    instead, so that the loss scale does not depend on how many RoIs an image has.
+    """
 
     rois_per_image: int = 32
     patch_size: int = 224
@@ -110,6 +115,9 @@ class FeatureMimicking(nn.Module):
         handle = roi_heads.box_head.register_forward_hook(keep_features)
         try:
             yield
+        except BaseException:
+            self._recorded = {}  # no losses() will take it
+            raise
         finally:
             del roi_heads.select_training_samples  # the class's method shows through again
             handle.remove()
@@ -135,8 +143,11 @@ class FeatureMimicking(nn.Module):
             detector: the torchvision R-CNN (its ``backbone`` and ``roi_heads`` are shared).
             image_tensors: the transformed batch [N, 3, H, W] the proposals refer to.
         """
-        proposals, _, labels, _ = self._recorded["samples"]
-        box_features = self._recorded["box_features"]
+        # Taken, not read: kept, the box features would tie the detector's autograd graph to this module
+        # until the next step (holding its memory, and breaking copy.deepcopy / AveragedModel).
+        recorded, self._recorded = self._recorded, {}
+        proposals, _, labels, _ = recorded["samples"]
+        box_features = recorded["box_features"]
         chosen = self._choose(labels)
         starts = torch.tensor([0] + [p.shape[0] for p in proposals[:-1]], device=box_features.device).cumsum(
             0

@@ -31,8 +31,9 @@ def param_groups(
     Every module exposing ``offset_lr_mult`` and ``offset_parameters()`` (the DCN layers' ``conv_offset``:
     0.1x for DCNv2 and 1x for DCNv1; deformable RoI pooling branches: 1x for DCNv2's modulated pooling,
     0.01x for DCNv1's) has those parameters trained at ``lr * offset_lr_mult``. Norm parameters and
-    biases get no weight decay unless asked (``norm_weight_decay``, ``bias_weight_decay``).
-    Parameters with ``requires_grad=False`` are left out.
+    biases, the offset branches' included, get no weight decay unless asked (``norm_weight_decay``,
+    ``bias_weight_decay``); the offset branches' weights get ``offset_weight_decay`` (default:
+    ``weight_decay``). Parameters with ``requires_grad=False`` are left out.
 
     Returns:
         A list of dicts with ``params``, ``lr``, ``weight_decay`` and a ``name`` for logging; empty
@@ -61,8 +62,12 @@ def param_groups(
         if mult is None or offset_parameters is None:
             continue
         for param in offset_parameters():
-            # The outermost module wins (a multi-scale pool before the pools it wraps).
-            assigned.setdefault(id(param), (f"offsets x{mult:g}", float(mult), offset_decay))
+            # The outermost module wins (a multi-scale pool before the pools it wraps). The branches are
+            # convolutions and linear layers: their 1-d parameters are the biases.
+            group = (f"offsets x{mult:g}", float(mult), offset_decay)
+            if param.dim() <= 1:
+                group = (f"offset biases x{mult:g}", float(mult), bias_weight_decay)
+            assigned.setdefault(id(param), group)
 
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):

@@ -160,8 +160,9 @@ class DeformRoIPool(_DeformRoIPoolBase):
     """Deformable RoI pooling (DCNv1): RoIAlign -> fc(s) -> normalised offsets -> deformable pooling.
 
     The branch is ``offset_fc``: Linear(C*ph*pw, h1) -> ReLU -> ... -> Linear(h_last, 2*ph*pw), the last
-    layer zero-initialised (so the module starts as RoIAlign). With ``hidden_channels=(1024, 1024)`` its
-    state-dict names and shapes are those of mmcv's ``DeformRoIPoolPack``.
+    layer zero-initialised (so the module starts as RoIAlign). The default, no hidden layer, is the
+    paper's single fc: Linear(C*ph*pw, 2*ph*pw). With ``hidden_channels=(1024, 1024)`` its state-dict
+    names and shapes are those of mmcv's ``DeformRoIPoolPack``.
 
     Args:
         output_size: ``(ph, pw)`` or one int.
@@ -169,7 +170,7 @@ class DeformRoIPool(_DeformRoIPoolBase):
         sampling_ratio: samples per bin side; ``<= 0`` adaptive (``ceil(roi_size / output_size)``).
         gamma: offset scale (0.1 in the paper).
         in_channels: ``C``, channels of the pooled feature map.
-        hidden_channels: widths of the hidden fc layers of the offset branch.
+        hidden_channels: widths of the hidden fc layers of the offset branch (default none).
         aligned: roi_align's ``aligned`` convention.
         backend: passed to :func:`deformable.ops.deform_roi_pool.deform_roi_pool`.
 
@@ -187,7 +188,7 @@ class DeformRoIPool(_DeformRoIPoolBase):
         gamma: float = 0.1,
         *,
         in_channels: int,
-        hidden_channels: Sequence[int] = (1024,),
+        hidden_channels: Sequence[int] = (),
         aligned: bool = False,
         backend: str | None = None,
     ) -> None:
@@ -210,12 +211,14 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
 
     ``branch="mmcv"``: mmcv's ``ModulatedDeformRoIPoolPack`` layout, so mmdetection checkpoints load by
     name: ``offset_fc`` = Linear(C*ph*pw, h1) -> ReLU -> Linear(h1, h2) -> ReLU -> Linear(h2, 2*ph*pw)
-    and ``mask_fc`` = Linear(C*ph*pw, h1) -> ReLU -> Linear(h1, ph*pw) -> Sigmoid.
+    and ``mask_fc`` = Linear(C*ph*pw, h1) -> ReLU -> Linear(h1, ph*pw) -> Sigmoid. It also samples as
+    mmcv's op does, half a pixel shifted (``aligned`` defaults to True for it).
 
     At start-up the offsets are 0 and the mask 0.5: the output is 0.5 * RoIAlign.
 
     Args:
-        as :class:`DeformRoIPool`, plus ``branch``; ``hidden_channels`` defaults to (1024, 1024).
+        as :class:`DeformRoIPool`, plus ``branch``; ``hidden_channels`` defaults to (1024, 1024),
+        ``aligned`` to False for the paper's branch and True for mmcv's.
 
     Shapes:
         input ``[N, C, H, W]``, rois ``[K, 5]`` -> output ``[K, C, ph, pw]``.
@@ -233,12 +236,13 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
         in_channels: int,
         hidden_channels: Sequence[int] = (1024, 1024),
         branch: str = "paper",
-        aligned: bool = False,
+        aligned: bool | None = None,
         backend: str | None = None,
     ) -> None:
-        super().__init__(output_size, spatial_scale, sampling_ratio, gamma, in_channels, aligned, backend)
         if branch not in ("paper", "mmcv"):
             raise ValueError(f"branch must be 'paper' or 'mmcv', got {branch!r}")
+        aligned = branch == "mmcv" if aligned is None else aligned
+        super().__init__(output_size, spatial_scale, sampling_ratio, gamma, in_channels, aligned, backend)
         self.hidden_channels = _hidden_widths(hidden_channels)
         if not self.hidden_channels:
             raise ValueError(f"hidden_channels must name at least one layer, got {hidden_channels!r}")
@@ -313,7 +317,8 @@ class MultiScaleDeformRoIPool(nn.Module):
         in_channels: channels of the feature maps (needed by the fc branch).
         modulated: True builds :class:`ModulatedDeformRoIPool` (DCNv2), False :class:`DeformRoIPool`.
         gamma, hidden_channels, branch, aligned, backend: passed to the pooling modules
-            (``hidden_channels=None`` keeps their defaults; ``branch`` only for ``modulated=True``).
+            (``hidden_channels=None`` and ``aligned=None`` keep their defaults; ``branch`` only for
+            ``modulated=True``).
         share_offset_branch: one branch for all levels (True) or one per level.
         canonical_scale, canonical_level: FPN level mapping, as in ``MultiScaleRoIAlign``.
 
@@ -333,7 +338,7 @@ class MultiScaleDeformRoIPool(nn.Module):
         gamma: float = 0.1,
         hidden_channels: Sequence[int] | None = None,
         branch: str = "paper",
-        aligned: bool = False,
+        aligned: bool | None = None,
         share_offset_branch: bool = True,
         canonical_scale: int = 224,
         canonical_level: int = 4,
@@ -356,14 +361,12 @@ class MultiScaleDeformRoIPool(nn.Module):
         self.scales: list[float] | None = None
         self.map_levels: LevelMapper | None = None
         kwargs: dict = dict(
-            sampling_ratio=sampling_ratio,
-            gamma=gamma,
-            in_channels=in_channels,
-            aligned=aligned,
-            backend=backend,
+            sampling_ratio=sampling_ratio, gamma=gamma, in_channels=in_channels, backend=backend
         )
         if hidden_channels is not None:
             kwargs["hidden_channels"] = hidden_channels
+        if aligned is not None:
+            kwargs["aligned"] = aligned
         if _check_bool(modulated, "modulated"):
             kwargs["branch"] = branch
         elif branch != "paper":
