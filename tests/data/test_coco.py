@@ -82,6 +82,18 @@ def test_image_without_annotations_and_remove_empty(tmp_path):
     assert CocoDetection(images, ann_file, remove_empty=True).ids == [1]
 
 
+def test_masks_false_leaves_the_masks_out(dataset_files):
+    """A box-only detector's samples skip decoding the segmentations; boxes and labels are unchanged."""
+    images, ann_file = dataset_files
+    with_masks, without = CocoDetection(images, ann_file), CocoDetection(images, ann_file, masks=False)
+    assert with_masks.has_masks and not without.has_masks
+    (_, full), (_, boxes_only) = with_masks[0], without[0]
+    assert "masks" in full and "masks" not in boxes_only
+    assert all(torch.equal(full[k], boxes_only[k]) for k in ("boxes", "labels", "area", "iscrowd"))
+    with pytest.raises(TypeError, match="masks must be a bool"):
+        CocoDetection(images, ann_file, masks="no")
+
+
 def test_boxes_only_dataset_has_no_masks(tmp_path):
     data = coco_dict()
     for a in data["annotations"]:

@@ -96,3 +96,15 @@ def test_the_validation_set_alone_takes_the_training_categories(tmp_path):
     (tmp_path / "train" / "instances.json").unlink()
     assert training_categories(cfg) is None
     json.dumps(found[0])  # plain values: they go into the model files
+
+
+def test_only_mask_models_load_masks(tmp_path):
+    """Faster R-CNN's samples skip the segmentations (its evaluation reads the annotation file);
+    Mask R-CNN's carry them."""
+    cfg = _coco_config(tmp_path, None)
+    train, val = build_datasets(cfg)
+    assert cfg.model.startswith("fasterrcnn") and not train.has_masks and not val.has_masks
+    assert "masks" not in train[0][1]
+    cfg.model = "maskrcnn_resnet50_fpn_dcn"
+    train, val = build_datasets(cfg)
+    assert train.has_masks and val.has_masks and "masks" in train[0][1]

@@ -372,6 +372,9 @@ class CocoDetection(Dataset):
             train on non-crowd objects only; evaluation still sees them through :attr:`coco`).
         drop_degenerate: drop boxes with width or height <= 0 instead of raising.
         remove_empty: drop images that have no (kept) annotation.
+        masks: decode instance masks into the targets when the annotations have segmentations (default);
+            False leaves them out, for box-only detectors (decoding polygons and RLEs, and transforming
+            the masks with the image, is much of a sample's loading time).
 
     Attributes:
         coco: the checked ``pycocotools.coco.COCO`` object, for evaluation.
@@ -380,7 +383,7 @@ class CocoDetection(Dataset):
             :meth:`use_categories` to label as the training set does).
         class_names: ``class_names[label]`` is the category name; index 0 is ``"__background__"``.
         num_classes: C, the number of categories (background excluded).
-        has_masks: whether targets carry ``masks`` (any annotation has a segmentation).
+        has_masks: whether targets carry ``masks`` (``masks`` and any annotation has a segmentation).
     """
 
     def __init__(
@@ -393,7 +396,10 @@ class CocoDetection(Dataset):
         include_crowd: bool = False,
         drop_degenerate: bool = False,
         remove_empty: bool = False,
+        masks: bool = True,
     ) -> None:
+        if not isinstance(masks, bool):
+            raise TypeError(f"masks must be a bool, got {masks!r}")
         self.root = Path(root)
         self.ann_file = Path(ann_file)
         if transforms is not None and not callable(transforms):
@@ -416,7 +422,7 @@ class CocoDetection(Dataset):
         self.label_to_cat_id: dict[int, int] = {v: k for k, v in self.cat_id_to_label.items()}
         self.class_names: tuple[str, ...] = ("__background__", *(c["name"] for c in cats))
         self.num_classes = len(cats)
-        self.has_masks = any(a.get("segmentation") for a in self.coco.anns.values())
+        self.has_masks = masks and any(a.get("segmentation") for a in self.coco.anns.values())
 
         ids = [img["id"] for img in data["images"]]
         if remove_empty:

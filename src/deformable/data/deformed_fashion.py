@@ -827,11 +827,13 @@ def load(
     transforms: Callable | None = None,
     out_dir: str | os.PathLike | None = None,
     preset: str | None = None,
+    masks: bool = True,
     **params: Any,
 ):
     """Return a :class:`deformable.data.CocoDetection` over a split (``"train"`` or ``"val"``) of the
     dataset :func:`generate` makes with ``params`` (starting from :data:`PRESETS` ``[preset]`` when given),
-    generating it first if needed."""
+    generating it first if needed; ``masks=False``: targets without instance masks (box-only
+    detectors)."""
     from .coco import CocoDetection
 
     _check_split(split)
@@ -840,7 +842,9 @@ def load(
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         params = {**PRESETS[preset], **params}
     paths = generate(out_dir, **params)
-    return CocoDetection(paths.images(split), paths.annotations(split), transforms, check_images="exists")
+    return CocoDetection(
+        paths.images(split), paths.annotations(split), transforms, check_images="exists", masks=masks
+    )
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     train_tf = train_transforms(sizes, cfg.max_size, hflip_prob=0.5 if cfg.hflip else 0.0)
     if cfg.dataset == "deformed_fashion":
         train = deformed_fashion.load(
-            "train", transforms=train_tf, out_dir=cfg.data_dir, preset=cfg.data_preset
+            "train", transforms=train_tf, out_dir=cfg.data_dir, preset=cfg.data_preset, masks=_uses_masks(cfg)
         )
     else:
         train = CocoDetection(
@@ -89,8 +89,15 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
             required_path(cfg.train_annotations, "train_annotations", "coco"),
             train_tf,
             remove_empty=True,
+            masks=_uses_masks(cfg),
         )
     return train, build_val_dataset(cfg, train.categories, str(train.ann_file))
+
+
+def _uses_masks(cfg: TrainConfig) -> bool:
+    """Whether the config's detector trains on instance masks (Mask R-CNN): the others' samples skip
+    decoding them (the evaluation's ground truth is the annotation file, not the samples)."""
+    return cfg.model.startswith("maskrcnn")
 
 
 def build_val_dataset(
@@ -112,12 +119,15 @@ def build_val_dataset(
 
     eval_tf = eval_transforms(cfg.min_size, cfg.max_size)
     if cfg.dataset == "deformed_fashion":
-        val = deformed_fashion.load("val", transforms=eval_tf, out_dir=cfg.data_dir, preset=cfg.data_preset)
+        val = deformed_fashion.load(
+            "val", transforms=eval_tf, out_dir=cfg.data_dir, preset=cfg.data_preset, masks=_uses_masks(cfg)
+        )
     else:
         val = CocoDetection(
             required_path(cfg.val_images, "val_images", "coco"),
             required_path(cfg.val_annotations, "val_annotations", "coco"),
             eval_tf,
+            masks=_uses_masks(cfg),
         )
     if categories is not None:
         val.use_categories(categories, source or "the training set")

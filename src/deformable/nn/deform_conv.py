@@ -276,7 +276,9 @@ class DCNv2(_OffsetPredictingConv):
     ``conv_offset`` predicts 3*G*kh*kw channels: the first 2*G*kh*kw are the offsets, the last
     G*kh*kw mask logits, turned into the modulation ``mask_scale * sigmoid(logits)``. Zero-initialised:
     a fresh layer computes ``mask_scale / 2`` times the convolution (plus the bias). ``mask_scale=2``
-    reproduces the paper's released code, which starts equal to the convolution.
+    reproduces the paper's released code, which starts equal to the convolution. Like ``stride``, it is
+    a constructor setting, not part of the state dict: build the layer (or the backbone, through its
+    ``layer_options``) with the value the weights were trained with.
     """
 
     _outputs_per_tap = 3
