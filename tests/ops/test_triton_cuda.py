@@ -87,6 +87,22 @@ def test_real_sizes_against_float64(name, dtype):
         assert error <= GRAD_FACTOR[dtype] * eps * want.abs().max().item(), (label, error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_channels_last_grad_output_gives_the_same_gradients(name, dtype):
+    """grad_output as NCHW (aligned, with the alignment hint, or copied: det-c4, groups-s2-d2 and cls-c5
+    take each path) and as a channels_last tensor used as given: the same gradients, up to the order of
+    the float atomics."""
+    tensors, geometry = make_inputs(name, dtype)
+    grad_output = torch.randn_like(run(tensors, geometry, "triton")[0])
+    _, nchw = run(tensors, geometry, "triton", grad_output)
+    _, given = run(tensors, geometry, "triton", grad_output.to(memory_format=torch.channels_last))
+    eps = torch.finfo(dtype).eps
+    for label, a, b in zip(("input", "offset", "mask", "weight", "bias"), given, nchw, strict=True):
+        error = (a.double() - b.double()).abs().max().item()
+        assert error <= GRAD_FACTOR[dtype] * eps * b.abs().max().item(), (label, error)
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_fp32_parity_with_torchvision(name):
     tensors, geometry = make_inputs(name, torch.float32)

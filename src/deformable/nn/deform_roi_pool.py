@@ -162,7 +162,8 @@ class DeformRoIPool(_DeformRoIPoolBase):
     The branch is ``offset_fc``: Linear(C*ph*pw, h1) -> ReLU -> ... -> Linear(h_last, 2*ph*pw), the last
     layer zero-initialised (so the module starts as RoIAlign). The default, no hidden layer, is the
     paper's single fc: Linear(C*ph*pw, 2*ph*pw). With ``hidden_channels=(1024, 1024)`` its state-dict
-    names and shapes are those of mmcv's ``DeformRoIPoolPack``.
+    names and shapes are those of mmcv's ``DeformRoIPoolPack`` (whose op samples with ``aligned=True``
+    and ``sampling_ratio=0``: pass those too for mmdetection's weights).
 
     Args:
         output_size: ``(ph, pw)`` or one int.
