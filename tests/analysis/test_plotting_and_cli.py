@@ -278,3 +278,19 @@ def test_foreground_node_is_the_position_nearest_the_box_centre_in_pixel_centres
         backgrounds_per_image=0, saliency=False, dilation=False,
     )  # fmt: skip
     assert [record.position for record in stats.nodes] == [(1, 1)]
+
+
+def test_analyze_builds_the_builders_default_stages():
+    """Without --dcn-stages a DCNv1 detector is the builders' (and the paper's) DCNv1 row: conv5 only,
+    with deformable pooling; --dcn-stages still chooses."""
+    from deformable.analysis.cli import build_model
+    from deformable.models import count_dcn_layers
+
+    options = dict(backbone="resnet18", num_classes=3, min_size=64, max_size=64)
+    v1 = build_model("fasterrcnn_resnet50_fpn_dcn", dcn="v1", **options)
+    assert count_dcn_layers(v1) == 4  # resnet18's conv5: two blocks of two 3x3 convolutions
+    assert (
+        count_dcn_layers(build_model("fasterrcnn_resnet50_fpn_dcn", dcn="v1", dcn_stages=[4, 5], **options))
+        == 8
+    )
+    assert count_dcn_layers(build_model("resnet18_dcn", dcn="v2")) == 12  # classifiers: conv3-5

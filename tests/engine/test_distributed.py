@@ -108,10 +108,14 @@ def test_resuming_under_another_number_of_processes_is_refused(tmp_path):
     assert (
         "saved by a run of 1 processes, now 2" in message and "sharding" in message and str(path) in message
     )
-    # A checkpoint from before the count was saved is accepted.
+    # A checkpoint from before the count was saved is accepted by as many processes; a single process
+    # saved its random state as a dict, so it is refused under two.
     state = torch.load(path, weights_only=True)
     del state["world_size"]
     torch.save(state, path)
+    assert isinstance(state["rng"], dict)
+    with pytest.raises(ValueError, match="saved by a run of 1 processes, now 2"):
+        TrainingRun(more, _tiny_model(), torch.device("cpu"), lambda it: 1.0, 0, 2, resume=True)
     assert TrainingRun(more, _tiny_model(), torch.device("cpu"), lambda it: 1.0, 0, 1, resume=True).start == 1
 
 
@@ -221,3 +225,19 @@ def test_evaluation_counts_and_times_every_process(tmp_path):
         assert report["images"] == 2
         # rank 1's 0.1 s for its image and rank 0's ~0 s for its own: ~50 ms per image
         assert 45 <= report["inference_ms_per_image"] < 1000
+
+
+def test_an_optimizer_state_of_other_groups_is_a_clear_error(tmp_path):
+    """A checkpoint whose optimizer has other parameter groups (an earlier version's grouping) cannot
+    continue: the error names the file and the cause, not only PyTorch's group count."""
+    cfg = _classifier_config(tmp_path / "run")
+    run = TrainingRun(cfg, _tiny_model(), torch.device("cpu"), lambda it: 1.0, 0, 1, resume=False)
+    _one_step(run, torch.randn(4, 1, 4, 4))
+    run.finish(None)
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"].append(dict(state["optimizer"]["param_groups"][0], params=[]))
+    torch.save(state, path)
+    more = _classifier_config(tmp_path / "run", iterations=2)
+    with pytest.raises(ValueError, match=r"optimizer state does not fit this version's parameter groups"):
+        TrainingRun(more, _tiny_model(), torch.device("cpu"), lambda it: 1.0, 0, 1, resume=True)

@@ -58,3 +58,18 @@ def test_configured_anchor_sizes_reach_the_rpn_of_both_layouts():
     model = build_model(cfg, 3)
     assert model.rpn.anchor_generator.sizes == ((8, 16, 32, 64),)
     assert model.rpn.head.cls_logits.out_channels == 4 * 3  # sizes x aspect ratios
+
+
+def test_dpool_branch_widths_from_the_config():
+    """roi_pool_hidden null builds the widths earlier runs were trained with (one hidden layer of 1024
+    for dpool), so their model files load; [] builds the paper's single fc."""
+    from deformable.engine.config import config_from_dict
+
+    base = {"backbone": "resnet18", "dcn": "v1", "dcn_stages": [5], "roi_pool": "dpool", "num_classes": 3}
+    widths = {}
+    for hidden in (None, []):
+        cfg = config_from_dict({**base, "roi_pool_hidden": hidden})
+        pool = build_model(cfg, 4).roi_heads.box_roi_pool.pools[0]
+        widths[str(hidden)] = [tuple(p.shape) for p in pool.offset_fc.parameters() if p.dim() == 2]
+    assert widths["None"] == [(1024, 256 * 49), (98, 1024)]
+    assert widths["[]"] == [(98, 256 * 49)]

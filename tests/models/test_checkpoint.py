@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torchvision.models.resnet import Bottleneck
 
 from deformable.models import load_checkpoint, maskrcnn_resnet50_fpn_dcn, read_state_dict, resnet18_dcn
 
@@ -242,5 +243,12 @@ def test_detectron2_stride_layout():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_checkpoint(model, stem, source="detectron2")
-    with pytest.raises(ValueError, match="bottleneck blocks only"):
+    with pytest.raises(ValueError, match="must hold bottleneck blocks"):
         move_stride_to_1x1(resnet18_dcn())
+    # detectron2's checkpoints are detectors': the whole model is given (its backbone.body is not a ResNet)
+    from deformable.models import fasterrcnn_resnet50_c4_dcn, fasterrcnn_resnet50_fpn_dcn
+
+    for builder in (fasterrcnn_resnet50_fpn_dcn, fasterrcnn_resnet50_c4_dcn):
+        detector = move_stride_to_1x1(builder(num_classes=3, min_size=64, max_size=64))
+        strided = [m for m in detector.modules() if isinstance(m, Bottleneck) and m.conv1.stride != (1, 1)]
+        assert len(strided) >= 2 and all(tuple(m.conv2.stride) == (1, 1) for m in strided)

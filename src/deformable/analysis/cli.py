@@ -24,6 +24,7 @@ an error unless ``--allow-partial`` is given. Wire the command into the main par
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,8 +91,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         help="DCN version of each checkpoint's model (one value, or one per checkpoint; default v2)",
     )  # fmt: skip
     parser.add_argument(
-        "--dcn-stages", nargs="+", type=int, default=[3, 4, 5], help="paper stages with DCN (default 3 4 5)"
-    )
+        "--dcn-stages", nargs="+", type=int, default=None,
+        help="paper stages with DCN (default: the builder's, 3 4 5; 5 for detectors with --dcn v1)",
+    )  # fmt: skip
     parser.add_argument(
         "--roi-pool", nargs="+", choices=["align", "dpool", "mdpool"],
         help="detectors' RoI pooling per checkpoint (default: align / dpool / mdpool for none / v1 / v2)",
@@ -187,7 +189,7 @@ def build_model(
     name: str,
     *,
     dcn: str | None = "v2",
-    dcn_stages=(3, 4, 5),
+    dcn_stages: Sequence[int] | None = None,
     roi_pool: str | None = None,
     backbone: str = "resnet50",
     num_classes: int | None = None,
@@ -196,15 +198,17 @@ def build_model(
 ) -> torch.nn.Module:
     """A model from :mod:`deformable.models` by builder name, with the options of ``deformable analyze``.
 
-    ``dcn`` is ``"v1"``, ``"v2"`` or None/"none"; ``roi_pool`` (detectors) defaults to align / dpool /
-    mdpool for none / v1 / v2.
+    ``dcn`` is ``"v1"``, ``"v2"`` or None/"none"; ``dcn_stages`` defaults to the builder's (conv3-5;
+    conv5 for a DCNv1 detector); ``roi_pool`` (detectors) defaults to align / dpool / mdpool for none /
+    v1 / v2.
     """
     from .. import models
 
     dcn = None if dcn in (None, "none") else dcn
+    stages = {} if dcn_stages is None else {"dcn_stages": tuple(dcn_stages)}
     if name in CLASSIFIERS:
         kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
-        return getattr(models, name)(dcn=dcn, dcn_stages=tuple(dcn_stages), **kwargs)
+        return getattr(models, name)(dcn=dcn, **stages, **kwargs)
     if name in DETECTORS:
         kwargs = {"num_classes": 91 if num_classes is None else num_classes, "backbone": backbone}
         kwargs["roi_pool"] = roi_pool or _DEFAULT_ROI_POOL[dcn or "none"]
@@ -212,7 +216,7 @@ def build_model(
             kwargs["min_size"] = min_size
         if max_size is not None:
             kwargs["max_size"] = max_size
-        return getattr(models, name)(dcn=dcn, dcn_stages=tuple(dcn_stages), **kwargs)
+        return getattr(models, name)(dcn=dcn, **stages, **kwargs)
     raise ValueError(f"model must be one of {CLASSIFIERS + DETECTORS}, got {name!r}")
 
 

@@ -36,6 +36,8 @@ class TrainConfig:
     dcn_stages: list[int] = field(default_factory=lambda: [3, 4, 5])
     offset_groups: int = 1
     roi_pool: str = "mdpool"
+    # Hidden fc widths of the pooling's offset branch; null: 1024, 1024 for mdpool and 1024 for dpool
+    # (the widths earlier runs were trained with), [] for dpool: the paper's single fc.
     roi_pool_hidden: list[int] | None = None
     mimic: bool = False
     mimic_rois_per_image: int = 32

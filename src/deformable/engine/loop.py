@@ -170,14 +170,32 @@ def _check_same_world(state: dict[str, Any], world: int, path: Path) -> None:
     random states show fewer processes than there are now (their ranks would have none to restore).
     """
     saved = state.get("world_size")
-    if saved is None and isinstance(state.get("rng"), list) and len(state["rng"]) < world:
-        saved = len(state["rng"])
+    if saved is None:  # a single process saves its random state as a dict, several as a list of them
+        rng = state.get("rng")
+        inferred = len(rng) if isinstance(rng, list) else 1 if isinstance(rng, dict) else None
+        if inferred is not None and inferred < world:
+            saved = inferred
     if saved is not None and saved != world:
         raise ValueError(
             f"{path} was saved by a run of {saved} processes, now {world}: the run's data sharding and "
             f"effective batch (batch_size x processes) depend on it. Resume with {saved} processes "
             "(torchrun --nproc_per_node) or start afresh (no --resume, or another out_dir)."
         )
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], path: Path) -> None:
+    """``optimizer.load_state_dict(saved)``, or a ValueError saying why a checkpoint's optimizer cannot
+    continue in this one (PyTorch's own message names neither the file nor the cause)."""
+    groups = [group["name"] for group in optimizer.param_groups if "name" in group]
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as error:
+        raise ValueError(
+            f"{path}: its optimizer state does not fit this version's parameter groups {groups} ({error}). "
+            "The grouping changed since the checkpoint was written (offset-branch biases got a group of "
+            "their own): resume with the version that wrote it, or start afresh from the run's "
+            "model_final.pth weights."
+        ) from error
 
 
 def device_for(cfg) -> torch.device:
@@ -388,7 +406,7 @@ class TrainingRun:
             _check_same_run(state.get("config"), cfg.to_dict(), self.checkpoint_path)
             _check_same_world(state, world, self.checkpoint_path)
             model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            _load_optimizer(self.optimizer, state["optimizer"], self.checkpoint_path)
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self.start = state["iteration"]

@@ -200,6 +200,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         kwargs["num_classes"] = None  # torchvision takes the classes from the given predictor
     if cfg.roi_pool != "align" and cfg.roi_pool_hidden is not None:
         kwargs["roi_pool_options"] = {"hidden_channels": tuple(cfg.roi_pool_hidden)}
+    elif cfg.roi_pool == "dpool":
+        # null kept its meaning when DeformRoIPool's default became the paper's single fc: one hidden
+        # layer of 1024, so that the model files of earlier runs still load ([] is the single fc).
+        kwargs["roi_pool_options"] = {"hidden_channels": (1024,)}
     if cfg.mimic:
         kwargs["mimic_options"] = dict(
             rois_per_image=cfg.mimic_rois_per_image, patch_size=cfg.mimic_patch_size, select=cfg.mimic_select

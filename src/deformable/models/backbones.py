@@ -268,37 +268,35 @@ BACKBONES = {
 
 
 def move_stride_to_1x1(model: nn.Module) -> nn.Module:
-    """Give a bottleneck ResNet the MSRA layout, in place: the first block of conv3-conv5 strides in its
-    1x1 ``conv1`` instead of torchvision's 3x3 ``conv2`` (whose offset branch follows it).
+    """Give a bottleneck ResNet the MSRA layout, in place: every block that strides (the first of
+    conv3-conv5) does so in its 1x1 ``conv1`` instead of torchvision's 3x3 ``conv2`` (whose offset
+    branch follows it).
 
     detectron2 builds this layout (``MODEL.RESNETS.STRIDE_IN_1X1``, True by default, the layout of its
     MSRA-initialised ResNet-50/101, including its DCN configs). Its weights have the same shapes either
     way, so a checkpoint loads into either layout without complaint, but computes something else in the
-    wrong one: call this on the backbone before loading such a checkpoint. Blocks that do not stride
-    (a dilated conv5) are left alone.
+    wrong one: call this on the model before loading such a checkpoint. Blocks that do not stride (a
+    dilated conv5) are left alone.
 
     Args:
-        model: a torchvision ``ResNet`` of ``Bottleneck`` blocks (ResNet-50/101, ResNeXt), or a module
-            holding one (a detector: its ``backbone.body``).
+        model: a module holding torchvision ``Bottleneck`` blocks: a ResNet-50/101 or ResNeXt, or a
+            detector built on one.
 
     Returns:
         ``model``.
     """
     check_module(model)
-    resnets = [m for m in model.modules() if isinstance(m, ResNet)]
-    if len(resnets) != 1:
-        raise ValueError(f"model must be or hold one torchvision ResNet, found {len(resnets)}")
-    for layer in (resnets[0].layer2, resnets[0].layer3, resnets[0].layer4):
-        block = layer[0]
-        if not isinstance(block, Bottleneck):
-            raise ValueError(
-                "the stride moves to the 1x1 convolution of bottleneck blocks only, got "
-                f"{type(block).__name__}"
-            )
-        stride = block.conv2.stride
-        if tuple(stride) == (1, 1):
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    if not blocks:
+        raise ValueError(
+            "model must hold bottleneck blocks (ResNet-50/101, ResNeXt): the stride moves to their 1x1 "
+            f"convolution, and {type(model).__name__} has none"
+        )
+    for block in blocks:
+        stride = tuple(block.conv2.stride)
+        if stride == (1, 1):
             continue
-        block.conv1.stride = tuple(stride)
+        block.conv1.stride = stride
         block.conv2.stride = (1, 1)
         offset_branch = getattr(block.conv2, "conv_offset", None)
         if isinstance(offset_branch, nn.Conv2d):
