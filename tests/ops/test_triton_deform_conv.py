@@ -245,6 +245,20 @@ def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):
     assert torch.equal(forward(STRADDLE, tensors), plain)
 
 
+@pytest.mark.parametrize("case_name", ["straddle", "groups"])
+def test_tf32_forward_reads_the_k_major_weight(small_tiles, case_name):
+    """With TF32 on, the fp32 forward runs on the matrix unit, whose weight tiles are K-major (a layout
+    of their own): the outputs of full fp32 up to TF32's rounding, with weight groups, offset groups
+    and tiles straddling every boundary."""
+    case = STRADDLE if case_name == "straddle" else CASES["groups2-offset-groups3"]
+    tensors = make_inputs(case, torch.float32)
+    full = forward(case, tensors)
+    check_forward(case, tensors, full, torch.float32)
+    with torch.backends.cudnn.flags(allow_tf32=True):
+        tf32 = forward(case, tensors)
+    torch.testing.assert_close(tf32, full, rtol=0, atol=16 * 2**-10 * full.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_low_precision(dtype):
     case = CASES["groups2-offset-groups3"]

@@ -8,7 +8,9 @@ CPG = C_in / G channels per offset group, CG_IN / CG_OUT channels per weight gro
 - ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` [N, C_out, Ho, Wo]: contiguous;
 - ``go`` [N, C_out, Ho, Wo] (the output's gradient): strides ``GO_SN`` (image), ``GO_SC`` (channel),
   ``GO_SP`` (flat pixel): NCHW or channels-last, whichever the host found loads as vectors;
-- ``w``: the weight in GEMM layout [groups, K, CG_IN, CG_OUT] (contiguous over output channels).
+- ``w``: the weight in GEMM layout, [groups, K, CG_IN, CG_OUT] (contiguous over output channels, the
+  data gradient's reduction axis), or for the forward on the matrix unit [groups, K, CG_OUT, CG_IN]
+  (contiguous over input channels, its reduction axis).
 
 All arithmetic on positions, bilinear weights and accumulators is in ``CT`` (float32, or float64 for
 float64 tensors); the matrix products take the tensors' own dtype (fp16/bf16/fp32, TF32 when
@@ -168,10 +170,13 @@ def deform_conv_fwd_kernel(
     N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES, TAPS_PER_SPLIT,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_TAPS: tl.constexpr, MMA: tl.constexpr,
-    PRECISION: tl.constexpr, CT: tl.constexpr, INDEX64: tl.constexpr,
+    PRECISION: tl.constexpr, CT: tl.constexpr, INDEX64: tl.constexpr, W_K_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, o] = bias[o] + sum over taps k and input channels c of w[k, c, o] * sample(m, k, c).
+
+    ``W_K_MAJOR``: ``w`` is [groups, K, CG_OUT, CG_IN] (input channels contiguous), else
+    [groups, K, CG_IN, CG_OUT].
 
     Implicit GEMM: one program owns BLOCK_M output pixels x BLOCK_N output channels of one weight
     group. For every tap and every offset group meeting the weight group it sets up the bilinear
@@ -230,12 +235,13 @@ def deform_conv_fwd_kernel(
                 # Padding channels must be exact zeros: a NaN sample times a zero-padded weight row
                 # would otherwise leak into every output channel.
                 a = tl.where(cmask[None, :], a, 0.0)
-                wrow = (wg * NTAPS + k) * CG_IN + (cols - c_lo)
-                wt = tl.load(
-                    w_ptr + wrow[:, None] * CG_OUT + ocols[None, :],
-                    mask=cmask[:, None] & omask[None, :],
-                    other=0.0,
-                )
+                if W_K_MAJOR:  # the tile's reduction axis contiguous: the operand TF32's wgmma needs
+                    wcol = ((wg * NTAPS + k) * CG_OUT + ocols) * CG_IN
+                    wptr = w_ptr + wcol[None, :] + (cols - c_lo)[:, None]
+                else:
+                    wrow = (wg * NTAPS + k) * CG_IN + (cols - c_lo)
+                    wptr = w_ptr + wrow[:, None] * CG_OUT + ocols[None, :]
+                wt = tl.load(wptr, mask=cmask[:, None] & omask[None, :], other=0.0)
                 acc = _mma(a.to(w_ptr.dtype.element_ty), wt, acc, MMA, PRECISION)
 
     oc = wg * CG_OUT + ocols

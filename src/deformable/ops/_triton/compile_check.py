@@ -160,6 +160,9 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         if config.splits > 1:  # partial sums go to an fp32 (fp64) buffer
             pointers["out_ptr"] = acc
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
+        constexprs["W_K_MAJOR"] = dtype in (torch.float16, torch.bfloat16) or (
+            dtype == torch.float32 and tf32
+        )
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         return _k.deform_conv_fwd_kernel, pointers, constexprs, set()
     if kernel == "data":

@@ -490,9 +490,21 @@ def _grad_out_operand(grad_output: Tensor, dtype: torch.dtype) -> tuple[Tensor, 
 
 
 def _weight_gemm(weight: Tensor, geo: _Geometry) -> Tensor:
-    """[C_out, C_in/groups, kh, kw] -> contiguous [groups, kh*kw, C_in/groups, C_out/groups]."""
+    """[C_out, C_in/groups, kh, kw] -> contiguous [groups, kh*kw, C_in/groups, C_out/groups] (the data
+    kernel's: its reduction, over output channels, contiguous)."""
     w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
     return w.permute(0, 3, 2, 1).contiguous()
+
+
+def _weight_gemm_forward(weight: Tensor, geo: _Geometry, k_major: bool) -> Tensor:
+    """The forward's weight: ``k_major`` -> contiguous [groups, kh*kw, C_out/groups, C_in/groups] (its
+    reduction, over input channels, contiguous: the operand TF32's matrix unit needs, which fp16/bf16
+    take as well), else the data kernel's [groups, kh*kw, C_in/groups, C_out/groups] (the layout the
+    multiply-add products of full fp32 and fp64 keep in fewer registers)."""
+    if not k_major:
+        return _weight_gemm(weight, geo)
+    w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
+    return w.permute(0, 3, 1, 2).contiguous()
 
 
 def _grid(programs: int) -> tuple[int]:
@@ -534,7 +546,10 @@ def forward(
     x = _channels_last(input)
     offset = offset.contiguous()
     mask_c = mask.contiguous() if mask is not None else offset
-    w = _weight_gemm(weight, geo)
+    settings = _settings(input)
+    # On the matrix unit (16-bit, or fp32 as TF32): K-major weight tiles (settings[0]: fp32 precision).
+    k_major = input.dtype in (torch.float16, torch.bfloat16) or settings[0] == "tf32"
+    w = _weight_gemm_forward(weight, geo, k_major)
     bias_c = bias.contiguous() if bias is not None else w
     tensors = (x, offset, mask_c, w, bias_c, out)
     flags = (mask is not None, bias is not None)
@@ -553,7 +568,7 @@ def forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            W_K_MAJOR=k_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(input),
         ))  # fmt: skip
 
@@ -567,7 +582,7 @@ def forward(
         if not wide:
             out.copy_(target)
 
-    key = ("forward", geo, flags, deterministic, input.dtype, input.device, *_settings(input))
+    key = ("forward", geo, flags, deterministic, input.dtype, input.device, *settings)
     with _device_guard(input):
         run(_planned(key, "forward", geo, input, (*flags, deterministic), spec_of, run))
     return out
