@@ -69,7 +69,7 @@ __all__ = [
 def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     """(train, val) CocoDetection datasets with the config's transforms; the validation set labels its
     objects as the training set does (see :func:`build_val_dataset`)."""
-    from ..data import CocoDetection, deformed_fashion, train_transforms
+    from ..data import train_transforms
 
     if cfg.scale_jitter:
         low, high = cfg.scale_jitter
@@ -79,25 +79,31 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     else:
         sizes = cfg.min_size
     train_tf = train_transforms(sizes, cfg.max_size, hflip_prob=0.5 if cfg.hflip else 0.0)
-    if cfg.dataset == "deformed_fashion":
-        train = deformed_fashion.load(
-            "train", transforms=train_tf, out_dir=cfg.data_dir, preset=cfg.data_preset, masks=_uses_masks(cfg)
-        )
-    else:
-        train = CocoDetection(
-            required_path(cfg.train_images, "train_images", "coco"),
-            required_path(cfg.train_annotations, "train_annotations", "coco"),
-            train_tf,
-            remove_empty=True,
-            masks=_uses_masks(cfg),
-        )
+    train = _detection_split(cfg, "train", train_tf)
     return train, build_val_dataset(cfg, train.categories, str(train.ann_file))
 
 
-def _uses_masks(cfg: TrainConfig) -> bool:
-    """Whether the config's detector trains on instance masks (Mask R-CNN): the others' samples skip
-    decoding them (the evaluation's ground truth is the annotation file, not the samples)."""
-    return cfg.model.startswith("maskrcnn")
+def _detection_split(cfg: TrainConfig, split: str, transforms) -> CocoDetection:
+    """The ``split`` ("train" or "val") of the config's detection dataset, read through ``transforms``.
+
+    Only Mask R-CNN's samples carry instance masks: the others skip decoding them (their evaluation
+    reads the annotation file, not the samples). Training drops images without annotations.
+    """
+    from ..data import CocoDetection, deformed_fashion
+
+    masks = cfg.model.startswith("maskrcnn")
+    if cfg.dataset == "deformed_fashion":
+        return deformed_fashion.load(
+            split, transforms=transforms, out_dir=cfg.data_dir, preset=cfg.data_preset, masks=masks
+        )
+    images, annotations = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_annotations")
+    return CocoDetection(
+        required_path(images, f"{split}_images", "coco"),
+        required_path(annotations, f"{split}_annotations", "coco"),
+        transforms,
+        remove_empty=split == "train",
+        masks=masks,
+    )
 
 
 def build_val_dataset(
@@ -115,20 +121,9 @@ def build_val_dataset(
     Raises:
         ValueError: the validation file has categories that ``categories`` lack (naming both files).
     """
-    from ..data import CocoDetection, deformed_fashion, eval_transforms
+    from ..data import eval_transforms
 
-    eval_tf = eval_transforms(cfg.min_size, cfg.max_size)
-    if cfg.dataset == "deformed_fashion":
-        val = deformed_fashion.load(
-            "val", transforms=eval_tf, out_dir=cfg.data_dir, preset=cfg.data_preset, masks=_uses_masks(cfg)
-        )
-    else:
-        val = CocoDetection(
-            required_path(cfg.val_images, "val_images", "coco"),
-            required_path(cfg.val_annotations, "val_annotations", "coco"),
-            eval_tf,
-            masks=_uses_masks(cfg),
-        )
+    val = _detection_split(cfg, "val", eval_transforms(cfg.min_size, cfg.max_size))
     if categories is not None:
         val.use_categories(categories, source or "the training set")
     return val
