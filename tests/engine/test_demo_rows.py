@@ -52,3 +52,22 @@ def test_bad_rows_fail_before_any_training(fake_training, tmp_path, rows, error)
     with pytest.raises(error, match="rows must be"):
         demo.run_demo("smoke", tmp_path / "demo", rows=rows)
     assert fake_training == [] and not (tmp_path / "demo").exists()
+
+
+def test_a_row_that_cannot_resume_says_how_to_restart(monkeypatch, tmp_path):
+    """A row folder holding a checkpoint this version cannot resume (another version's optimizer
+    grouping, another config) is an error that names ``--restart``; other errors pass unchanged."""
+
+    def train(cfg, resume=True):
+        raise ValueError("its optimizer state does not fit")
+
+    monkeypatch.setattr(trainer, "train", train)
+    with pytest.raises(ValueError, match=r"^its optimizer state does not fit$"):
+        demo.run_demo("smoke", tmp_path, seeds=1, rows=["regular"])
+    row = tmp_path / demo._slug(demo.select_rows(["regular"])[0][0]) / "seed0"
+    row.mkdir(parents=True)
+    (row / "checkpoint_last.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"does not fit\n`deformable demo --restart`"):
+        demo.run_demo("smoke", tmp_path, seeds=1, rows=["regular"])
+    with pytest.raises(ValueError, match=r"^its optimizer state does not fit$"):
+        demo.run_demo("smoke", tmp_path, seeds=1, rows=["regular"], resume=False)

@@ -57,6 +57,22 @@ def _fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _train_row(cfg, run_dir: Path, resume: bool):
+    """``train(cfg, resume=resume)``; a checkpoint that cannot be resumed (written by another version
+    or another configuration) is an error that says how to train the rows afresh."""
+    from .loop import CHECKPOINT_NAME
+    from .trainer import train
+
+    try:
+        return train(cfg, resume=resume)
+    except ValueError as error:
+        if not (resume and (run_dir / CHECKPOINT_NAME).exists()):
+            raise
+        raise ValueError(
+            f"{error}\n`deformable demo --restart` (or another --out) trains the demo's rows afresh"
+        ) from error
+
+
 def run_demo(
     preset: str = "default",
     out: str | Path = "demo_out",
@@ -75,7 +91,6 @@ def run_demo(
     written beside the full one, named after its rows (``report_mimic.md``, ``results_mimic.csv``,
     ...), so an earlier full report is kept.
     """
-    from .trainer import train
 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -96,7 +111,7 @@ def run_demo(
                 f"demo_{preset}", [*row, f"seed={seed}", f"out_dir={run_dir}", *(overrides or [])]
             )
             print(f"== {name} (seed {seed}) -> {run_dir}")
-            result = train(cfg, resume=resume)
+            result = _train_row(cfg, run_dir, resume)
             assert result.metrics is not None  # train evaluates at the end by default
             start = start or _describe_start(cfg)
             metrics.append(result.metrics["bbox"])
