@@ -37,7 +37,7 @@ from triton.compiler import ASTSource
 
 from . import _deform_conv_kernels as _k
 from . import _deform_roi_pool_kernels as _roi_k
-from .deform_conv import _Geometry, _grad_out_operand, _heuristic
+from .deform_conv import _forward_k_major, _Geometry, _grad_out_operand, _heuristic
 from .deform_roi_pool import _launch_args as _roi_launch_args
 
 ANCHORS = {
@@ -160,9 +160,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         if config.splits > 1:  # partial sums go to an fp32 (fp64) buffer
             pointers["out_ptr"] = acc
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
-        constexprs["W_K_MAJOR"] = dtype in (torch.float16, torch.bfloat16) or (
-            dtype == torch.float32 and tf32
-        )
+        constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         return _k.deform_conv_fwd_kernel, pointers, constexprs, set()
     if kernel == "data":

@@ -496,6 +496,12 @@ def _weight_gemm(weight: Tensor, geo: _Geometry) -> Tensor:
     return w.permute(0, 3, 2, 1).contiguous()
 
 
+def _forward_k_major(dtype: torch.dtype, fp32_precision: str | None) -> bool:
+    """Whether the forward's products run on the matrix unit (16-bit, or fp32 as TF32), which wants
+    K-major weight tiles (``W_K_MAJOR``); the launcher and ``compile_check`` both ask here."""
+    return dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and fp32_precision == "tf32")
+
+
 def _weight_gemm_forward(weight: Tensor, geo: _Geometry, k_major: bool) -> Tensor:
     """The forward's weight: ``k_major`` -> contiguous [groups, kh*kw, C_out/groups, C_in/groups] (its
     reduction, over input channels, contiguous: the operand TF32's matrix unit needs, which fp16/bf16
@@ -547,8 +553,7 @@ def forward(
     offset = offset.contiguous()
     mask_c = mask.contiguous() if mask is not None else offset
     settings = _settings(input)
-    # On the matrix unit (16-bit, or fp32 as TF32): K-major weight tiles (settings[0]: fp32 precision).
-    k_major = input.dtype in (torch.float16, torch.bfloat16) or settings[0] == "tf32"
+    k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
     w = _weight_gemm_forward(weight, geo, k_major)
     bias_c = bias.contiguous() if bias is not None else w
     tensors = (x, offset, mask_c, w, bias_c, out)
