@@ -46,8 +46,10 @@ def main() -> int:
     x = torch.randn(2, 50, 84, 256)
     tensors = (x, torch.randn(2, 18, 50, 84), torch.rand(2, 9, 50, 84), torch.randn(1, 9, 256, 256))
     tensors += (torch.randn(256), torch.empty(2, 256, 50, 84))
-    # ... spatial arguments, then TILES (2 images x 66 tiles of 64 pixels) and TAPS_PER_SPLIT
-    ints = (2, 50, 84, 256, 4200, 84, 256, 256, 256, 256, 9, 9, 3, 1, 1, 1, 1, 1, 1, 132, 9)
+    # ... spatial arguments, TILES (2 images x 66 tiles of 64 pixels), TAPS_PER_SPLIT, then the
+    # offset, mask and output strides (NCHW)
+    ints = (2, 50, 84, 256, 4200, 84, 256, 256, 256, 9, 3, 1, 1, 1, 1, 1, 1, 132, 9)
+    ints += (18 * 4200, 4200, 1, 9 * 4200, 4200, 1, 256 * 4200, 4200, 1)
     positional = (*tensors, *ints)
     constexprs = dict(
         HAS_MASK=True, HAS_BIAS=True, SPLIT_TAPS=False, INDEX64=False, W_K_MAJOR=True, BLOCK_M=64,

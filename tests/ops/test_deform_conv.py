@@ -136,6 +136,38 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(run(cfg, views, backend), oracle(cfg, views), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
+def test_output_and_gradients_follow_their_tensors_memory_format(backend):
+    """As F.conv2d: a channels_last input gives a channels_last output, and each gradient comes back in
+    its tensor's format (a channels_last model stays channels_last), on every backend (the reference's
+    gradients are autograd's, in whatever layout its ops produce)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from deformable.ops._backend import triton_unavailable_reason
+
+        if triton_unavailable_reason(torch.device("cpu")) is not None:
+            pytest.skip("Triton cannot run on CPU tensors here")
+    cfg = CONFIGS["groups2-offset-groups3"]
+    dense = [t.requires_grad_() if t is not None else None for t in make_inputs(cfg)]
+    x, offset, weight, bias, mask = dense
+    strided = [
+        x.detach().to(memory_format=torch.channels_last).requires_grad_(),
+        offset.detach().to(memory_format=torch.channels_last).requires_grad_(),
+        weight.detach().to(memory_format=torch.channels_last).requires_grad_(),
+        bias.detach().requires_grad_(),
+        mask.detach().requires_grad_(),  # NCHW: each gradient follows its own tensor
+    ]
+    out = run(cfg, strided, backend)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    expected = run(cfg, dense, backend)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, strided, grad_out)
+    for got, want, t in zip(grads, torch.autograd.grad(expected, dense, grad_out), strided, strict=True):
+        assert got.stride() == t.stride() or backend == "reference"
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # Equivalences
 
@@ -331,8 +363,9 @@ def test_memory_stays_within_budget():
 def test_opcheck():
     cfg = CONFIGS["everything"]
     x, offset, weight, bias, mask = [t.float() for t in make_inputs(cfg)]
-    for leaves in ((x, offset, mask, weight, bias), (x, offset, None, weight, None)):
-        args = [t.requires_grad_() if t is not None else None for t in leaves]
+    channels_last = [t.to(memory_format=torch.channels_last) for t in (x, offset, mask, weight)]
+    for leaves in ((x, offset, mask, weight, bias), (x, offset, None, weight, None), (*channels_last, bias)):
+        args = [t.detach().requires_grad_() if t is not None else None for t in leaves]
         torch.library.opcheck(
             torch.ops.deformable.deform_conv2d.default,
             (*args, list(cfg.stride), list(cfg.padding), list(cfg.dilation), "aten"),

@@ -103,6 +103,27 @@ def test_channels_last_grad_output_gives_the_same_gradients(name, dtype):
         assert error <= GRAD_FACTOR[dtype] * eps * b.abs().max().item(), (label, error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_channels_last_model(name, dtype):
+    """Every tensor channels_last, as in a channels_last model: read as they are, the output and the
+    gradients come back channels_last with the NCHW path's values (up to the order of float atomics)."""
+    tensors, geometry = make_inputs(name, dtype)
+    strided = [t.to(memory_format=torch.channels_last) if t.dim() == 4 else t for t in tensors]
+    out_nchw = run(tensors, geometry, "triton")[0]
+    grad_output = torch.randn_like(out_nchw)
+    out_nchw, nchw = run(tensors, geometry, "triton", grad_output)
+    out, given = run(strided, geometry, "triton", grad_output.to(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_nchw)  # the same programs, only the store's strides differ
+    eps = torch.finfo(dtype).eps
+    names = ("input", "offset", "mask", "weight", "bias")
+    for label, a, b, t in zip(names, given, nchw, strided, strict=True):
+        assert a.stride() == t.stride(), label
+        error = (a.double() - b.double()).abs().max().item()
+        assert error <= GRAD_FACTOR[dtype] * eps * b.abs().max().item(), (label, error)
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_fp32_parity_with_torchvision(name):
     tensors, geometry = make_inputs(name, torch.float32)

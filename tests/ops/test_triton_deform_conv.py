@@ -340,6 +340,67 @@ def test_non_contiguous_inputs_give_identical_results():
         assert_same(a, b)
 
 
+def _channels_last(tensors):
+    return tuple(
+        t.to(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t for t in tensors
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype"), [("atomic", torch.float32), ("deterministic", torch.float16)], ids=["fp32", "fp16-det"]
+)
+def test_channels_last_in_channels_last_out(small_tiles, request, mode, dtype):
+    """A channels_last model's tensors are read as they are (input, offset, mask and weight through
+    their strides) and the output and gradients come back channels_last: the values of the NCHW path
+    (bitwise under the interpreter; the bias gradient, a PyTorch sum, up to its order)."""
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    case = STRADDLE
+    dense = make_inputs(case, dtype)
+    strided = _channels_last(dense)
+    out = forward(case, strided)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert_same(out, forward(case, dense))
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    grads = backward(case, strided, grad_output.to(memory_format=torch.channels_last))
+    expected = backward(case, dense, grad_output)
+    for name, got, want in zip(GRAD_NAMES[:4], grads, expected, strict=False):
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous(), name
+        assert_same(got, want)
+    terms = grad_output.double().abs().sum(dim=(0, 2, 3)).max().item()
+    torch.testing.assert_close(grads[4], expected[4], rtol=0, atol=4 * EPS[dtype] * terms)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_channels_last_output_of_split_taps(monkeypatch, dtype):
+    """Split taps add into the output (fp32) or an fp32 buffer (fp16) with the output's strides."""
+    case = CASES["kernel32-stride21-pad10-dil21-odd"]
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, splits=3))
+    dense = make_inputs(case, dtype)
+    out = forward(case, _channels_last(dense))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_same(out, forward(case, dense))
+
+
+def test_offset_and_mask_of_one_layout_each():
+    """Offset and mask are read through their own strides: NCHW offsets with a channels_last mask
+    (and the reverse) give the NCHW path's results, each gradient in its tensor's format."""
+    case = CASES["groups2-offset-groups3"]
+    dense = make_inputs(case, torch.float32)
+    x, offset, mask, weight, bias = dense
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+    expected = backward(case, dense, grad_output)
+    for mixed in (
+        (x, offset.to(memory_format=torch.channels_last), mask, weight, bias),
+        (x, offset, mask.to(memory_format=torch.channels_last), weight, bias),
+    ):
+        assert_same(forward(case, mixed), forward(case, dense))
+        grads = backward(case, mixed, grad_output)
+        for got, want, t in zip(grads[:3], expected[:3], mixed[:3], strict=True):
+            assert got.stride() == t.stride()
+            assert_same(got, want)
+
+
 @pytest.mark.parametrize(
     ("dtype", "out_size", "expected"),
     [

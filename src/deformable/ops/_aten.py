@@ -310,6 +310,7 @@ def backward(
     output_mask: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients (input, offset, mask, weight, bias), None where ``output_mask`` is False."""
+    grad_output = grad_output.contiguous()
     need_input, need_offset, need_mask, need_weight, need_bias = output_mask
     need_mask = need_mask and mask is not None
     geo = _Geometry.of(input, offset, weight, stride, padding, dilation)

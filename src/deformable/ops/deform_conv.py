@@ -30,6 +30,7 @@ from . import _aten
 from ._backend import resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
 from ._func_route import make_transformable, under_torch_func, vmapped_first, vmapped_folded
+from ._layout import memory_format_of
 from ._reference import deform_conv2d_reference
 
 IntPair = int | tuple[int, int]
@@ -169,19 +170,29 @@ def _no_autocast(t: Tensor):
 # What both routes (the custom ops and the eager autograd.Function) run.
 
 
+# Every route returns the output and the gradients in the memory format of their tensors
+# (memory_format_of: channels_last or contiguous), whatever the backend; the fake kernels say the same.
+
+
+def _in_format_of(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return t if t is None or like is None else t.contiguous(memory_format=memory_format_of(like))
+
+
 def _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
     with _no_autocast(input):
-        return _implementation(backend).forward(
+        out = _implementation(backend).forward(
             input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
         )
+    return out.contiguous(memory_format=memory_format_of(input))
 
 
 def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
     with _no_autocast(input):
-        return _implementation(backend).backward(
-            grad_output.contiguous(), input, offset, mask, weight,
+        grads = _implementation(backend).backward(
+            grad_output, input, offset, mask, weight,
             tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
         )  # fmt: skip
+    return tuple(_in_format_of(g, t) for g, t in zip(grads, (input, offset, mask, weight, None), strict=True))
 
 
 def _backward_with_graph(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask):
@@ -195,6 +206,7 @@ def _backward_with_graph(grad_output, input, offset, mask, weight, stride, paddi
     with _no_autocast(input):
         grads = gradients_with_graph(forward, grad_output, (input, offset, mask, weight), output_mask[:4])
         grad_bias = grad_output.sum(dim=(0, 2, 3)) if output_mask[4] else None
+    grads = [_in_format_of(g, t) for g, t in zip(grads, (input, offset, mask, weight), strict=True)]
     return (*grads, grad_bias)
 
 
@@ -226,7 +238,8 @@ def _deform_conv2d_op(
 
 @_deform_conv2d_op.register_fake
 def _(input, offset, mask, weight, bias, stride, padding, dilation, backend):
-    return input.new_empty(input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+    shape = (input.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+    return input.new_empty(shape).contiguous(memory_format=memory_format_of(input))
 
 
 @torch.library.custom_op("deformable::deform_conv2d_backward", mutates_args=())
@@ -256,11 +269,15 @@ def _deform_conv2d_backward_op(
 def _(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
     need_input, need_offset, need_mask, need_weight, need_bias = output_mask
     empty = input.new_empty(0)
+
+    def like(t: Tensor) -> Tensor:
+        return t.new_empty(t.shape).contiguous(memory_format=memory_format_of(t))
+
     return (
-        input.new_empty(input.shape) if need_input else empty,
-        offset.new_empty(offset.shape) if need_offset else empty,
-        mask.new_empty(mask.shape) if (need_mask and mask is not None) else empty,
-        weight.new_empty(weight.shape) if need_weight else empty,
+        like(input) if need_input else empty,
+        like(offset) if need_offset else empty,
+        like(mask) if (need_mask and mask is not None) else empty,
+        like(weight) if need_weight else empty,
         weight.new_empty(weight.shape[0]) if need_bias else empty,
     )
 
@@ -436,7 +453,8 @@ def deform_conv2d(
     backend = resolve_backend(backend, input.device)
     if backend == "reference":
         with _no_autocast(input):
-            return deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+            out = deform_conv2d_reference(input, offset, weight, bias, stride, padding, dilation, mask)
+        return out.contiguous(memory_format=memory_format_of(input))
     if _plain_eager(input, offset, mask, weight, bias):
         return _DeformConv2dFunction.apply(
             input, offset, mask, weight, bias, stride, padding, dilation, backend

@@ -5,9 +5,11 @@ CPG = C_in / G channels per offset group, CG_IN / CG_OUT channels per weight gro
 
 - ``x``: the input, channels-last contiguous [N, H, W, C_in], so that the channels of one
   bilinear neighbour are one contiguous vector;
-- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` [N, C_out, Ho, Wo]: contiguous;
-- ``go`` [N, C_out, Ho, Wo] (the output's gradient): strides ``GO_SN`` (image), ``GO_SC`` (channel),
-  ``GO_SP`` (flat pixel): NCHW or channels-last, whichever the host found loads as vectors;
+- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` [N, C_out, Ho, Wo] and their
+  gradients: read and written through strides ``*_SN`` (image), ``*_SC`` (channel), ``*_SP`` (flat
+  pixel p = oy*Wo + ox), so NCHW and channels-last tensors are both taken as they are;
+- ``go`` [N, C_out, Ho, Wo] (the output's gradient): strides ``GO_SN``, ``GO_SC``, ``GO_SP``: NCHW or
+  channels-last, whichever the host found loads as vectors;
 - ``w``: the weight in GEMM layout, [groups, K, CG_IN, CG_OUT] (contiguous over output channels, the
   data gradient's reduction axis), or for the forward on the matrix unit [groups, K, CG_OUT, CG_IN]
   (contiguous over input channels, its reduction axis).
@@ -64,11 +66,12 @@ def _pixel_tile(tile, HoWo, Wo, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sample(
-    off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W,
+    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, gk, i, j, H, W,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_MASK: tl.constexpr, CT: tl.constexpr,
 ):  # fmt: skip
-    """Bilinear set-up of the samples of tap ``gk`` (= g*K + k, tap (i, j)) for a vector of pixels.
+    """Bilinear set-up of the samples of tap ``gk`` (= g*K + k, tap (i, j)) for a vector of pixels
+    whose offsets start at ``off_row`` (= n*OFF_SN + p*OFF_SP) and masks at ``msk_row``.
 
     Returns, each a [BLOCK] vector:
         y0, x0: the top-left neighbour (int32, meaningful where ``inside``);
@@ -79,9 +82,9 @@ def _sample(
     Positions outside are replaced by 0 before the floor, so no huge or infinite coordinate is
     ever converted to an integer.
     """
-    base = (n * (2 * GK) + 2 * gk) * HoWo + p
+    base = off_row + (2 * gk) * OFF_SC
     dy = tl.load(off_ptr + base, mask=row_ok, other=0.0).to(CT)
-    dx = tl.load(off_ptr + base + HoWo, mask=row_ok, other=0.0).to(CT)
+    dx = tl.load(off_ptr + base + OFF_SC, mask=row_ok, other=0.0).to(CT)
     y = (oy * stride_h - pad_h + i * dil_h).to(CT) + dy
     x = (ox * stride_w - pad_w + j * dil_w).to(CT) + dx
     inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
@@ -92,7 +95,7 @@ def _sample(
     y0f = tl.floor(ys)
     x0f = tl.floor(xs)
     if HAS_MASK:
-        mod = tl.load(msk_ptr + (n * GK + gk) * HoWo + p, mask=row_ok, other=0.0).to(CT)
+        mod = tl.load(msk_ptr + msk_row + gk * MSK_SC, mask=row_ok, other=0.0).to(CT)
     else:
         mod = tl.zeros_like(ys) + 1.0
     return y0f.to(tl.int32), x0f.to(tl.int32), ys - y0f, xs - x0f, inside, outside, mod
@@ -143,14 +146,14 @@ def _load_grad_out(go_ptr, n, p, HoWo, oc, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN:
 
 @triton.jit
 def _columns(
-    x_ptr, off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W, C,
+    x_ptr, off_ptr, msk_ptr, n, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, gk, i, j, H, W, C,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, cmask,
     HAS_MASK: tl.constexpr, CT: tl.constexpr,
 ):  # fmt: skip
     """Sampled columns [BLOCK, len(cols)] of tap ``gk`` (mask applied); channels outside cmask are 0
     unless the sample is NaN."""
     y0, x0, ly, lx, inside, outside, mod = _sample(
-        off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W,
+        off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, gk, i, j, H, W,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
     )  # fmt: skip
     scale = tl.where(inside, 1.0, outside) * mod
@@ -167,8 +170,9 @@ def _columns(
 @triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES", "TAPS_PER_SPLIT"])
 def deform_conv_fwd_kernel(
     x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, out_ptr,
-    N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
+    N, H, W, C, HoWo, Wo, CG_IN, CG_OUT, CPG, NTAPS, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES, TAPS_PER_SPLIT,
+    OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP, OUT_SN, OUT_SC, OUT_SP,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_TAPS: tl.constexpr, MMA: tl.constexpr,
     PRECISION: tl.constexpr, CT: tl.constexpr, INDEX64: tl.constexpr, W_K_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,6 +207,8 @@ def deform_conv_fwd_kernel(
     wg = (pid // n_blocks) % groups
     nb = pid % n_blocks
     n, p, oy, ox, row_ok = _pixel_tile(pid // (groups * n_blocks), HoWo, Wo, BLOCK_M)
+    off_row = n * OFF_SN + p * OFF_SP
+    msk_row = n * MSK_SN + p * MSK_SP
     ocols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     omask = ocols < CG_OUT
 
@@ -216,7 +222,7 @@ def deform_conv_fwd_kernel(
         j = k % KW
         for g in range(g_lo, g_hi):
             y0, x0, ly, lx, inside, outside, mod = _sample(
-                off_ptr, msk_ptr, n, p, oy, ox, row_ok, g * NTAPS + k, i, j, GK, HoWo, H, W,
+                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k, i, j, H, W,
                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
             )  # fmt: skip
             scale = tl.where(inside, 1.0, outside) * mod
@@ -250,7 +256,7 @@ def deform_conv_fwd_kernel(
         if SPLIT_TAPS:
             bias = tl.where(k_lo == 0, bias, 0.0)
         acc += bias[None, :]
-    optr = out_ptr + (n * C_OUT + oc)[None, :] * HoWo + p[:, None]
+    optr = out_ptr + n * OUT_SN + oc[None, :] * OUT_SC + p[:, None] * OUT_SP
     if SPLIT_TAPS:
         tl.atomic_add(optr, acc, mask=row_ok[:, None] & omask[None, :], sem="relaxed")
     else:
@@ -261,8 +267,9 @@ def deform_conv_fwd_kernel(
 def deform_conv_bwd_data_kernel(
     x_ptr, off_ptr, msk_ptr, w_ptr, go_ptr,
     gx_ptr, goff_ptr, gmsk_ptr, colgrad_ptr, frac_ptr, key_ptr,
-    N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, G, NTAPS, KW,
+    N, H, W, C, HoWo, Wo, CG_IN, CG_OUT, CPG, G, NTAPS, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SENTINEL, GO_SN, GO_SC, GO_SP,
+    OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP,
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
     CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
@@ -294,8 +301,10 @@ def deform_conv_bwd_data_kernel(
     i = k // KW
     j = k % KW
     n, p, oy, ox, row_ok = _pixel_tile(pid // GK, HoWo, Wo, BLOCK_M)
+    off_row = n * OFF_SN + p * OFF_SP
+    msk_row = n * MSK_SN + p * MSK_SP
     y0, x0, ly, lx, inside, outside, mod = _sample(
-        off_ptr, msk_ptr, n, p, oy, ox, row_ok, gk, i, j, GK, HoWo, H, W,
+        off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, gk, i, j, H, W,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
     )  # fmt: skip
     r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
@@ -378,14 +387,14 @@ def deform_conv_bwd_data_kernel(
                     )
 
     if NEED_OFFSET:
-        obase = (n * (2 * GK) + 2 * gk) * HoWo + p
+        obase = off_row + (2 * gk) * OFF_SC  # the gradients have the offset's and mask's strides
         gy = tl.where(inside, grad_y * mod, outside)
         gx = tl.where(inside, grad_x * mod, outside)
         tl.store(goff_ptr + obase, gy.to(goff_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(goff_ptr + obase + HoWo, gx.to(goff_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(goff_ptr + obase + OFF_SC, gx.to(goff_ptr.dtype.element_ty), mask=row_ok)
     if NEED_MASK:
         gmv = tl.where(inside, grad_m, outside)
-        tl.store(gmsk_ptr + (n * GK + gk) * HoWo + p, gmv.to(gmsk_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(gmsk_ptr + msk_row + gk * MSK_SC, gmv.to(gmsk_ptr.dtype.element_ty), mask=row_ok)
     if NEED_INPUT and DETERMINISTIC:
         tl.store(frac_ptr + sample * 2, ly, mask=row_ok)
         tl.store(frac_ptr + sample * 2 + 1, lx, mask=row_ok)
@@ -446,8 +455,9 @@ def deform_conv_gather_input_grad_kernel(
 @triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES_PER_SPLIT"])
 def deform_conv_bwd_weight_kernel(
     x_ptr, off_ptr, msk_ptr, go_ptr, part_ptr,
-    N, H, W, C, HoWo, Wo, C_OUT, CG_IN, CG_OUT, CPG, GK, NTAPS, KW,
+    N, H, W, C, HoWo, Wo, CG_IN, CG_OUT, CPG, NTAPS, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES_PER_SPLIT, GO_SN, GO_SC, GO_SP,
+    OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP,
     HAS_MASK: tl.constexpr, ONE_GROUP: tl.constexpr, ATOMIC: tl.constexpr, MMA: tl.constexpr,
     PRECISION: tl.constexpr,
     CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
@@ -496,9 +506,12 @@ def deform_conv_bwd_weight_kernel(
     t_end = tl.minimum(N * tl.cdiv(HoWo, BLOCK_M), t_start + TILES_PER_SPLIT)
     for t in range(t_start, t_end):
         n, p, oy, ox, row_ok = _pixel_tile(t, HoWo, Wo, BLOCK_M)
+        off_row = n * OFF_SN + p * OFF_SP
+        msk_row = n * MSK_SN + p * MSK_SP
         if ONE_GROUP:
             a = _columns(
-                x_ptr, off_ptr, msk_ptr, n, p, oy, ox, row_ok, g_first * NTAPS + k, i, j, GK, HoWo, H, W, C,
+                x_ptr, off_ptr, msk_ptr, n, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok,
+                g_first * NTAPS + k, i, j, H, W, C,
                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, cmask, HAS_MASK, CT,
             )  # fmt: skip
         else:
@@ -506,7 +519,8 @@ def deform_conv_bwd_weight_kernel(
             for g in range(g_first, g_last + 1):
                 gmask = cmask & (cols >= g * CPG) & (cols < g * CPG + CPG)
                 blend = _columns(
-                    x_ptr, off_ptr, msk_ptr, n, p, oy, ox, row_ok, g * NTAPS + k, i, j, GK, HoWo, H, W, C,
+                    x_ptr, off_ptr, msk_ptr, n, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok,
+                    g * NTAPS + k, i, j, H, W, C,
                     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, cols, gmask, HAS_MASK, CT,
                 )  # fmt: skip
                 a = tl.where(gmask[None, :], blend, a)

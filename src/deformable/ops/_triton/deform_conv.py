@@ -27,8 +27,11 @@ backward, weight part
     deterministic mode: per-split partial sums, added by ``torch.sum`` in a fixed order). The bias
     gradient is ``grad_out.sum``.
 
-Nothing is saved between forward and backward but the op's inputs; each call makes one
-channels-last copy of the input (free when the input is channels_last already). The backward runs
+Memory formats: NCHW and channels_last tensors are both taken as they are (offsets, masks and the
+output's gradient are read through their strides); the output and every gradient come back in the
+memory format of their tensor (``memory_format_of``), so a channels_last model stays channels_last
+without copies. Nothing is saved between forward and backward but the op's inputs; each call makes
+one channels-last copy of the input (free when the input is channels_last already). The backward runs
 the weight kernel first and converts the fp32 input-gradient accumulator into grad_input only after
 releasing that copy, so no more than two input-sized buffers are alive at once
 (``benchmarks/triton_memory.py`` predicts the GPU's peak memory on a CPU).
@@ -92,6 +95,7 @@ from torch import Tensor
 
 from .._aten import get_memory_budget
 from .._geometry import ConvGeometry
+from .._layout import memory_format_of
 from . import _autotune_cache
 from . import _deform_conv_kernels as _k
 from ._launch import launch
@@ -434,11 +438,12 @@ def _planned(
     return plan
 
 
-def _settings(t: Tensor) -> tuple:
+def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
-    product precision, autotuning, configuration overrides and the memory budget."""
+    product precision, autotuning, configuration overrides and, for ``budgeted`` plans (the
+    deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
-    state = (precision, _autotune_enabled(t), get_memory_budget())
+    state = (precision, _autotune_enabled(t), get_memory_budget() if budgeted else None)
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -463,6 +468,24 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, di
 def _channels_last(input: Tensor) -> Tensor:
     """[N, C, H, W] -> contiguous [N, H, W, C] (free when the input is channels_last already)."""
     return input.permute(0, 2, 3, 1).contiguous()
+
+
+def _pixel_operand(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """A per-pixel map [N, C, Ho, Wo] (offset, mask, output) as the kernels index it: the tensor itself
+    when NCHW-contiguous or channels_last (else an NCHW copy) and its (image, channel, flat pixel)
+    strides. The strides are the format's canonical ones: they address every element of such a tensor,
+    whatever strides its size-1 dimensions carry."""
+    _, c, h, w = t.shape
+    if memory_format_of(t) == torch.channels_last:
+        return t, (h * w * c, 1, c)
+    return t.contiguous(), (c * h * w, h * w, 1)
+
+
+def _empty_map(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised [N, C, H, W] tensor in ``like``'s memory format (and dtype unless given)."""
+    return torch.empty(
+        shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format_of(like)
+    )
 
 
 def _grad_out_operand(grad_output: Tensor, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, int, int]]:
@@ -539,19 +562,18 @@ def forward(
         any strides.
 
     Returns:
-        [N, C_out, Ho, Wo], contiguous, in the input's dtype.
+        [N, C_out, Ho, Wo] in the input's dtype and memory format (:func:`memory_format_of`).
     """
     geo = _geometry(input, offset, weight, stride, padding, dilation)
-    out = torch.empty(
-        (geo.batch, geo.out_channels, geo.out_h, geo.out_w), dtype=input.dtype, device=input.device
-    )
+    out = _empty_map((geo.batch, geo.out_channels, geo.out_h, geo.out_w), input)
     if out.numel() == 0:
         return out
     if input.numel() == 0:  # an empty map: every sample is 0 (no launch with empty tensors)
         return out.fill_(0) if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
     x = _channels_last(input)
-    offset = offset.contiguous()
-    mask_c = mask.contiguous() if mask is not None else offset
+    offset, offset_strides = _pixel_operand(offset)
+    mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset, offset_strides)
+    out_strides = _pixel_operand(out)[1]
     settings = _settings(input)
     k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
     w = _weight_gemm_forward(weight, geo, k_major)
@@ -568,8 +590,8 @@ def forward(
         splits = _cdiv(geo.taps, taps_per_split)
         scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
-            geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,
-            geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(), tiles, taps_per_split,
+            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.taps, geo.kw,
+            *geo.spatial_args(), tiles, taps_per_split, *offset_strides, *mask_strides, *out_strides,
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
@@ -582,12 +604,14 @@ def forward(
             _run(kernel, spec, tensors)
             return
         wide = out.dtype in (torch.float32, torch.float64)
-        target = out.zero_() if wide else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+        # A 16-bit output's fp32 buffer takes its strides, which the launch's scalars carry.
+        target = out.zero_() if wide else torch.zeros_like(out, dtype=torch.float32)
         _run(kernel, spec, (*tensors[:-1], target))
         if not wide:
             out.copy_(target)
 
-    key = ("forward", geo, flags, deterministic, input.dtype, input.device, *settings)
+    strides = (offset_strides, mask_strides, out_strides)  # in the launch's scalars
+    key = ("forward", geo, flags, strides, deterministic, input.dtype, input.device, *settings)
     with _device_guard(input):
         run(_planned(key, "forward", geo, input, (*flags, deterministic), spec_of, run))
     return out
@@ -616,8 +640,9 @@ def backward(
 
     Returns:
         (grad_input [N, C_in, H, W], grad_offset, grad_mask, grad_weight, grad_bias [C_out]), each
-        contiguous in its tensor's dtype, None where not requested (grad_mask also when ``mask`` is
-        None). Deterministic when ``torch.are_deterministic_algorithms_enabled()``.
+        in its tensor's dtype and memory format (:func:`memory_format_of`), None where not requested
+        (grad_mask also when ``mask`` is None). Deterministic when
+        ``torch.are_deterministic_algorithms_enabled()``.
     """
     need_input, need_offset, need_mask, need_weight, need_bias = (bool(v) for v in output_mask)
     need_mask = need_mask and mask is not None
@@ -628,18 +653,22 @@ def backward(
     # PyTorch's reductions accumulate 16-bit tensors in fp32 and round once: one kernel, not two.
     grad_bias = go.sum(dim=(0, 2, 3)) if need_bias else None
     if geo.pixels == 0 or input.numel() == 0 or weight.numel() == 0:  # no launch: all other gradients are 0
-        zeros = torch.zeros_like
+
+        def zeros(t: Tensor) -> Tensor:
+            return torch.zeros_like(t, memory_format=memory_format_of(t))
+
         return (
-            zeros(input, memory_format=torch.contiguous_format) if need_input else None,
-            zeros(offset, memory_format=torch.contiguous_format) if need_offset else None,
-            zeros(mask, memory_format=torch.contiguous_format) if need_mask and mask is not None else None,
-            zeros(weight, memory_format=torch.contiguous_format) if need_weight else None,
+            zeros(input) if need_input else None,
+            zeros(offset) if need_offset else None,
+            zeros(mask) if need_mask and mask is not None else None,
+            zeros(weight) if need_weight else None,
             grad_bias,
         )
 
     x = _channels_last(input)
-    offset_c = offset.contiguous()
-    mask_c = mask.contiguous() if mask is not None else offset_c
+    offset_c, offset_strides = _pixel_operand(offset)
+    mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset_c, offset_strides)
+    maps = (*offset_strides, *mask_strides)
     grad_input = grad_offset = grad_mask = grad_weight = None
     deterministic = torch.are_deterministic_algorithms_enabled()
     key: tuple = (
@@ -652,21 +681,21 @@ def backward(
         dtype,
         input.device,
     )
-    key += (go_layout, *_settings(input))
+    key += (go_layout, maps, *_settings(input, budgeted=deterministic))
     with _device_guard(input):
         # Peak memory: the weight kernel runs first and the input gradient is written last, after the
         # channels-last copy of the input is released, so that copy, the fp32 accumulator and
         # grad_input (each input-sized) are never alive together.
         if need_weight:
             grad_weight = _weight_grad(
-                geo, x, offset_c, mask_c, mask is not None, go, go_layout, deterministic, key
+                geo, x, offset_c, mask_c, mask is not None, go, go_layout, maps, weight, deterministic, key
             )
         finish_input = None
         if need_input or need_offset or need_mask:
             w = _weight_gemm(weight, geo)
             finish_input, grad_offset, grad_mask = _data_grads(
-                geo, x, offset_c, mask_c, mask is not None, w, go, go_layout, need_input, need_offset,
-                need_mask, key,
+                geo, x, offset_c, mask_c, mask is not None, w, go, go_layout, maps, need_input,
+                need_offset, need_mask, memory_format_of(input), key,
             )  # fmt: skip
             del w
         del x
@@ -675,11 +704,17 @@ def backward(
     return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
 
 
-def _data_grads(geo, x, offset, mask, has_mask, w, go, go_layout, need_input, need_offset, need_mask, key):
+def _data_grads(
+    geo, x, offset, mask, has_mask, w, go, go_layout, maps, need_input, need_offset, need_mask,
+    input_format, key,
+):  # fmt: skip
     """Run the data kernel: (finish_input, grad_offset, grad_mask), None where not needed.
 
-    ``finish_input()`` turns the kernel's buffers into grad_input [N, C_in, H, W] (the fp32
-    channels-last accumulator converted, or the deterministic gather); it reads neither ``x`` nor ``w``,
+    ``offset`` and ``mask`` are :func:`_pixel_operand` tensors, ``maps`` their six strides, which
+    their gradients share (allocated in the same formats). ``finish_input()`` turns the kernel's
+    buffers into grad_input [N, C_in, H, W] in ``input_format`` (the fp32 channels-last accumulator
+    converted, or itself, permuted, for a channels_last float32/float64 input; or the deterministic
+    gather); it reads neither ``x`` nor ``w``,
     so the caller can release them first. In deterministic mode the per-sample buffers are sized for
     groups of images that fit the memory budget (:func:`deformable.ops.set_memory_budget`), one
     kernel launch and one gather per group; a sample only reaches its own image's pixels and each
@@ -689,8 +724,8 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, go_layout, need_input, ne
     dtype, acc = x.dtype, _compute_dtype(x.dtype)
     device = x.device
     deterministic = need_input and torch.are_deterministic_algorithms_enabled()
-    grad_offset = torch.empty(offset.shape, dtype=dtype, device=device) if need_offset else None
-    grad_mask = torch.empty(mask.shape, dtype=dtype, device=device) if need_mask else None
+    grad_offset = _empty_map(offset.shape, offset, dtype) if need_offset else None
+    grad_mask = _empty_map(mask.shape, mask, dtype) if need_mask else None
     gx = None
     if need_input and not deterministic:
         gx = torch.empty((geo.batch, geo.height, geo.width, geo.in_channels), dtype=acc, device=device)
@@ -724,8 +759,8 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, go_layout, need_input, ne
             programs = sub.pixel_tiles(cfg.block_m) * sub.offset_groups * sub.taps
             scalars = (
                 sub.batch, sub.height, sub.width, sub.in_channels, sub.out_h * sub.out_w, sub.out_w,
-                sub.out_channels, sub.group_in, sub.group_out, sub.channels_per_offset_group,
-                sub.offset_groups, sub.taps, sub.kw, *sub.spatial_args(), cells, *go_layout[:3],
+                sub.group_in, sub.group_out, sub.channels_per_offset_group, sub.offset_groups, sub.taps,
+                sub.kw, *sub.spatial_args(), cells, *go_layout[:3], *maps,
             )  # fmt: skip
             return _Launch(_grid(programs), scalars, dict(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
@@ -747,13 +782,17 @@ def _data_grads(geo, x, offset, mask, has_mask, w, go, go_layout, need_input, ne
             pending = (sub, buffers)
 
     def finish_input() -> Tensor:
+        # The deterministic gather writes NCHW: a channels_last input's gradient is converted after.
         if grad_input is not None:
-            return grad_input
+            return grad_input.contiguous(memory_format=input_format)
         if pending is not None:
             sub, buffers = pending
-            return _gather_input_grad(sub, *buffers, None, dtype)
+            return _gather_input_grad(sub, *buffers, None, dtype).contiguous(memory_format=input_format)
         assert gx is not None  # need_input without deterministic mode: the kernel's accumulator
-        return torch.empty(input_shape, dtype=dtype, device=device).copy_(gx.permute(0, 3, 1, 2))
+        as_nchw = gx.permute(0, 3, 1, 2)  # a channels_last view
+        if input_format == torch.channels_last and dtype == acc:
+            return as_nchw
+        return torch.empty(input_shape, dtype=dtype, device=device, memory_format=input_format).copy_(as_nchw)
 
     return (finish_input if need_input else None), grad_offset, grad_mask
 
@@ -815,8 +854,9 @@ def _gather_input_grad(geo, colgrad, frac, keys, cells, out: Tensor | None, dtyp
     return out
 
 
-def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, deterministic, key) -> Tensor:
-    """grad_weight [C_out, C_in/groups, kh, kw] by the split-K weight kernel, in ``x``'s dtype.
+def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, deterministic, key) -> Tensor:
+    """grad_weight [C_out, C_in/groups, kh, kw] by the split-K weight kernel, in ``x``'s dtype and
+    ``weight``'s memory format (``offset``, ``mask`` and ``maps`` as for :func:`_data_grads`).
 
     The splits add up with atomics into one fp32 buffer, or, in deterministic mode, write partial
     sums (within the memory budget, :func:`deformable.ops.set_memory_budget`) that ``torch.sum``
@@ -841,9 +881,8 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, deterministic, k
         shape = (splits if deterministic else 1, geo.groups, geo.taps, geo.group_in, geo.group_out)
         scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
-            geo.out_channels, geo.group_in, geo.group_out, geo.channels_per_offset_group,
-            geo.offset_groups * geo.taps, geo.taps, geo.kw, *geo.spatial_args(), tiles_per_split,
-            *go_layout[:3],
+            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.taps, geo.kw,
+            *geo.spatial_args(), tiles_per_split, *go_layout[:3], *maps,
         )  # fmt: skip
         return _Launch(_grid(splits * others), scalars, dict(
             HAS_MASK=has_mask, INDEX64=geo.index64(math.prod(shape)), GO_ALIGN=go_layout[3],
@@ -859,6 +898,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, deterministic, k
 
     run(_planned(("weight", *key), "weight", geo, x, (has_mask, deterministic), spec_of, run))
     # One copy converts and reorders [groups, taps, C_in/g, C_out/g] -> [C_out, C_in/g, kh, kw].
-    gw = torch.empty((geo.out_channels, geo.group_in, geo.kh, geo.kw), dtype=x.dtype, device=x.device)
+    gw = _empty_map(weight.shape, weight)
+    # A view in either format: (kh, kw) merge into the taps, C_out splits into the groups.
     gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 2, 1))
     return gw
