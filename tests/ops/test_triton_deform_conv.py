@@ -382,6 +382,40 @@ def test_channels_last_output_of_split_taps(monkeypatch, dtype):
     assert_same(out, forward(case, dense))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_offsets_and_mask_sliced_from_one_prediction(memory_format):
+    """A DCNv2 layer cuts its offsets and mask from one [N, 3*G*K, Ho, Wo] prediction: the channel
+    slices are read in place (no copy) and give the results of contiguous copies; their gradients are
+    new NCHW tensors."""
+    case = CASES["groups2-offset-groups3"]
+    dense = make_inputs(case, torch.float64)
+    x, offset, mask, weight, bias = dense
+    prediction = torch.cat([offset, mask], dim=1).contiguous(memory_format=memory_format)
+    split = offset.shape[1]
+    sliced = (x, prediction[:, :split], prediction[:, split:], weight, bias)
+    for t in sliced[1:3]:
+        assert tdc._pixel_operand(t)[0].data_ptr() == t.data_ptr()  # read as it is
+    assert_same(forward(case, sliced), forward(case, dense))
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+    got, expected = backward(case, sliced, grad_output), backward(case, dense, grad_output)
+    for a, b in zip(got[:4], expected[:4], strict=True):
+        assert a.is_contiguous()
+        assert_same(a, b)
+
+
+def test_pixel_operand_copies_what_it_cannot_index():
+    """Rows and columns that do not merge into one pixel stride (a cropped width, a transpose) are
+    copied to NCHW; those that do (every other column, a broadcast batch) are read in place."""
+    base = torch.randn(2, 9, 5, 8)
+    for t in (base[..., :4], base.transpose(2, 3).contiguous().transpose(2, 3)):
+        copy, strides = tdc._pixel_operand(t)
+        _, c, h, w = t.shape
+        assert copy.is_contiguous() and torch.equal(copy, t) and strides == (c * h * w, h * w, 1)
+    for t, strides in ((base[..., ::2], (360, 40, 2)), (base[:1].expand(2, -1, -1, -1), (0, 40, 1))):
+        same, got = tdc._pixel_operand(t)
+        assert same.data_ptr() == t.data_ptr() and got == strides
+
+
 def test_offset_and_mask_of_one_layout_each():
     """Offset and mask are read through their own strides: NCHW offsets with a channels_last mask
     (and the reverse) give the NCHW path's results, each gradient in its tensor's format."""

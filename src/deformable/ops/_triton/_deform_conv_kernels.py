@@ -5,9 +5,10 @@ CPG = C_in / G channels per offset group, CG_IN / CG_OUT channels per weight gro
 
 - ``x``: the input, channels-last contiguous [N, H, W, C_in], so that the channels of one
   bilinear neighbour are one contiguous vector;
-- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` [N, C_out, Ho, Wo] and their
-  gradients: read and written through strides ``*_SN`` (image), ``*_SC`` (channel), ``*_SP`` (flat
-  pixel p = oy*Wo + ox), so NCHW and channels-last tensors are both taken as they are;
+- ``off`` [N, 2*G*K, Ho, Wo], ``msk`` [N, G*K, Ho, Wo], ``out`` [N, C_out, Ho, Wo] and the offset's
+  and mask's gradients (``goff``, ``gmsk``): read and written through strides ``*_SN`` (image),
+  ``*_SC`` (channel), ``*_SP`` (flat pixel p = oy*Wo + ox), so NCHW, channels-last and channel slices
+  of either (a layer's offsets, cut from its offset-and-mask prediction) are taken as they are;
 - ``go`` [N, C_out, Ho, Wo] (the output's gradient): strides ``GO_SN``, ``GO_SC``, ``GO_SP``: NCHW or
   channels-last, whichever the host found loads as vectors;
 - ``w``: the weight in GEMM layout, [groups, K, CG_IN, CG_OUT] (contiguous over output channels, the
@@ -269,7 +270,7 @@ def deform_conv_bwd_data_kernel(
     gx_ptr, goff_ptr, gmsk_ptr, colgrad_ptr, frac_ptr, key_ptr,
     N, H, W, C, HoWo, Wo, CG_IN, CG_OUT, CPG, G, NTAPS, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, SENTINEL, GO_SN, GO_SC, GO_SP,
-    OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP,
+    OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP, GOFF_SN, GOFF_SC, GOFF_SP, GMSK_SN, GMSK_SC, GMSK_SP,
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
     CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
@@ -387,14 +388,18 @@ def deform_conv_bwd_data_kernel(
                     )
 
     if NEED_OFFSET:
-        obase = off_row + (2 * gk) * OFF_SC  # the gradients have the offset's and mask's strides
+        obase = n * GOFF_SN + p * GOFF_SP + (2 * gk) * GOFF_SC
         gy = tl.where(inside, grad_y * mod, outside)
         gx = tl.where(inside, grad_x * mod, outside)
         tl.store(goff_ptr + obase, gy.to(goff_ptr.dtype.element_ty), mask=row_ok)
-        tl.store(goff_ptr + obase + OFF_SC, gx.to(goff_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(goff_ptr + obase + GOFF_SC, gx.to(goff_ptr.dtype.element_ty), mask=row_ok)
     if NEED_MASK:
         gmv = tl.where(inside, grad_m, outside)
-        tl.store(gmsk_ptr + msk_row + gk * MSK_SC, gmv.to(gmsk_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(
+            gmsk_ptr + n * GMSK_SN + p * GMSK_SP + gk * GMSK_SC,
+            gmv.to(gmsk_ptr.dtype.element_ty),
+            mask=row_ok,
+        )
     if NEED_INPUT and DETERMINISTIC:
         tl.store(frac_ptr + sample * 2, ly, mask=row_ok)
         tl.store(frac_ptr + sample * 2 + 1, lx, mask=row_ok)

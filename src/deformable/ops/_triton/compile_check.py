@@ -146,17 +146,20 @@ def _grad_out_args(dtype: torch.dtype, geo: _Geometry) -> tuple[dict, set[str]]:
     return {**constexprs, "GO_ALIGN": align}, divisible
 
 
-def _map_args(geo: _Geometry, forward: bool) -> tuple[dict, set[str]]:
-    """The offset, mask (and for the forward, output) stride arguments as the JIT specialises them
-    for NCHW tensors: constexprs (strides of 1) and the names of those divisible by 16."""
+def _map_args(geo: _Geometry, kernel: str) -> tuple[dict, set[str]]:
+    """The offset and mask stride arguments (and the forward's output's, the data kernel's gradients')
+    as the JIT specialises them for NCHW tensors: constexprs (strides of 1) and the names of those
+    divisible by 16."""
     pixels = geo.out_h * geo.out_w
     gk = geo.offset_groups * geo.taps
     strides = {
         "OFF_SN": 2 * gk * pixels, "OFF_SC": pixels, "OFF_SP": 1,
         "MSK_SN": gk * pixels, "MSK_SC": pixels, "MSK_SP": 1,
     }  # fmt: skip
-    if forward:
+    if kernel == "forward":
         strides.update(OUT_SN=geo.out_channels * pixels, OUT_SC=pixels, OUT_SP=1)
+    if kernel == "data":
+        strides.update({"G" + name: value for name, value in strides.items()})
     constexprs = {name: 1 for name, value in strides.items() if value == 1}
     return constexprs, {name for name, value in strides.items() if value % 16 == 0}
 
@@ -177,7 +180,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
         constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-        map_constexprs, divisible = _map_args(geo, forward=True)
+        map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
     if kernel == "data":
         pointers = dict.fromkeys(
@@ -188,7 +191,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs.update(DETERMINISTIC=False, ONE_O_BLOCK=config.block_k >= geo.group_out, **common)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
-        map_constexprs, map_divisible = _map_args(geo, forward=False)
+        map_constexprs, map_divisible = _map_args(geo, "data")
         constexprs.update(go_constexprs, **map_constexprs)
         return _k.deform_conv_bwd_data_kernel, pointers, constexprs, divisible | map_divisible
     if kernel == "weight":
@@ -198,7 +201,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs = {"HAS_MASK": True, "ONE_GROUP": one_group, "ATOMIC": True, **common}
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
-        map_constexprs, map_divisible = _map_args(geo, forward=False)
+        map_constexprs, map_divisible = _map_args(geo, "weight")
         constexprs.update(go_constexprs, **map_constexprs)
         return _k.deform_conv_bwd_weight_kernel, pointers, constexprs, divisible | map_divisible
     pointers = {"colgrad_ptr": acc, "frac_ptr": acc, "order_ptr": "*i64", "start_ptr": "*i64", "gx_ptr": t}

@@ -471,14 +471,27 @@ def _channels_last(input: Tensor) -> Tensor:
 
 
 def _pixel_operand(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
-    """A per-pixel map [N, C, Ho, Wo] (offset, mask, output) as the kernels index it: the tensor itself
-    when NCHW-contiguous or channels_last (else an NCHW copy) and its (image, channel, flat pixel)
-    strides. The strides are the format's canonical ones: they address every element of such a tensor,
-    whatever strides its size-1 dimensions carry."""
-    _, c, h, w = t.shape
-    if memory_format_of(t) == torch.channels_last:
-        return t, (h * w * c, 1, c)
-    return t.contiguous(), (c * h * w, h * w, 1)
+    """A per-pixel map [N, C, Ho, Wo] (offset, mask, output) as the kernels index it, and its (image,
+    channel, flat pixel p = y*Wo + x) strides: the tensor itself when NCHW-contiguous or channels_last
+    (with the format's canonical strides, which address every element whatever strides its size-1
+    dimensions carry), or when its rows and columns merge into one pixel stride (a channel slice of
+    either, as a layer's offsets cut from its offset-and-mask prediction); otherwise an NCHW copy."""
+    n, c, h, w = t.shape
+    fmt = memory_format_of(t)
+    if fmt == torch.channels_last or t.is_contiguous():
+        return t, _format_strides(t.shape, fmt)
+    sn, sc, sh, sw = t.stride()
+    pixel = sh if w == 1 else (sw if h == 1 or sh == w * sw else None)
+    # Beyond 32-bit reach, the copy's canonical size is what the kernels' index-width choice counts.
+    if pixel is not None and (n - 1) * sn + (c - 1) * sc + (h * w - 1) * pixel < _INT32_SAFE:
+        return t, (sn, sc, pixel)
+    return t.contiguous(), _format_strides(t.shape, torch.contiguous_format)
+
+
+def _format_strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, int, int]:
+    """(image, channel, flat pixel) strides of a dense [N, C, H, W] tensor in memory format ``fmt``."""
+    _, c, h, w = shape
+    return (h * w * c, 1, c) if fmt == torch.channels_last else (c * h * w, h * w, 1)
 
 
 def _empty_map(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -668,7 +681,13 @@ def backward(
     x = _channels_last(input)
     offset_c, offset_strides = _pixel_operand(offset)
     mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset_c, offset_strides)
-    maps = (*offset_strides, *mask_strides)
+    # Read strides of offset and mask, then those of their gradients: new tensors in their formats.
+    maps = (
+        *offset_strides,
+        *mask_strides,
+        *_format_strides(offset_c.shape, memory_format_of(offset_c)),
+        *_format_strides(mask_c.shape, memory_format_of(mask_c)),
+    )
     grad_input = grad_offset = grad_mask = grad_weight = None
     deterministic = torch.are_deterministic_algorithms_enabled()
     key: tuple = (
@@ -710,12 +729,12 @@ def _data_grads(
 ):  # fmt: skip
     """Run the data kernel: (finish_input, grad_offset, grad_mask), None where not needed.
 
-    ``offset`` and ``mask`` are :func:`_pixel_operand` tensors, ``maps`` their six strides, which
-    their gradients share (allocated in the same formats). ``finish_input()`` turns the kernel's
-    buffers into grad_input [N, C_in, H, W] in ``input_format`` (the fp32 channels-last accumulator
-    converted, or itself, permuted, for a channels_last float32/float64 input; or the deterministic
-    gather); it reads neither ``x`` nor ``w``,
-    so the caller can release them first. In deterministic mode the per-sample buffers are sized for
+    ``offset`` and ``mask`` are :func:`_pixel_operand` tensors; ``maps`` holds their (image, channel,
+    pixel) strides, then those of their gradients (allocated in their memory formats).
+    ``finish_input()`` turns the kernel's buffers into grad_input [N, C_in, H, W] in ``input_format``
+    (the fp32 channels-last accumulator converted, or itself, permuted, for a channels_last
+    float32/float64 input; or the deterministic gather); it reads neither ``x`` nor ``w``, so the
+    caller can release them first. In deterministic mode the per-sample buffers are sized for
     groups of images that fit the memory budget (:func:`deformable.ops.set_memory_budget`), one
     kernel launch and one gather per group; a sample only reaches its own image's pixels and each
     group is sorted stably, so the result is bitwise the same whatever the grouping. ``key`` is the
@@ -882,7 +901,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
         scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.taps, geo.kw,
-            *geo.spatial_args(), tiles_per_split, *go_layout[:3], *maps,
+            *geo.spatial_args(), tiles_per_split, *go_layout[:3], *maps[:6],
         )  # fmt: skip
         return _Launch(_grid(splits * others), scalars, dict(
             HAS_MASK=has_mask, INDEX64=geo.index64(math.prod(shape)), GO_ALIGN=go_layout[3],
