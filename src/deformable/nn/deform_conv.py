@@ -291,11 +291,15 @@ class DCNv2(_OffsetPredictingConv):
     def offsets_and_mask(self, input: Tensor) -> tuple[Tensor, Tensor]:
         """The predicted offsets [N, 2*G*K, H_out, W_out] and mask [N, G*K, H_out, W_out]."""
         prediction = self._predict(input)
-        split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
-        mask = torch.sigmoid(prediction[:, split:])
+        taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        # One split, not two slices: its backward is one concatenation, where two slices' backward
+        # would zero-fill and add two prediction-sized gradients. The operator reads the offset slice
+        # in place.
+        offset, logits = torch.split(prediction, [2 * taps, taps], dim=1)
+        mask = torch.sigmoid(logits)
         if self.mask_scale != 1.0:
             mask = mask * self.mask_scale
-        return prediction[:, :split], mask
+        return offset, mask
 
     # The layer predicts its own offsets and mask: forward takes only the input, unlike DeformConv2d's.
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]

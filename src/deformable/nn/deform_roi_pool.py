@@ -259,9 +259,8 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
         """Offsets ``[K, 2, ph, pw]`` and mask in (0, 1) ``[K, 1, ph, pw]`` from pooled ``[K, C, ph, pw]``."""
         flat = pooled.flatten(1)
         if self.branch == "paper":
-            out = self.offset_mask_fc(flat)
-            offset = out[:, : 2 * self._bins]
-            mask = torch.sigmoid(out[:, 2 * self._bins :])
+            offset, logits = torch.split(self.offset_mask_fc(flat), [2 * self._bins, self._bins], dim=1)
+            mask = torch.sigmoid(logits)  # one split: its backward is one concatenation
         else:
             offset = self.offset_fc(flat)
             mask = self.mask_fc(flat)
