@@ -799,7 +799,8 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
     many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and the fp32 (TF32)
     forward at 512 and 256 channels, which trails the 16-bit one most (its heuristic caps the channel
     tile at 128, so each sample is gathered two or four times); the forward's tap splits; the weight
-    kernel at det-c3, where ptxas serialises its pipelined wgmma (one stage against two)."""
+    kernel at det-c3, where ptxas serialises its pipelined wgmma (one stage against two); the fp32
+    data kernel at 512 channels (64- against 32-channel blocks)."""
     report.add("## Configuration sweep")
     report.add("")
     report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits]) | ms | |")
@@ -815,6 +816,9 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
             (by_name["det-c5"], torch.float16, ("forward", "data")),
             (by_name["det-c5"], torch.float32, ("forward",)),
             (by_name["det-c4"], torch.float32, ("forward",)),
+            # 64-channel blocks of the fp32 data kernel at 512 channels (default since 2026-11-27,
+            # unmeasured) against the 32-channel blocks it replaced, among the candidates.
+            (by_name["cls-c5"], torch.float32, ("data",)),
             # Ho*Wo a multiple of 16: ptxas serialises the pipelined weight kernel's wgmma.
             (by_name["det-c3"], torch.float16, ("weight",)),
         ]

@@ -283,7 +283,12 @@ def _heuristic(
         # against 0.311 with two stages; cls-c5 (512 channels) 0.331 against 0.402 with 64).
         if geo.group_out <= 256:  # one grad_out tile per weight group, kept across channel blocks
             return Config(64, 64 if wide else 32, _pow2(geo.group_out, 16, 256), 8, 3 if wide else 2)
-        return Config(64, 64, 256, 8, 2) if wide else Config(64, 32, 64, 8, 2)
+        # fp32 over more than 256 output channels re-reads the grad_out tile once per channel block:
+        # 64-channel blocks halve that (the largest term of the traffic model at det-c5/cls-c5) at
+        # the same instructions per channel and the same occupancy (250 registers, no spills on
+        # sm_90; 32-channel blocks: 177, one CTA per multiprocessor either way). Unmeasured: the
+        # next GPU sweep times both (gpu_check, cls-c5 fp32).
+        return Config(64, 64, 256, 8, 2) if wide else Config(64, 64, 64, 8, 2)
     # weight: the channel tile is the matrix unit's M dimension (>= 64 for wgmma); a whole weight
     # group of output channels per tile where it fits, so that each column is gathered once.
     block_k = _pow2(geo.group_in, 16, 64)
@@ -321,6 +326,7 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
         raw = [
             (64, 64, 256, 8, 2), (64, 32, 256, 8, 2), (128, 32, 256, 8, 2), (64, 32, 64, 4, 2),
             (64, 64, 64, 4, 2), (128, 32, 64, 8, 2), (32, 64, 64, 4, 2), (64, 64, 256, 8, 3),
+            (64, 32, 64, 8, 2), (64, 64, 64, 8, 2),  # fp32 beyond 256 output channels: before, now
         ]  # fmt: skip
         configs = [Config(m, c, min(o, cap_o), w, s) for m, c, o, w, s in raw]
     elif kernel == "weight":
