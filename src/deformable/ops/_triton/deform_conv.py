@@ -12,7 +12,7 @@ forward
     (pixel block, tap, offset group); the four neighbours are gathered as contiguous channel
     vectors from a channels-last copy of the input, blended and fed to ``tl.dot``. The sampled
     columns never exist in memory. Output-channel tiles cover a whole weight group where it fits
-    (up to 256 channels for fp16/bf16, 128 for fp32), so most shapes gather each sample once.
+    (up to 256 channels; 128 for full fp32), so most shapes gather each sample once.
     A configuration may also split the taps across programs (``Config.splits``: partial sums added
     with fp32 atomics, never in deterministic mode), for shapes whose tiles leave multiprocessors
     idle; it is among the autotuning candidates, not yet a default (unmeasured on a GPU).
@@ -265,7 +265,19 @@ def _heuristic(
         if fma:
             return Config(64, _pow2(geo.group_out, 16, 128), 16, 8, 2)
         # One output-channel tile per weight group where it fits: every extra tile gathers again.
-        block_n = _pow2(geo.group_out, 16, 256 if wide else 128)
+        block_n = _pow2(geo.group_out, 16, 256)
+        if (
+            not wide
+            and block_n > 128
+            and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, 256) < 0.64 * sms
+        ):
+            # TF32 takes 256-wide tiles too since its weight is K-major: 64 x 256 compiles in 210
+            # registers without spills and issues 36% fewer instructions per output than 64 x 128 with
+            # 4 warps (sm_90 SASS), besides gathering each sample half as often. Not where that would
+            # leave over a third of the multiprocessors idle (det-c5: 68 programs against 136): the
+            # gain per program would not make up for them. Unmeasured on a GPU: the next sweep times
+            # both widths (gpu_check, det-c4 and det-c5 fp32).
+            block_n = 128
         block_m = (
             64 if block_n > 128 or _tile_efficiency(geo, 64) > _tile_efficiency(geo, 128) + 0.03 else 128
         )
@@ -319,6 +331,9 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
             (64, 128, 32, 4, 2), (128, 128, 16, 8, 4), (32, 256, 32, 4, 3), (32, 256, 32, 8, 3),
             # Taps split in 2 or 3: more programs where the (pixel, channel) tiles leave SMs idle.
             (64, 256, 32, 8, 3, 2), (64, 256, 32, 8, 3, 3), (128, 128, 32, 8, 3, 3),
+            # TF32's two stages: 256-wide (its default where programs fill the GPU) and the 128-wide
+            # tiles it used before.
+            (64, 256, 32, 8, 2), (128, 128, 32, 8, 2), (64, 128, 32, 4, 2),
         ]  # fmt: skip
         configs = [Config(c[0], min(c[1], cap_n), *c[2:]) for c in raw]
     elif kernel == "data":
