@@ -174,8 +174,15 @@ def _no_autocast(t: Tensor):
 # (memory_format_of: channels_last or contiguous), whatever the backend; the fake kernels say the same.
 
 
-def _in_format_of(t: Tensor | None, like: Tensor | None) -> Tensor | None:
-    return t if t is None or like is None else t.contiguous(memory_format=memory_format_of(like))
+def _in_format_of(t: Tensor, like: Tensor) -> Tensor:
+    if t.is_contiguous() and like.is_contiguous():  # the usual case, in two calls
+        return t
+    return t.contiguous(memory_format=memory_format_of(like))
+
+
+def _grads_in_formats(grads, tensors) -> list:
+    """Each gradient (None where not computed) in the memory format of its tensor."""
+    return [g if g is None or t is None else _in_format_of(g, t) for g, t in zip(grads, tensors, strict=True)]
 
 
 def _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
@@ -183,7 +190,7 @@ def _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, b
         out = _implementation(backend).forward(
             input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
         )
-    return out.contiguous(memory_format=memory_format_of(input))
+    return _in_format_of(out, input)
 
 
 def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
@@ -192,7 +199,7 @@ def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dil
             grad_output, input, offset, mask, weight,
             tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
         )  # fmt: skip
-    return tuple(_in_format_of(g, t) for g, t in zip(grads, (input, offset, mask, weight, None), strict=True))
+    return (*_grads_in_formats(grads[:4], (input, offset, mask, weight)), grads[4])
 
 
 def _backward_with_graph(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask):
@@ -206,8 +213,7 @@ def _backward_with_graph(grad_output, input, offset, mask, weight, stride, paddi
     with _no_autocast(input):
         grads = gradients_with_graph(forward, grad_output, (input, offset, mask, weight), output_mask[:4])
         grad_bias = grad_output.sum(dim=(0, 2, 3)) if output_mask[4] else None
-    grads = [_in_format_of(g, t) for g, t in zip(grads, (input, offset, mask, weight), strict=True)]
-    return (*grads, grad_bias)
+    return (*_grads_in_formats(grads, (input, offset, mask, weight)), grad_bias)
 
 
 def _save_for_backward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend) -> None:

@@ -498,9 +498,10 @@ def _pixel_operand(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     dimensions carry), or when its rows and columns merge into one pixel stride (a channel slice of
     either, as a layer's offsets cut from its offset-and-mask prediction); otherwise an NCHW copy."""
     n, c, h, w = t.shape
-    fmt = memory_format_of(t)
-    if fmt == torch.channels_last or t.is_contiguous():
-        return t, _format_strides(t.shape, fmt)
+    if t.is_contiguous():  # first: also what memory_format_of calls a tensor that is both
+        return t, (c * h * w, h * w, 1)
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t, (h * w * c, 1, c)
     sn, sc, sh, sw = t.stride()
     pixel = sh if w == 1 else (sw if h == 1 or sh == w * sw else None)
     # Beyond 32-bit reach, the copy's canonical size is what the kernels' index-width choice counts.
@@ -599,7 +600,9 @@ def forward(
         [N, C_out, Ho, Wo] in the input's dtype and memory format (:func:`memory_format_of`).
     """
     geo = _geometry(input, offset, weight, stride, padding, dilation)
-    out = _empty_map((geo.batch, geo.out_channels, geo.out_h, geo.out_w), input)
+    out_format = memory_format_of(input)
+    shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
+    out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=out_format)
     if out.numel() == 0:
         return out
     if input.numel() == 0:  # an empty map: every sample is 0 (no launch with empty tensors)
@@ -607,7 +610,7 @@ def forward(
     x = _channels_last(input)
     offset, offset_strides = _pixel_operand(offset)
     mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset, offset_strides)
-    out_strides = _pixel_operand(out)[1]
+    out_strides = _format_strides(out.shape, out_format)
     settings = _settings(input)
     k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
     w = _weight_gemm_forward(weight, geo, k_major)
