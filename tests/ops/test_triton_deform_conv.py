@@ -13,6 +13,7 @@ torchvision = pytest.importorskip("torchvision")
 
 from deformable.ops import deform_conv2d  # noqa: E402
 from deformable.ops._backend import triton_unavailable_reason  # noqa: E402
+from deformable.ops._layout import memory_format_of  # noqa: E402
 from tests.ops.conv_cases import ConvCase as Case  # noqa: E402
 from tests.oracles import deform_conv2d_oracle  # noqa: E402
 
@@ -386,7 +387,7 @@ def test_offsets_and_mask_sliced_from_a_prediction():
     """A DCNv2 layer cuts its offsets and mask from one [N, 3*G*K, Ho, Wo] prediction: channel slices
     are read in place (no copy), each through its own strides (here the offsets from a channels_last
     prediction, the mask from an NCHW one), with the results of contiguous copies; their gradients are
-    new NCHW tensors."""
+    new tensors in the slices' layouts (channels innermost: channels_last)."""
     case = CASES["groups2-offset-groups3"]
     dense = make_inputs(case, torch.float64)
     x, offset, mask, weight, bias = dense
@@ -404,9 +405,10 @@ def test_offsets_and_mask_sliced_from_a_prediction():
     assert_same(forward(case, sliced), forward(case, dense))
     grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
     got, expected = backward(case, sliced, grad_output), backward(case, dense, grad_output)
-    for a, b in zip(got[:4], expected[:4], strict=True):
-        assert a.is_contiguous()
+    for a, b, t in zip(got[:4], expected[:4], sliced[:4], strict=True):
+        assert a.is_contiguous(memory_format=memory_format_of(t))
         assert_same(a, b)
+    assert memory_format_of(sliced[1]) == torch.channels_last
 
 
 def test_pixel_operand_copies_what_it_cannot_index():

@@ -170,8 +170,9 @@ def _no_autocast(t: Tensor):
 # What both routes (the custom ops and the eager autograd.Function) run.
 
 
-# Every route returns the output and the gradients in the memory format of their tensors
-# (memory_format_of: channels_last or contiguous), whatever the backend; the fake kernels say the same.
+# The routes through a backend's own backward return the output and the gradients in the memory
+# format of their tensors (memory_format_of: channels_last or contiguous), whatever the backend; the
+# fake kernels say the same. (Under torch.func, and on the reference backend, autograd's gradients.)
 
 
 def _in_format_of(t: Tensor, like: Tensor) -> Tensor:
