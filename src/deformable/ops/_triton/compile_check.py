@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -37,7 +38,7 @@ from triton.compiler import ASTSource
 
 from . import _deform_conv_kernels as _k
 from . import _deform_roi_pool_kernels as _roi_k
-from .deform_conv import _forward_k_major, _Geometry, _grad_out_operand, _heuristic
+from .deform_conv import _format_strides, _forward_k_major, _Geometry, _grad_out_operand, _heuristic
 from .deform_roi_pool import _launch_args as _roi_launch_args
 
 ANCHORS = {
@@ -135,14 +136,20 @@ def loop_mix(sass: str) -> tuple[int, int]:
     return len(body), narrow
 
 
+def _specialised(prefix: str, strides: Sequence[int]) -> tuple[dict, set[str]]:
+    """Stride arguments ``{prefix}_SN/_SC/_SP`` as the JIT specialises them: constexprs (the strides
+    of 1) and the names of those divisible by 16."""
+    named = dict(zip((f"{prefix}_SN", f"{prefix}_SC", f"{prefix}_SP"), strides, strict=True))
+    ones = {name: 1 for name, value in named.items() if value == 1}
+    return ones, {name for name, value in named.items() if value % 16 == 0}
+
+
 def _grad_out_args(dtype: torch.dtype, geo: _Geometry) -> tuple[dict, set[str]]:
     """The grad_out stride arguments as the JIT specialises them for an NCHW grad_output: constexprs
     (strides of 1, GO_ALIGN) and the names of those divisible by 16."""
     shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
-    _, (sn, sc, sp, align) = _grad_out_operand(torch.empty(shape, dtype=dtype, device="meta"), dtype)
-    strides = {"GO_SN": sn, "GO_SC": sc, "GO_SP": sp}
-    constexprs = {name: 1 for name, value in strides.items() if value == 1}
-    divisible = {name for name, value in strides.items() if value % 16 == 0}
+    _, (*strides, align) = _grad_out_operand(torch.empty(shape, dtype=dtype, device="meta"), dtype)
+    constexprs, divisible = _specialised("GO", strides)
     return {**constexprs, "GO_ALIGN": align}, divisible
 
 
@@ -150,18 +157,21 @@ def _map_args(geo: _Geometry, kernel: str) -> tuple[dict, set[str]]:
     """The offset and mask stride arguments (and the forward's output's, the data kernel's gradients')
     as the JIT specialises them for NCHW tensors: constexprs (strides of 1) and the names of those
     divisible by 16."""
-    pixels = geo.out_h * geo.out_w
-    gk = geo.offset_groups * geo.taps
-    strides = {
-        "OFF_SN": 2 * gk * pixels, "OFF_SC": pixels, "OFF_SP": 1,
-        "MSK_SN": gk * pixels, "MSK_SC": pixels, "MSK_SP": 1,
-    }  # fmt: skip
+    size = (geo.out_h, geo.out_w)
+    taps = geo.offset_groups * geo.taps
+    maps = {"OFF": 2 * taps, "MSK": taps}
     if kernel == "forward":
-        strides.update(OUT_SN=geo.out_channels * pixels, OUT_SC=pixels, OUT_SP=1)
+        maps["OUT"] = geo.out_channels
     if kernel == "data":
-        strides.update({"G" + name: value for name, value in strides.items()})
-    constexprs = {name: 1 for name, value in strides.items() if value == 1}
-    return constexprs, {name for name, value in strides.items() if value % 16 == 0}
+        maps.update(GOFF=2 * taps, GMSK=taps)
+    constexprs: dict = {}
+    divisible: set[str] = set()
+    for prefix, channels in maps.items():
+        strides = _format_strides((geo.batch, channels, *size), torch.contiguous_format)
+        ones, sixteens = _specialised(prefix, strides)
+        constexprs.update(ones)
+        divisible |= sixteens
+    return constexprs, divisible
 
 
 def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geometry):

@@ -83,7 +83,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -510,7 +510,7 @@ def _pixel_operand(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return t.contiguous(), _format_strides(t.shape, torch.contiguous_format)
 
 
-def _format_strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, int, int]:
+def _format_strides(shape: Sequence[int], fmt: torch.memory_format) -> tuple[int, int, int]:
     """(image, channel, flat pixel) strides of a dense [N, C, H, W] tensor in memory format ``fmt``."""
     _, c, h, w = shape
     return (h * w * c, 1, c) if fmt == torch.channels_last else (c * h * w, h * w, 1)
