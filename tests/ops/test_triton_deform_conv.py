@@ -447,6 +447,46 @@ def test_grad_output_layout_for_vector_loads(dtype, out_size, expected):
     as_given = grad_output.to(memory_format=torch.channels_last)
     kept, (_, sc, sp, hint) = tdc._grad_out_operand(as_given, dtype)
     assert kept.data_ptr() == as_given.data_ptr() and (sc, sp, hint) == (1, 5, 1)
+    # Pixel-major (the TF32 weight kernel's): NCHW whatever the alignment or the given layout.
+    for given in (grad_output, as_given):
+        go, (_, sc, sp, hint) = tdc._grad_out_operand(given, dtype, pixel_major=True)
+        assert (
+            go.is_contiguous() and torch.equal(go, grad_output) and (sc, sp) == (go.shape[2] * go.shape[3], 1)
+        )
+        assert hint == (
+            1 if expected in ("nchw", "channels-last") else int(expected.removeprefix("nchw-hint"))
+        )
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_each_backward_kernel_gets_its_grad_output_layout(small_tiles, monkeypatch, tf32):
+    """An fp32 grad_output whose NCHW rows start mid-vector: the data kernel reads a channels-last copy;
+    the weight kernel reads it NCHW under TF32 (whose matrix unit reduces over contiguous pixels
+    only), the same copy otherwise. The gradients are those of full fp32 up to TF32's rounding."""
+    case = Case(batch=2, in_channels=16, out_channels=17, size=(3, 5))
+    tensors = make_inputs(case, torch.float32)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+    full = backward(case, tensors, grad_output)
+    seen = {}
+    weight_grad, data_grads = tdc._weight_grad, tdc._data_grads
+
+    def spy_weight(geo, x, offset, mask, has_mask, go, *rest):
+        seen["weight"] = go.stride()
+        return weight_grad(geo, x, offset, mask, has_mask, go, *rest)
+
+    def spy_data(geo, x, offset, mask, has_mask, w, go, *rest):
+        seen["data"] = go.stride()
+        return data_grads(geo, x, offset, mask, has_mask, w, go, *rest)
+
+    monkeypatch.setattr(tdc, "_weight_grad", spy_weight)
+    monkeypatch.setattr(tdc, "_data_grads", spy_data)
+    with torch.backends.cudnn.flags(allow_tf32=tf32):
+        grads = backward(case, tensors, grad_output.to(memory_format=torch.channels_last))
+    channels_last = grad_output.to(memory_format=torch.channels_last).stride()
+    assert seen == {"data": channels_last, "weight": grad_output.stride() if tf32 else channels_last}
+    for got, expected in zip(grads, full, strict=True):
+        scale = 16 * 2**-10 if tf32 else 8 * 2**-23  # the bias gradient's sum follows the layout
+        torch.testing.assert_close(got, expected, rtol=0, atol=scale * expected.abs().max().item())
 
 
 @pytest.mark.parametrize(

@@ -144,11 +144,13 @@ def _specialised(prefix: str, strides: Sequence[int]) -> tuple[dict, set[str]]:
     return ones, {name for name, value in named.items() if value % 16 == 0}
 
 
-def _grad_out_args(dtype: torch.dtype, geo: _Geometry) -> tuple[dict, set[str]]:
-    """The grad_out stride arguments as the JIT specialises them for an NCHW grad_output: constexprs
-    (strides of 1, GO_ALIGN) and the names of those divisible by 16."""
+def _grad_out_args(dtype: torch.dtype, geo: _Geometry, pixel_major: bool = False) -> tuple[dict, set[str]]:
+    """The grad_out stride arguments as the JIT specialises them for an NCHW grad_output (read
+    ``pixel_major`` by the TF32 weight kernel): constexprs (strides of 1, GO_ALIGN) and the names of
+    those divisible by 16."""
     shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
-    _, (*strides, align) = _grad_out_operand(torch.empty(shape, dtype=dtype, device="meta"), dtype)
+    meta = torch.empty(shape, dtype=dtype, device="meta")
+    _, (*strides, align) = _grad_out_operand(meta, dtype, pixel_major=pixel_major)
     constexprs, divisible = _specialised("GO", strides)
     return {**constexprs, "GO_ALIGN": align}, divisible
 
@@ -210,7 +212,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         one_group = geo.channels_per_offset_group % config.block_k == 0 and geo.group_in % config.block_k == 0
         constexprs = {"HAS_MASK": True, "ONE_GROUP": one_group, "ATOMIC": True, **common}
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-        go_constexprs, divisible = _grad_out_args(dtype, geo)
+        go_constexprs, divisible = _grad_out_args(dtype, geo, pixel_major=dtype == torch.float32 and tf32)
         map_constexprs, map_divisible = _map_args(geo, "weight")
         constexprs.update(go_constexprs, **map_constexprs)
         return _k.deform_conv_bwd_weight_kernel, pointers, constexprs, divisible | map_divisible

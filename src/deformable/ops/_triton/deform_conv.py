@@ -264,20 +264,11 @@ def _heuristic(
     if kernel == "forward":
         if fma:
             return Config(64, _pow2(geo.group_out, 16, 128), 16, 8, 2)
-        # One output-channel tile per weight group where it fits: every extra tile gathers again.
+        # One output-channel tile per weight group where it fits: every extra tile gathers again. TF32
+        # too, since its weight is K-major (64 x 256: 210 registers, no spills on sm_90), even where
+        # the programs leave multiprocessors idle (H200, det-c5 fp32 with 68 programs on 132: 0.165 ms
+        # against 0.217 with 136 programs of 128 channels).
         block_n = _pow2(geo.group_out, 16, 256)
-        if (
-            not wide
-            and block_n > 128
-            and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, 256) < 0.64 * sms
-        ):
-            # TF32 takes 256-wide tiles too since its weight is K-major: 64 x 256 compiles in 210
-            # registers without spills and issues 36% fewer instructions per output than 64 x 128 with
-            # 4 warps (sm_90 SASS), besides gathering each sample half as often. Not where that would
-            # leave over a third of the multiprocessors idle (det-c5: 68 programs against 136): the
-            # gain per program would not make up for them. Unmeasured on a GPU: the next sweep times
-            # both widths (gpu_check, det-c4 and det-c5 fp32).
-            block_n = 128
         block_m = (
             64 if block_n > 128 or _tile_efficiency(geo, 64) > _tile_efficiency(geo, 128) + 0.03 else 128
         )
@@ -286,8 +277,18 @@ def _heuristic(
         # 0.134 ms with 128 programs of 256 channels against 0.151 ms with 256 programs of 128).
         if block_m > 64 and geo.pixel_tiles(block_m) * geo.groups * _cdiv(geo.group_out, block_n) < sms:
             block_m = 64
+        # Under 60% of the multiprocessors busy: more programs. 16-bit: 32-pixel tiles with 4 warps
+        # (H200 fp16, det-c5 with 68 programs of 64 pixels: 0.100 ms against 0.122; the taps split
+        # in 3, 0.102). TF32: the taps split in 3 (det-c5: 0.129 ms against 0.165; 32-pixel tiles
+        # 0.151-0.163). Not cls-c5, 128 programs (fp16 32-pixel tiles 0.141 against 0.122; TF32 splits
+        # 0.177-0.180 against 0.170).
         warps = 8 if block_m * block_n >= 128 * 128 else 4
-        return Config(block_m, block_n, 32, warps, 3 if wide else 2)
+        if block_m == 64 and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, block_n) < 0.6 * sms:
+            return Config(32, block_n, 32, 4, 3) if wide else Config(64, block_n, 32, warps, 3, splits=3)
+        # Three stages, TF32 too: better than two in every pair the H200 sweep timed (64 x 256 at
+        # det-c4 0.105 ms against 0.126, cls-c5 0.170 against 0.203; 128 x 128 at det-c4 0.124
+        # against 0.150).
+        return Config(block_m, block_n, 32, warps, 3)
     if kernel == "data":
         if fma:
             return Config(32, 32, 32, 4, 2)
@@ -298,14 +299,19 @@ def _heuristic(
         # fp32 over more than 256 output channels re-reads the grad_out tile once per channel block:
         # 64-channel blocks halve that (the largest term of the traffic model at det-c5/cls-c5) at
         # the same instructions per channel and the same occupancy (250 registers, no spills on
-        # sm_90; 32-channel blocks: 177, one CTA per multiprocessor either way). Unmeasured: the
-        # next GPU sweep times both (gpu_check, cls-c5 fp32).
+        # sm_90; 32-channel blocks: 177, one CTA per multiprocessor either way). H200, cls-c5:
+        # 0.386 ms against 0.429.
         return Config(64, 64, 256, 8, 2) if wide else Config(64, 64, 64, 8, 2)
     # weight: the channel tile is the matrix unit's M dimension (>= 64 for wgmma); a whole weight
     # group of output channels per tile where it fits, so that each column is gathered once.
     block_k = _pow2(geo.group_in, 16, 64)
     block_n = _pow2(geo.group_out, 16, 256)
     warps = 8 if block_k * block_n >= 64 * 128 else 4
+    if dtype == torch.float32 and not fma and geo.group_out > 256:
+        # TF32 at 512 channels (H200): 64-pixel steps and one stage, unpipelined grad_out loads that
+        # spare the wgmma ptxas serialises when they are pipelined. cls-c5 0.325 ms against 0.424 for
+        # (32, 256, 64, 8, 2), det-c5 0.210 against 0.264. Unmeasured at 256 channels or fewer.
+        return Config(64, block_n, block_k, warps, 1)
     return Config(64 if wide else 32, block_n, block_k, warps, 2)
 
 
@@ -331,8 +337,7 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
             (64, 128, 32, 4, 2), (128, 128, 16, 8, 4), (32, 256, 32, 4, 3), (32, 256, 32, 8, 3),
             # Taps split in 2 or 3: more programs where the (pixel, channel) tiles leave SMs idle.
             (64, 256, 32, 8, 3, 2), (64, 256, 32, 8, 3, 3), (128, 128, 32, 8, 3, 3),
-            # TF32's two stages: 256-wide (its default where programs fill the GPU) and the 128-wide
-            # tiles it used before.
+            # Two stages, TF32's defaults before the H200 sweep found three faster.
             (64, 256, 32, 8, 2), (128, 128, 32, 8, 2), (64, 128, 32, 4, 2),
         ]  # fmt: skip
         configs = [Config(c[0], min(c[1], cap_n), *c[2:]) for c in raw]
@@ -523,7 +528,9 @@ def _empty_map(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None =
     )
 
 
-def _grad_out_operand(grad_output: Tensor, dtype: torch.dtype) -> tuple[Tensor, tuple[int, int, int, int]]:
+def _grad_out_operand(
+    grad_output: Tensor, dtype: torch.dtype, pixel_major: bool = False
+) -> tuple[Tensor, tuple[int, int, int, int]]:
     """grad_output [N, C_out, Ho, Wo] in ``dtype``, laid out so the backward kernels load it as
     16-byte vectors, with its (image, channel, pixel) strides and the alignment hint ``GO_ALIGN``.
 
@@ -533,16 +540,24 @@ def _grad_out_operand(grad_output: Tensor, dtype: torch.dtype) -> tuple[Tensor, 
     and the kernels would load and stage the tile one element at a time: at det-c4 (Ho*Wo = 4200,
     fp16) that is 44% of the weight kernel's and 26% of the data kernel's inner-loop instructions
     (sm_90 SASS), for a copy that costs one pass over grad_output.
+
+    ``pixel_major``: NCHW whatever the alignment (a channels-last grad_output is copied), for the TF32
+    weight kernel. Its reduction runs over the pixels, and TF32's matrix unit takes only operands
+    whose reduction axis is contiguous: a channels-last tile must be transposed on its way to shared
+    memory, which cost more than the element-wise loads it avoids (H200: the weight kernel at det-c5
+    0.252 ms NCHW against 0.40 channels-last, cls-c5 0.417 against 0.722).
     """
     go = grad_output.to(dtype)
     c, ho, wo = go.shape[1:]
     pixels = ho * wo
     channels_last = (pixels * c, 1, c)
+    vector = max(1, 16 // go.element_size())
+    hint = vector if pixels % 16 and pixels % vector == 0 else 1
+    if pixel_major:
+        return go.contiguous(), (c * pixels, pixels, 1, hint)
     if not go.is_contiguous() and go.is_contiguous(memory_format=torch.channels_last):
         return go, (*channels_last, 1)
-    vector = max(1, 16 // go.element_size())
     if pixels % 16 == 0 or pixels % vector == 0 or c == 1:
-        hint = vector if pixels % 16 and pixels % vector == 0 else 1
         return go.contiguous(), (c * pixels, pixels, 1, hint)
     return go.contiguous(memory_format=torch.channels_last), (*channels_last, 1)
 
@@ -685,10 +700,19 @@ def backward(
     need_mask = need_mask and mask is not None
     geo = _geometry(input, offset, weight, stride, padding, dilation)
     dtype = input.dtype
-    go, go_layout = _grad_out_operand(grad_output, dtype)
+    need_data = need_input or need_offset or need_mask
+    # Each kernel reads grad_output in the layout it loads best; the data kernel's TF32 products
+    # reduce over the channels, the weight kernel's over the pixels (_grad_out_operand).
+    tf32 = dtype == torch.float32 and _fp32_precision() == "tf32"
+    go, go_layout = _grad_out_operand(grad_output, dtype) if need_data else (None, None)
+    go_w, go_w_layout = go, go_layout
+    if need_weight and (go is None or tf32):
+        go_w, go_w_layout = _grad_out_operand(grad_output, dtype, pixel_major=tf32)
 
     # PyTorch's reductions accumulate 16-bit tensors in fp32 and round once: one kernel, not two.
-    grad_bias = go.sum(dim=(0, 2, 3)) if need_bias else None
+    # Summed from a kernel's operand where there is one: the same layout gives the same bits.
+    summed = go if go is not None else go_w if go_w is not None else grad_output.to(dtype)
+    grad_bias = summed.sum(dim=(0, 2, 3)) if need_bias else None
     if geo.pixels == 0 or input.numel() == 0 or weight.numel() == 0:  # no launch: all other gradients are 0
 
         def zeros(t: Tensor) -> Tensor:
@@ -724,17 +748,28 @@ def backward(
         dtype,
         input.device,
     )
-    key += (go_layout, maps, *_settings(input, budgeted=deterministic))
+    key += (go_layout, go_w_layout, maps, *_settings(input, budgeted=deterministic))
     with _device_guard(input):
         # Peak memory: the weight kernel runs first and the input gradient is written last, after the
         # channels-last copy of the input is released, so that copy, the fp32 accumulator and
         # grad_input (each input-sized) are never alive together.
         if need_weight:
             grad_weight = _weight_grad(
-                geo, x, offset_c, mask_c, mask is not None, go, go_layout, maps, weight, deterministic, key
+                geo,
+                x,
+                offset_c,
+                mask_c,
+                mask is not None,
+                go_w,
+                go_w_layout,
+                maps,
+                weight,
+                deterministic,
+                key,
             )
+        del go_w  # a pixel-major copy is freed before the data kernel's buffers are made
         finish_input = None
-        if need_input or need_offset or need_mask:
+        if need_data:
             w = _weight_gemm(weight, geo)
             finish_input, grad_offset, grad_mask = _data_grads(
                 geo, x, offset_c, mask_c, mask is not None, w, go, go_layout, maps, need_input,
