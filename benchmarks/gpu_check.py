@@ -514,7 +514,7 @@ def check_misc(device, report: Report, smoke: bool) -> None:
     report.add(f"- batch 0: output shape {tuple(out.shape)}: {'ok' if out.shape[0] == 0 else 'FAIL'}")
 
 
-def correctness(device, report: Report, clock: Clock, smoke: bool) -> None:
+def correctness(device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None) -> None:
     report.add("## Correctness")
     report.add("")
     report.add(
@@ -527,7 +527,8 @@ def correctness(device, report: Report, clock: Clock, smoke: bool) -> None:
     report.add("")
     report.add("| problem | mode | out | " + " | ".join(f"grad {n}" for n in GRAD_NAMES) + " | |")
     report.add("|---|---|---|---|---|---|---|---|---|")
-    for problem in correctness_problems(smoke):
+    problems = [p for p in correctness_problems(smoke) if only is None or p.name.startswith(tuple(only))]
+    for problem in problems:
         for mode in ("fp32-ieee", "fp32-tf32", "fp16", "bf16"):
             if clock.left() < 0.6 * clock.budget:
                 report.skipped.append(f"correctness {problem.name} {mode}")
@@ -597,6 +598,8 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
     grad_cl = grad_output.to(memory_format=torch.channels_last)
     r["ours_cl_fwd"] = bench_ms(lambda: problem.call(ours, cl), device)
     r["ours_cl_fb"] = bench_ms(fwd_bwd(problem, ours, cl, grad_cl), device)
+    # In a graph too: eagerly both layouts wait on the host, which hides what the copies cost.
+    r["ours_cl_graph_fb"] = graph_ms(fwd_bwd(problem, ours, cl, grad_cl), device)
     r["ours_host_fb"] = host_ms(train, device)
     r["ours_graph_fb"] = graph_ms(train, device)
     r["conv_host_fb"] = host_ms(conv_trains[best], device)
@@ -705,15 +708,17 @@ def timing_tables(rows, report: Report) -> None:
     report.add("")
     report.add(
         "| shape | dtype | conv host f+b | ours host f+b | ours f+b | conv graph f+b | ours graph f+b | "
-        "ours/conv graph f+b | ours cl fwd | ours cl f+b | ours cl/conv fwd | ours cl/conv f+b |"
+        "ours/conv graph f+b | ours cl fwd | ours cl f+b | ours cl/conv fwd | ours cl/conv f+b | "
+        "ours cl graph f+b | ours cl/NCHW graph f+b |"
     )
-    report.add("|" + "---|" * 12)
+    report.add("|" + "---|" * 14)
     for name, dtype_name, r in rows:
         cells = [
             name, dtype_name, fmt(r["conv_host_fb"]), fmt(r["ours_host_fb"]), fmt(r["ours_fb"]),
             fmt(r["conv_graph_fb"]), fmt(r["ours_graph_fb"]), fmt(ratio(r, "ours_graph_fb", "conv_graph_fb")),
             fmt(r["ours_cl_fwd"]), fmt(r["ours_cl_fb"]), fmt(ratio(r, "ours_cl_fwd", "conv_fwd")),
-            fmt(ratio(r, "ours_cl_fb", "conv_fb")),
+            fmt(ratio(r, "ours_cl_fb", "conv_fb")), fmt(r["ours_cl_graph_fb"]),
+            fmt(ratio(r, "ours_cl_graph_fb", "ours_graph_fb")),
         ]  # fmt: skip
         report.add("| " + " | ".join(cells) + " |")
     report.add("")
@@ -794,7 +799,9 @@ def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
     report.add("")
 
 
-def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
+def sweep(
+    device, report: Report, clock: Clock, smoke: bool, only: list[tuple[str, str, str]] | None = None
+) -> None:
     """Time a few launch configurations per kernel through CONFIG_OVERRIDES: fp16 at a shape with
     many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and the fp32 (TF32)
     forward at 512 and 256 channels, which trails the 16-bit one most (its heuristic caps the channel
@@ -816,12 +823,19 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
             (by_name["det-c5"], torch.float16, ("forward", "data")),
             (by_name["det-c5"], torch.float32, ("forward",)),
             (by_name["det-c4"], torch.float32, ("forward",)),
+            # 256-wide TF32 forward tiles at 512 channels (default since 2026-11-27, unmeasured).
+            (by_name["cls-c5"], torch.float32, ("forward",)),
             # 64-channel blocks of the fp32 data kernel at 512 channels (default since 2026-11-27,
             # unmeasured) against the 32-channel blocks it replaced, among the candidates.
             (by_name["cls-c5"], torch.float32, ("data",)),
             # Ho*Wo a multiple of 16: ptxas serialises the pipelined weight kernel's wgmma.
             (by_name["det-c3"], torch.float16, ("weight",)),
         ]
+    if only is not None:
+        unknown = sorted({shape for shape, _, _ in only} - set(by_name))
+        if unknown:
+            raise ValueError(f"--sweep-plan: unknown shapes {unknown}; known: {sorted(by_name)}")
+        plan = [(by_name[shape], DTYPES[dtype], (kernel,)) for shape, dtype, kernel in only]
     for problem, dtype, kernels in plan:
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
         geo, runs, x = _kernel_runs(problem, device, dtype)
@@ -870,6 +884,24 @@ def sweep(device, report: Report, clock: Clock, smoke: bool) -> None:
 # Main
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _sweep_plan(text: str) -> list[tuple[str, str, str]]:
+    """'det-c5/fp32/forward,cls-c5/fp32/weight' -> [(shape, dtype name, kernel), ...], checked."""
+    plan = []
+    for entry in _names(text):
+        parts = entry.split("/")
+        if len(parts) != 3 or parts[1] not in DTYPES or parts[2] not in ("forward", "data", "weight"):
+            raise argparse.ArgumentTypeError(
+                f"sweep entry {entry!r}: expected shape/dtype/kernel, dtype one of {sorted(DTYPES)}, "
+                "kernel one of forward, data, weight"
+            )
+        plan.append((parts[0], parts[1], parts[2]))
+    return plan
+
+
 def environment(device) -> str:
     import triton
 
@@ -895,6 +927,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-breakdown", action="store_true")
+    parser.add_argument(
+        "--problems",
+        type=_names,
+        default=None,
+        help="correctness on these problems only (name prefixes, a,b)",
+    )
+    parser.add_argument(
+        "--sweep-plan", type=_sweep_plan, default=None,
+        help="sweep these instead of the default plan: shape/dtype/kernel entries, a,b (det-c5/fp32/forward)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -910,15 +953,15 @@ def main(argv: list[str] | None = None) -> int:
     report.add(f"# deform_conv2d Triton kernels on {environment(device)}")
     report.add("")
     if not args.skip_correctness:
-        correctness(device, report, clock, args.smoke)
+        correctness(device, report, clock, args.smoke, args.problems)
     rows = []
     if not args.skip_timing:
         rows = timing(device, report, clock, args.smoke)
         timing_tables(rows, report)
-    if not args.skip_timing:
+    if not (args.skip_timing or args.skip_breakdown):
         breakdown(device, report, clock, args.smoke)
     if not args.skip_sweep:
-        sweep(device, report, clock, args.smoke)
+        sweep(device, report, clock, args.smoke, args.sweep_plan)
     report.add(f"Total {clock.elapsed():.0f} s.")
     if report.skipped:
         report.add("Skipped for time: " + "; ".join(report.skipped))

@@ -5,7 +5,8 @@
 #      configuration sweep, within BUDGET seconds;
 #   2. tests/ops/test_triton_cuda.py (pytest -m cuda): the test suite's CUDA tests;
 #   3. benchmarks/profile_host.py: host cost per call (the launch-overhead breakdown), with our fast
-#      Triton launches and again with DEFORMABLE_TRITON_FAST_LAUNCH=0 (Triton's own dispatcher);
+#      Triton launches and again with DEFORMABLE_TRITON_FAST_LAUNCH=0 (Triton's own dispatcher;
+#      PROFILE_ORDINARY=0 skips the second);
 #   4. benchmarks/bench_models.py: Faster R-CNN R50-FPN regular vs DCNv2, fp32 (and bf16 autocast
 #      unless MODELS_BF16=0);
 #   5. benchmarks/triton_traffic.py: the kernels' modelled traffic beside this run's kernel times.
@@ -61,8 +62,10 @@ fi
 step 120 pytest_cuda.log "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_triton_cuda.py
 tail -n 2 "$logs/pytest_cuda.log"
 step 90 profile_host.log "$py" benchmarks/profile_host.py --out "$out/profile_host.md"
-step 90 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
-    "$py" benchmarks/profile_host.py --out "$out/profile_host_ordinary_launch.md"
+if [ "${PROFILE_ORDINARY:-1}" != 0 ]; then
+    step 90 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
+        "$py" benchmarks/profile_host.py --out "$out/profile_host_ordinary_launch.md"
+fi
 step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --out "$out/models_cuda.md"
 if [ "${MODELS_BF16:-1}" != 0 ]; then
     step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --amp bf16 \
