@@ -21,8 +21,9 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m mypy
 
+# One worker per core (at most four): most tests run the Triton interpreter, single-threaded.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py
