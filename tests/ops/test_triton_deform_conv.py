@@ -458,34 +458,43 @@ def test_grad_output_layout_for_vector_loads(dtype, out_size, expected):
         )
 
 
+@pytest.mark.parametrize("given", ["nchw", "channels-last"])
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
-def test_each_backward_kernel_gets_its_grad_output_layout(small_tiles, monkeypatch, tf32):
-    """An fp32 grad_output whose NCHW rows start mid-vector: the data kernel reads a channels-last copy;
-    the weight kernel reads it NCHW under TF32 (whose matrix unit reduces over contiguous pixels
-    only), the same copy otherwise. The gradients are those of full fp32 up to TF32's rounding."""
+def test_each_backward_kernel_gets_its_grad_output_layout(small_tiles, monkeypatch, tf32, given):
+    """An fp32 grad_output whose NCHW rows start mid-vector (15 pixels), given NCHW (then copied
+    channels-last) or channels_last: the data kernel reads it channels-last; the weight kernel reads it
+    NCHW under TF32 (whose matrix unit reduces over contiguous pixels only), as the data kernel
+    otherwise, also when it is the only kernel. The gradients are those of full fp32 up to TF32's
+    rounding, and the bias gradient has the same bits whichever gradients are asked for."""
     case = Case(batch=2, in_channels=16, out_channels=17, size=(3, 5))
     tensors = make_inputs(case, torch.float32)
-    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
-    full = backward(case, tensors, grad_output)
-    seen = {}
+    dense = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+    grad_output = dense.to(memory_format=torch.channels_last) if given == "channels-last" else dense
+    full = backward(case, tensors, dense)
+    seen: dict[str, list] = {"weight": [], "data": []}
     weight_grad, data_grads = tdc._weight_grad, tdc._data_grads
 
     def spy_weight(geo, x, offset, mask, has_mask, go, *rest):
-        seen["weight"] = go.stride()
+        seen["weight"].append(go.stride())
         return weight_grad(geo, x, offset, mask, has_mask, go, *rest)
 
     def spy_data(geo, x, offset, mask, has_mask, w, go, *rest):
-        seen["data"] = go.stride()
+        seen["data"].append(go.stride())
         return data_grads(geo, x, offset, mask, has_mask, w, go, *rest)
 
     monkeypatch.setattr(tdc, "_weight_grad", spy_weight)
     monkeypatch.setattr(tdc, "_data_grads", spy_data)
     with torch.backends.cudnn.flags(allow_tf32=tf32):
-        grads = backward(case, tensors, grad_output.to(memory_format=torch.channels_last))
-    channels_last = grad_output.to(memory_format=torch.channels_last).stride()
-    assert seen == {"data": channels_last, "weight": grad_output.stride() if tf32 else channels_last}
+        grads = backward(case, tensors, grad_output)
+        weight_only = backward(case, tensors, grad_output, output_mask=(False, False, False, True, True))
+        bias_only = backward(case, tensors, grad_output, output_mask=(False, False, False, False, True))
+    channels_last = dense.to(memory_format=torch.channels_last).stride()
+    weight_layout = dense.stride() if tf32 else channels_last
+    assert seen == {"data": [channels_last], "weight": [weight_layout, weight_layout]}
+    assert torch.equal(weight_only[3], grads[3])
+    assert torch.equal(weight_only[4], grads[4]) and torch.equal(bias_only[4], grads[4])
     for got, expected in zip(grads, full, strict=True):
-        scale = 16 * 2**-10 if tf32 else 8 * 2**-23  # the bias gradient's sum follows the layout
+        scale = 16 * 2**-10 if tf32 else 0.0
         torch.testing.assert_close(got, expected, rtol=0, atol=scale * expected.abs().max().item())
 
 

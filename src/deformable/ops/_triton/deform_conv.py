@@ -15,7 +15,8 @@ forward
     (up to 256 channels; 128 for full fp32), so most shapes gather each sample once.
     A configuration may also split the taps across programs (``Config.splits``: partial sums added
     with fp32 atomics, never in deterministic mode), for shapes whose tiles leave multiprocessors
-    idle; it is among the autotuning candidates, not yet a default (unmeasured on a GPU).
+    idle: the TF32 default where 64 x 256 tiles would leave over 40% of them idle (so the fp32
+    forward is not bitwise repeatable there outside deterministic mode), a candidate otherwise.
 backward, data part
     One program per (pixel block, offset group, tap): the column gradient
     ``grad_out @ weight_k`` by ``tl.dot``, reduced in the same pass into the offset and mask
@@ -547,7 +548,10 @@ def _grad_out_operand(
     memory, which cost more than the element-wise loads it avoids (H200: the weight kernel at det-c5
     0.252 ms NCHW against 0.40 channels-last, cls-c5 0.417 against 0.722).
     """
-    go = grad_output.to(dtype)
+    # Pixel-major: converted straight to NCHW (one copy at most, not a conversion and then a copy).
+    go = (
+        grad_output.to(dtype, memory_format=torch.contiguous_format) if pixel_major else grad_output.to(dtype)
+    )
     c, ho, wo = go.shape[1:]
     pixels = ho * wo
     channels_last = (pixels * c, 1, c)
@@ -704,15 +708,18 @@ def backward(
     # Each kernel reads grad_output in the layout it loads best; the data kernel's TF32 products
     # reduce over the channels, the weight kernel's over the pixels (_grad_out_operand).
     tf32 = dtype == torch.float32 and _fp32_precision() == "tf32"
-    go, go_layout = _grad_out_operand(grad_output, dtype) if need_data else (None, None)
+    g = grad_output.to(dtype)
+    go, go_layout = None, None
+    if need_data or need_bias or (need_weight and not tf32):
+        go, go_layout = _grad_out_operand(g, dtype)
     go_w, go_w_layout = go, go_layout
-    if need_weight and (go is None or tf32):
-        go_w, go_w_layout = _grad_out_operand(grad_output, dtype, pixel_major=tf32)
+    if need_weight and tf32:
+        go_w, go_w_layout = _grad_out_operand(g, dtype, pixel_major=True)
+    del g
 
+    # Always summed from the data kernel's operand: the same bits whichever gradients are asked for.
     # PyTorch's reductions accumulate 16-bit tensors in fp32 and round once: one kernel, not two.
-    # Summed from a kernel's operand where there is one: the same layout gives the same bits.
-    summed = go if go is not None else go_w if go_w is not None else grad_output.to(dtype)
-    grad_bias = summed.sum(dim=(0, 2, 3)) if need_bias else None
+    grad_bias = go.sum(dim=(0, 2, 3)) if need_bias and go is not None else None
     if geo.pixels == 0 or input.numel() == 0 or weight.numel() == 0:  # no launch: all other gradients are 0
 
         def zeros(t: Tensor) -> Tensor:
