@@ -20,8 +20,8 @@
    TF32 setting for convolutions, which both cuDNN and our kernels follow.
 3. Where our kernels' time goes (fp16, three shapes): each kernel alone, the data-gradient kernel
    also split into its input-gradient scatter (fp32 atomics) and its offset/mask gathers.
-4. With time left: a configuration sweep of the forward, data and weight kernels (fp16 at det-c4,
-   cls-c5 and det-c5, fp32 forward at det-c5 and det-c4), to retune the heuristics in
+4. With time left: a configuration sweep of the forward, data and weight kernels at the shapes and
+   dtypes the last sweeps left open (or --sweep-plan's), to retune the heuristics in
    src/deformable/ops/_triton/deform_conv.py.
 
 A time budget (--budget, seconds) skips whatever would not fit; the table says what was skipped.
@@ -802,12 +802,8 @@ def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
 def sweep(
     device, report: Report, clock: Clock, smoke: bool, only: list[tuple[str, str, str]] | None = None
 ) -> None:
-    """Time a few launch configurations per kernel through CONFIG_OVERRIDES: fp16 at a shape with
-    many programs (det-c4), with few programs per multiprocessor (det-c5, cls-c5), and the fp32 (TF32)
-    forward at 512 and 256 channels, which trails the 16-bit one most (its heuristic caps the channel
-    tile at 128, so each sample is gathered two or four times); the forward's tap splits; the weight
-    kernel at det-c3, where ptxas serialises its pipelined wgmma (one stage against two); the fp32
-    data kernel at 512 channels (64- against 32-channel blocks)."""
+    """Time a few launch configurations per kernel through CONFIG_OVERRIDES (default plan: what the
+    2026-11-27 H200 sweeps left open, most valuable first; --sweep-plan replaces it)."""
     report.add("## Configuration sweep")
     report.add("")
     report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits]) | ms | |")
@@ -816,20 +812,23 @@ def sweep(
     if smoke:
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
-        everything = ("forward", "data", "weight")
         plan = [
-            (by_name["det-c4"], torch.float16, everything),
-            (by_name["cls-c5"], torch.float16, everything),
-            (by_name["det-c5"], torch.float16, ("forward", "data")),
+            # The TF32 weight kernel at 256 channels: 64-pixel steps and one stage won 20-23% at 512.
+            (by_name["det-c4"], torch.float32, ("weight",)),
+            (by_name["cls-c4"], torch.float32, ("weight",)),
+            # The data kernel where it costs most (cls-c3 fp16 0.63 ms, det-c3 0.42).
+            (by_name["cls-c3"], torch.float16, ("data",)),
+            (by_name["det-c3"], torch.float16, ("data",)),
+            # TF32 forward at 128 channels: three stages, better than two in every pair timed at 256
+            # and 512 channels, are the default here untimed.
+            (by_name["det-c3"], torch.float32, ("forward",)),
+            (by_name["cls-c3"], torch.float32, ("forward",)),
+            # One stage for the fp16 weight kernel at 512 channels (cls-c5: 0.200 ms against 0.218).
+            (by_name["cls-c5"], torch.float16, ("weight",)),
+            (by_name["det-c5"], torch.float16, ("weight",)),
+            # The sweep-set forwards of 2026-11-27, again: 32-pixel tiles (fp16), split taps (TF32).
+            (by_name["det-c5"], torch.float16, ("forward",)),
             (by_name["det-c5"], torch.float32, ("forward",)),
-            (by_name["det-c4"], torch.float32, ("forward",)),
-            # 256-wide TF32 forward tiles at 512 channels (default since 2026-11-27, unmeasured).
-            (by_name["cls-c5"], torch.float32, ("forward",)),
-            # 64-channel blocks of the fp32 data kernel at 512 channels (default since 2026-11-27,
-            # unmeasured) against the 32-channel blocks it replaced, among the candidates.
-            (by_name["cls-c5"], torch.float32, ("data",)),
-            # Ho*Wo a multiple of 16: ptxas serialises the pipelined weight kernel's wgmma.
-            (by_name["det-c3"], torch.float16, ("weight",)),
         ]
     if only is not None:
         unknown = sorted({shape for shape, _, _ in only} - set(by_name))
