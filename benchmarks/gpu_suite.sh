@@ -13,6 +13,12 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh [BUDGET]      # from the repository root
 #
+# Within a 15-minute device lease this leaves room for one focused second run after fixing what the
+# first showed (2026-11-27: about 280 s with the machine's start), for example
+#   python3 benchmarks/gpu_check.py --budget 240 --out "$OUT" --problems cls-c5,det-c4 \
+#       --skip-breakdown --sweep-plan det-c5/fp32/forward,cls-c5/fp32/weight
+# then pytest -m cuda tests/ops/test_triton_cuda.py (pytest from .whl/ as below).
+#
 # Tables go to $OUT (gpu_check's also to benchmarks/results/), the logs into $OUT/logs.tgz, refreshed
 # after every step: at most eight files, as many as the device tool returns. About BUDGET + 150 seconds
 # on an H100/H200 (BUDGET defaults to 270). The whole suite stops within TOTAL seconds (default 570,

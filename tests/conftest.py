@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 # pytest-xdist workers share the cores: each gets its share of threads, so that they do not oversubscribe.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
+_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+torch.set_num_threads(max(1, min(2, _cores // _workers)))
 
 # Autotuned configurations stay in memory: no test writes the user's cache (tests of the cache set
 # their own file).
