@@ -569,12 +569,11 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
     x, offset, mask, weight, bias = tensors
     grad_output = torch.randn(problem.call(ours, tensors).shape, device=device).to(dtype)
 
-    conv_fwd, conv_fb, conv_peak, conv_trains = [], [], [], []
+    conv_fwd, conv_fb, conv_peak, conv_trains, conv_forwards = [], [], [], [], []
     for fmt_ in (torch.contiguous_format, torch.channels_last):
         xc, wc, go = (t.to(memory_format=fmt_) for t in (x, weight, grad_output))
-        conv_fwd.append(
-            bench_ms(lambda xc=xc, wc=wc: conv(xc, wc, bias, problem.stride, problem.padding), device)
-        )
+        conv_forwards.append(lambda xc=xc, wc=wc: conv(xc, wc, bias, problem.stride, problem.padding))
+        conv_fwd.append(bench_ms(conv_forwards[-1], device))
         leaves = [t.detach().requires_grad_() for t in (xc, wc, bias)]
 
         def conv_train(leaves=leaves, go=go):
@@ -587,6 +586,7 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
     best = min(range(2), key=lambda i: conv_fb[i])
     r["conv_fwd"], r["conv_fb"], r["conv_peak"] = min(conv_fwd), min(conv_fb), conv_peak[best]
     r["conv_graph_fb"] = graph_ms(conv_trains[best], device)
+    r["conv_graph_fwd"] = graph_ms(conv_forwards[min(range(2), key=lambda i: conv_fwd[i])], device)
 
     r["ours_fwd"] = bench_ms(lambda: problem.call(ours, tensors), device)
     train = fwd_bwd(problem, ours, tensors, grad_output)
@@ -602,6 +602,7 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
     r["ours_cl_graph_fb"] = graph_ms(fwd_bwd(problem, ours, cl, grad_cl), device)
     r["ours_host_fb"] = host_ms(train, device)
     r["ours_graph_fb"] = graph_ms(train, device)
+    r["ours_graph_fwd"] = graph_ms(lambda: problem.call(ours, tensors), device)
     r["conv_host_fb"] = host_ms(conv_trains[best], device)
     r["ours_peak"] = peak_mib(train, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
@@ -698,7 +699,8 @@ def timing_tables(rows, report: Report) -> None:
         "Host time per fwd+bwd call (ms, Python + launches, not waiting for the GPU): where it is close "
         "to the f+b time above, the GPU waits on the host and the ratio measures launch overhead. "
         "graph = the same fwd+bwd captured in a CUDA graph and replayed (GPU time alone, what CUDA "
-        "graphs or torch.compile(mode='reduce-overhead') give): the kernels' own cost."
+        "graphs or torch.compile(mode='reduce-overhead') give): the kernels' own cost; graph fwd likewise "
+        "for the forward alone."
     )
     report.add("")
     report.add(
@@ -709,16 +711,17 @@ def timing_tables(rows, report: Report) -> None:
     report.add(
         "| shape | dtype | conv host f+b | ours host f+b | ours f+b | conv graph f+b | ours graph f+b | "
         "ours/conv graph f+b | ours cl fwd | ours cl f+b | ours cl/conv fwd | ours cl/conv f+b | "
-        "ours cl graph f+b | ours cl/NCHW graph f+b |"
+        "ours cl graph f+b | ours cl/NCHW graph f+b | conv graph fwd | ours graph fwd | ours/conv graph fwd |"
     )
-    report.add("|" + "---|" * 14)
+    report.add("|" + "---|" * 17)
     for name, dtype_name, r in rows:
         cells = [
             name, dtype_name, fmt(r["conv_host_fb"]), fmt(r["ours_host_fb"]), fmt(r["ours_fb"]),
             fmt(r["conv_graph_fb"]), fmt(r["ours_graph_fb"]), fmt(ratio(r, "ours_graph_fb", "conv_graph_fb")),
             fmt(r["ours_cl_fwd"]), fmt(r["ours_cl_fb"]), fmt(ratio(r, "ours_cl_fwd", "conv_fwd")),
             fmt(ratio(r, "ours_cl_fb", "conv_fb")), fmt(r["ours_cl_graph_fb"]),
-            fmt(ratio(r, "ours_cl_graph_fb", "ours_graph_fb")),
+            fmt(ratio(r, "ours_cl_graph_fb", "ours_graph_fb")), fmt(r["conv_graph_fwd"]),
+            fmt(r["ours_graph_fwd"]), fmt(ratio(r, "ours_graph_fwd", "conv_graph_fwd")),
         ]  # fmt: skip
         report.add("| " + " | ".join(cells) + " |")
     report.add("")
@@ -729,6 +732,7 @@ def timing_tables(rows, report: Report) -> None:
         span = []
         for key, base, label in (
             ("ours_fwd", "conv_fwd", "fwd"), ("ours_fb", "conv_fb", "fwd+bwd"),
+            ("ours_graph_fwd", "conv_graph_fwd", "fwd in a CUDA graph"),
             ("ours_graph_fb", "conv_graph_fb", "fwd+bwd in a CUDA graph"),
         ):  # fmt: skip
             values = [v for v in (ratio(r, key, base) for r in sel) if not math.isnan(v)]
