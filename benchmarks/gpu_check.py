@@ -810,14 +810,20 @@ def sweep(
     2026-11-27 H200 sweeps left open, most valuable first; --sweep-plan replaces it)."""
     report.add("## Configuration sweep")
     report.add("")
-    report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits]) | ms | |")
+    report.add(
+        "| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits][, go_first]) | ms | |"
+    )
     report.add("|---|---|---|---|---|---|")
     by_name = {p.name: p for p in anchors(smoke)}
     if smoke:
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # The TF32 weight kernel at 256 channels: 64-pixel steps and one stage won 20-23% at 512.
+            # The weight kernel's go_first candidates (untimed: ptxas no longer serialises its wgmma
+            # with pipelined loads) where the default is serialised, fp16 and TF32; and at 256
+            # channels TF32's 64-pixel steps and one stage, which won 20-23% at 512.
+            (by_name["det-c4"], torch.float16, ("weight",)),
+            (by_name["det-c3"], torch.float16, ("weight",)),
             (by_name["det-c4"], torch.float32, ("weight",)),
             (by_name["cls-c4"], torch.float32, ("weight",)),
             # The data kernel where it costs most (cls-c3 fp16 0.63 ms, det-c3 0.42).
@@ -873,6 +879,7 @@ def sweep(
                     tag += " (ran with fewer stages: too little shared memory)"
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
                 c += (config.splits,) if config.splits > 1 else ()
+                c += ("go_first",) if config.go_first else ()
                 report.add(f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
     report.add("")
     if tdc_launch._stage_caps:

@@ -237,6 +237,22 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
     check_forward(case, tensors, forward(case, tensors), dtype)
 
 
+@pytest.mark.parametrize(("mode", "dtype"), [("atomic", torch.float32), ("deterministic", torch.float16)])
+def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype):
+    """Config.go_first accumulates grad_out^T @ columns instead of columns^T @ grad_out: the same
+    weight gradient (float64 oracle), with channel blocks straddling the offset groups and the channel
+    counts, through the atomic and the deterministic (per-split) writes."""
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    case = STRADDLE
+    tensors = make_inputs(case, dtype)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
+    only_weight = (False, False, False, True, False)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=True))
+    grads = backward(case, tensors, grad_output, output_mask=only_weight)
+    check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_weight)
+
+
 def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):
     """No float atomics in deterministic mode: a split configuration runs unsplit, bitwise as without."""
     tensors = make_inputs(STRADDLE, torch.float32)
@@ -674,6 +690,10 @@ def test_heuristic_and_candidate_configs_are_valid():
                     assert all(b >= 1 and b & (b - 1) == 0 for b in blocks), (kernel, config)
                     if dtype != torch.float64 and kernel != "gather":
                         assert min(blocks) >= 16, (kernel, dtype, config)
+                    assert not config.go_first or (kernel == "weight" and dtype != torch.float64), config
+        # Full fp32 (FMA products) spills registers with the go_first order: never a candidate there.
+        assert not any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=False))
+        assert any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=True))
 
 
 def test_autotune_picks_the_fastest_candidate_and_caches_it(monkeypatch):
@@ -695,7 +715,7 @@ def test_autotune_picks_the_fastest_candidate_and_caches_it(monkeypatch):
         return 1.0 if len(timed) % 2 == 0 else 2.0  # the candidate, benchmarked second, wins
 
     monkeypatch.setattr(tdc, "_autotune_enabled", lambda t: True)
-    monkeypatch.setattr(tdc, "_candidates", lambda kernel, geo, dtype: candidates)
+    monkeypatch.setattr(tdc, "_candidates", lambda kernel, geo, dtype, tf32=True: candidates)
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     monkeypatch.setattr(tdc, "_TUNED", {})
     torch.testing.assert_close(forward(case, tensors), expected_out, rtol=1e-12, atol=1e-12)
@@ -787,7 +807,7 @@ def test_autotuned_configurations_persist_across_processes(monkeypatch, tmp_path
     monkeypatch.setenv(_autotune_cache.CACHE_ENV, str(path))
     monkeypatch.setattr(tdc, "_autotune_enabled", lambda t: True)
     monkeypatch.setattr(
-        tdc, "_candidates", lambda kernel, geo, dtype: [winner] if kernel == "forward" else []
+        tdc, "_candidates", lambda kernel, geo, dtype, tf32=True: [winner] if kernel == "forward" else []
     )
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
 
@@ -802,7 +822,7 @@ def test_autotuned_configurations_persist_across_processes(monkeypatch, tmp_path
     scopes = json.loads(path.read_text())["scopes"]
     (entries,) = scopes.values()
     (key, fields) = next((k, v) for k, v in entries.items() if '"forward"' in k)
-    assert fields == [16, 16, 16, 4, 1, 1]
+    assert fields == [16, 16, 16, 4, 1, 1, 0]
 
     new_process()
     torch.testing.assert_close(forward(case, tensors).double(), expected, rtol=1e-12, atol=1e-12)

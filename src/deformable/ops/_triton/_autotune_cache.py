@@ -14,7 +14,7 @@ cannot be parsed is ignored with a warning and replaced by the next write; a fil
 configuration, or whose trial launch fails, is ignored with a warning and tuned again.
 
 File layout: ``{"format": 1, "scopes": {scope: {key: [block_m, block_n, block_k, warps, stages,
-splits]}}}``.
+splits, go_first]}}}``, go_first 0 or 1 (entries without it, of earlier versions, mean 0).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..._files import atomic_write_text
 
 CACHE_ENV = "DEFORMABLE_TRITON_AUTOTUNE_CACHE"
 _FORMAT = 1
-_FIELDS = 6  # block_m, block_n, block_k, num_warps, num_stages, splits
+_FIELDS = 6  # block_m, block_n, block_k, num_warps, num_stages, splits; then the go_first flag
 
 __all__ = ["CACHE_ENV", "cache_path", "lookup", "store"]
 
@@ -66,11 +66,13 @@ def _read(path: Path) -> dict[str, dict[str, list]] | None:
 
 
 def _valid(entry) -> bool:
-    """Six positive ints, power-of-two block sizes and warps (at most 32): what a launch needs (the
-    trial launch of the caller tests the rest)."""
-    if not isinstance(entry, list) or len(entry) != _FIELDS:
+    """Six positive ints, power-of-two block sizes and warps (at most 32), then optionally a 0/1 flag:
+    what a launch needs (the trial launch of the caller tests the rest)."""
+    if not isinstance(entry, list) or len(entry) not in (_FIELDS, _FIELDS + 1):
         return False
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in entry):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
+        return False
+    if not all(v > 0 for v in entry[:_FIELDS]) or entry[_FIELDS:] not in ([], [0], [1]):
         return False
     return all(v & (v - 1) == 0 for v in entry[:4]) and entry[3] <= 32
 

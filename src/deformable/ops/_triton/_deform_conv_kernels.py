@@ -465,7 +465,7 @@ def deform_conv_bwd_weight_kernel(
     OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP,
     HAS_MASK: tl.constexpr, ONE_GROUP: tl.constexpr, ATOMIC: tl.constexpr, MMA: tl.constexpr,
     PRECISION: tl.constexpr,
-    CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr, GO_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Split-K weight gradient: part[s, wg, k, c, o] = sum over split s's pixels m of col[m, k, c] * go[m, o].
@@ -477,6 +477,7 @@ def deform_conv_bwd_weight_kernel(
     host sums ``part`` over s in a fixed order (deterministic mode). A channel block that crosses
     offset groups blends each group's channels with that group's samples; ``ONE_GROUP`` (no block
     crosses one) drops that inner loop, leaving the pixel loop innermost for software pipelining.
+    ``GO_FIRST`` accumulates the transposed tile, go^T @ col (``Config.go_first``): the same sums.
     Grid: (splits * groups * K * cdiv(CG_IN, BLOCK_K) * cdiv(CG_OUT, BLOCK_N),), output blocks fastest.
     """
     pid = tl.program_id(0)
@@ -506,7 +507,7 @@ def deform_conv_bwd_weight_kernel(
     omask = ocols < CG_OUT
     oc = wg * CG_OUT + ocols
 
-    acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=CT)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=CT) if GO_FIRST else tl.zeros([BLOCK_K, BLOCK_N], dtype=CT)
     t_start = split * TILES_PER_SPLIT
     t_end = tl.minimum(N * tl.cdiv(HoWo, BLOCK_M), t_start + TILES_PER_SPLIT)
     for t in range(t_start, t_end):
@@ -530,16 +531,22 @@ def deform_conv_bwd_weight_kernel(
                 )  # fmt: skip
                 a = tl.where(gmask[None, :], blend, a)
         go = _load_grad_out(go_ptr, n, p, HoWo, oc, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN)
-        acc = _mma(tl.trans(a.to(go_ptr.dtype.element_ty)), go, acc, MMA, PRECISION)
+        if GO_FIRST:
+            acc = _mma(tl.trans(go), a.to(go_ptr.dtype.element_ty), acc, MMA, PRECISION)
+        else:
+            acc = _mma(tl.trans(a.to(go_ptr.dtype.element_ty)), go, acc, MMA, PRECISION)
 
     if ATOMIC:
         prow = (wg * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
-        tl.atomic_add(
-            part_ptr + prow[:, None] * CG_OUT + ocols[None, :], acc, mask=cmask[:, None] & omask[None, :],
-            sem="relaxed",
-        )  # fmt: skip
     else:
         prow = ((split * groups + wg) * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
-        tl.store(
-            part_ptr + prow[:, None] * CG_OUT + ocols[None, :], acc, mask=cmask[:, None] & omask[None, :]
-        )
+    if GO_FIRST:  # acc[o, c]
+        where = part_ptr + prow[None, :] * CG_OUT + ocols[:, None]
+        valid = cmask[None, :] & omask[:, None]
+    else:  # acc[c, o]
+        where = part_ptr + prow[:, None] * CG_OUT + ocols[None, :]
+        valid = cmask[:, None] & omask[None, :]
+    if ATOMIC:
+        tl.atomic_add(where, acc, mask=valid, sem="relaxed")
+    else:
+        tl.store(where, acc, mask=valid)

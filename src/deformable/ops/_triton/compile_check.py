@@ -211,6 +211,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         pointers["part_ptr"] = acc
         one_group = geo.channels_per_offset_group % config.block_k == 0 and geo.group_in % config.block_k == 0
         constexprs = {"HAS_MASK": True, "ONE_GROUP": one_group, "ATOMIC": True, **common}
+        constexprs["GO_FIRST"] = config.go_first
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo, pixel_major=dtype == torch.float32 and tf32)
         map_constexprs, map_divisible = _map_args(geo, "weight")
@@ -268,14 +269,19 @@ def main(argv: list[str] | None = None) -> int:
         if (h * w) % 16 == 0:
             ints16.add("HW")
         for dtype, tf32 in modes:
-            for kernel in ("forward", "data", "weight", "gather", "forward-split"):
+            for kernel in ("forward", "data", "weight", "gather", "forward-split", "weight-go-first"):
                 config = _heuristic(
-                    kernel.removesuffix("-split"), geo, dtype, interpreted=False, sms=args.sms, tf32=tf32
-                )
+                    kernel.removesuffix("-split").removesuffix("-go-first"), geo, dtype,
+                    interpreted=False, sms=args.sms, tf32=tf32,
+                )  # fmt: skip
                 if kernel == "forward-split":  # the tap-split variant (autotune candidates), at 512 channels
                     if c != 512 or dtype == torch.float64:
                         continue
                     config, kernel = dataclasses.replace(config, splits=3), "forward"
+                if kernel == "weight-go-first":  # the weight kernel's other product order (candidates)
+                    if dtype == torch.float64 or (dtype == torch.float32 and not tf32):
+                        continue  # not a candidate there (_candidates)
+                    config, kernel = dataclasses.replace(config, go_first=True), "weight"
                 fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
                 go_layout = frozenset((k, v) for k, v in constexprs.items() if k.startswith("GO_"))
                 key = (kernel, dtype, tf32, config, frozenset(ints16 | divisible), go_layout)
@@ -299,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                     config.num_stages,
                 )
                 blocks += (config.splits,) if config.splits > 1 else ()
-                print(f"{name:10s} {kernel:8s} {mode:10s} {blocks} {result}", flush=True)
+                variant = " go_first" if config.go_first else ""
+                print(f"{name:10s} {kernel:8s} {mode:10s} {blocks}{variant} {result}", flush=True)
     for dtype, _ in modes[:3] + modes[4:]:
         for kernel in ("roi-forward", "roi-backward"):
             fn, pointers, constexprs, warps = _roi_kernel_args(kernel, dtype)

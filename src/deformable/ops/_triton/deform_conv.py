@@ -118,6 +118,11 @@ class Config:
 
     ``splits`` (forward only) splits the taps too, for shapes with fewer tiles than multiprocessors:
     the splits add their partial sums atomically into an fp32 buffer (ignored in deterministic mode).
+
+    ``go_first`` (weight only) orders the product as grad_out^T @ columns: the columns, blended in
+    registers, become the matrix unit's second operand, staged to shared memory as they are, instead
+    of a transposed first operand. On sm_90 that keeps consecutive wgmma overlapped where ptxas
+    serialises them otherwise (pipelined grad_out loads; compile_check's "serialized").
     """
 
     block_m: int
@@ -126,6 +131,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     splits: int = 1
+    go_first: bool = False
 
 
 # Kernel name ("forward", "data", "weight", "gather") -> Config used instead of the heuristic.
@@ -326,8 +332,9 @@ def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
     )  # fmt: skip
 
 
-def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]:
-    """The short list DEFORMABLE_TRITON_AUTOTUNE=1 benchmarks (block sizes capped to the shape)."""
+def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = True) -> list[Config]:
+    """The short list DEFORMABLE_TRITON_AUTOTUNE=1 benchmarks (block sizes capped to the shape);
+    ``tf32``: whether fp32 products run on the matrix unit (else full fp32, on the FMA units)."""
     if dtype == torch.float64:
         return []
     if kernel == "forward":
@@ -341,7 +348,7 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
             # Two stages, TF32's defaults before the H200 sweep found three faster.
             (64, 256, 32, 8, 2), (128, 128, 32, 8, 2), (64, 128, 32, 4, 2),
         ]  # fmt: skip
-        configs = [Config(c[0], min(c[1], cap_n), *c[2:]) for c in raw]
+        configs = [Config(c[0], min(c[1], cap_n), c[2], c[3], c[4], c[5] if len(c) > 5 else 1) for c in raw]
     elif kernel == "data":
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
@@ -361,6 +368,13 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype) -> list[Config]
             (64, 256, 64, 8, 1), (64, 128, 64, 8, 1),
         ]  # fmt: skip
         configs = [Config(m, min(n, cap_n), min(kk, cap_k), w, s) for m, n, kk, w, s in raw]
+        # The product as grad_out^T @ columns: no serialised wgmma with pipelined loads (sm_90 SASS).
+        # Not for full fp32, whose multiply-add products spill registers in that order.
+        raw = [(64, 256, 64, 8, 2), (64, 128, 64, 8, 2), (32, 256, 64, 8, 2), (64, 256, 64, 8, 1)]
+        if dtype != torch.float32 or tf32:
+            configs += [
+                Config(m, min(n, cap_n), min(kk, cap_k), w, s, go_first=True) for m, n, kk, w, s in raw
+            ]
     else:
         return []
     return list(dict.fromkeys(configs))
@@ -396,14 +410,17 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
     stored = _autotune_cache.lookup(scope, text_key)  # what an earlier process found on this GPU
     if stored is not None:
         try:
-            run(Config(*stored))  # a trial launch: an entry that cannot run is tuned again
-            _TUNED[key] = Config(*stored)
+            m, n, k, warps, stages, splits = stored[:6]
+            config = Config(m, n, k, warps, stages, splits, go_first=stored[6:] == (1,))
+            run(config)  # a trial launch: an entry that cannot run is tuned again
+            _TUNED[key] = config
         except Exception as error:
             message = f"deformable: ignoring the autotune cache entry {stored} of {kernel} ({error})"
             warnings.warn(message, stacklevel=3)
     if key not in _TUNED:
         best, best_ms = default, float("inf")
-        for config in dict.fromkeys([default, *_candidates(kernel, geo, t.dtype)]):
+        tf32 = t.dtype != torch.float32 or _fp32_precision() == "tf32"
+        for config in dict.fromkeys([default, *_candidates(kernel, geo, t.dtype, tf32)]):
             # A candidate that cannot run at all is skipped; one short of shared memory runs with
             # fewer stages (_launch retries it) and is timed as it runs.
             try:
@@ -414,7 +431,7 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
                 best, best_ms = config, ms
         _TUNED[key] = best
         if best_ms < float("inf"):
-            _autotune_cache.store(scope, text_key, dataclasses.astuple(best))
+            _autotune_cache.store(scope, text_key, tuple(int(v) for v in dataclasses.astuple(best)))
     return _TUNED[key]
 
 
@@ -972,6 +989,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
         return _Launch(_grid(splits * others), scalars, dict(
             HAS_MASK=has_mask, INDEX64=geo.index64(math.prod(shape)), GO_ALIGN=go_layout[3],
             ONE_GROUP=cpg % cfg.block_k == 0 and geo.group_in % cfg.block_k == 0, ATOMIC=not deterministic,
+            GO_FIRST=cfg.go_first,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
         )), shape  # fmt: skip
