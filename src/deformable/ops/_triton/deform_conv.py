@@ -724,7 +724,9 @@ def backward(
     need_data = need_input or need_offset or need_mask
     # Each kernel reads grad_output in the layout it loads best; the data kernel's TF32 products
     # reduce over the channels, the weight kernel's over the pixels (_grad_out_operand).
-    tf32 = dtype == torch.float32 and _fp32_precision() == "tf32"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    settings = _settings(input, budgeted=deterministic)
+    tf32 = settings[0] == "tf32"  # fp32 products on the matrix unit (the precision is None otherwise)
     g = grad_output.to(dtype)
     go, go_layout = None, None
     if need_data or need_bias or (need_weight and not tf32):
@@ -761,7 +763,6 @@ def backward(
         *_format_strides(mask_c.shape, memory_format_of(mask_c)),
     )
     grad_input = grad_offset = grad_mask = grad_weight = None
-    deterministic = torch.are_deterministic_algorithms_enabled()
     key: tuple = (
         geo,
         mask is not None,
@@ -772,7 +773,7 @@ def backward(
         dtype,
         input.device,
     )
-    key += (go_layout, go_w_layout, maps, *_settings(input, budgeted=deterministic))
+    key += (go_layout, go_w_layout, maps, *settings)
     with _device_guard(input):
         # Peak memory: the weight kernel runs first and the input gradient is written last, after the
         # channels-last copy of the input is released, so that copy, the fp32 accumulator and
