@@ -17,10 +17,10 @@ the kernels' loops, not measured:
 The wrapper's own passes (channels-last copies, weight layout, zeroing and converting the fp32
 input-gradient accumulator, and the channels-last copy of grad_out where NCHW rows would not start on
 16-byte vectors, charged to the weight kernel, which runs first) are counted apart, as DRAM traffic.
-With ``--measured``, the measured kernel times of a gpu_check.py report (its ``ours fwd``,
-``ours bwd data`` and ``ours bwd weight`` columns, which include the wrapper) give the bytes per
-second each kernel achieved: the kernels furthest below the L2's bandwidth are bound by latency or by
-atomics, not by traffic.
+With ``--measured``, the measured kernel times of a gpu_check.py report (its ``ours graph fwd``,
+else ``ours fwd``, and ``ours bwd data`` and ``ours bwd weight`` columns, which include the wrapper)
+give the bytes per second each kernel achieved: the kernels furthest below the L2's bandwidth are
+bound by latency or by atomics, not by traffic.
 """
 
 from __future__ import annotations
@@ -119,22 +119,29 @@ def traffic(geo: _Geometry, dtype: torch.dtype) -> dict[str, dict[str, float]]:
 
 
 def measured_times(path: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """{(shape, dtype): {"forward", "data", "weight": ms}} from a gpu_check.py report's speed table."""
+    """{(shape, dtype): {"forward", "data", "weight": ms}} from a gpu_check.py report's speed tables:
+    the forward in a CUDA graph where the report has it (its eager forward waits on the host at
+    16-bit), else eager."""
     wanted = {"forward": "ours fwd", "data": "ours bwd data", "weight": "ours bwd weight"}
     header, times = None, {}
     for line in path.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if "ours bwd data" in cells:
+        if "ours bwd data" in cells or "ours graph fwd" in cells:
             header = cells
             continue
         if header is None or len(cells) != len(header) or not re.match(r"^[\d.]+$", cells[2]):
             continue
         row = dict(zip(header, cells, strict=True))
+        key = (row["shape"], row["dtype"])
         try:
-            times[(row["shape"], row["dtype"])] = {k: float(row[v]) for k, v in wanted.items()}
+            if "ours graph fwd" in row:
+                times.setdefault(key, {})["forward"] = float(row["ours graph fwd"])
+            else:
+                eager = {k: float(row[v]) for k, v in wanted.items()}
+                times[key] = {**eager, **times.get(key, {})}
         except (KeyError, ValueError):
             continue
-    return times
+    return {key: t for key, t in times.items() if len(t) == len(wanted)}
 
 
 def report(measured: Path | None) -> str:
