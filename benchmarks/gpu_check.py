@@ -851,7 +851,8 @@ def sweep(
         for kernel in kernels:
             run = runs[kernel]
             default = tdc._default_config(kernel, geo, x)
-            candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, dtype)]))
+            tf32 = dtype != torch.float32 or tdc._fp32_precision() == "tf32"
+            candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, dtype, tf32)]))
             if smoke:
                 candidates = candidates[:1]
             results, capped = [], set()

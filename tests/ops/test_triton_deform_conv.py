@@ -248,9 +248,33 @@ def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype
     tensors = make_inputs(case, dtype)
     grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
     only_weight = (False, False, False, True, False)
+    launched, run = [], tdc._run
+    monkeypatch.setattr(
+        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
+    )
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=True))
     grads = backward(case, tensors, grad_output, output_mask=only_weight)
+    assert [kwargs["GO_FIRST"] for kwargs in launched] == [True]  # the order reached the kernel
     check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_weight)
+
+
+def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
+    """A weight-kernel entry of the autotune cache with the go_first flag (its seventh field) becomes a
+    go_first Config; the flag means nothing to the other kernels and is dropped there."""
+    from deformable.ops._triton import _autotune_cache
+
+    case = Case(batch=1, in_channels=16, out_channels=16, size=(4, 5))
+    tensors = make_inputs(case, torch.float32)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+    monkeypatch.setattr(tdc, "_autotune_enabled", lambda t: True)
+    monkeypatch.setattr(tdc, "_TUNED", {})
+    monkeypatch.setattr(tdc, "_PLANS", {})
+    monkeypatch.setattr(_autotune_cache, "lookup", lambda scope, key: (16, 16, 16, 4, 1, 1, 1))
+    grads = backward(case, tensors, grad_output)
+    check_grads(case, tensors, grad_output, grads, torch.float32)
+    tuned = {key[0]: config for key, config in tdc._TUNED.items()}
+    assert tuned["weight"] == tdc.Config(16, 16, 16, 4, 1, 1, go_first=True)
+    assert tuned["data"] == tdc.Config(16, 16, 16, 4, 1, 1)
 
 
 def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):

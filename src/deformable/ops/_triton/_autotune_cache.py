@@ -28,7 +28,7 @@ from ..._files import atomic_write_text
 
 CACHE_ENV = "DEFORMABLE_TRITON_AUTOTUNE_CACHE"
 _FORMAT = 1
-_FIELDS = 6  # block_m, block_n, block_k, num_warps, num_stages, splits; then the go_first flag
+_REQUIRED = 6  # block_m, block_n, block_k, num_warps, num_stages, splits; then the go_first flag
 
 __all__ = ["CACHE_ENV", "cache_path", "lookup", "store"]
 
@@ -68,11 +68,11 @@ def _read(path: Path) -> dict[str, dict[str, list]] | None:
 def _valid(entry) -> bool:
     """Six positive ints, power-of-two block sizes and warps (at most 32), then optionally a 0/1 flag:
     what a launch needs (the trial launch of the caller tests the rest)."""
-    if not isinstance(entry, list) or len(entry) not in (_FIELDS, _FIELDS + 1):
+    if not isinstance(entry, list) or len(entry) not in (_REQUIRED, _REQUIRED + 1):
         return False
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
         return False
-    if not all(v > 0 for v in entry[:_FIELDS]) or entry[_FIELDS:] not in ([], [0], [1]):
+    if not all(v > 0 for v in entry[:_REQUIRED]) or entry[_REQUIRED:] not in ([], [0], [1]):
         return False
     return all(v & (v - 1) == 0 for v in entry[:4]) and entry[3] <= 32
 

@@ -411,7 +411,9 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
     if stored is not None:
         try:
             m, n, k, warps, stages, splits = stored[:6]
-            config = Config(m, n, k, warps, stages, splits, go_first=stored[6:] == (1,))
+            config = Config(
+                m, n, k, warps, stages, splits, go_first=kernel == "weight" and stored[6:] == (1,)
+            )
             run(config)  # a trial launch: an entry that cannot run is tuned again
             _TUNED[key] = config
         except Exception as error:
