@@ -851,7 +851,7 @@ def sweep(
         for kernel in kernels:
             run = runs[kernel]
             default = tdc._default_config(kernel, geo, x)
-            tf32 = dtype != torch.float32 or tdc._fp32_precision() == "tf32"
+            tf32 = tdc._products_on_matrix_unit(dtype)
             candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, dtype, tf32)]))
             if smoke:
                 candidates = candidates[:1]

@@ -278,7 +278,7 @@ def _(grad_output, input, offset, mask, weight, stride, padding, dilation, outpu
     empty = input.new_empty(0)
 
     def like(t: Tensor) -> Tensor:
-        return t.new_empty(t.shape).contiguous(memory_format=memory_format_of(t))
+        return torch.empty_like(t, memory_format=memory_format_of(t))
 
     return (
         like(input) if need_input else empty,

@@ -201,6 +201,12 @@ def _fp32_precision() -> str:
             return "ieee"
 
 
+def _products_on_matrix_unit(dtype: torch.dtype) -> bool:
+    """The ``tf32`` argument of :func:`_heuristic` and :func:`_candidates` for ``dtype``: False only
+    for fp32 with TF32 off (full fp32 products on the FMA units)."""
+    return dtype != torch.float32 or _fp32_precision() == "tf32"
+
+
 def _dot_args(t: Tensor) -> dict:
     """MMA / PRECISION / CT constexprs for kernels on tensors like ``t``."""
     if t.dtype == torch.float64:
@@ -328,7 +334,7 @@ def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
         return CONFIG_OVERRIDES[kernel]
     return _heuristic(
         kernel, geo, t.dtype, interpreted=t.device.type != "cuda", sms=_multiprocessors(t),
-        tf32=t.dtype != torch.float32 or _fp32_precision() == "tf32",
+        tf32=_products_on_matrix_unit(t.dtype),
     )  # fmt: skip
 
 
@@ -421,7 +427,7 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
             warnings.warn(message, stacklevel=3)
     if key not in _TUNED:
         best, best_ms = default, float("inf")
-        tf32 = t.dtype != torch.float32 or _fp32_precision() == "tf32"
+        tf32 = _products_on_matrix_unit(t.dtype)
         for config in dict.fromkeys([default, *_candidates(kernel, geo, t.dtype, tf32)]):
             # A candidate that cannot run at all is skipped; one short of shared memory runs with
             # fewer stages (_launch retries it) and is timed as it runs.
@@ -576,7 +582,7 @@ def _grad_out_operand(
     channels_last = (pixels * c, 1, c)
     vector = max(1, 16 // go.element_size())
     hint = vector if pixels % 16 and pixels % vector == 0 else 1
-    if pixel_major:
+    if pixel_major:  # .to leaves a tensor of the right dtype as it is, contiguous or not
         return go.contiguous(), (c * pixels, pixels, 1, hint)
     if not go.is_contiguous() and go.is_contiguous(memory_format=torch.channels_last):
         return go, (*channels_last, 1)
