@@ -487,8 +487,10 @@ def test_grad_output_layout_for_vector_loads(dtype, out_size, expected):
     as_given = grad_output.to(memory_format=torch.channels_last)
     kept, (_, sc, sp, hint) = tdc._grad_out_operand(as_given, dtype)
     assert kept.data_ptr() == as_given.data_ptr() and (sc, sp, hint) == (1, 5, 1)
-    # Pixel-major (the TF32 weight kernel's): NCHW whatever the alignment or the given layout.
-    for given in (grad_output, as_given):
+    # Pixel-major (the TF32 weight kernel's): NCHW whatever the alignment or the given layout (also
+    # one that is neither NCHW nor channels_last: rows stored transposed).
+    transposed = grad_output.transpose(2, 3).contiguous().transpose(2, 3)
+    for given in (grad_output, as_given, transposed):
         go, (_, sc, sp, hint) = tdc._grad_out_operand(given, dtype, pixel_major=True)
         assert (
             go.is_contiguous() and torch.equal(go, grad_output) and (sc, sp) == (go.shape[2] * go.shape[3], 1)
