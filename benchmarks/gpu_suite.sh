@@ -6,7 +6,7 @@
 #   2. tests/ops/test_triton_cuda.py (pytest -m cuda): the test suite's CUDA tests;
 #   3. benchmarks/profile_host.py: host cost per call (the launch-overhead breakdown), with our fast
 #      Triton launches and again with DEFORMABLE_TRITON_FAST_LAUNCH=0 (Triton's own dispatcher;
-#      PROFILE_ORDINARY=0 skips the second);
+#      PROFILE_ORDINARY=0 skips the second, PROFILE=0 both);
 #   4. benchmarks/bench_models.py: Faster R-CNN R50-FPN regular vs DCNv2, fp32 (and bf16 autocast
 #      unless MODELS_BF16=0);
 #   5. benchmarks/triton_traffic.py: the kernels' modelled traffic beside this run's kernel times.
@@ -67,8 +67,8 @@ if ! "$py" -c "import pytest" 2>/dev/null && ls .whl/pytest-*.whl >/dev/null 2>&
 fi
 step 120 pytest_cuda.log "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_triton_cuda.py
 tail -n 2 "$logs/pytest_cuda.log"
-step 90 profile_host.log "$py" benchmarks/profile_host.py --out "$out/profile_host.md"
-if [ "${PROFILE_ORDINARY:-1}" != 0 ]; then
+[ "${PROFILE:-1}" != 0 ] && step 90 profile_host.log "$py" benchmarks/profile_host.py --out "$out/profile_host.md"
+if [ "${PROFILE:-1}" != 0 ] && [ "${PROFILE_ORDINARY:-1}" != 0 ]; then
     step 90 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
         "$py" benchmarks/profile_host.py --out "$out/profile_host_ordinary_launch.md"
 fi
