@@ -819,11 +819,12 @@ def sweep(
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # The data kernel where it costs most (cls-c3 fp16 0.63 ms, det-c3 0.42), since its
-            # neighbours are consumed one at a time (fewer registers: det-c3 fp32 190 -> 128).
+            # The data kernel where it costs most (cls-c3 fp16 0.63 ms, det-c3 0.42): 4-warp tiles
+            # won there on 2026-11-27 (run 3) with another variant of the kernel, untimed with this one.
             (by_name["det-c3"], torch.float16, ("data",)),
             (by_name["cls-c3"], torch.float16, ("data",)),
             (by_name["det-c3"], torch.float32, ("data",)),
+            (by_name["cls-c3"], torch.float32, ("data",)),
             # The weight kernel's go_first candidates (untimed: ptxas no longer serialises its wgmma
             # with pipelined loads) where the default is serialised, fp16 and TF32; and at 256
             # channels TF32's 64-pixel steps and one stage, which won 20-23% at 512.

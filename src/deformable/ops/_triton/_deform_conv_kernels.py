@@ -359,24 +359,15 @@ def deform_conv_bwd_data_kernel(
             gcol = tl.where(cmask[None, :], gcol, 0.0)
 
             if NEED_OFFSET or NEED_MASK:
-                # Both gradients are linear in the four neighbours: each needs only the neighbour's
-                # product with gcol summed over channels, s_ab = sum_c gcol * v_ab, so a neighbour is
-                # consumed as soon as it is loaded (one tile live, not four, and no blended tiles).
-                ptr = x_ptr + r00[:, None] * C + cols[None, :]
-                cm = cmask[None, :]
-                v = tl.load(ptr, mask=ok00[:, None] & cm, other=0.0).to(CT)
-                s00 = tl.sum(gcol * v, axis=1)
-                v = tl.load(ptr + C, mask=ok01[:, None] & cm, other=0.0).to(CT)
-                s01 = tl.sum(gcol * v, axis=1)
-                v = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0).to(CT)
-                s10 = tl.sum(gcol * v, axis=1)
-                v = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0).to(CT)
-                s11 = tl.sum(gcol * v, axis=1)
+                v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
                 if NEED_MASK:
-                    grad_m += b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11
+                    val = b00[:, None] * v00 + b01[:, None] * v01 + b10[:, None] * v10 + b11[:, None] * v11
+                    grad_m += tl.sum(gcol * val, axis=1)
                 if NEED_OFFSET:
-                    grad_y += (1.0 - lx) * (s10 - s00) + lx * (s11 - s01)
-                    grad_x += (1.0 - ly) * (s01 - s00) + ly * (s11 - s10)
+                    dvy = (1.0 - lx)[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
+                    dvx = (1.0 - ly)[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
+                    grad_y += tl.sum(gcol * dvy, axis=1)
+                    grad_x += tl.sum(gcol * dvx, axis=1)
 
             if NEED_INPUT:
                 gm = gcol * scale[:, None]
