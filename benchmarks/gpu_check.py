@@ -635,10 +635,20 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
     return r
 
 
-def timing(device, report: Report, clock: Clock, smoke: bool) -> list[tuple[str, str, dict]]:
+def timing(
+    device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None
+) -> list[tuple[str, str, dict]]:
+    """Time every anchor shape (or those named in ``only``) in every dtype."""
     rows = []
+    problems = anchors(smoke)
+    if only is not None:
+        unknown = sorted(set(only) - {p.name for p in problems})
+        if unknown:
+            known = [p.name for p in problems]
+            raise ValueError(f"--timing-shapes: unknown shapes {unknown}; known: {known}")
+        problems = [p for p in problems if p.name in only]
     # Shapes outermost: if time runs short, the rows that are left out are whole shapes, not a dtype.
-    for problem in anchors(smoke):
+    for problem in problems:
         for dtype_name, dtype in DTYPES.items():
             if clock.left() < 0.08 * clock.budget:
                 report.skipped.append(f"timing {problem.name} {dtype_name}")
@@ -949,6 +959,9 @@ def main(argv: list[str] | None = None) -> int:
         help="correctness on these problems only (name prefixes, a,b)",
     )
     parser.add_argument(
+        "--timing-shapes", type=_names, default=None, help="time these anchor shapes only (a,b)"
+    )
+    parser.add_argument(
         "--sweep-plan", type=_sweep_plan, default=None,
         help="sweep these instead of the default plan: shape/dtype/kernel entries, a,b (det-c5/fp32/forward)",
     )  # fmt: skip
@@ -970,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         correctness(device, report, clock, args.smoke, args.problems)
     rows = []
     if not args.skip_timing:
-        rows = timing(device, report, clock, args.smoke)
+        rows = timing(device, report, clock, args.smoke, args.timing_shapes)
         timing_tables(rows, report)
     if not (args.skip_timing or args.skip_breakdown):
         breakdown(device, report, clock, args.smoke)

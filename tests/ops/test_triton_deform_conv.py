@@ -719,6 +719,8 @@ def test_heuristic_and_candidate_configs_are_valid():
                     assert not config.go_first or (kernel == "weight" and dtype != torch.float64), config
         # Full fp32 (FMA products) spills registers with the go_first order: never a candidate there.
         assert not any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=False))
+        fma_weight = tdc._heuristic("weight", geo, torch.float32, interpreted=False, sms=132, tf32=False)
+        assert not fma_weight.go_first
         assert any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=True))
 
 

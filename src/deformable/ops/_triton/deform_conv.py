@@ -24,9 +24,9 @@ backward, data part
     gradient with fp32 atomics (fp64 for float64).
 backward, weight part
     Split-K over pixels: each program recomputes its sampled columns and accumulates
-    ``columns^T @ grad_out`` in fp32; the splits add up with fp32 atomics into one buffer (in
-    deterministic mode: per-split partial sums, added by ``torch.sum`` in a fixed order). The bias
-    gradient is ``grad_out.sum``.
+    ``columns^T @ grad_out`` in fp32 (16-bit: ``(grad_out^T @ columns)^T``, ``Config.go_first``);
+    the splits add up with fp32 atomics into one buffer (in deterministic mode: per-split partial
+    sums, added by ``torch.sum`` in a fixed order). The bias gradient is ``grad_out.sum``.
 
 Memory formats: NCHW and channels_last tensors are both taken as they are (offsets, masks and the
 output's gradient are read through their strides); the output and every gradient come back in the
@@ -122,7 +122,8 @@ class Config:
     ``go_first`` (weight only) orders the product as grad_out^T @ columns: the columns, blended in
     registers, become the matrix unit's second operand, staged to shared memory as they are, instead
     of a transposed first operand. On sm_90 that keeps consecutive wgmma overlapped where ptxas
-    serialises them otherwise (pipelined grad_out loads; compile_check's "serialized").
+    serialises them otherwise (pipelined grad_out loads; compile_check's "serialized"). The 16-bit
+    default; not for full fp32 (its multiply-add products spill registers in that order).
     """
 
     block_m: int
@@ -298,13 +299,21 @@ def _heuristic(
         warps = 8 if block_m * block_n >= 128 * 128 else 4
         if block_m == 64 and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, block_n) < 0.6 * sms:
             return Config(32, block_n, 32, 4, 3) if wide else Config(64, block_n, 32, warps, 3, splits=3)
-        # Three stages, TF32 too: better than two in every pair the H200 sweep timed (64 x 256 at
-        # det-c4 0.105 ms against 0.126, cls-c5 0.170 against 0.203; 128 x 128 at det-c4 0.124
-        # against 0.150).
-        return Config(block_m, block_n, 32, warps, 3)
+        # Three stages, TF32 too: better than two in every pair the H200 sweep timed with 8 warps (64 x
+        # 256 at det-c4 0.105 ms against 0.126, cls-c5 0.170 against 0.203; 128 x 128 at det-c4 0.124
+        # against 0.150). TF32 64 x 128 tiles (4 warps) take two: cls-c3 0.289 against 0.337.
+        stages = 2 if not wide and warps == 4 else 3
+        return Config(block_m, block_n, 32, warps, stages)
     if kernel == "data":
         if fma:
             return Config(32, 32, 32, 4, 2)
+        # 128 output channels or fewer: 4-warp programs, two to a multiprocessor (H200: fp16 det-c3
+        # 0.402 ms against 0.424, cls-c3 0.589 against 0.631; TF32 det-c3 0.509 against 0.576, cls-c3
+        # 0.754 against 0.869). 16-bit 64 x 64 tiles ran as fast but spill on sm_90 (bf16: 300 bytes).
+        # Not at 256 or 512 channels, where 8 warps won (fp16 det-c4 0.220 against 0.242 for 4-warp
+        # 64 x 64 tiles, det-c5 0.190 against 0.218).
+        if geo.group_out <= 128:
+            return Config(64, 32, 64, 4, 2) if wide else Config(32, 64, 64, 4, 2)
         # 16-bit: three stages and 256 output channels per step (H200 sweep, fp16: det-c4 0.234 ms
         # against 0.311 with two stages; cls-c5 (512 channels) 0.331 against 0.402 with 64).
         if geo.group_out <= 256:  # one grad_out tile per weight group, kept across channel blocks
@@ -320,12 +329,20 @@ def _heuristic(
     block_k = _pow2(geo.group_in, 16, 64)
     block_n = _pow2(geo.group_out, 16, 256)
     warps = 8 if block_k * block_n >= 64 * 128 else 4
-    if dtype == torch.float32 and not fma and geo.group_out > 256:
-        # TF32 at 512 channels (H200): 64-pixel steps and one stage, unpipelined grad_out loads that
+    if wide:
+        # 16-bit: the product as grad_out^T @ columns (go_first), whose wgmma ptxas does not serialise.
+        # H200: det-c3 0.116 ms against 0.144 for (64, 128, 64, 8, 2), det-c4 0.142 against 0.172;
+        # at 512 channels 32-pixel steps, pipelined: cls-c5 0.188 against 0.217, det-c5 0.127 against 0.142.
+        if geo.group_out > 256:
+            return Config(32, block_n, block_k, warps, 2, go_first=True)
+        return Config(64, block_n, block_k, warps, 1, go_first=True)
+    if not fma and geo.group_out >= 256:
+        # TF32 at 256-512 channels (H200): 64-pixel steps and one stage, unpipelined grad_out loads that
         # spare the wgmma ptxas serialises when they are pipelined. cls-c5 0.325 ms against 0.424 for
-        # (32, 256, 64, 8, 2), det-c5 0.210 against 0.264. Unmeasured at 256 channels or fewer.
+        # (32, 256, 64, 8, 2), det-c5 0.210 against 0.264, cls-c4 0.294 against 0.349, det-c4 0.193
+        # against 0.201 (two stages there: 0.182). go_first is slower in TF32 (det-c4 0.199 and up).
         return Config(64, block_n, block_k, warps, 1)
-    return Config(64 if wide else 32, block_n, block_k, warps, 2)
+    return Config(32, block_n, block_k, warps, 2)
 
 
 def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
