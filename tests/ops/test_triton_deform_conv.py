@@ -237,11 +237,20 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
     check_forward(case, tensors, forward(case, tensors), dtype)
 
 
-@pytest.mark.parametrize(("mode", "dtype"), [("atomic", torch.float32), ("deterministic", torch.float16)])
-def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype):
+@pytest.mark.parametrize(
+    ("mode", "dtype", "go_first"),
+    [
+        ("atomic", torch.float32, True),
+        ("deterministic", torch.float16, True),
+        ("atomic", torch.float16, False),
+        ("atomic", torch.bfloat16, False),
+    ],
+)
+def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype, go_first):
     """Config.go_first accumulates grad_out^T @ columns instead of columns^T @ grad_out: the same
     weight gradient (float64 oracle), with channel blocks straddling the offset groups and the channel
-    counts, through the atomic and the deterministic (per-split) writes."""
+    counts, through the atomic and the deterministic (per-split) writes. Each dtype's other order than
+    its default (go_first for 16-bit, which every other 16-bit test runs)."""
     if mode == "deterministic":
         request.getfixturevalue("deterministic")
     case = STRADDLE
@@ -252,9 +261,9 @@ def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype
     monkeypatch.setattr(
         tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
     )
-    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=True))
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=go_first))
     grads = backward(case, tensors, grad_output, output_mask=only_weight)
-    assert [kwargs["GO_FIRST"] for kwargs in launched] == [True]  # the order reached the kernel
+    assert [kwargs["GO_FIRST"] for kwargs in launched] == [go_first]  # the order reached the kernel
     check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_weight)
 
 

@@ -261,8 +261,10 @@ def _heuristic(
             return Config(32, _pow2(geo.group_out, 16, 32), 16)
         if kernel == "data":
             return Config(32, 16, _pow2(geo.group_out, 16, 32))
-        if kernel == "weight":
-            return Config(32, _pow2(geo.group_out, 16, 32), 16)
+        if kernel == "weight":  # 16-bit in the product order of the GPU default, so that CI tests it
+            return Config(
+                32, _pow2(geo.group_out, 16, 32), 16, go_first=dtype in (torch.float16, torch.bfloat16)
+            )
         return Config(32, _pow2(geo.channels_per_offset_group, 16, 32), 1)
 
     if kernel == "gather":
