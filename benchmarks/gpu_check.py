@@ -829,29 +829,20 @@ def sweep(
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # The data kernel where it costs most (cls-c3 fp16 0.63 ms, det-c3 0.42): 4-warp tiles
-            # won there on 2026-11-27 (run 3) with another variant of the kernel, untimed with this one.
-            (by_name["det-c3"], torch.float16, ("data",)),
-            (by_name["cls-c3"], torch.float16, ("data",)),
-            (by_name["det-c3"], torch.float32, ("data",)),
-            (by_name["cls-c3"], torch.float32, ("data",)),
-            # The weight kernel's go_first candidates (untimed: ptxas no longer serialises its wgmma
-            # with pipelined loads) where the default is serialised, fp16 and TF32; and at 256
-            # channels TF32's 64-pixel steps and one stage, which won 20-23% at 512.
-            (by_name["det-c4"], torch.float16, ("weight",)),
-            (by_name["det-c3"], torch.float16, ("weight",)),
-            (by_name["det-c4"], torch.float32, ("weight",)),
-            (by_name["cls-c4"], torch.float32, ("weight",)),
-            # TF32 forward at 128 channels: three stages, better than two in every pair timed at 256
-            # and 512 channels, are the default here untimed.
-            (by_name["det-c3"], torch.float32, ("forward",)),
-            (by_name["cls-c3"], torch.float32, ("forward",)),
-            # One stage for the fp16 weight kernel at 512 channels (cls-c5: 0.200 ms against 0.218).
-            (by_name["cls-c5"], torch.float16, ("weight",)),
-            (by_name["det-c5"], torch.float16, ("weight",)),
-            # The sweep-set forwards of 2026-11-27, again: 32-pixel tiles (fp16), split taps (TF32).
-            (by_name["det-c5"], torch.float16, ("forward",)),
-            (by_name["det-c5"], torch.float32, ("forward",)),
+            # What the H200 runs of 2026-11-27 left open. The data kernel at 256 channels: 4-warp
+            # programs won at 128 (fp32 det-c3 0.509 ms against 0.576), 8 warps at 512.
+            (by_name["det-c4"], torch.float32, ("data",)),
+            (by_name["cls-c4"], torch.float32, ("data",)),
+            (by_name["cls-c4"], torch.float16, ("data",)),
+            # TF32 weight kernel at 128 channels: 64-pixel steps and one stage won at 256-512.
+            (by_name["det-c3"], torch.float32, ("weight",)),
+            (by_name["cls-c3"], torch.float32, ("weight",)),
+            # bf16 takes fp16's defaults, never swept on its own; the strided shape never swept.
+            (by_name["det-c4"], torch.bfloat16, ("weight",)),
+            (by_name["det-c3"], torch.bfloat16, ("data",)),
+            (by_name["det-c4-s2"], torch.float16, ("weight",)),
+            (by_name["det-c4-s2"], torch.float16, ("data",)),
+            (by_name["det-c4-s2"], torch.float32, ("forward",)),
         ]
     if only is not None:
         unknown = sorted({shape for shape, _, _ in only} - set(by_name))
