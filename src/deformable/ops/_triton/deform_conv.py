@@ -289,15 +289,15 @@ def _heuristic(
             64 if block_n > 128 or _tile_efficiency(geo, 64) > _tile_efficiency(geo, 128) + 0.03 else 128
         )
         # Fewer programs than multiprocessors: shrink the pixel tile, never the channel tile (each
-        # extra channel tile gathers the same samples again: on the H200 sweep, cls-c5 fp16 ran
-        # 0.134 ms with 128 programs of 256 channels against 0.151 ms with 256 programs of 128).
+        # extra channel tile gathers the same samples again: on the H200 sweep of 2026-11-26, cls-c5
+        # fp16 ran 0.134 ms with 128 programs of 256 channels against 0.151 ms with 256 programs of 128).
         if block_m > 64 and geo.pixel_tiles(block_m) * geo.groups * _cdiv(geo.group_out, block_n) < sms:
             block_m = 64
         # Under 60% of the multiprocessors busy: more programs. 16-bit: 32-pixel tiles with 4 warps
         # (H200 fp16, det-c5 with 68 programs of 64 pixels: 0.100 ms against 0.122; the taps split
-        # in 3, 0.102). TF32: the taps split in 3 (det-c5: 0.129 ms against 0.165; 32-pixel tiles
-        # 0.151-0.163). Not cls-c5, 128 programs (fp16 32-pixel tiles 0.141 against 0.122; TF32 splits
-        # 0.177-0.180 against 0.170).
+        # in 3, 0.102 in that run and 0.206 in a later one). TF32: the taps split in 3 (det-c5:
+        # 0.129 ms against 0.165; 32-pixel tiles 0.151-0.163). Not cls-c5, 128 programs (fp16
+        # 32-pixel tiles 0.141 against 0.122; TF32 splits 0.177-0.180 against 0.170).
         warps = 8 if block_m * block_n >= 128 * 128 else 4
         if block_m == 64 and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, block_n) < 0.6 * sms:
             return Config(32, block_n, 32, 4, 3) if wide else Config(64, block_n, 32, warps, 3, splits=3)
@@ -316,8 +316,9 @@ def _heuristic(
         # 64 x 64 tiles, det-c5 0.190 against 0.218).
         if geo.group_out <= 128:
             return Config(64, 32, 64, 4, 2) if wide else Config(32, 64, 64, 4, 2)
-        # 16-bit: three stages and 256 output channels per step (H200 sweep, fp16: det-c4 0.234 ms
-        # against 0.311 with two stages; cls-c5 (512 channels) 0.331 against 0.402 with 64).
+        # 16-bit: three stages and 256 output channels per step (H200 sweep of 2026-11-26, fp16: det-c4
+        # 0.234 ms against 0.311 with two stages; cls-c5 (512 channels) 0.331 against 0.402 with 64;
+        # the runs of 2026-11-27 found the gaps narrower, 0.220 against 0.228 and 0.278 against 0.284).
         if geo.group_out <= 256:  # one grad_out tile per weight group, kept across channel blocks
             return Config(64, 64 if wide else 32, _pow2(geo.group_out, 16, 256), 8, 3 if wide else 2)
         # fp32 over more than 256 output channels re-reads the grad_out tile once per channel block:
