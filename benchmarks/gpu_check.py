@@ -820,16 +820,19 @@ def sweep(
     2026-11-27 H200 sweeps left open, most valuable first; --sweep-plan replaces it)."""
     report.add("## Configuration sweep")
     report.add("")
-    report.add(
-        "| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits][, go_first]) | ms | |"
-    )
+    report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits][, variant]) | ms | |")
     report.add("|---|---|---|---|---|---|")
     by_name = {p.name: p for p in anchors(smoke)}
     if smoke:
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # What the H200 runs of 2026-11-27 left open. The data kernel at 256 channels: 4-warp
+            # What the H200 runs of 2026-11-27 left open. The data kernel's deferred sums (Config.
+            # deferred_sums: fewer layout conversions per channel block, more registers), untimed.
+            (by_name["det-c3"], torch.float16, ("data",)),
+            (by_name["det-c4"], torch.float16, ("data",)),
+            (by_name["det-c3"], torch.float32, ("data",)),
+            # The data kernel at 256 channels: 4-warp
             # programs won at 128 (fp32 det-c3 0.509 ms against 0.576), 8 warps at 512.
             (by_name["det-c4"], torch.float32, ("data",)),
             (by_name["cls-c4"], torch.float32, ("data",)),
@@ -885,6 +888,7 @@ def sweep(
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
                 c += (config.splits,) if config.splits > 1 else ()
                 c += ("go_first",) if config.go_first else ()
+                c += ("deferred_sums",) if config.deferred_sums else ()
                 report.add(f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
     report.add("")
     if tdc_launch._stage_caps:

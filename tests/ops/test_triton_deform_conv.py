@@ -267,9 +267,38 @@ def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype
     check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_weight)
 
 
+@pytest.mark.parametrize(
+    ("mode", "dtype", "case"),
+    [
+        ("atomic", torch.float32, STRADDLE),
+        ("atomic", torch.bfloat16, Case(batch=1, in_channels=40, out_channels=6, groups=2, size=(4, 5))),
+        ("deterministic", torch.float16, Case(batch=1, in_channels=40, out_channels=6, size=(4, 5))),
+    ],
+    ids=["straddle-fp32", "two-weight-groups-bf16", "three-channel-blocks-fp16-deterministic"],
+)
+def test_data_kernel_with_deferred_sums(monkeypatch, request, mode, dtype, case):
+    """Config.deferred_sums sums the offset and mask gradients' products over channels once, after the
+    channel loops, instead of per channel block: the same data gradients (torchvision in float64),
+    with several channel blocks and weight groups per program, blocks straddling offset groups, and
+    the atomic and deterministic input gradients."""
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    tensors = make_inputs(case, dtype)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
+    only_data = (True, True, True, False, False)
+    launched, run = [], tdc._run
+    monkeypatch.setattr(
+        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
+    )
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "data", tdc.Config(16, 16, 16, deferred_sums=True))
+    grads = backward(case, tensors, grad_output, output_mask=only_data)
+    assert [kwargs["DEFER_SUMS"] for kwargs in launched if "DEFER_SUMS" in kwargs] == [True]
+    check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_data)
+
+
 def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
-    """A weight-kernel entry of the autotune cache with the go_first flag (its seventh field) becomes a
-    go_first Config; the flag means nothing to the other kernels and is dropped there."""
+    """An entry of the autotune cache with the variant flag (its seventh field) becomes a go_first
+    Config for the weight kernel and a deferred_sums Config for the data kernel."""
     from deformable.ops._triton import _autotune_cache
 
     case = Case(batch=1, in_channels=16, out_channels=16, size=(4, 5))
@@ -283,7 +312,8 @@ def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
     check_grads(case, tensors, grad_output, grads, torch.float32)
     tuned = {key[0]: config for key, config in tdc._TUNED.items()}
     assert tuned["weight"] == tdc.Config(16, 16, 16, 4, 1, 1, go_first=True)
-    assert tuned["data"] == tdc.Config(16, 16, 16, 4, 1, 1)
+    assert tuned["data"] == tdc.Config(16, 16, 16, 4, 1, 1, deferred_sums=True)
+    assert tuned["weight"].flag() == tuned["data"].flag() == 1  # what the cache stores back
 
 
 def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):
@@ -726,6 +756,7 @@ def test_heuristic_and_candidate_configs_are_valid():
                     if dtype != torch.float64 and kernel != "gather":
                         assert min(blocks) >= 16, (kernel, dtype, config)
                     assert not config.go_first or (kernel == "weight" and dtype != torch.float64), config
+                    assert not config.deferred_sums or (kernel == "data" and dtype != torch.float64), config
         # Full fp32 (FMA products) spills registers with the go_first order: never a candidate there.
         assert not any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=False))
         fma_weight = tdc._heuristic("weight", geo, torch.float32, interpreted=False, sms=132, tf32=False)

@@ -14,7 +14,8 @@ cannot be parsed is ignored with a warning and replaced by the next write; a fil
 configuration, or whose trial launch fails, is ignored with a warning and tuned again.
 
 File layout: ``{"format": 1, "scopes": {scope: {key: [block_m, block_n, block_k, warps, stages,
-splits, go_first]}}}``, go_first 0 or 1 (entries without it, of earlier versions, mean 0).
+splits, variant]}}}``, variant 0 or 1: the kernel's alternative form (the weight kernel's go_first, the
+data kernel's deferred_sums; entries without it, of earlier versions, mean 0).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..._files import atomic_write_text
 
 CACHE_ENV = "DEFORMABLE_TRITON_AUTOTUNE_CACHE"
 _FORMAT = 1
-_REQUIRED = 6  # block_m, block_n, block_k, num_warps, num_stages, splits; then the go_first flag
+_REQUIRED = 6  # block_m, block_n, block_k, num_warps, num_stages, splits; then the variant flag
 
 __all__ = ["CACHE_ENV", "cache_path", "lookup", "store"]
 

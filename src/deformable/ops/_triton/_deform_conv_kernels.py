@@ -273,7 +273,7 @@ def deform_conv_bwd_data_kernel(
     OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP, GOFF_SN, GOFF_SC, GOFF_SP, GMSK_SN, GMSK_SC, GMSK_SP,
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
-    CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
+    CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr, DEFER_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the sampled columns for one (pixel block, offset group g, tap k).
@@ -285,6 +285,10 @@ def deform_conv_bwd_data_kernel(
         grad_input[corner]   += gcol * mod * (corner's bilinear weight)
     The program owns every channel of (m, g, k), so grad_offset and grad_mask are plain stores.
     ``ONE_O_BLOCK`` (BLOCK_O >= CG_OUT) keeps the grad_out tile in registers across the channel blocks.
+    ``DEFER_SUMS`` accumulates the three products with gcol in [BLOCK_M, BLOCK_C] tiles across the
+    channel blocks and sums them over channels once, after the loops: the products stay in the matrix
+    unit's layout, so three of the per-block layout conversions (through shared memory) leave the loop,
+    for 3 * BLOCK_M * BLOCK_C more accumulator registers per program.
     grad_input is either scattered with atomics into the float accumulator ``gx`` [N, H, W, C]
     (channels-last), or, with DETERMINISTIC, not scattered at all: the program stores
     gcol * mod to ``colgrad`` [M*G*K, CPG], the fractional parts (ly, lx) to ``frac`` [M*G*K, 2]
@@ -319,6 +323,9 @@ def deform_conv_bwd_data_kernel(
     grad_y = tl.zeros([BLOCK_M], dtype=CT)
     grad_x = tl.zeros([BLOCK_M], dtype=CT)
     grad_m = tl.zeros([BLOCK_M], dtype=CT)
+    acc_y = tl.zeros([BLOCK_M, BLOCK_C], dtype=CT)  # DEFER_SUMS only (dead code otherwise)
+    acc_x = tl.zeros([BLOCK_M, BLOCK_C], dtype=CT)
+    acc_m = tl.zeros([BLOCK_M, BLOCK_C], dtype=CT)
     cg_lo = g * CPG
     cg_hi = cg_lo + CPG
     wg_lo = cg_lo // CG_IN
@@ -362,12 +369,19 @@ def deform_conv_bwd_data_kernel(
                 v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
                 if NEED_MASK:
                     val = b00[:, None] * v00 + b01[:, None] * v01 + b10[:, None] * v10 + b11[:, None] * v11
-                    grad_m += tl.sum(gcol * val, axis=1)
+                    if DEFER_SUMS:
+                        acc_m += gcol * val
+                    else:
+                        grad_m += tl.sum(gcol * val, axis=1)
                 if NEED_OFFSET:
                     dvy = (1.0 - lx)[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
                     dvx = (1.0 - ly)[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
-                    grad_y += tl.sum(gcol * dvy, axis=1)
-                    grad_x += tl.sum(gcol * dvx, axis=1)
+                    if DEFER_SUMS:
+                        acc_y += gcol * dvy
+                        acc_x += gcol * dvx
+                    else:
+                        grad_y += tl.sum(gcol * dvy, axis=1)
+                        grad_x += tl.sum(gcol * dvx, axis=1)
 
             if NEED_INPUT:
                 gm = gcol * scale[:, None]
@@ -387,6 +401,10 @@ def deform_conv_bwd_data_kernel(
                         ptr + (W + 1) * C, gm * b11[:, None], mask=ok11[:, None] & cm, sem="relaxed"
                     )
 
+    if DEFER_SUMS:
+        grad_y = tl.sum(acc_y, axis=1)
+        grad_x = tl.sum(acc_x, axis=1)
+        grad_m = tl.sum(acc_m, axis=1)
     if NEED_OFFSET:
         obase = n * GOFF_SN + p * GOFF_SP + (2 * gk) * GOFF_SC
         gy = tl.where(inside, grad_y * mod, outside)

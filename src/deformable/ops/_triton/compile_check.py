@@ -38,7 +38,15 @@ from triton.compiler import ASTSource
 
 from . import _deform_conv_kernels as _k
 from . import _deform_roi_pool_kernels as _roi_k
-from .deform_conv import _format_strides, _forward_k_major, _Geometry, _grad_out_operand, _heuristic
+from .deform_conv import (
+    Config,
+    _candidates,
+    _format_strides,
+    _forward_k_major,
+    _Geometry,
+    _grad_out_operand,
+    _heuristic,
+)
 from .deform_roi_pool import _launch_args as _roi_launch_args
 
 ANCHORS = {
@@ -201,6 +209,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         pointers.update(gx_ptr=acc, colgrad_ptr=acc, frac_ptr=acc, key_ptr="*i64")
         constexprs = {"HAS_MASK": True, "NEED_INPUT": True, "NEED_OFFSET": True, "NEED_MASK": True}
         constexprs.update(DETERMINISTIC=False, ONE_O_BLOCK=config.block_k >= geo.group_out, **common)
+        constexprs["DEFER_SUMS"] = config.deferred_sums
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
         map_constexprs, map_divisible = _map_args(geo, "data")
@@ -244,6 +253,23 @@ def _roi_kernel_args(kernel: str, dtype: torch.dtype):
     return fn, pointers, constexprs, warps
 
 
+def _jobs(geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
+    """(kernel, config) pairs to compile for one shape and mode: each kernel's default, and the
+    variants the autotuner may pick: split taps (forward, 512 channels), go_first (weight) and every
+    deferred-sums candidate (data, 256 channels or fewer)."""
+    jobs = []
+    for kernel in ("forward", "data", "weight", "gather"):
+        jobs.append((kernel, _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)))
+    if dtype == torch.float64:
+        return jobs
+    if geo.group_out == 512:
+        jobs.append(("forward", dataclasses.replace(jobs[0][1], splits=3)))
+    if dtype != torch.float32 or tf32:  # where _candidates offers go_first and deferred sums
+        jobs.append(("weight", dataclasses.replace(jobs[2][1], go_first=True)))
+        jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -269,19 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         if (h * w) % 16 == 0:
             ints16.add("HW")
         for dtype, tf32 in modes:
-            for kernel in ("forward", "data", "weight", "gather", "forward-split", "weight-go-first"):
-                config = _heuristic(
-                    kernel.removesuffix("-split").removesuffix("-go-first"), geo, dtype,
-                    interpreted=False, sms=args.sms, tf32=tf32,
-                )  # fmt: skip
-                if kernel == "forward-split":  # the tap-split variant (autotune candidates), at 512 channels
-                    if c != 512 or dtype == torch.float64:
-                        continue
-                    config, kernel = dataclasses.replace(config, splits=3), "forward"
-                if kernel == "weight-go-first":  # the weight kernel's other product order (candidates)
-                    if dtype == torch.float64 or (dtype == torch.float32 and not tf32):
-                        continue  # not a candidate there (_candidates)
-                    config, kernel = dataclasses.replace(config, go_first=True), "weight"
+            for kernel, config in _jobs(geo, dtype, tf32, args.sms):
                 fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
                 go_layout = frozenset((k, v) for k, v in constexprs.items() if k.startswith("GO_"))
                 key = (kernel, dtype, tf32, config, frozenset(ints16 | divisible), go_layout)
@@ -305,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                     config.num_stages,
                 )
                 blocks += (config.splits,) if config.splits > 1 else ()
-                variant = " go_first" if config.go_first else ""
+                variant = (
+                    " go_first" if config.go_first else (" deferred_sums" if config.deferred_sums else "")
+                )
                 print(f"{name:10s} {kernel:8s} {mode:10s} {blocks}{variant} {result}", flush=True)
     for dtype, _ in modes[:3] + modes[4:]:
         for kernel in ("roi-forward", "roi-backward"):
