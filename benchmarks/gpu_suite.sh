@@ -14,7 +14,14 @@
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh [BUDGET]      # from the repository root
 #
 # Within a 15-minute device lease this leaves room for one focused second run after fixing what the
-# first showed (2026-11-27: about 280 s with the machine's start), for example
+# first showed (2026-11-27: about 280 s with the machine's start). The timing table takes most of a
+# 270 s budget, so the sweep gets little time here; a sweep-only run took 171 s for 14 kernels:
+#   python3 benchmarks/gpu_check.py --budget 330 --out "$OUT" --skip-correctness --skip-timing \
+#       --skip-breakdown
+# and a check of changed defaults (147 s with pytest -m cuda after it), for example
+#   python3 benchmarks/gpu_check.py --budget 125 --out "$OUT" --problems det-c4,cls-c5 \
+#       --timing-shapes det-c3,cls-c3 --skip-breakdown --sweep-plan cls-c3/fp16/weight
+# or
 #   python3 benchmarks/gpu_check.py --budget 240 --out "$OUT" --problems cls-c5,det-c4 \
 #       --skip-breakdown --sweep-plan det-c5/fp32/forward,cls-c5/fp32/weight
 # then pytest -m cuda tests/ops/test_triton_cuda.py (pytest from .whl/ as below).
