@@ -237,6 +237,24 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
     check_forward(case, tensors, forward(case, tensors), dtype)
 
 
+def check_variant(
+    monkeypatch, kernel: str, config, case: Case, dtype: torch.dtype, output_mask
+) -> list[dict]:
+    """Run the backward with ``config`` for ``kernel``, check the gradients of ``output_mask`` against
+    torchvision in float64, and return the keyword arguments of every launch (to see the variant's
+    constexpr reach its kernel)."""
+    tensors = make_inputs(case, dtype)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
+    launched, run = [], tdc._run
+    monkeypatch.setattr(
+        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
+    )
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, kernel, config)
+    grads = backward(case, tensors, grad_output, output_mask=output_mask)
+    check_grads(case, tensors, grad_output, grads, dtype, output_mask=output_mask)
+    return launched
+
+
 @pytest.mark.parametrize(
     ("mode", "dtype", "go_first"),
     [
@@ -253,18 +271,11 @@ def test_weight_kernel_in_either_product_order(monkeypatch, request, mode, dtype
     its default (go_first for 16-bit, which every other 16-bit test runs)."""
     if mode == "deterministic":
         request.getfixturevalue("deterministic")
-    case = STRADDLE
-    tensors = make_inputs(case, dtype)
-    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
-    only_weight = (False, False, False, True, False)
-    launched, run = [], tdc._run
-    monkeypatch.setattr(
-        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
+    config = tdc.Config(16, 16, 16, go_first=go_first)
+    launched = check_variant(
+        monkeypatch, "weight", config, STRADDLE, dtype, (False, False, False, True, False)
     )
-    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=go_first))
-    grads = backward(case, tensors, grad_output, output_mask=only_weight)
     assert [kwargs["GO_FIRST"] for kwargs in launched] == [go_first]  # the order reached the kernel
-    check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_weight)
 
 
 @pytest.mark.parametrize(
@@ -283,17 +294,9 @@ def test_data_kernel_with_deferred_sums(monkeypatch, request, mode, dtype, case)
     the atomic and deterministic input gradients."""
     if mode == "deterministic":
         request.getfixturevalue("deterministic")
-    tensors = make_inputs(case, dtype)
-    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
-    only_data = (True, True, True, False, False)
-    launched, run = [], tdc._run
-    monkeypatch.setattr(
-        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
-    )
-    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "data", tdc.Config(16, 16, 16, deferred_sums=True))
-    grads = backward(case, tensors, grad_output, output_mask=only_data)
+    config = tdc.Config(16, 16, 16, deferred_sums=True)
+    launched = check_variant(monkeypatch, "data", config, case, dtype, (True, True, True, False, False))
     assert [kwargs["DEFER_SUMS"] for kwargs in launched if "DEFER_SUMS" in kwargs] == [True]
-    check_grads(case, tensors, grad_output, grads, dtype, output_mask=only_data)
 
 
 def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
