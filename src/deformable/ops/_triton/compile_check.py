@@ -257,16 +257,19 @@ def _jobs(geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tupl
     """(kernel, config) pairs to compile for one shape and mode: each kernel's default, and the
     variants the autotuner may pick: split taps (forward, 512 channels), go_first (weight) and every
     deferred-sums candidate (data, 256 channels or fewer)."""
-    jobs = []
-    for kernel in ("forward", "data", "weight", "gather"):
-        jobs.append((kernel, _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)))
+    defaults = {
+        kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
+        for kernel in ("forward", "data", "weight", "gather")
+    }
+    jobs = list(defaults.items())
     if dtype == torch.float64:
         return jobs
     if geo.group_out == 512:
-        jobs.append(("forward", dataclasses.replace(jobs[0][1], splits=3)))
-    if dtype != torch.float32 or tf32:  # where _candidates offers go_first and deferred sums
-        jobs.append(("weight", dataclasses.replace(jobs[2][1], go_first=True)))
-        jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
+        jobs.append(("forward", dataclasses.replace(defaults["forward"], splits=3)))
+    # The variants where _candidates offers them (not for full fp32's multiply-add products).
+    if any(c.go_first for c in _candidates("weight", geo, dtype, tf32)):
+        jobs.append(("weight", dataclasses.replace(defaults["weight"], go_first=True)))
+    jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
     return jobs
 
 

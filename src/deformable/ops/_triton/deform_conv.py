@@ -140,9 +140,22 @@ class Config:
     go_first: bool = False
     deferred_sums: bool = False
 
-    def flag(self) -> int:
-        """The kernel variant flag the autotune cache stores as its seventh field (0 or 1)."""
-        return int(self.go_first or self.deferred_sums)
+    def cache_fields(self) -> tuple[int, ...]:
+        """The autotune cache's entry: six launch fields and the kernel's variant flag (weight:
+        go_first; data: deferred_sums; 0 or 1)."""
+        launch = (self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.splits)
+        return (*launch, int(self.go_first or self.deferred_sums))
+
+    @classmethod
+    def from_cache_fields(cls, kernel: str, fields: Sequence[int]) -> Config:
+        """The inverse of :meth:`cache_fields` for ``kernel`` (entries without the flag mean 0; the
+        flag means nothing to the forward and is dropped there)."""
+        m, n, k, warps, stages, splits = fields[:6]
+        variant = tuple(fields[6:]) == (1,)
+        return cls(
+            m, n, k, warps, stages, splits,
+            go_first=kernel == "weight" and variant, deferred_sums=kernel == "data" and variant,
+        )  # fmt: skip
 
 
 # Kernel name ("forward", "data", "weight", "gather") -> Config used instead of the heuristic.
@@ -454,12 +467,7 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
     stored = _autotune_cache.lookup(scope, text_key)  # what an earlier process found on this GPU
     if stored is not None:
         try:
-            m, n, k, warps, stages, splits = stored[:6]
-            variant = stored[6:] == (1,)  # weight: go_first; data: deferred_sums; else meaningless
-            config = Config(
-                m, n, k, warps, stages, splits,
-                go_first=kernel == "weight" and variant, deferred_sums=kernel == "data" and variant,
-            )  # fmt: skip
+            config = Config.from_cache_fields(kernel, stored)
             run(config)  # a trial launch: an entry that cannot run is tuned again
             _TUNED[key] = config
         except Exception as error:
@@ -479,8 +487,7 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
                 best, best_ms = config, ms
         _TUNED[key] = best
         if best_ms < float("inf"):
-            fields = (best.block_m, best.block_n, best.block_k, best.num_warps, best.num_stages, best.splits)
-            _autotune_cache.store(scope, text_key, (*fields, best.flag()))
+            _autotune_cache.store(scope, text_key, best.cache_fields())
     return _TUNED[key]
 
 
