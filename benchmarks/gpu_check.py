@@ -775,13 +775,22 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
     """fp16 backend calls (``tdc.forward``/``tdc.backward``: the kernel plus its wrapper's layout
     copies), the data gradient also split by what it computes: grad_input alone (the fp32
     accumulator's zeroing, the kernel's GEMM and atomic scatter, the final conversion) against the
-    offset and mask gradients alone (GEMM and gathers)."""
+    offset and mask gradients alone (GEMM and gathers), and grad_input alone in deterministic mode
+    (the column gradients stored, sorted by cell, summed per cell, gathered per pixel)."""
     x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
     go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
 
-    def bwd(output_mask):
-        return lambda: tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
+    def bwd(output_mask, deterministic=False):
+        def run():
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                return tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
+            finally:
+                torch.use_deterministic_algorithms(previous)
+
+        return run
 
     return {
         "cuDNN conv2d fwd": lambda: conv(x, weight, bias, problem.stride, problem.padding),
@@ -789,6 +798,9 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
         "data: input, offset, mask": bwd((True, True, True, False, False)),
         "data: input only (GEMM + scatter)": bwd((True, False, False, False, False)),
         "data: offset, mask only (GEMM + gathers)": bwd((False, True, True, False, False)),
+        "data: input only, deterministic (GEMM + stores, sort, cell sums, gather)": bwd(
+            (True, False, False, False, False), deterministic=True
+        ),
         "weight": bwd((False, False, False, True, False)),
     }
 
@@ -800,7 +812,7 @@ def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
     report.add("| shape | part | ms |")
     report.add("|---|---|---|")
     problems = anchors(smoke)
-    problems = [problems[1], problems[2], problems[-1]] if not smoke else problems[:1]
+    problems = [*problems[:3], problems[-1]] if not smoke else problems[:1]
     for problem in problems:
         if clock.left() < 0.1 * clock.budget:
             report.skipped.append(f"breakdown {problem.name}")

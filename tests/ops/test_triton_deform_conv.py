@@ -53,6 +53,7 @@ SMALL_TILES = {
     "forward": tdc.Config(16, 16, 16),
     "data": tdc.Config(16, 16, 16),
     "weight": tdc.Config(16, 16, 16),
+    "cells": tdc.Config(16, 8, 1),
     "gather": tdc.Config(16, 8, 1),
 }
 
@@ -209,7 +210,12 @@ def test_forward_and_backward(name, dtype):
     check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
 
 
-def test_tiles_straddle_every_boundary(small_tiles):
+@pytest.mark.parametrize("mode", ["atomic", "deterministic"])
+def test_tiles_straddle_every_boundary(small_tiles, request, mode):
+    """Every kernel's tiles cross the shape's edges (in deterministic mode also those of the cell
+    sums and the gather)."""
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
     dtype = torch.float32
     tensors = make_inputs(STRADDLE, dtype)
     out = forward(STRADDLE, tensors)
@@ -674,7 +680,7 @@ def test_int64_indexing_path_matches(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_deterministic_mode_is_correct_and_bitwise_repeatable(deterministic, dtype):
-    """Samples pile onto few input pixels (long runs per cell in the gather kernel)."""
+    """Samples pile onto few input pixels (long runs per cell for the cell-sum kernel)."""
     case = Case(batch=1, in_channels=6, out_channels=5, size=(4, 5), offset_groups=2)
     x, offset, mask, weight, bias = make_inputs(case, dtype, offset_scale=0.5)
     oh, ow = case.out_size

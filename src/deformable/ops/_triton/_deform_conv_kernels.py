@@ -425,21 +425,76 @@ def deform_conv_bwd_data_kernel(
         tl.store(key_ptr + sample, tl.where(inside, cell, SENTINEL), mask=row_ok)
 
 
+@triton.jit
+def deform_conv_cell_sums_kernel(
+    colgrad_ptr, frac_ptr, order_ptr, start_ptr, sums_ptr,
+    CELLS, CPG,
+    CT: tl.constexpr, INDEX64: tl.constexpr, BLOCK_CELLS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Deterministic grad_input, step 1: per neighbourhood cell, the four corner-weighted sums of the
+    column gradients of the samples in it.
+
+    The samples were sorted stably by cell (cell (n, g, y0 + 1, x0 + 1) of the [N, G, H + 1, W + 1]
+    grid holds the samples whose top-left neighbour is (y0, x0)): ``order`` [S] lists them in that
+    order and ``start`` [CELLS + 1] delimits each cell's run. For cell q and corner t (00, 01, 10, 11;
+    weights (1-ly)(1-lx), (1-ly)lx, ly(1-lx), ly*lx):
+        sums[t, q, c] = sum over the run of q, in sorted order, of weight_t(s) * colgrad[s, c]
+    (0 for a cell without samples). Each sample's row is read once; the additions run in a fixed
+    order without atomics, so the result is bitwise repeatable.
+    Grid: (cdiv(CELLS, BLOCK_CELLS) * cdiv(CPG, BLOCK_C),), channel block fastest.
+    """
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    c_blocks = tl.cdiv(CPG, BLOCK_C)
+    cb = pid % c_blocks
+    cell = (pid // c_blocks) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
+    cell_ok = cell < CELLS
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < CPG
+    lo = tl.load(start_ptr + cell, mask=cell_ok, other=0)
+    hi = tl.load(start_ptr + cell + 1, mask=cell_ok, other=0)
+
+    acc00 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=CT)
+    acc01 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=CT)
+    acc10 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=CT)
+    acc11 = tl.zeros([BLOCK_CELLS, BLOCK_C], dtype=CT)
+    for e in range(0, tl.max(hi - lo, axis=0)):
+        idx = lo + e
+        act = idx < hi
+        s = tl.load(order_ptr + idx, mask=act, other=0)
+        ly = tl.load(frac_ptr + s * 2, mask=act, other=0.0)
+        lx = tl.load(frac_ptr + s * 2 + 1, mask=act, other=0.0)
+        # Rows past their run read sample 0 and discard it: the load's mask is over channels only,
+        # as a 2-D mask here trips Triton 3.6's layout pass.
+        v = tl.load(colgrad_ptr + s[:, None] * CPG + cols[None, :], mask=cmask[None, :], other=0.0)
+        v = tl.where(act[:, None], v, 0.0)
+        acc00 += ((1.0 - ly) * (1.0 - lx))[:, None] * v
+        acc01 += ((1.0 - ly) * lx)[:, None] * v
+        acc10 += (ly * (1.0 - lx))[:, None] * v
+        acc11 += (ly * lx)[:, None] * v
+
+    ptr = sums_ptr + cell[:, None] * CPG + cols[None, :]
+    smask = cell_ok[:, None] & cmask[None, :]
+    tl.store(ptr, acc00, mask=smask)
+    tl.store(ptr + CELLS * CPG, acc01, mask=smask)
+    tl.store(ptr + 2 * CELLS * CPG, acc10, mask=smask)
+    tl.store(ptr + 3 * CELLS * CPG, acc11, mask=smask)
+
+
 @triton.jit(do_not_specialize=["N", "H", "W"])
 def deform_conv_gather_input_grad_kernel(
-    colgrad_ptr, frac_ptr, order_ptr, start_ptr, gx_ptr,
-    N, H, W, HW, C, G, CPG,
+    sums_ptr, gx_ptr,
+    N, H, W, HW, C, G, CPG, CELLS,
     CT: tl.constexpr, INDEX64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Deterministic grad_input: each input pixel gathers the samples that touch it, in a fixed order.
+    """Deterministic grad_input, step 2: each input pixel adds the cell sums it is a corner of.
 
-    The samples were sorted (stably) by neighbourhood cell: cell (n, g, y0 + 1, x0 + 1) of the
-    [N, G, H + 1, W + 1] cell grid holds the samples whose top-left neighbour is (y0, x0), and
-    ``start`` [cells + 1] delimits each cell's run in ``order``. Input pixel (y, x) is the
-    top-left neighbour of the samples in cell (y + 1, x + 1), the top-right one of cell (y + 1, x),
-    the bottom-left one of cell (y, x + 1) and the bottom-right one of cell (y, x). Summing those
-    runs in this order involves no atomics, so the result is bitwise repeatable.
-    ``gx`` is written directly as [N, C, H, W] in its own dtype.
+    Input pixel (y, x) is the top-left neighbour of the samples in cell (y + 1, x + 1), the top-right
+    one of cell (y + 1, x), the bottom-left one of cell (y, x + 1) and the bottom-right one of cell
+    (y, x): it adds sums[0] of the first, sums[1] of the second, sums[2] and sums[3] of the others
+    (``deform_conv_cell_sums_kernel``), in that order. ``gx`` is written directly as [N, C, H, W] in
+    its own dtype.
     Grid: (N * cdiv(H*W, BLOCK_P) * G * cdiv(CPG, BLOCK_C),).
     """
     pid = tl.program_id(0)
@@ -456,20 +511,10 @@ def deform_conv_gather_input_grad_kernel(
     cell_row = (n * G + g) * (H + 1)
     for t in tl.static_range(4):
         cell = (cell_row + y + 1 - t // 2) * (W + 1) + x + 1 - t % 2
-        lo = tl.load(start_ptr + cell, mask=pix_ok, other=0)
-        hi = tl.load(start_ptr + cell + 1, mask=pix_ok, other=0)
-        for e in range(0, tl.max(hi - lo, axis=0)):
-            idx = lo + e
-            act = idx < hi
-            s = tl.load(order_ptr + idx, mask=act, other=0)
-            ly = tl.load(frac_ptr + s * 2, mask=act, other=0.0)
-            lx = tl.load(frac_ptr + s * 2 + 1, mask=act, other=0.0)
-            wy = 1.0 - ly if t // 2 == 0 else ly
-            wx = 1.0 - lx if t % 2 == 0 else lx
-            # Rows past their run read sample 0 (s = 0) and discard it: the load's mask is over
-            # channels only, as a 2-D mask here trips Triton 3.6's layout pass.
-            v = tl.load(colgrad_ptr + s[:, None] * CPG + cols[None, :], mask=cmask[None, :], other=0.0)
-            acc += tl.where(act[:, None], (wy * wx)[:, None] * v, 0.0)
+        rows = t * CELLS + cell
+        acc += tl.load(
+            sums_ptr + rows[:, None] * CPG + cols[None, :], mask=pix_ok[:, None] & cmask[None, :], other=0.0
+        )
 
     optr = gx_ptr + (n * C + g * CPG + cols)[None, :] * HW + q[:, None]
     tl.store(optr, acc.to(gx_ptr.dtype.element_ty), mask=pix_ok[:, None] & cmask[None, :])

@@ -206,7 +206,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         pointers = dict.fromkeys(
             ("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "go_ptr", "goff_ptr", "gmsk_ptr"), t
         )
-        pointers.update(gx_ptr=acc, colgrad_ptr=acc, frac_ptr=acc, key_ptr="*i64")
+        pointers.update(gx_ptr=acc, colgrad_ptr=acc, frac_ptr=acc, key_ptr="*i32")
         constexprs = {"HAS_MASK": True, "NEED_INPUT": True, "NEED_OFFSET": True, "NEED_MASK": True}
         constexprs.update(DETERMINISTIC=False, ONE_O_BLOCK=config.block_k >= geo.group_out, **common)
         constexprs["DEFER_SUMS"] = config.deferred_sums
@@ -226,7 +226,12 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         map_constexprs, map_divisible = _map_args(geo, "weight")
         constexprs.update(go_constexprs, **map_constexprs)
         return _k.deform_conv_bwd_weight_kernel, pointers, constexprs, divisible | map_divisible
-    pointers = {"colgrad_ptr": acc, "frac_ptr": acc, "order_ptr": "*i64", "start_ptr": "*i64", "gx_ptr": t}
+    if kernel == "cells":
+        pointers = {"colgrad_ptr": acc, "frac_ptr": acc, "order_ptr": "*i64", "start_ptr": "*i64"}
+        pointers["sums_ptr"] = acc
+        constexprs = {"CT": ct, "INDEX64": False, "BLOCK_CELLS": config.block_m, "BLOCK_C": config.block_n}
+        return _k.deform_conv_cell_sums_kernel, pointers, constexprs, set()
+    pointers = {"sums_ptr": acc, "gx_ptr": t}
     constexprs = {"CT": ct, "INDEX64": False, "BLOCK_P": config.block_m, "BLOCK_C": config.block_n}
     return _k.deform_conv_gather_input_grad_kernel, pointers, constexprs, set()
 
@@ -259,7 +264,7 @@ def _jobs(geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tupl
     deferred-sums candidate (data, 256 channels or fewer)."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
-        for kernel in ("forward", "data", "weight", "gather")
+        for kernel in ("forward", "data", "weight", "cells", "gather")
     }
     jobs = list(defaults.items())
     if dtype == torch.float64:

@@ -39,10 +39,11 @@ releasing that copy, so no more than two input-sized buffers are alive at once
 
 Deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no float atomics anywhere.
 The data kernel stores the per-sample column gradients instead of scattering them, the samples are
-sorted stably by the input cell their neighbours fall in, and a gather kernel sums, for every input
-pixel, the samples of its four neighbouring cells in that fixed order. It costs one
-[N*Ho*Wo*kh*kw, C_in] fp32 buffer and a sort, taken a group of images at a time when the whole batch
-would exceed the memory budget (``deformable.ops.set_memory_budget``, 256 MiB by default); the
+sorted stably by the input cell their neighbours fall in (int32 keys), one kernel sums each cell's
+run once into four corner-weighted sums, and a gather kernel adds, for every input pixel, the sums
+of its four neighbouring cells in a fixed order. It costs one [N*Ho*Wo*kh*kw, C_in] fp32 buffer, a
+sort and the cell sums ([4, N*(H+1)*(W+1), C_in] fp32), taken a group of images at a time when the
+whole batch would exceed the memory budget (``deformable.ops.set_memory_budget``, 256 MiB by default); the
 weight kernel writes per-split partial sums, as many as fit that budget, instead of adding them
 atomically. The offset, mask and bias gradients are deterministic in both
 modes.
@@ -114,7 +115,8 @@ class Config:
     forward: pixels / output channels / input channels (the reduction);
     data: pixels / input channels / output channels (the reduction);
     weight: pixels (the reduction) / output channels / input channels;
-    gather: input pixels / input channels / unused.
+    cells: neighbourhood cells / input channels / unused (deterministic mode);
+    gather: input pixels / input channels / unused (deterministic mode).
 
     ``splits`` (forward only) splits the taps too, for shapes with fewer tiles than multiprocessors:
     the splits add their partial sums atomically into an fp32 buffer (ignored in deterministic mode).
@@ -158,7 +160,7 @@ class Config:
         )  # fmt: skip
 
 
-# Kernel name ("forward", "data", "weight", "gather") -> Config used instead of the heuristic.
+# Kernel name ("forward", "data", "weight", "cells", "gather") -> Config used instead of the heuristic.
 CONFIG_OVERRIDES: dict[str, Config] = {}
 
 _INT32_SAFE = 2**30  # elements; above this, index arithmetic is 64-bit (margin for corner offsets)
@@ -288,8 +290,12 @@ def _heuristic(
             return Config(
                 32, _pow2(geo.group_out, 16, 32), 16, go_first=dtype in (torch.float16, torch.bfloat16)
             )
+        if kernel == "cells":
+            return Config(16, _pow2(geo.channels_per_offset_group, 1, 16), 1)
         return Config(32, _pow2(geo.channels_per_offset_group, 16, 32), 1)
 
+    if kernel == "cells":  # four [64, 32] fp32 accumulators: 64 registers per thread with 4 warps
+        return Config(64, _pow2(geo.channels_per_offset_group, 1, 16 if dtype == torch.float64 else 32), 1)
     if kernel == "gather":
         return Config(64, _pow2(geo.channels_per_offset_group, 1, 32 if dtype == torch.float64 else 64), 1)
     if dtype == torch.float64:  # broadcast-and-sum products: small 3-D tiles
@@ -936,8 +942,9 @@ def _data_grads(
             _run(kernel, spec, tensors)
 
         run(_planned(("data", sub.batch, *key), "data", sub, x, flags, spec_of, run))
+        del tensors, run, colgrad, frac, keys  # the gather below frees what it has read
         if buffers is not None and grad_input is not None:
-            _gather_input_grad(sub, *buffers, rows(grad_input), dtype)
+            _gather_input_grad(sub, buffers, rows(grad_input), dtype)
         elif buffers is not None:
             pending = (sub, buffers)
 
@@ -947,7 +954,7 @@ def _data_grads(
             return grad_input.contiguous(memory_format=input_format)
         if pending is not None:
             sub, buffers = pending
-            return _gather_input_grad(sub, *buffers, None, dtype).contiguous(memory_format=input_format)
+            return _gather_input_grad(sub, buffers, None, dtype).contiguous(memory_format=input_format)
         assert gx is not None  # need_input without deterministic mode: the kernel's accumulator
         as_nchw = gx.permute(0, 3, 1, 2)  # a channels_last view
         if input_format == torch.channels_last and dtype == acc:
@@ -971,44 +978,65 @@ def _images_per_deterministic_group(geo: _Geometry, acc: torch.dtype) -> int:
     acc_bytes = torch.finfo(acc).bits // 8
     samples = geo.out_h * geo.out_w * geo.offset_groups * geo.taps
     cells = geo.offset_groups * (geo.height + 1) * (geo.width + 1)
-    # colgrad and frac, the key and the sort's sorted keys and order (int64 each), the run starts.
-    per_image = samples * ((geo.channels_per_offset_group + 2) * acc_bytes + 3 * 8) + cells * 8
+    cpg = geo.channels_per_offset_group
+    # colgrad and frac; the key, the sort's sorted keys (int64 each, at most) and order; the cell
+    # sums (four per cell) and the run starts.
+    per_image = samples * ((cpg + 2) * acc_bytes + 3 * 8) + cells * (4 * cpg * acc_bytes + 8)
     return max(1, get_memory_budget() // per_image)
 
 
-def _sample_buffers(geo: _Geometry, acc: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(colgrad [samples, C_in/G], frac [samples, 2], keys [samples], cells) of deterministic mode."""
+def _sample_buffers(geo: _Geometry, acc: torch.dtype, device) -> list:
+    """[colgrad [samples, C_in/G], frac [samples, 2], keys [samples], cells] of deterministic mode;
+    the keys are int32 where the cells allow (a radix sort of half the bits)."""
     samples = geo.pixels * geo.offset_groups * geo.taps
     cells = geo.batch * geo.offset_groups * (geo.height + 1) * (geo.width + 1)
-    return (
+    key_dtype = torch.int32 if cells < 2**31 - 1 else torch.int64
+    return [
         torch.empty((samples, geo.channels_per_offset_group), dtype=acc, device=device),
         torch.empty((samples, 2), dtype=acc, device=device),
-        torch.empty(samples, dtype=torch.int64, device=device),
+        torch.empty(samples, dtype=key_dtype, device=device),
         cells,
-    )
+    ]
 
 
-def _gather_input_grad(geo, colgrad, frac, keys, cells, out: Tensor | None, dtype: torch.dtype) -> Tensor:
+def _gather_input_grad(geo, buffers: list, out: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Deterministic grad_input [N, C_in, H, W] of ``geo``'s images from the per-sample column
-    gradients, written into ``out`` (contiguous) or, when None, a new tensor of ``dtype`` allocated
-    after the sort (whose temporaries are then gone); returns it."""
+    gradients ``buffers`` (:func:`_sample_buffers`, emptied here so that they are freed once read):
+    sort the samples by cell, sum each cell's run per corner (``deform_conv_cell_sums_kernel``), then
+    add every input pixel's four cell sums (``deform_conv_gather_input_grad_kernel``). Written into
+    ``out`` (contiguous) or, when None, a new tensor of ``dtype`` allocated once the per-sample
+    buffers are gone; returns it."""
+    colgrad, frac, keys, cells = buffers
+    buffers.clear()
     sorted_keys, order = torch.sort(keys, stable=True)
-    start = torch.searchsorted(sorted_keys, torch.arange(cells + 1, device=keys.device, dtype=torch.int64))
-    del sorted_keys
+    del keys
+    bounds = torch.arange(cells + 1, device=colgrad.device, dtype=sorted_keys.dtype)
+    start = torch.searchsorted(sorted_keys, bounds)
+    del bounds, sorted_keys
+    cpg = geo.channels_per_offset_group
+    sums = torch.empty((4, cells, cpg), dtype=colgrad.dtype, device=colgrad.device)
+    index64 = geo.index64(colgrad.numel(), sums.numel(), cells + 1)
+    cfg = _default_config("cells", geo, colgrad)
+    launch(
+        _k.deform_conv_cell_sums_kernel, _grid(_cdiv(cells, cfg.block_m) * _cdiv(cpg, cfg.block_n)),
+        colgrad, frac, order, start, sums, cells, cpg,
+        CT=_tl_compute_dtype(colgrad.dtype), INDEX64=index64, BLOCK_CELLS=cfg.block_m, BLOCK_C=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    del colgrad, frac, order, start
     if out is None:
         shape = (geo.batch, geo.in_channels, geo.height, geo.width)
-        out = torch.empty(shape, dtype=dtype, device=colgrad.device)
+        out = torch.empty(shape, dtype=dtype, device=sums.device)
     if out.numel() == 0:
         return out
-    cfg = _default_config("gather", geo, colgrad)
-    cpg = geo.channels_per_offset_group
+    cfg = _default_config("gather", geo, sums)
     hw = geo.height * geo.width
     programs = geo.batch * _cdiv(hw, cfg.block_m) * geo.offset_groups * _cdiv(cpg, cfg.block_n)
     launch(
         _k.deform_conv_gather_input_grad_kernel, _grid(programs),
-        colgrad, frac, order, start, out,
-        geo.batch, geo.height, geo.width, hw, geo.in_channels, geo.offset_groups, cpg,
-        CT=_tl_compute_dtype(out.dtype), INDEX64=geo.index64(colgrad.numel(), cells + 1),
+        sums, out,
+        geo.batch, geo.height, geo.width, hw, geo.in_channels, geo.offset_groups, cpg, cells,
+        CT=_tl_compute_dtype(out.dtype), INDEX64=index64,
         BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
