@@ -18,8 +18,9 @@
    torchvision's deform_conv2d, forward and forward+backward (triton.testing.do_bench medians, cold
    L2), plus our backward's two halves and the deterministic mode. fp32 runs with PyTorch's default
    TF32 setting for convolutions, which both cuDNN and our kernels follow.
-3. Where our kernels' time goes (fp16, three shapes): each kernel alone, the data-gradient kernel
-   also split into its input-gradient scatter (fp32 atomics) and its offset/mask gathers.
+3. Where our kernels' time goes (fp16, four shapes; run before the timing table): each kernel
+   alone, the data-gradient kernel also split into its input-gradient scatter (fp32 atomics) and its
+   offset/mask gathers, and the input gradient of deterministic mode (sort, cell sums, gather).
 4. With time left: a configuration sweep of the forward, data and weight kernels at the shapes and
    dtypes the last sweeps left open (or --sweep-plan's), to retune the heuristics in
    src/deformable/ops/_triton/deform_conv.py.
@@ -784,11 +785,12 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
     def bwd(output_mask, deterministic=False):
         def run():
             previous = torch.are_deterministic_algorithms_enabled()
+            warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
             torch.use_deterministic_algorithms(deterministic)
             try:
                 return tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
             finally:
-                torch.use_deterministic_algorithms(previous)
+                torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
         return run
 
@@ -988,12 +990,14 @@ def main(argv: list[str] | None = None) -> int:
     report.add("")
     if not args.skip_correctness:
         correctness(device, report, clock, args.smoke, args.problems)
+    # The breakdown before the timing table, which can take the whole budget: a few seconds that
+    # say which part of each kernel costs what (runs 3-5 of 2026-11-27 never reached it).
+    if not args.skip_breakdown:
+        breakdown(device, report, clock, args.smoke)
     rows = []
     if not args.skip_timing:
         rows = timing(device, report, clock, args.smoke, args.timing_shapes)
         timing_tables(rows, report)
-    if not (args.skip_timing or args.skip_breakdown):
-        breakdown(device, report, clock, args.smoke)
     if not args.skip_sweep:
         sweep(device, report, clock, args.smoke, args.sweep_plan)
     report.add(f"Total {clock.elapsed():.0f} s.")

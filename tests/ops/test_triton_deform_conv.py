@@ -53,7 +53,7 @@ SMALL_TILES = {
     "forward": tdc.Config(16, 16, 16),
     "data": tdc.Config(16, 16, 16),
     "weight": tdc.Config(16, 16, 16),
-    "cells": tdc.Config(16, 8, 1),
+    "cells": tdc.Config(64, 8, 1),  # STRADDLE's 96 cells: a whole block and a partial one
     "gather": tdc.Config(16, 8, 1),
 }
 
@@ -755,14 +755,14 @@ def test_heuristic_and_candidate_configs_are_valid():
     for n, c, h, w, s in shapes:
         geo = tdc._Geometry(n, c, h, w, c, 1, 3, 3, 1, h // s, w // s, (s, s), (1, 1), (1, 1))
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            for kernel in ("forward", "data", "weight", "gather"):
+            for kernel in ("forward", "data", "weight", "cells", "gather"):
                 configs = tdc._candidates(kernel, geo, dtype)
                 configs.append(tdc._heuristic(kernel, geo, dtype, interpreted=False, sms=132))
                 configs.append(tdc._heuristic(kernel, geo, dtype, interpreted=True, sms=4))
                 for config in configs:
                     blocks = (config.block_m, config.block_n, config.block_k)
                     assert all(b >= 1 and b & (b - 1) == 0 for b in blocks), (kernel, config)
-                    if dtype != torch.float64 and kernel != "gather":
+                    if dtype != torch.float64 and kernel not in ("cells", "gather"):
                         assert min(blocks) >= 16, (kernel, dtype, config)
                     assert not config.go_first or (kernel == "weight" and dtype != torch.float64), config
                     assert not config.deferred_sums or (kernel == "data" and dtype != torch.float64), config
@@ -804,6 +804,26 @@ def test_autotune_picks_the_fastest_candidate_and_caches_it(monkeypatch):
     forward(case, tensors)
     backward(case, tensors, grad_output)
     assert len(timed) == calls  # cached: no second benchmark
+
+
+def test_deterministic_mode_never_autotunes(monkeypatch, deterministic):
+    """A timed choice of configuration could differ between processes, hence the bits: deterministic
+    mode keeps the heuristic even with DEFORMABLE_TRITON_AUTOTUNE on."""
+    import triton.testing
+
+    case = Case(batch=1, in_channels=2, out_channels=3, size=(3, 4), kernel=(2, 2), padding=(0, 0))
+    tensors = make_inputs(case, torch.float64)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+
+    def no_bench(fn, **kwargs):
+        raise AssertionError("benchmarked a candidate in deterministic mode")
+
+    monkeypatch.setattr(tdc, "_autotune_enabled", lambda t: True)
+    monkeypatch.setattr(triton.testing, "do_bench", no_bench)
+    monkeypatch.setattr(tdc, "_TUNED", {})
+    forward(case, tensors)
+    backward(case, tensors, grad_output)
+    assert tdc._TUNED == {}
 
 
 @pytest.mark.parametrize(("dtype", "bound"), [(torch.float32, 3.0), (torch.float16, 4.0)])

@@ -40,7 +40,8 @@ _budget_bytes: int | None = None
 
 def get_memory_budget() -> int:
     """The workspace budget in bytes (default 256 MiB): of the ``aten`` backend, and of the Triton
-    backend's deterministic mode (its per-sample buffers and partial sums).
+    backend's deterministic mode (its per-sample buffers, their sort, the cell sums and the weight
+    gradient's partial sums).
 
     Set with :func:`set_memory_budget`, the :func:`memory_budget` context manager, or the
     ``DEFORMABLE_MEMORY_BUDGET_MB`` environment variable (MiB, fractions allowed).

@@ -292,8 +292,8 @@ def deform_conv_bwd_data_kernel(
     grad_input is either scattered with atomics into the float accumulator ``gx`` [N, H, W, C]
     (channels-last), or, with DETERMINISTIC, not scattered at all: the program stores
     gcol * mod to ``colgrad`` [M*G*K, CPG], the fractional parts (ly, lx) to ``frac`` [M*G*K, 2]
-    and the sample's neighbourhood cell to ``key`` [M*G*K] (SENTINEL for samples outside), for
-    ``deform_conv_gather_input_grad_kernel``. Sample s = (m*G + g)*K + k.
+    and the sample's neighbourhood cell to ``key`` [M*G*K] (SENTINEL for samples outside), which
+    the host sorts for ``deform_conv_cell_sums_kernel``. Sample s = (m*G + g)*K + k.
     Grid: (N * cdiv(Ho*Wo, BLOCK_M) * G * K,), (g, k) fastest.
     """
     pid = tl.program_id(0)
@@ -425,7 +425,7 @@ def deform_conv_bwd_data_kernel(
         tl.store(key_ptr + sample, tl.where(inside, cell, SENTINEL), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["CELLS"])
 def deform_conv_cell_sums_kernel(
     colgrad_ptr, frac_ptr, order_ptr, start_ptr, sums_ptr,
     CELLS, CPG,
@@ -444,8 +444,9 @@ def deform_conv_cell_sums_kernel(
     Grid: (cdiv(CELLS, BLOCK_CELLS) * cdiv(CPG, BLOCK_C),), channel block fastest.
     """
     pid = tl.program_id(0)
-    if INDEX64:
+    if INDEX64:  # the corner planes' offsets (t * CELLS * CPG) too
         pid = pid.to(tl.int64)
+        CELLS = CELLS.to(tl.int64)
     c_blocks = tl.cdiv(CPG, BLOCK_C)
     cb = pid % c_blocks
     cell = (pid // c_blocks) * BLOCK_CELLS + tl.arange(0, BLOCK_CELLS)
@@ -482,7 +483,7 @@ def deform_conv_cell_sums_kernel(
     tl.store(ptr + 3 * CELLS * CPG, acc11, mask=smask)
 
 
-@triton.jit(do_not_specialize=["N", "H", "W"])
+@triton.jit(do_not_specialize=["N", "H", "W", "CELLS"])
 def deform_conv_gather_input_grad_kernel(
     sums_ptr, gx_ptr,
     N, H, W, HW, C, G, CPG, CELLS,
@@ -498,8 +499,9 @@ def deform_conv_gather_input_grad_kernel(
     Grid: (N * cdiv(H*W, BLOCK_P) * G * cdiv(CPG, BLOCK_C),).
     """
     pid = tl.program_id(0)
-    if INDEX64:
+    if INDEX64:  # the corner planes' offsets (t * CELLS) too
         pid = pid.to(tl.int64)
+        CELLS = CELLS.to(tl.int64)
     c_blocks = tl.cdiv(CPG, BLOCK_C)
     g = (pid // c_blocks) % G
     cb = pid % c_blocks

@@ -202,13 +202,14 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
-    if kernel == "data":
+    if kernel in ("data", "data-deterministic"):  # the latter stores per-sample buffers, no atomics
         pointers = dict.fromkeys(
             ("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "go_ptr", "goff_ptr", "gmsk_ptr"), t
         )
         pointers.update(gx_ptr=acc, colgrad_ptr=acc, frac_ptr=acc, key_ptr="*i32")
         constexprs = {"HAS_MASK": True, "NEED_INPUT": True, "NEED_OFFSET": True, "NEED_MASK": True}
-        constexprs.update(DETERMINISTIC=False, ONE_O_BLOCK=config.block_k >= geo.group_out, **common)
+        constexprs.update(DETERMINISTIC=kernel == "data-deterministic", **common)
+        constexprs["ONE_O_BLOCK"] = config.block_k >= geo.group_out
         constexprs["DEFER_SUMS"] = config.deferred_sums
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
@@ -259,14 +260,16 @@ def _roi_kernel_args(kernel: str, dtype: torch.dtype):
 
 
 def _jobs(geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
-    """(kernel, config) pairs to compile for one shape and mode: each kernel's default, and the
-    variants the autotuner may pick: split taps (forward, 512 channels), go_first (weight) and every
-    deferred-sums candidate (data, 256 channels or fewer)."""
+    """(kernel, config) pairs to compile for one shape and mode: each kernel's default (the data
+    kernel's also in deterministic mode), and the variants the autotuner may pick: split taps
+    (forward, 512 channels), go_first (weight) and every deferred-sums candidate (data, 256 channels
+    or fewer)."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
     }
     jobs = list(defaults.items())
+    jobs.insert(2, ("data-deterministic", defaults["data"]))
     if dtype == torch.float64:
         return jobs
     if geo.group_out == 512:

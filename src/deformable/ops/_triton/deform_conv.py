@@ -39,7 +39,8 @@ releasing that copy, so no more than two input-sized buffers are alive at once
 
 Deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no float atomics anywhere.
 The data kernel stores the per-sample column gradients instead of scattering them, the samples are
-sorted stably by the input cell their neighbours fall in (int32 keys), one kernel sums each cell's
+sorted stably by the input cell their neighbours fall in (int32 keys where the cell count allows),
+one kernel sums each cell's
 run once into four corner-weighted sums, and a gather kernel adds, for every input pixel, the sums
 of its four neighbouring cells in a fixed order. It costs one [N*Ho*Wo*kh*kw, C_in] fp32 buffer, a
 sort and the cell sums ([4, N*(H+1)*(W+1), C_in] fp32), taken a group of images at a time when the
@@ -62,7 +63,8 @@ import) instead benchmarks a short candidate list per kernel the first time each
 flags) key is seen (a few seconds per new shape) and keeps the fastest, for the process and in a
 file per GPU model, Triton version and kernel source, so later processes skip the benchmark
 (``_autotune_cache``: ``DEFORMABLE_TRITON_AUTOTUNE_CACHE`` names the file; empty keeps results in
-memory only). Tests may pin configurations through :data:`CONFIG_OVERRIDES`.
+memory only); not in deterministic mode, whose results must not depend on a timing. Tests may pin
+configurations through :data:`CONFIG_OVERRIDES`.
 ``python -m deformable.ops._triton.compile_check`` compiles every default configuration for sm_90
 without a GPU and reports registers, spills and shared memory.
 
@@ -461,7 +463,9 @@ def _choose(kernel: str, geo: _Geometry, t: Tensor, flags: tuple, run: Callable[
     its outputs valid after any number of calls (e.g. zero an accumulator itself).
     """
     default = _default_config(kernel, geo, t)
-    if kernel in CONFIG_OVERRIDES or not _autotune_enabled(t):
+    # Deterministic mode keeps the heuristic: a configuration changes the order of additions, and
+    # a timed choice could differ between processes, hence the bits.
+    if kernel in CONFIG_OVERRIDES or not _autotune_enabled(t) or torch.are_deterministic_algorithms_enabled():
         return default
     key = (kernel, geo, t.dtype, t.device.index, flags, _fp32_precision())
     if key in _TUNED:
@@ -882,9 +886,9 @@ def _data_grads(
     float32/float64 input; or the deterministic gather); it reads neither ``x`` nor ``w``, so the
     caller can release them first. In deterministic mode the per-sample buffers are sized for
     groups of images that fit the memory budget (:func:`deformable.ops.set_memory_budget`), one
-    kernel launch and one gather per group; a sample only reaches its own image's pixels and each
-    group is sorted stably, so the result is bitwise the same whatever the grouping. ``key`` is the
-    backward's plan key.
+    data-kernel launch, sort, cell sums and gather per group; a sample only reaches its own image's
+    pixels and each group is sorted stably, so the result is bitwise the same whatever the grouping.
+    ``key`` is the backward's plan key.
     """
     dtype, acc = x.dtype, _compute_dtype(x.dtype)
     device = x.device
@@ -974,7 +978,8 @@ def _whole(t: Tensor) -> Tensor:
 
 
 def _images_per_deterministic_group(geo: _Geometry, acc: torch.dtype) -> int:
-    """How many images' per-sample buffers (and their sort) fit the memory budget; at least one."""
+    """How many images' per-sample buffers, their sort and cell sums fit the memory budget; at least
+    one."""
     acc_bytes = torch.finfo(acc).bits // 8
     samples = geo.out_h * geo.out_w * geo.offset_groups * geo.taps
     cells = geo.offset_groups * (geo.height + 1) * (geo.width + 1)
@@ -1027,8 +1032,6 @@ def _gather_input_grad(geo, buffers: list, out: Tensor | None, dtype: torch.dtyp
     if out is None:
         shape = (geo.batch, geo.in_channels, geo.height, geo.width)
         out = torch.empty(shape, dtype=dtype, device=sums.device)
-    if out.numel() == 0:
-        return out
     cfg = _default_config("gather", geo, sums)
     hw = geo.height * geo.width
     programs = geo.batch * _cdiv(hw, cfg.block_m) * geo.offset_groups * _cdiv(cpg, cfg.block_n)
