@@ -210,6 +210,16 @@ def test_forward_and_backward(name, dtype):
     check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
 
 
+@pytest.mark.parametrize("name", ["dcnv1-no-bias-16ch", "kernel32-stride21-pad10-dil21-odd"])
+def test_deterministic_mode_on_other_geometries(deterministic, name):
+    """Deterministic mode (sort, cell sums, gather) without a mask, and with a non-square kernel,
+    stride, padding and dilation, against the float64 oracle."""
+    case = CASES[name]
+    tensors = make_inputs(case, torch.float64)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+    check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), torch.float64)
+
+
 @pytest.mark.parametrize("mode", ["atomic", "deterministic"])
 def test_tiles_straddle_every_boundary(small_tiles, request, mode):
     """Every kernel's tiles cross the shape's edges (in deterministic mode also those of the cell
