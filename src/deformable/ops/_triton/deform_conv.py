@@ -40,14 +40,13 @@ releasing that copy, so no more than two input-sized buffers are alive at once
 Deterministic mode (``torch.are_deterministic_algorithms_enabled()``): no float atomics anywhere.
 The data kernel stores the per-sample column gradients instead of scattering them, the samples are
 sorted stably by the input cell their neighbours fall in (int32 keys where the cell count allows),
-one kernel sums each cell's
-run once into four corner-weighted sums, and a gather kernel adds, for every input pixel, the sums
-of its four neighbouring cells in a fixed order. It costs one [N*Ho*Wo*kh*kw, C_in] fp32 buffer, a
-sort and the cell sums ([4, N*(H+1)*(W+1), C_in] fp32), taken a group of images at a time when the
-whole batch would exceed the memory budget (``deformable.ops.set_memory_budget``, 256 MiB by default); the
-weight kernel writes per-split partial sums, as many as fit that budget, instead of adding them
-atomically. The offset, mask and bias gradients are deterministic in both
-modes.
+one kernel sums each cell's run once into four corner-weighted sums, and a gather kernel adds, for
+every input pixel, the sums of its four neighbouring cells in a fixed order. It costs one
+[N*Ho*Wo*kh*kw, C_in] fp32 buffer, a sort and the cell sums ([4, N*(H+1)*(W+1), C_in] fp32), taken
+a group of images at a time when the whole batch would exceed the memory budget
+(``deformable.ops.set_memory_budget``, 256 MiB by default); the weight kernel writes per-split
+partial sums, as many as fit that budget, instead of adding them atomically. The offset, mask and
+bias gradients are deterministic in both modes.
 
 Precision: fp16/bf16 run the matrix products in their dtype with fp32 accumulation; positions,
 bilinear weights and blends are fp32 (fp64 for float64 inputs, whose products avoid ``tl.dot`` and
