@@ -308,8 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         for dtype, tf32 in modes:
             for kernel, config in _jobs(geo, dtype, tf32, args.sms):
                 fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
-                go_layout = frozenset((k, v) for k, v in constexprs.items() if k.startswith("GO_"))
-                key = (kernel, dtype, tf32, config, frozenset(ints16 | divisible), go_layout)
+                # What the compiled code depends on: shapes and modes that give a kernel the same
+                # arguments, specialisations and launch shape (e.g. the deterministic reduction's
+                # kernels in fp32 with and without TF32) compile once.
+                specialised = frozenset(name for name in ints16 | divisible if name in fn.arg_names)
+                key = (
+                    kernel, tuple(sorted(pointers.items())), tuple(sorted(constexprs.items(), key=str)),
+                    config.num_warps, config.num_stages, specialised,
+                )  # fmt: skip
                 if key in seen:
                     continue
                 try:
