@@ -158,6 +158,19 @@ def test_input_of_the_wrong_shape_names_in_channels(cls, shape):
         layer(torch.randn(*shape))
 
 
+def test_deform_conv2d_layer_refuses_a_multiple_of_its_in_channels():
+    """Twice the channels would fit the weight as two groups: nn.Conv2d refuses it, so does the layer."""
+    layer = DeformConv2d(4, 4, 3, padding=1)
+    with pytest.raises(ValueError, match=r"input must be \[N, 4, H, W\] \(in_channels=4\)"):
+        layer(torch.randn(1, 8, 5, 5), torch.randn(1, 18, 5, 5))
+
+
+@pytest.mark.parametrize("cls", [DCNv1, DCNv2])
+def test_input_smaller_than_the_kernel_says_the_output_would_be_empty(cls):
+    with pytest.raises(ValueError, match="the output would be empty"):
+        cls(4, 4, 3)(torch.randn(1, 4, 2, 2))
+
+
 @pytest.mark.parametrize("cls", [DCNv1, DCNv2])
 def test_input_of_another_dtype_names_both_dtypes(cls):
     layer = cls(4, 4, 3, padding=1)

@@ -182,6 +182,21 @@ def test_multiscale_is_multiscale_roi_align_at_start(modulated, share, output_si
     assert len(ours.pools) == (1 if share else 4)
 
 
+@pytest.mark.parametrize(
+    ("box", "error", "match"),
+    [
+        ([float("nan"), 1.0, 30.0, 30.0], ValueError, "boxes must be finite"),  # maps to no level
+        ([1, 1, 30, 30], TypeError, "boxes must be floating-point"),
+    ],
+)
+def test_multiscale_rejects_nan_and_integer_boxes(box, error, match):
+    ms = MultiScaleDeformRoIPool(["0", "1"], 3, 2, in_channels=4, hidden_channels=(8,))
+    features = {"0": torch.randn(1, 4, 16, 16), "1": torch.randn(1, 4, 8, 8)}
+    boxes = torch.tensor([box, [2, 2, 60, 60]], dtype=torch.float32 if error is ValueError else torch.int64)
+    with pytest.raises(error, match=match):
+        ms(features, [boxes], [(64, 64)])
+
+
 def test_multiscale_single_level_and_subset_of_maps():
     features = fpn()
     boxes = [make_boxes(6, 256, 320), make_boxes(4, 256, 320)]

@@ -272,6 +272,22 @@ def test_huge_offsets_sample_nothing(backend, value):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("size", "padding"), [((0, 5), 1), ((5, 0), 2)])
+def test_empty_input_map_with_padding_samples_nothing(backend, size, padding):
+    """A map without pixels (padding still gives output pixels): the output is the bias, the
+    offset and weight gradients are 0."""
+    x = torch.randn(1, 2, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    out_size = (size[0] + 2 * padding, size[1] + 2 * padding)
+    offset = torch.randn(1, 2, *out_size, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64)
+    out = deform_conv2d(x, offset, weight, bias, 1, padding, 1, backend=backend)
+    torch.testing.assert_close(out, bias.view(1, -1, 1, 1).expand(1, 3, *out_size))
+    grads = torch.autograd.grad(out.sum(), (x, offset, weight), allow_unused=True, materialize_grads=True)
+    assert grads[0].shape == x.shape and not grads[1].any() and not grads[2].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inf_in_input_stays_where_it_is_read(backend):
     """A neighbour outside the map is never multiplied (0 * inf would be NaN)."""
     cfg = Config(batch=1, in_channels=1, out_channels=1, size=(4, 4), mask=False, bias=False)

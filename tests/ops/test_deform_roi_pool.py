@@ -350,6 +350,8 @@ def _good():
         (dict(rois=torch.zeros(2, 4)), ValueError, ["rois", "[K, 5]", "[2, 4]"]),
         (dict(rois=torch.zeros(5)), ValueError, ["rois", "[K, 5]", "[5]"]),
         (dict(rois=torch.zeros(2, 5, dtype=torch.long)), TypeError, ["rois", "floating", "int64"]),
+        (dict(input=torch.zeros(2, 3, 8, 8, dtype=torch.float8_e4m3fn)), TypeError, ["input", "float8"]),
+        (dict(input=torch.zeros(0, 3, 8, 8)), ValueError, ["input", "batch size 0", "rois[:, 0]"]),
         (dict(rois=[[0, 1, 1, 5, 5]]), TypeError, ["rois", "Tensor", "list"]),
         (dict(offset=torch.zeros(2, 2, 5, 5)), ValueError, ["offset", "[2, 2, 7, 7]", "[2, 2, 5, 5]"]),
         (dict(offset=torch.zeros(2, 1, 7, 7)), ValueError, ["offset", "[2, 1, 7, 7]"]),

@@ -133,10 +133,35 @@ class DeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        self._check_input(input)
         return deform_conv2d(
             input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask,
             backend=self.backend,
         )  # fmt: skip
+
+    def _check_input(self, input: Tensor) -> None:
+        """Raise where ``input`` [N, in_channels, H, W] cannot meet the layer (as ``nn.Conv2d`` would:
+        an input with a multiple of ``in_channels`` must not run as a grouped convolution), or where
+        the output would be empty."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() != 4 or input.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input must be [N, {self.in_channels}, H, W] (in_channels={self.in_channels}), "
+                f"got {list(input.shape)}"
+            )
+        size = [
+            (input.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
+            // self.stride[d]
+            + 1
+            for d in (0, 1)
+        ]
+        if min(size) <= 0:
+            raise ValueError(
+                f"the output would be empty: input spatial size {tuple(input.shape[2:])} with kernel "
+                f"{self.kernel_size}, stride {self.stride}, padding {self.padding}, dilation "
+                f"{self.dilation} gives {tuple(size)}"
+            )
 
     def extra_repr(self) -> str:
         s = (
@@ -210,13 +235,7 @@ class _OffsetPredictingConv(DeformConv2d):
 
     def _predict(self, input: Tensor) -> Tensor:
         """``conv_offset(input)``, after checking that ``input`` can meet the layer's parameters."""
-        if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dim() != 4 or input.shape[1] != self.in_channels:
-            raise ValueError(
-                f"input must be [N, {self.in_channels}, H, W] (in_channels={self.in_channels}), "
-                f"got {list(input.shape)}"
-            )
+        self._check_input(input)
         _check_input_dtype(input, self.weight.dtype, "the layer's", "layer")
         return self.conv_offset(input)
 

@@ -288,6 +288,8 @@ def _check_pyramid_inputs(x, boxes, image_shapes, featmap_names: list[str]) -> N
     for b in boxes:
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[-1] != 4:
             raise ValueError(f"boxes must hold [L_i, 4] tensors, got {getattr(b, 'shape', type(b).__name__)}")
+        if not b.is_floating_point():
+            raise TypeError(f"boxes must be floating-point tensors, got {b.dtype}")
     if not isinstance(image_shapes, Sequence) or len(image_shapes) != len(boxes):
         raise ValueError(
             f"image_shapes must give one (height, width) per image ({len(boxes)}), got {image_shapes!r}"
@@ -431,6 +433,12 @@ class MultiScaleDeformRoIPool(nn.Module):
         if len(features) > 1:
             assignment = self.map_levels(boxes)
             levels = [torch.where(assignment == level)[0] for level in range(len(features))]
+            # A box with a NaN coordinate gets no level (and would pool as zeros): the single-level
+            # path's RoI check rejects it, so does this one (the sizes are known: no extra sync; not
+            # while compiling, where they are data-dependent).
+            assigned = sum(index.shape[0] for index in levels)
+            if not torch.compiler.is_compiling() and assigned != rois.shape[0]:
+                raise ValueError("boxes must be finite: a box with a NaN coordinate maps to no level")
         return features, rois, levels
 
     def pool(

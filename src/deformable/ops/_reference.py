@@ -55,6 +55,9 @@ def bilinear_sample(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
     """
     batch, groups, channels, height, width = image.shape
     sample_shape = y.shape[2:]
+    if height * width == 0:  # no pixel to read: every sample is 0, NaN for a NaN coordinate
+        nan = torch.where(y.isnan() | x.isnan(), y + x, torch.zeros_like(y))
+        return nan.unsqueeze(2).expand(batch, groups, channels, *sample_shape).to(image.dtype)
     outside = (y <= -1) | (y >= height) | (x <= -1) | (x >= width)
     outside &= ~(y.isnan() | x.isnan())  # a NaN coordinate gives NaN, even beside an outside one
     # Parking outside samples at (-2, -2) makes all four neighbours invalid: the sample is 0 and its

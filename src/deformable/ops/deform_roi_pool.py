@@ -329,6 +329,8 @@ def _check_roi_values(rois: Tensor, batch_size: int) -> None:
         raise ValueError(f"rois[:, 0] must hold integer batch indices, got {bad}")
     if flags[2]:
         bad = batch[(batch < 0) | (batch >= batch_size)][0].item()
+        if batch_size == 0:
+            raise ValueError(f"input has no images (batch size 0), but rois[:, 0] names image {bad:g}")
         raise ValueError(f"rois[:, 0] must be a batch index in [0, {batch_size - 1}], got {bad:g}")
 
 
@@ -337,8 +339,11 @@ def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ra
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must have shape [N, C, H, W], got {list(input.shape)}")
-    if not input.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(
+            "input must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {input.dtype}"
+        )
     if input.shape[2] < 1 or input.shape[3] < 1:
         raise ValueError(f"input must have non-empty spatial dimensions, got {list(input.shape)}")
     if not isinstance(rois, Tensor):
