@@ -6,7 +6,7 @@ time, written to be read rather than to be fast.  For every RoI ``k`` and bin ``
     roi_start = (x1, y1) * spatial_scale - (0.5 if aligned else 0)
     roi_size  = (x2, y2) * spatial_scale - (0.5 if aligned else 0) - roi_start   (>= 1 if not aligned)
     bin_size  = roi_size / output_size
-    grid      = sampling_ratio, or ceil(roi_size / output_size) when sampling_ratio <= 0
+    grid      = sampling_ratio, or ceil(roi_size / output_size) when sampling_ratio <= 0 (at most 4096)
     start     = roi_start + gamma * offset[k, :, i, j] * roi_size       (offset channel 0 = x, 1 = y)
     sample (iy, ix) at  y = start_y + i * bin_h + (iy + 0.5) * bin_h / grid_h   (x likewise)
     out[k, :, i, j] = mask[k, 0, i, j] * mean over the grid of bilinear(input[batch_k], y, x)
@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._roi_aten import compute_dtype
+from ._roi_aten import _MAX_GRID, compute_dtype
 
 
 def _bilinear(feature: Tensor, y: Tensor, x: Tensor) -> Tensor:
@@ -87,8 +87,9 @@ def deform_roi_pool_reference(
         if sampling_ratio > 0:
             grid_h = grid_w = sampling_ratio
         else:
-            grid_h = max(math.ceil(roi_height.item() / pooled_height), 0)
-            grid_w = max(math.ceil(roi_width.item() / pooled_width), 0)
+            # The same cap as the fast paths (MAX_SAMPLING_RATIO samples per bin side).
+            grid_h = min(max(math.ceil(roi_height.item() / pooled_height), 0), _MAX_GRID)
+            grid_w = min(max(math.ceil(roi_width.item() / pooled_width), 0), _MAX_GRID)
 
         # Top-left corner of every bin, [ph, pw], moved by the offsets.
         i = torch.arange(pooled_height, dtype=dtype, device=input.device)[:, None]
