@@ -121,6 +121,7 @@ def test_learning_rate_multipliers():
         (dict(bias=torch.zeros(4)), TypeError, "bias must be a bool"),
         (dict(bias="yes"), TypeError, "bias must be a bool"),
         (dict(backend="nonsense"), ValueError, "backend must be one of"),  # was found at forward only
+        (dict(backend=1), TypeError, "backend must be one of"),
     ],
 )
 def test_bad_layer_arguments(kwargs, error, words):
@@ -176,6 +177,13 @@ def test_input_of_another_dtype_names_both_dtypes(cls):
     layer = cls(4, 4, 3, padding=1)
     with pytest.raises(TypeError, match=r"torch\.float64.*torch\.float32"):
         layer(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", [DCNv1, DCNv2])
+def test_integer_input_is_refused_as_such(cls):
+    """Not 'convert the layer to int64': a deformable layer needs a floating-point input."""
+    with pytest.raises(TypeError, match=r"input must be a floating-point tensor, got torch\.int64"):
+        cls(4, 4, 3, padding=1)(torch.zeros(1, 4, 5, 5, dtype=torch.long))
 
 
 @pytest.mark.parametrize("backend", ["reference", "aten"])

@@ -45,6 +45,8 @@ def _check_input_dtype(input: Tensor, dtype: torch.dtype, owner: str, module: st
     linear's own dtype error names neither the module nor the fix. ``owner`` ("the layer's") says
     whose parameters, ``module`` ("layer") what to convert.
     """
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
     if input.dtype != dtype and not autocast_enabled(input.device.type):
         raise TypeError(
             f"input dtype {input.dtype} differs from {owner} parameter dtype {dtype}: "

@@ -53,8 +53,12 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 def check_backend_name(backend: str | None) -> str | None:
     """``backend`` itself if it names a backend (or is None); a ValueError otherwise. Modules check
-    this at construction, so a typo fails there rather than at the first forward."""
-    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+    this at construction, so a typo fails there rather than at the first forward (a TypeError for
+    what is not a string at all)."""
+    if backend is not None and not isinstance(backend, str):
+        kind = type(backend).__name__
+        raise TypeError(f"backend must be one of {BACKENDS} or None, got {kind} {backend!r}")
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
 
