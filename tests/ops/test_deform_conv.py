@@ -461,6 +461,8 @@ def test_backend_selection(monkeypatch):
         resolve_backend(None, cpu)
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", cpu)
+    with pytest.raises(TypeError, match="backend must be one of"):
+        resolve_backend(1, cpu)  # type: ignore[arg-type]
     monkeypatch.delenv("DEFORMABLE_BACKEND")
     assert resolve_backend(None, "cpu") == "aten"  # a device string works too
     with pytest.raises(TypeError, match=r"device must be a torch\.device or a str"):

@@ -69,7 +69,8 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     Raises:
         ValueError: ``backend`` (or ``DEFORMABLE_BACKEND``) names no backend, or names one that
             cannot run on ``device``.
-        TypeError: ``device`` is neither a ``torch.device`` nor a device string.
+        TypeError: ``backend`` is not a string, or ``device`` is neither a ``torch.device`` nor a
+            device string.
     """
     if not isinstance(device, torch.device):
         if not isinstance(device, str):
@@ -86,7 +87,10 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
         if device.type == "cuda" and triton_unavailable_reason(device) is None:
             return "triton"
         return "aten"
-    if not isinstance(backend, str) or backend not in BACKENDS:
+    if not isinstance(backend, str):
+        kind = type(backend).__name__
+        raise TypeError(f"{source} must be one of {BACKENDS} or None, got {kind} {backend!r}")
+    if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     if backend == "triton":
         reason = triton_unavailable_reason(device)
