@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torchvision  # noqa: E402
 
+from deformable.benchmark import deterministic_algorithms  # noqa: E402
 from deformable.ops import deform_conv2d  # noqa: E402
 from deformable.ops._triton import _launch as tdc_launch  # noqa: E402
 from deformable.ops._triton import deform_conv as tdc  # noqa: E402
@@ -390,12 +391,8 @@ def check_deterministic(problem: Problem, dtype: torch.dtype, device, report: Re
     tensors = problem.tensors(dtype, device)
     grad_output = torch.randn(problem.call(ours, tensors).shape, device=device).to(dtype)
     run = fwd_bwd(problem, ours, tensors, grad_output)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         first, second = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(previous)
     atomic = run()
     repeatable = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     diff = (first[0].double() - atomic[0].double()).abs().max().item() / (atomic[0].abs().max().item() or 1.0)
@@ -619,12 +616,8 @@ def measure(problem: Problem, dtype: torch.dtype, device) -> dict[str, float]:
         ),
         device,
     )
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         r["ours_det_fb"] = bench_ms(train, device)
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
     if dtype == torch.bfloat16:  # torchvision has no bf16 kernels
         r["tv_fwd"] = r["tv_fb"] = r["tv_peak"] = math.nan
@@ -784,13 +777,8 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
 
     def bwd(output_mask, deterministic=False):
         def run():
-            previous = torch.are_deterministic_algorithms_enabled()
-            warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-            torch.use_deterministic_algorithms(deterministic)
-            try:
+            with deterministic_algorithms(deterministic):
                 return tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
-            finally:
-                torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
         return run
 

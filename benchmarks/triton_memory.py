@@ -29,7 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deformable.benchmark import GPU_SHAPES, Shape, peak_allocated_bytes, publish  # noqa: E402
+from deformable.benchmark import (  # noqa: E402
+    GPU_SHAPES,
+    Shape,
+    deterministic_algorithms,
+    peak_allocated_bytes,
+    publish,
+)
 from deformable.ops import deform_conv2d  # noqa: E402
 from deformable.ops._triton import deform_conv as triton_deform_conv  # noqa: E402
 
@@ -50,12 +56,8 @@ def forward_backward_peak_mib(shape: Shape, dtype: torch.dtype, deterministic: b
         out = deform_conv2d(x, offset, weight, bias, s, 1, 1, mask, backend="triton")
         torch.autograd.grad(out, (x, offset, mask, weight, bias), grad_output)
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         return peak_allocated_bytes(step) / 2**20
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def main(argv: list[str] | None = None) -> int:

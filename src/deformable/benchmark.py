@@ -8,11 +8,12 @@ interleaved repetitions, and every claim is a ratio against the baseline measure
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,19 @@ class Row:
     def ratio(self, name: str, baseline: str) -> float | None:
         a, b = self.times.get(name), self.times.get(baseline)
         return None if a is None or b is None else a / b
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(enabled)`` for the block, the previous setting (and its
+    ``warn_only``) restored after it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
 def peak_allocated_bytes(fn: Callable[[], object]) -> int:
