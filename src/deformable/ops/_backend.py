@@ -51,15 +51,15 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got device {device}"
 
 
-def check_backend_name(backend: str | None) -> str | None:
-    """``backend`` itself if it names a backend (or is None); a ValueError otherwise. Modules check
-    this at construction, so a typo fails there rather than at the first forward (a TypeError for
-    what is not a string at all)."""
+def check_backend_name(backend: str | None, source: str = "backend") -> str | None:
+    """``backend`` itself if it names a backend (or is None); a ValueError otherwise (a TypeError for
+    what is not a string at all), naming ``source``. Modules check this at construction, so a typo
+    fails there rather than at the first forward."""
     if backend is not None and not isinstance(backend, str):
         kind = type(backend).__name__
-        raise TypeError(f"backend must be one of {BACKENDS} or None, got {kind} {backend!r}")
+        raise TypeError(f"{source} must be one of {BACKENDS} or None, got {kind} {backend!r}")
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
     return backend
 
 
@@ -87,11 +87,7 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
         if device.type == "cuda" and triton_unavailable_reason(device) is None:
             return "triton"
         return "aten"
-    if not isinstance(backend, str):
-        kind = type(backend).__name__
-        raise TypeError(f"{source} must be one of {BACKENDS} or None, got {kind} {backend!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {backend!r}")
+    check_backend_name(backend, source)
     if backend == "triton":
         reason = triton_unavailable_reason(device)
         if reason is not None:
