@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..ops import deform_conv2d
 from ..ops._backend import check_backend_name
-from ..ops.deform_conv import _pair, autocast_enabled
+from ..ops.deform_conv import _pair, autocast_enabled, check_output_size
 
 _size_2 = int | tuple[int, int]
 
@@ -142,27 +142,14 @@ class DeformConv2d(nn.Module):
         )  # fmt: skip
 
     def _check_input(self, input: Tensor) -> None:
-        """Raise where ``input`` [N, in_channels, H, W] cannot meet the layer (as ``nn.Conv2d`` would:
-        an input with a multiple of ``in_channels`` must not run as a grouped convolution), or where
-        the output would be empty."""
+        """Raise where ``input`` is not [N, in_channels, H, W] (as ``nn.Conv2d`` would: an input with a
+        multiple of ``in_channels`` must not run as a grouped convolution)."""
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 4 or input.shape[1] != self.in_channels:
             raise ValueError(
                 f"input must be [N, {self.in_channels}, H, W] (in_channels={self.in_channels}), "
                 f"got {list(input.shape)}"
-            )
-        size = [
-            (input.shape[2 + d] + 2 * self.padding[d] - self.dilation[d] * (self.kernel_size[d] - 1) - 1)
-            // self.stride[d]
-            + 1
-            for d in (0, 1)
-        ]
-        if min(size) <= 0:
-            raise ValueError(
-                f"the output would be empty: input spatial size {tuple(input.shape[2:])} with kernel "
-                f"{self.kernel_size}, stride {self.stride}, padding {self.padding}, dilation "
-                f"{self.dilation} gives {tuple(size)}"
             )
 
     def extra_repr(self) -> str:
@@ -236,8 +223,11 @@ class _OffsetPredictingConv(DeformConv2d):
         nn.init.zeros_(self.conv_offset.bias)
 
     def _predict(self, input: Tensor) -> Tensor:
-        """``conv_offset(input)``, after checking that ``input`` can meet the layer's parameters."""
+        """``conv_offset(input)``, after checking that ``input`` can meet the layer's parameters (and
+        that the output is not empty: the operator's message, not conv_offset's conv2d error)."""
         self._check_input(input)
+        size = (input.shape[2], input.shape[3])
+        check_output_size(size, self.kernel_size, self.stride, self.padding, self.dilation)
         _check_input_dtype(input, self.weight.dtype, "the layer's", "layer")
         return self.conv_offset(input)
 

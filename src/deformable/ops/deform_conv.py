@@ -82,6 +82,25 @@ def _check_tensor(t, name: str, ndim: int, like: Tensor | None) -> None:
             raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
 
 
+def check_output_size(
+    size: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """The output's (height, width) for an input of spatial ``size``; a ValueError if it is empty."""
+    out = tuple(
+        (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in (0, 1)
+    )
+    if out[0] <= 0 or out[1] <= 0:
+        raise ValueError(
+            f"the output would be empty: input spatial size {tuple(size)} with kernel {tuple(kernel)}, "
+            f"stride {stride}, padding {padding}, dilation {dilation} gives {out}"
+        )
+    return out[0], out[1]
+
+
 def _validate(
     input, offset, weight, bias, stride, padding, dilation, mask
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -109,13 +128,7 @@ def _validate(
         raise ValueError(
             f"weight.shape[0] ({out_channels}) must be divisible by the weight groups ({groups})"
         )
-    out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(
-            f"the output would be empty: input spatial size {(height, width)} with kernel {(kh, kw)}, "
-            f"stride {stride}, padding {padding}, dilation {dilation} gives {(out_h, out_w)}"
-        )
+    out_h, out_w = check_output_size((height, width), (kh, kw), stride, padding, dilation)
     kernel = kh * kw
     if offset.shape[0] != batch:
         raise ValueError(f"offset batch size must equal the input's ({batch}), got {offset.shape[0]}")
