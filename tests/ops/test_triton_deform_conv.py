@@ -133,6 +133,15 @@ def backward(case: Case, tensors, grad_output, output_mask=ALL):
     return tdc.backward(grad_output, x, offset, mask, weight, *case.geometry, output_mask)
 
 
+def spy_launches(monkeypatch) -> list[dict]:
+    """The keyword arguments (constexprs, warps, stages) of every kernel launch from now on."""
+    launched, run = [], tdc._run
+    monkeypatch.setattr(
+        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
+    )
+    return launched
+
+
 def check_forward(case: Case, tensors, out: torch.Tensor, dtype: torch.dtype) -> None:
     """|out - exact| <= c * eps * sum |terms|: c = 2 where one rounding of the samples and one of the
     output dominate (fp16/bf16), 32 where the fp32/fp64 accumulation does."""
@@ -261,10 +270,7 @@ def check_variant(
     constexpr reach its kernel)."""
     tensors = make_inputs(case, dtype)
     grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(dtype).to(DEVICE)
-    launched, run = [], tdc._run
-    monkeypatch.setattr(
-        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
-    )
+    launched = spy_launches(monkeypatch)
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, kernel, config)
     grads = backward(case, tensors, grad_output, output_mask=output_mask)
     check_grads(case, tensors, grad_output, grads, dtype, output_mask=output_mask)
@@ -678,9 +684,17 @@ def test_int64_indexing_path_matches(monkeypatch):
             torch.use_deterministic_algorithms(previous)
         return [forward(case, tensors), *backward(case, tensors, grad_output), deterministic_grad_input]
 
+    launched = spy_launches(monkeypatch)
     narrow = run_all()
+    assert launched and not any(kwargs["INDEX64"] for kwargs in launched if "INDEX64" in kwargs)
     monkeypatch.setattr(tdc, "_INT32_SAFE", 0)
-    for a, b in zip(run_all(), narrow, strict=True):
+    monkeypatch.setattr(tdc, "_PLANS", {})  # the plans hold the index width
+    launched.clear()
+    wide = run_all()
+    assert all(kwargs["INDEX64"] for kwargs in launched if "INDEX64" in kwargs)
+    # Every kernel of the forward, both backward modes and the deterministic input gradient ran wide.
+    assert len([kwargs for kwargs in launched if kwargs.get("INDEX64")]) >= 4, launched
+    for a, b in zip(wide, narrow, strict=True):
         assert_same(a, b)
 
 
