@@ -262,6 +262,75 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
     check_forward(case, tensors, forward(case, tensors), dtype)
 
 
+@pytest.mark.parametrize(
+    ("case", "dtype", "stages", "splits", "flat_mode"),
+    [
+        # One offset group, 40 channels: two whole 16-channel blocks and a partial one.
+        (Case(batch=1, in_channels=40, out_channels=17, size=(5, 7)), torch.float32, 1, 1, 2),
+        (Case(batch=1, in_channels=40, out_channels=17, size=(5, 7)), torch.float16, 2, 1, 1),
+        # Two offset groups of 32 channels, one weight group: the offset group changes mid-loop.
+        (Case(batch=1, in_channels=64, out_channels=6, size=(4, 5), offset_groups=2), torch.bfloat16,
+         1, 1, 2),
+        # Two weight groups inside one offset group, no mask, the taps split in 2.
+        (Case(batch=2, in_channels=32, out_channels=6, groups=2, mask=False), torch.float64, 1, 2, 2),
+        (CASES["kernel32-stride21-pad10-dil21-odd"], torch.float32, 2, 3, 1),
+        # Taps split 5 + 4 with three channel blocks: the second split starts mid-row of the kernel
+        # (tap 5 = (1, 2)) and returns there at every channel block.
+        (Case(batch=1, in_channels=40, out_channels=6, size=(4, 5)), torch.float32, 1, 2, 2),
+        (Case(batch=1, in_channels=40, out_channels=6, size=(4, 5)), torch.bfloat16, 2, 2, 1),
+        # A channel block would cross an offset group (9 channels each): the nested loops run instead.
+        (STRADDLE, torch.float32, 1, 1, 0),
+    ],
+    ids=["40ch-prefetch", "40ch-pipelined-fp16", "offset-groups-prefetch-bf16", "weight-groups-split-fp64",
+         "kernel32-split-pipelined", "40ch-split-mid-row-prefetch", "40ch-split-mid-row-pipelined-bf16",
+         "straddle-falls-back"],
+)  # fmt: skip
+def test_forward_flat_loop(monkeypatch, case, dtype, stages, splits, flat_mode):
+    """Config.flat: one loop over (channel block, tap), pipelined by Triton (stages > 1) or by hand in
+    registers (one stage, FLAT == 2): the oracle's output, with partial channel and pixel tiles,
+    offset groups changing mid-loop, weight groups, no mask and split taps."""
+    config = tdc.Config(16, 16, 16, num_stages=stages, splits=splits, flat=True)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
+    launched = spy_launches(monkeypatch)
+    tensors = make_inputs(case, dtype)
+    check_forward(case, tensors, forward(case, tensors), dtype)
+    assert [kwargs["FLAT"] for kwargs in launched] == [flat_mode]
+
+
+def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
+    """The hand-pipelined flat loop keeps each step's samples apart: a NaN offset poisons its own
+    pixel only, far offsets read nothing (bitwise the nested loops' output up to the order of sums)."""
+    case = Case(batch=1, in_channels=4, out_channels=3, offset_groups=2)
+    x, offset, mask, weight, bias = make_inputs(case, torch.float64)
+    offset = offset.clone()
+    offset[0, 0, 1, 2] = float("nan")  # group 0, tap 0, dy at pixel (1, 2)
+    offset[0, 19, 3, 3] = 3e9  # group 1, tap 0, dx
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, num_stages=1, flat=True))
+    tensors = (x, offset, mask, weight, bias)
+    out = forward(case, tensors)
+    expected = torch.zeros(out.shape[2:], dtype=torch.bool)
+    expected[1, 2] = True
+    assert torch.equal(out.isnan().any(dim=1)[0].cpu(), expected)
+    torch.testing.assert_close(out.cpu(), oracle(case, tensors), rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_forward_flat_loop_with_64_bit_indices(monkeypatch, stages):
+    """The flat loops' 64-bit index arithmetic (INDEX64, for tensors of 2**30+ elements), split taps
+    included, gives the bits of the 32-bit one."""
+    case = Case(batch=2, in_channels=32, out_channels=6, groups=2, size=(4, 5))
+    config = tdc.Config(16, 16, 16, num_stages=stages, splits=2, flat=True)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
+    tensors = make_inputs(case, torch.float32)
+    launched = spy_launches(monkeypatch)
+    narrow = forward(case, tensors)
+    monkeypatch.setattr(tdc, "_INT32_SAFE", 0)
+    monkeypatch.setattr(tdc, "_PLANS", {})  # the plans hold the index width
+    assert_same(forward(case, tensors), narrow)
+    assert [kwargs["INDEX64"] for kwargs in launched] == [False, True]
+    assert {kwargs["FLAT"] for kwargs in launched} == {2 if stages == 1 else 1}
+
+
 def check_variant(
     monkeypatch, kernel: str, config, case: Case, dtype: torch.dtype, output_mask
 ) -> list[dict]:
@@ -323,7 +392,8 @@ def test_data_kernel_with_deferred_sums(monkeypatch, request, mode, dtype, case)
 
 def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
     """An entry of the autotune cache with the variant flag (its seventh field) becomes a go_first
-    Config for the weight kernel and a deferred_sums Config for the data kernel."""
+    Config for the weight kernel, a deferred_sums Config for the data kernel and a flat one for the
+    forward."""
     from deformable.ops._triton import _autotune_cache
 
     case = Case(batch=1, in_channels=16, out_channels=16, size=(4, 5))
@@ -339,6 +409,9 @@ def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
     assert tuned["weight"] == tdc.Config(16, 16, 16, 4, 1, 1, go_first=True)
     assert tuned["data"] == tdc.Config(16, 16, 16, 4, 1, 1, deferred_sums=True)
     assert tuned["weight"].cache_fields() == tuned["data"].cache_fields() == (16, 16, 16, 4, 1, 1, 1)
+    # The forward's variant is the flat loop.
+    flat = tdc.Config.from_cache_fields("forward", (16, 16, 16, 4, 1, 1, 1))
+    assert flat == tdc.Config(16, 16, 16, 4, 1, 1, flat=True) and flat.cache_fields()[-1] == 1
 
 
 def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):
@@ -790,6 +863,7 @@ def test_heuristic_and_candidate_configs_are_valid():
                         assert min(blocks) >= 16, (kernel, dtype, config)
                     assert not config.go_first or (kernel == "weight" and dtype != torch.float64), config
                     assert not config.deferred_sums or (kernel == "data" and dtype != torch.float64), config
+                    assert not config.flat or (kernel == "forward" and dtype != torch.float64), config
         # Full fp32 (FMA products) spills registers with the go_first order: never a candidate there.
         assert not any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=False))
         fma_weight = tdc._heuristic("weight", geo, torch.float32, interpreted=False, sms=132, tf32=False)

@@ -66,6 +66,39 @@ def _pixel_tile(tile, HoWo, Wo, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _tap_offsets(
+    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, row_ok, gk, HAS_MASK: tl.constexpr, CT: tl.constexpr
+):  # fmt: skip
+    """Offsets (dy, dx) and mask value (1 without a mask) of tap ``gk`` (= g*K + k) for a vector of
+    pixels whose offsets start at ``off_row`` (= n*OFF_SN + p*OFF_SP) and masks at ``msk_row``."""
+    base = off_row + (2 * gk) * OFF_SC
+    dy = tl.load(off_ptr + base, mask=row_ok, other=0.0).to(CT)
+    dx = tl.load(off_ptr + base + OFF_SC, mask=row_ok, other=0.0).to(CT)
+    if HAS_MASK:
+        mod = tl.load(msk_ptr + msk_row + gk * MSK_SC, mask=row_ok, other=0.0).to(CT)
+    else:
+        mod = tl.zeros_like(dy) + 1.0
+    return dy, dx, mod
+
+
+@triton.jit
+def _sample_at(
+    dy, dx, mod, oy, ox, i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, CT: tl.constexpr
+):  # fmt: skip
+    """Bilinear set-up of the samples of tap (i, j) displaced by (dy, dx) (see ``_sample``)."""
+    y = (oy * stride_h - pad_h + i * dil_h).to(CT) + dy
+    x = (ox * stride_w - pad_w + j * dil_w).to(CT) + dx
+    inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+    # Where y or x is NaN, so is y + x.
+    outside = tl.where((y != y) | (x != x), y + x, 0.0)
+    ys = tl.where(inside, y, 0.0)
+    xs = tl.where(inside, x, 0.0)
+    y0f = tl.floor(ys)
+    x0f = tl.floor(xs)
+    return y0f.to(tl.int32), x0f.to(tl.int32), ys - y0f, xs - x0f, inside, outside, mod
+
+
+@triton.jit
 def _sample(
     off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, gk, i, j, H, W,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -83,23 +116,8 @@ def _sample(
     Positions outside are replaced by 0 before the floor, so no huge or infinite coordinate is
     ever converted to an integer.
     """
-    base = off_row + (2 * gk) * OFF_SC
-    dy = tl.load(off_ptr + base, mask=row_ok, other=0.0).to(CT)
-    dx = tl.load(off_ptr + base + OFF_SC, mask=row_ok, other=0.0).to(CT)
-    y = (oy * stride_h - pad_h + i * dil_h).to(CT) + dy
-    x = (ox * stride_w - pad_w + j * dil_w).to(CT) + dx
-    inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
-    # Where y or x is NaN, so is y + x.
-    outside = tl.where((y != y) | (x != x), y + x, 0.0)
-    ys = tl.where(inside, y, 0.0)
-    xs = tl.where(inside, x, 0.0)
-    y0f = tl.floor(ys)
-    x0f = tl.floor(xs)
-    if HAS_MASK:
-        mod = tl.load(msk_ptr + msk_row + gk * MSK_SC, mask=row_ok, other=0.0).to(CT)
-    else:
-        mod = tl.zeros_like(ys) + 1.0
-    return y0f.to(tl.int32), x0f.to(tl.int32), ys - y0f, xs - x0f, inside, outside, mod
+    dy, dx, mod = _tap_offsets(off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, row_ok, gk, HAS_MASK, CT)
+    return _sample_at(dy, dx, mod, oy, ox, i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, CT)
 
 
 @triton.jit
@@ -115,15 +133,23 @@ def _corners(n, y0, x0, inside, row_ok, H, W):
 
 
 @triton.jit
-def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.constexpr):
-    """The four neighbours [BLOCK, len(cols)] of each sample: channel vectors of the channels-last input."""
+def _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W):
+    """The four neighbours [BLOCK, len(cols)] of each sample, in the input's dtype: channel vectors
+    of the channels-last input (0 where a neighbour is off the map or a channel outside cmask)."""
     ptr = x_ptr + r00[:, None] * C + cols[None, :]
     cm = cmask[None, :]
-    v00 = tl.load(ptr, mask=ok00[:, None] & cm, other=0.0).to(CT)
-    v01 = tl.load(ptr + C, mask=ok01[:, None] & cm, other=0.0).to(CT)
-    v10 = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0).to(CT)
-    v11 = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0).to(CT)
+    v00 = tl.load(ptr, mask=ok00[:, None] & cm, other=0.0)
+    v01 = tl.load(ptr + C, mask=ok01[:, None] & cm, other=0.0)
+    v10 = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0)
+    v11 = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0)
     return v00, v01, v10, v11
+
+
+@triton.jit
+def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.constexpr):
+    """``_gather_raw`` in the compute dtype CT."""
+    v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+    return v00.to(CT), v01.to(CT), v10.to(CT), v11.to(CT)
 
 
 @triton.jit
@@ -168,6 +194,66 @@ def _columns(
     )
 
 
+@triton.jit
+def _blend_factors(n, row_ok, H, W, y0, x0, ly, lx, inside, outside, mod):
+    """From a ``_sample`` set-up: the four neighbours' blend factors [BLOCK] (bilinear weight x mask;
+    NaN for a NaN position), the top-left neighbour's flat pixel and the four in-map masks."""
+    scale = tl.where(inside, 1.0, outside) * mod
+    r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
+    return (
+        (1.0 - ly) * (1.0 - lx) * scale, (1.0 - ly) * lx * scale, ly * (1.0 - lx) * scale, ly * lx * scale,
+        r00, ok00, ok01, ok10, ok11,
+    )  # fmt: skip
+
+
+@triton.jit
+def _fwd_weight_tile(w_ptr, wk, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR: tl.constexpr):
+    """The forward's weight tile [len(cols), BLOCK_N] of weight row block ``wk`` (= weight group x
+    taps + tap), zero outside cmask x omask."""
+    if W_K_MAJOR:  # the tile's reduction axis contiguous: the operand TF32's wgmma needs
+        wcol = (wk * CG_OUT + ocols) * CG_IN
+        wptr = w_ptr + wcol[None, :] + (cols - c_lo)[:, None]
+    else:
+        wrow = wk * CG_IN + (cols - c_lo)
+        wptr = w_ptr + wrow[:, None] * CG_OUT + ocols[None, :]
+    return tl.load(wptr, mask=cmask[:, None] & omask[None, :], other=0.0)
+
+
+@triton.jit
+def _blend_dot(
+    acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask,
+    MMA: tl.constexpr, PRECISION: tl.constexpr, CT: tl.constexpr,
+):  # fmt: skip
+    """``acc`` [BLOCK_M, BLOCK_N] plus the blended columns (neighbours v.. [BLOCK_M, BLOCK_K] times
+    their factors w.. [BLOCK_M]) times the weight tile ``wt`` [BLOCK_K, BLOCK_N]."""
+    a = (
+        w00[:, None] * v00.to(CT) + w01[:, None] * v01.to(CT)
+        + w10[:, None] * v10.to(CT) + w11[:, None] * v11.to(CT)
+    )  # fmt: skip
+    # Padding channels must be exact zeros: a NaN sample times a zero-padded weight row would
+    # otherwise leak into every output channel.
+    a = tl.where(cmask[None, :], a, 0.0)
+    return _mma(a.to(wt.dtype), wt, acc, MMA, PRECISION)
+
+
+@triton.jit
+def _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K: tl.constexpr):
+    """The step after (tap k = i*KW + j, channels from c0, offset group g) in the forward's flat loop,
+    taps fastest. Past the last step it runs on into channels beyond the weight group, for the caller
+    to mask. Counters rather than divisions: a division by a runtime integer costs ~20 instructions.
+    The host guarantees that no channel block crosses an offset group."""
+    wrap = k + 1 == k_hi
+    row_end = j + 1 == KW
+    c_next = tl.where(wrap, c0 + BLOCK_K, c0)
+    return (
+        tl.where(wrap, k_lo, k + 1),
+        tl.where(wrap, i_lo, tl.where(row_end, i + 1, i)),
+        tl.where(wrap, j_lo, tl.where(row_end, 0, j + 1)),
+        c_next,
+        tl.where(c_next >= g * CPG + CPG, g + 1, g),
+    )
+
+
 @triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES", "TAPS_PER_SPLIT"])
 def deform_conv_fwd_kernel(
     x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, out_ptr,
@@ -176,12 +262,15 @@ def deform_conv_fwd_kernel(
     OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP, OUT_SN, OUT_SC, OUT_SP,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_TAPS: tl.constexpr, MMA: tl.constexpr,
     PRECISION: tl.constexpr, CT: tl.constexpr, INDEX64: tl.constexpr, W_K_MAJOR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, o] = bias[o] + sum over taps k and input channels c of w[k, c, o] * sample(m, k, c).
 
     ``W_K_MAJOR``: ``w`` is [groups, K, CG_OUT, CG_IN] (input channels contiguous), else
     [groups, K, CG_IN, CG_OUT].
+    ``FLAT`` (``Config.flat``): 0, a channel-block loop inside a tap loop; 1, one loop over (channel
+    block, tap), taps fastest, pipelined by Triton (num_stages > 1); 2, the same loop pipelined by
+    hand in registers (num_stages == 1). 1 and 2 need every channel block inside one offset group.
 
     Implicit GEMM: one program owns BLOCK_M output pixels x BLOCK_N output channels of one weight
     group. For every tap and every offset group meeting the weight group it sets up the bilinear
@@ -216,40 +305,109 @@ def deform_conv_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=CT)
     c_lo = wg * CG_IN
     c_hi = c_lo + CG_IN
-    g_lo = c_lo // CPG
-    g_hi = (c_hi - 1) // CPG + 1
-    for k in range(k_lo, k_hi):
-        i = k // KW
-        j = k % KW
-        for g in range(g_lo, g_hi):
-            y0, x0, ly, lx, inside, outside, mod = _sample(
-                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k, i, j, H, W,
-                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
-            )  # fmt: skip
-            scale = tl.where(inside, 1.0, outside) * mod
-            w00 = (1.0 - ly) * (1.0 - lx) * scale
-            w01 = (1.0 - ly) * lx * scale
-            w10 = ly * (1.0 - lx) * scale
-            w11 = ly * lx * scale
-            r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
-            seg_lo = tl.maximum(c_lo, g * CPG)
-            seg_hi = tl.minimum(c_hi, g * CPG + CPG)
-            for c0 in range(seg_lo, seg_hi, BLOCK_K):
+    if FLAT == 0:
+        g_lo = c_lo // CPG
+        g_hi = (c_hi - 1) // CPG + 1
+        for k in range(k_lo, k_hi):
+            for g in range(g_lo, g_hi):
+                y0, x0, ly, lx, inside, outside, mod = _sample(
+                    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k,
+                    k // KW, k % KW, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+                )  # fmt: skip
+                w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
+                    n, row_ok, H, W, y0, x0, ly, lx, inside, outside, mod
+                )
+                seg_hi = tl.minimum(c_hi, g * CPG + CPG)
+                for c0 in range(tl.maximum(c_lo, g * CPG), seg_hi, BLOCK_K):
+                    cols = c0 + tl.arange(0, BLOCK_K)
+                    cmask = cols < seg_hi
+                    v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+                    wt = _fwd_weight_tile(
+                        w_ptr, wg * NTAPS + k, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
+                    )
+                    acc = _blend_dot(
+                        acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT
+                    )
+    else:
+        # One loop over (channel block, tap), taps fastest: no pipeline drain at the end of every
+        # tap's few channel blocks, and one channel block's neighbourhoods are read tap after tap
+        # (they overlap). Each step sets its samples up again.
+        steps = tl.cdiv(CG_IN, BLOCK_K) * (k_hi - k_lo)
+        i_lo = k_lo // KW
+        j_lo = k_lo % KW
+        k = k_lo
+        i = i_lo
+        j = j_lo
+        c0 = c_lo
+        g = c_lo // CPG
+        if FLAT == 1:  # Triton's software pipeline (num_stages > 1): cp.async through shared memory
+            for _ in range(0, steps):
+                y0, x0, ly, lx, inside, outside, mod = _sample(
+                    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k,
+                    i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+                )  # fmt: skip
+                w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
+                    n, row_ok, H, W, y0, x0, ly, lx, inside, outside, mod
+                )
                 cols = c0 + tl.arange(0, BLOCK_K)
-                cmask = cols < seg_hi
-                v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
-                a = w00[:, None] * v00 + w01[:, None] * v01 + w10[:, None] * v10 + w11[:, None] * v11
-                # Padding channels must be exact zeros: a NaN sample times a zero-padded weight row
-                # would otherwise leak into every output channel.
-                a = tl.where(cmask[None, :], a, 0.0)
-                if W_K_MAJOR:  # the tile's reduction axis contiguous: the operand TF32's wgmma needs
-                    wcol = ((wg * NTAPS + k) * CG_OUT + ocols) * CG_IN
-                    wptr = w_ptr + wcol[None, :] + (cols - c_lo)[:, None]
-                else:
-                    wrow = (wg * NTAPS + k) * CG_IN + (cols - c_lo)
-                    wptr = w_ptr + wrow[:, None] * CG_OUT + ocols[None, :]
-                wt = tl.load(wptr, mask=cmask[:, None] & omask[None, :], other=0.0)
-                acc = _mma(a.to(w_ptr.dtype.element_ty), wt, acc, MMA, PRECISION)
+                cmask = cols < tl.minimum(c_hi, g * CPG + CPG)
+                v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+                wt = _fwd_weight_tile(
+                    w_ptr, wg * NTAPS + k, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
+                )
+                acc = _blend_dot(acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT)
+                k, i, j, c0, g = _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+        else:
+            # FLAT == 2 (num_stages == 1): pipelined by hand, in registers. Each step issues the next
+            # step's gathers and weight tile, and the offsets of the one after, before it blends its
+            # own; plain loads, so the overlapping neighbourhoods of successive taps hit L1 (cp.async,
+            # 16 bytes at a time, reads through L2 only). Suffix 1: the next step; 2: the one after.
+            y0, x0, ly, lx, inside, outside, mod = _sample(
+                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k,
+                i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+            )  # fmt: skip
+            w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
+                n, row_ok, H, W, y0, x0, ly, lx, inside, outside, mod
+            )
+            cols = c0 + tl.arange(0, BLOCK_K)
+            cmask = cols < tl.minimum(c_hi, g * CPG + CPG)
+            v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+            wt = _fwd_weight_tile(
+                w_ptr, wg * NTAPS + k, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
+            )
+            k1, i1, j1, c1, g1 = _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+            # tl.where, not &, for the liveness masks: the interpreter gives `bool tensor & scalar
+            # comparison` an integer dtype (float once 64-bit), which breaks the masks built on it.
+            dy, dx, dm = _tap_offsets(
+                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, tl.where(steps > 1, row_ok, False),
+                g1 * NTAPS + k1, HAS_MASK, CT,
+            )  # fmt: skip
+            for step in range(0, steps):
+                live = tl.where(step + 1 < steps, row_ok, False)  # nothing is loaded past the end
+                y0, x0, ly, lx, inside, outside, mod = _sample_at(
+                    dy, dx, dm, oy, ox, i1, j1, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, CT
+                )
+                u00, u01, u10, u11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
+                    n, live, H, W, y0, x0, ly, lx, inside, outside, mod
+                )
+                cols1 = c1 + tl.arange(0, BLOCK_K)
+                cmask1 = cols1 < tl.minimum(c_hi, g1 * CPG + CPG)
+                n00, n01, n10, n11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols1, cmask1, C, W)
+                nwt = _fwd_weight_tile(
+                    w_ptr, wg * NTAPS + k1, cols1, tl.where(step + 1 < steps, cmask1, False), c_lo,
+                    CG_IN, CG_OUT, ocols, omask, W_K_MAJOR,
+                )  # fmt: skip
+                k2, i2, j2, c2, g2 = _flat_next(k1, i1, j1, c1, g1, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+                dy, dx, dm = _tap_offsets(
+                    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC,
+                    tl.where(step + 2 < steps, row_ok, False), g2 * NTAPS + k2, HAS_MASK, CT,
+                )  # fmt: skip
+                acc = _blend_dot(acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT)
+                w00, w01, w10, w11 = u00, u01, u10, u11
+                v00, v01, v10, v11 = n00, n01, n10, n11
+                wt = nwt
+                cmask = cmask1
+                k1, i1, j1, c1, g1 = k2, i2, j2, c2, g2
 
     oc = wg * CG_OUT + ocols
     if HAS_BIAS:

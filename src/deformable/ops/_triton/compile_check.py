@@ -41,6 +41,7 @@ from . import _deform_roi_pool_kernels as _roi_k
 from .deform_conv import (
     Config,
     _candidates,
+    _flat_mode,
     _format_strides,
     _forward_k_major,
     _Geometry,
@@ -57,6 +58,10 @@ ANCHORS = {
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
 _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG")
+_VARIANTS = ("go_first", "deferred_sums", "flat")  # Config's boolean variant flags
+# Where the forward's flat-loop candidates are compiled: 128 and 256 channels (the candidates are the
+# same at every shape of a width; compiling them at every shape would double this check's time).
+_FLAT_SHAPES = ("det-c3", "det-c4")
 
 
 def _compile(
@@ -199,6 +204,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
             pointers["out_ptr"] = acc
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
         constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
+        constexprs["FLAT"] = _flat_mode(geo, config)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
@@ -259,11 +265,11 @@ def _roi_kernel_args(kernel: str, dtype: torch.dtype):
     return fn, pointers, constexprs, warps
 
 
-def _jobs(geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
+def _jobs(name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
     """(kernel, config) pairs to compile for one shape and mode: each kernel's default (the data
     kernel's also in deterministic mode), and the variants the autotuner may pick: split taps
-    (forward, 512 channels), go_first (weight) and every deferred-sums candidate (data, 256 channels
-    or fewer)."""
+    (forward, 512 channels), go_first (weight), every deferred-sums candidate (data, 256 channels
+    or fewer) and, at ``_FLAT_SHAPES``, the forward's flat-loop candidates."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
@@ -278,6 +284,8 @@ def _jobs(geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tupl
     if any(c.go_first for c in _candidates("weight", geo, dtype, tf32)):
         jobs.append(("weight", dataclasses.replace(defaults["weight"], go_first=True)))
     jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
+    if name in _FLAT_SHAPES:
+        jobs += [("forward", c) for c in _candidates("forward", geo, dtype, tf32) if c.flat]
     return jobs
 
 
@@ -306,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if (h * w) % 16 == 0:
             ints16.add("HW")
         for dtype, tf32 in modes:
-            for kernel, config in _jobs(geo, dtype, tf32, args.sms):
+            for kernel, config in _jobs(name, geo, dtype, tf32, args.sms):
                 fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
                 # What the compiled code depends on: shapes and modes that give a kernel the same
                 # arguments, specialisations and launch shape (e.g. the deterministic reduction's
@@ -336,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                     config.num_stages,
                 )
                 blocks += (config.splits,) if config.splits > 1 else ()
-                variant = (
-                    " go_first" if config.go_first else (" deferred_sums" if config.deferred_sums else "")
-                )
+                variant = "".join(f" {flag}" for flag in _VARIANTS if getattr(config, flag))
                 print(f"{name:10s} {kernel:8s} {mode:10s} {blocks}{variant} {result}", flush=True)
     for dtype, _ in modes[:3] + modes[4:]:
         for kernel in ("roi-forward", "roi-backward"):

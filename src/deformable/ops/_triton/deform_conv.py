@@ -132,6 +132,15 @@ class Config:
     gradient in tiles across the channel blocks and sums them once after the loop, moving three of the
     ten layout conversions per channel block out of it (sm_90: 35 -> 23 barriers per iteration) for
     more registers. An autotuning candidate at 256 channels or fewer, unmeasured.
+
+    ``flat`` (forward only) runs one loop over (channel block, tap), taps fastest, instead of a
+    channel-block loop inside a tap loop: the software pipeline keeps gathers in flight across taps
+    (nested, it drains at every tap: 4 steps per tap at 128 channels in 32-channel blocks), and one
+    channel block's neighbourhoods, which overlap from tap to tap, are read in succession. Each step
+    sets its samples up again. With ``num_stages`` > 1 Triton pipelines the loop (cp.async into shared
+    memory, through L2 only); with 1 the kernel pipelines it by hand in registers, with plain loads
+    that L1 caches. Used where no channel block crosses an offset group (:func:`_flat_forward_ok`);
+    elsewhere the nested loops run. Unmeasured.
     """
 
     block_m: int
@@ -142,22 +151,22 @@ class Config:
     splits: int = 1
     go_first: bool = False
     deferred_sums: bool = False
+    flat: bool = False
 
     def cache_fields(self) -> tuple[int, ...]:
         """The autotune cache's entry: six launch fields and the kernel's variant flag (weight:
-        go_first; data: deferred_sums; 0 or 1)."""
+        go_first; data: deferred_sums; forward: flat; 0 or 1)."""
         launch = (self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.splits)
-        return (*launch, int(self.go_first or self.deferred_sums))
+        return (*launch, int(self.go_first or self.deferred_sums or self.flat))
 
     @classmethod
     def from_cache_fields(cls, kernel: str, fields: Sequence[int]) -> Config:
-        """The inverse of :meth:`cache_fields` for ``kernel`` (entries without the flag mean 0; the
-        flag means nothing to the forward and is dropped there)."""
+        """The inverse of :meth:`cache_fields` for ``kernel`` (entries without the flag mean 0)."""
         m, n, k, warps, stages, splits = fields[:6]
         variant = tuple(fields[6:]) == (1,)
         return cls(
-            m, n, k, warps, stages, splits,
-            go_first=kernel == "weight" and variant, deferred_sums=kernel == "data" and variant,
+            m, n, k, warps, stages, splits, go_first=kernel == "weight" and variant,
+            deferred_sums=kernel == "data" and variant, flat=kernel == "forward" and variant,
         )  # fmt: skip
 
 
@@ -378,6 +387,25 @@ def _heuristic(
     return Config(32, block_n, block_k, warps, 2)
 
 
+def _flat_forward_ok(geo: _Geometry, block_k: int) -> bool:
+    """Whether the forward's flat loop (``Config.flat``) may run: no block of ``block_k`` channels,
+    counted from its weight group's first channel, crosses an offset group's boundary. True where a
+    weight group lies inside one offset group (every plain DCN layer: one offset group), or where
+    ``block_k`` divides both the weight group's and the offset group's channel counts."""
+    per_offset_group = geo.channels_per_offset_group
+    return per_offset_group % geo.group_in == 0 or (
+        per_offset_group % block_k == 0 and geo.group_in % block_k == 0
+    )
+
+
+def _flat_mode(geo: _Geometry, config: Config) -> int:
+    """The forward kernel's ``FLAT``: 0 nested loops, 1 flat and pipelined by Triton, 2 flat and
+    pipelined by hand (one stage)."""
+    if not config.flat or not _flat_forward_ok(geo, config.block_k):
+        return 0
+    return 2 if config.num_stages == 1 else 1
+
+
 def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
     """The override for ``kernel`` if any, else the heuristic for tensors like ``t``."""
     if kernel in CONFIG_OVERRIDES:
@@ -405,6 +433,15 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = Tr
             (64, 256, 32, 8, 2), (128, 128, 32, 8, 2), (64, 128, 32, 4, 2),
         ]  # fmt: skip
         configs = [Config(c[0], min(c[1], cap_n), c[2], c[3], c[4], c[5] if len(c) > 5 else 1) for c in raw]
+        if dtype != torch.float32 or tf32:
+            # The flat loop. One stage: pipelined by hand in registers, L1-cached gathers (sm_90: 64 x
+            # 256 tiles 160-230 registers, 390-420 instructions per step against the nested loop's
+            # 510-740; 128 x 128 tiles spill in TF32). Three: by Triton, at 128 channels or fewer
+            # (with more, ptxas serialises its wgmma).
+            raw = [(64, 256, 32, 8, 1)]
+            raw += [(128, 128, 32, 8, 1), (64, 128, 32, 4, 1)] if dtype != torch.float32 else []
+            raw += [(128, 128, 32, 8, 3)] if geo.group_out <= 128 else []
+            configs += [Config(m, min(n, cap_n), kk, w, st, flat=True) for m, n, kk, w, st in raw]
     elif kernel == "data":
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
@@ -733,7 +770,8 @@ def forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            W_K_MAJOR=k_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            W_K_MAJOR=k_major, FLAT=_flat_mode(geo, cfg),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(input),
         ))  # fmt: skip
 
