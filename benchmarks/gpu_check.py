@@ -750,6 +750,23 @@ def timing_tables(rows, report: Report) -> None:
 # 3. Configuration sweep
 
 
+def _tensors(result) -> tuple[torch.Tensor, ...]:
+    """The tensors of a backend call's result (the forward's output, or the gradients asked for)."""
+    items = result if isinstance(result, (tuple, list)) else (result,)
+    return tuple(t for t in items if isinstance(t, torch.Tensor))
+
+
+def _relative_difference(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
+    """max over results of max |got - expected| / max |expected| (inf if the results do not match up)."""
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(got, expected, strict=True)):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(got, expected, strict=True):
+        scale = b.double().abs().max().item() or 1.0
+        worst = max(worst, (a.double() - b.double()).abs().max().item() / scale)
+    return worst
+
+
 def _kernel_runs(problem: Problem, device, dtype: torch.dtype = torch.float16):
     """(geometry, {kernel name: closure running just that kernel's launch path}, input) in ``dtype``."""
     x, offset, mask, weight, bias = problem.tensors(dtype, device)
@@ -822,13 +839,27 @@ def sweep(
     2026-11-27 H200 sweeps left open, most valuable first; --sweep-plan replaces it)."""
     report.add("## Configuration sweep")
     report.add("")
-    report.add("| shape | dtype | kernel | config (m, n, k, warps, stages[, tap splits][, variant]) | ms | |")
-    report.add("|---|---|---|---|---|---|")
+    report.add(
+        "vs default: the largest difference of any result from the default configuration's, relative to"
+        " that result's largest magnitude (**differs** above 2e-2 in 16-bit, 2e-3 in fp32)."
+    )
+    report.add("")
+    config_column = "config (m, n, k, warps, stages[, tap splits][, variant])"
+    report.add(f"| shape | dtype | kernel | {config_column} | ms | vs default | |")
+    report.add("|---|---|---|---|---|---|---|")
     by_name = {p.name: p for p in anchors(smoke)}
     if smoke:
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
+            # The forward's flat loop (Config.flat), untimed: against the default only. One stage
+            # (pipelined by hand, L1-cached gathers) and Triton's pipeline, at 128 and 256 channels.
+            (by_name["det-c3"], torch.float16, ("forward:flat",)),
+            (by_name["det-c4"], torch.float16, ("forward:flat",)),
+            (by_name["cls-c3"], torch.float16, ("forward:flat",)),
+            (by_name["cls-c5"], torch.float16, ("forward:flat",)),
+            (by_name["det-c3"], torch.float32, ("forward:flat",)),
+            (by_name["det-c4"], torch.float32, ("forward:flat",)),
             # What the H200 runs of 2026-11-27 left open. The data kernel's deferred sums (Config.
             # deferred_sums: fewer layout conversions per channel block, more registers), untimed.
             (by_name["det-c3"], torch.float16, ("data",)),
@@ -857,14 +888,17 @@ def sweep(
     for problem, dtype, kernels in plan:
         dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
         geo, runs, x = _kernel_runs(problem, device, dtype)
-        for kernel in kernels:
+        for entry in kernels:
+            kernel, _, variant = entry.partition(":")  # "forward:flat": the default and flat candidates
             run = runs[kernel]
             default = tdc._default_config(kernel, geo, x)
             tf32 = tdc._products_on_matrix_unit(dtype)
             candidates = list(dict.fromkeys([default, *tdc._candidates(kernel, geo, dtype, tf32)]))
-            if smoke:
-                candidates = candidates[:1]
-            results, capped = [], set()
+            if variant:
+                candidates = [default, *(c for c in candidates[1:] if getattr(c, variant))]
+            if smoke:  # the default, and with a variant its first candidate (compared with the default)
+                candidates = candidates[: 2 if variant else 1]
+            results, capped, diffs, reference = [], set(), {}, ()
             for config in candidates:
                 if clock.left() < 0.03 * clock.budget:
                     report.skipped.append(f"sweep {problem.name} {dtype_name} {kernel} {config}")
@@ -875,13 +909,20 @@ def sweep(
                     results.append((bench_ms(run, device), config))
                     if len(tdc_launch._stage_caps) != caps:  # short of shared memory: fewer stages ran
                         capped.add(config)
+                    # The default runs first: what every other candidate's results are compared with.
+                    outputs = _tensors(run())
+                    reference = outputs if config == default else reference
+                    diffs[config] = _relative_difference(outputs, reference)
                 except Exception as e:
                     results.append((math.inf, config))
                     print(f"  {kernel} {config}: {type(e).__name__}", flush=True)
                 finally:
                     tdc.CONFIG_OVERRIDES.pop(kernel, None)
             best = min(results, key=lambda t: t[0], default=None)
+            limit = 2e-3 if dtype == torch.float32 else 2e-2
             for ms, config in sorted(results, key=lambda t: t[0]):
+                diff = diffs.get(config, math.nan)
+                verdict = "" if diff <= limit else " **differs**"
                 tag = ("default " if config == default else "") + (
                     "best" if best and config == best[1] else ""
                 )
@@ -889,9 +930,11 @@ def sweep(
                     tag += " (ran with fewer stages: too little shared memory)"
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
                 c += (config.splits,) if config.splits > 1 else ()
-                c += ("go_first",) if config.go_first else ()
-                c += ("deferred_sums",) if config.deferred_sums else ()
-                report.add(f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {tag.strip()} |")
+                c += tuple(flag for flag in ("go_first", "deferred_sums", "flat") if getattr(config, flag))
+                report.add(
+                    f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {diff:.1e}{verdict} "
+                    f"| {tag.strip()} |"
+                )
     report.add("")
     if tdc_launch._stage_caps:
         report.add(
@@ -910,14 +953,16 @@ def _names(text: str) -> list[str]:
 
 
 def _sweep_plan(text: str) -> list[tuple[str, str, str]]:
-    """'det-c5/fp32/forward,cls-c5/fp32/weight' -> [(shape, dtype name, kernel), ...], checked."""
+    """'det-c5/fp32/forward,cls-c5/fp16/forward:flat' -> [(shape, dtype name, kernel), ...], checked;
+    kernel:variant sweeps the default and the candidates with that Config flag only."""
     plan = []
+    kernels = ("forward", "data", "weight", "forward:flat", "data:deferred_sums", "weight:go_first")
     for entry in _names(text):
         parts = entry.split("/")
-        if len(parts) != 3 or parts[1] not in DTYPES or parts[2] not in ("forward", "data", "weight"):
+        if len(parts) != 3 or parts[1] not in DTYPES or parts[2] not in kernels:
             raise argparse.ArgumentTypeError(
                 f"sweep entry {entry!r}: expected shape/dtype/kernel, dtype one of {sorted(DTYPES)}, "
-                "kernel one of forward, data, weight"
+                f"kernel one of {', '.join(kernels)}"
             )
         plan.append((parts[0], parts[1], parts[2]))
     return plan
@@ -960,7 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sweep-plan", type=_sweep_plan, default=None,
-        help="sweep these instead of the default plan: shape/dtype/kernel entries, a,b (det-c5/fp32/forward)",
+        help="sweep these instead of the default plan: shape/dtype/kernel entries, a,b (det-c5/fp32/forward; "
+        "forward:flat, data:deferred_sums, weight:go_first: the default and that variant's candidates)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
