@@ -852,8 +852,8 @@ def sweep(
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # The forward's flat loop (Config.flat), untimed: against the default only. One stage
-            # (pipelined by hand, L1-cached gathers) and Triton's pipeline, at 128 and 256 channels.
+            # The forward's flat loop (Config.flat: pipelined by hand, L1-cached gathers), untimed:
+            # against the default only, at 128, 256 and 512 channels.
             (by_name["det-c3"], torch.float16, ("forward:flat",)),
             (by_name["det-c4"], torch.float16, ("forward:flat",)),
             (by_name["cls-c3"], torch.float16, ("forward:flat",)),

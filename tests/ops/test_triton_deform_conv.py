@@ -263,43 +263,42 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
 
 
 @pytest.mark.parametrize(
-    ("case", "dtype", "stages", "splits", "flat_mode"),
+    ("case", "dtype", "splits", "flat"),
     [
         # One offset group, 40 channels: two whole 16-channel blocks and a partial one.
-        (Case(batch=1, in_channels=40, out_channels=17, size=(5, 7)), torch.float32, 1, 1, 2),
-        (Case(batch=1, in_channels=40, out_channels=17, size=(5, 7)), torch.float16, 2, 1, 1),
+        (Case(batch=1, in_channels=40, out_channels=17, size=(5, 7)), torch.float32, 1, True),
+        (Case(batch=1, in_channels=40, out_channels=17, size=(5, 7)), torch.float16, 1, True),
         # Two offset groups of 32 channels, one weight group: the offset group changes mid-loop.
         (Case(batch=1, in_channels=64, out_channels=6, size=(4, 5), offset_groups=2), torch.bfloat16,
-         1, 1, 2),
+         1, True),
         # Two weight groups inside one offset group, no mask, the taps split in 2.
-        (Case(batch=2, in_channels=32, out_channels=6, groups=2, mask=False), torch.float64, 1, 2, 2),
-        (CASES["kernel32-stride21-pad10-dil21-odd"], torch.float32, 2, 3, 1),
+        (Case(batch=2, in_channels=32, out_channels=6, groups=2, mask=False), torch.float64, 2, True),
+        (CASES["kernel32-stride21-pad10-dil21-odd"], torch.float32, 3, True),
         # Taps split 5 + 4 with three channel blocks: the second split starts mid-row of the kernel
         # (tap 5 = (1, 2)) and returns there at every channel block.
-        (Case(batch=1, in_channels=40, out_channels=6, size=(4, 5)), torch.float32, 1, 2, 2),
-        (Case(batch=1, in_channels=40, out_channels=6, size=(4, 5)), torch.bfloat16, 2, 2, 1),
+        (Case(batch=1, in_channels=40, out_channels=6, size=(4, 5)), torch.float32, 2, True),
         # A channel block would cross an offset group (9 channels each): the nested loops run instead.
-        (STRADDLE, torch.float32, 1, 1, 0),
+        (STRADDLE, torch.float32, 1, False),
     ],
-    ids=["40ch-prefetch", "40ch-pipelined-fp16", "offset-groups-prefetch-bf16", "weight-groups-split-fp64",
-         "kernel32-split-pipelined", "40ch-split-mid-row-prefetch", "40ch-split-mid-row-pipelined-bf16",
-         "straddle-falls-back"],
+    ids=["40ch", "40ch-fp16", "offset-groups-bf16", "weight-groups-split-fp64", "kernel32-split",
+         "40ch-split-mid-row", "straddle-falls-back"],
 )  # fmt: skip
-def test_forward_flat_loop(monkeypatch, case, dtype, stages, splits, flat_mode):
-    """Config.flat: one loop over (channel block, tap), pipelined by Triton (stages > 1) or by hand in
-    registers (one stage, FLAT == 2): the oracle's output, with partial channel and pixel tiles,
-    offset groups changing mid-loop, weight groups, no mask and split taps."""
-    config = tdc.Config(16, 16, 16, num_stages=stages, splits=splits, flat=True)
-    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
+def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat):
+    """Config.flat: one loop over (channel block, tap), pipelined by hand in registers (launched with
+    one stage): the oracle's output, with partial channel and pixel tiles, offset groups changing
+    mid-loop, weight groups, no mask and split taps."""
+    monkeypatch.setitem(
+        tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, num_stages=3, splits=splits, flat=True)
+    )
     launched = spy_launches(monkeypatch)
     tensors = make_inputs(case, dtype)
     check_forward(case, tensors, forward(case, tensors), dtype)
-    assert [kwargs["FLAT"] for kwargs in launched] == [flat_mode]
+    assert [(kwargs["FLAT"], kwargs["num_stages"]) for kwargs in launched] == [(flat, 1 if flat else 3)]
 
 
 def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
     """The hand-pipelined flat loop keeps each step's samples apart: a NaN offset poisons its own
-    pixel only, far offsets read nothing (bitwise the nested loops' output up to the order of sums)."""
+    pixel only, far offsets read nothing."""
     case = Case(batch=1, in_channels=4, out_channels=3, offset_groups=2)
     x, offset, mask, weight, bias = make_inputs(case, torch.float64)
     offset = offset.clone()
@@ -314,12 +313,11 @@ def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
     torch.testing.assert_close(out.cpu(), oracle(case, tensors), rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
-@pytest.mark.parametrize("stages", [1, 2])
-def test_forward_flat_loop_with_64_bit_indices(monkeypatch, stages):
-    """The flat loops' 64-bit index arithmetic (INDEX64, for tensors of 2**30+ elements), split taps
+def test_forward_flat_loop_with_64_bit_indices(monkeypatch):
+    """The flat loop's 64-bit index arithmetic (INDEX64, for tensors of 2**30+ elements), split taps
     included, gives the bits of the 32-bit one."""
-    case = Case(batch=2, in_channels=32, out_channels=6, groups=2, size=(4, 5))
-    config = tdc.Config(16, 16, 16, num_stages=stages, splits=2, flat=True)
+    case = Case(batch=2, in_channels=40, out_channels=6, size=(4, 5))
+    config = tdc.Config(16, 16, 16, num_stages=1, splits=2, flat=True)
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
     tensors = make_inputs(case, torch.float32)
     launched = spy_launches(monkeypatch)
@@ -327,8 +325,7 @@ def test_forward_flat_loop_with_64_bit_indices(monkeypatch, stages):
     monkeypatch.setattr(tdc, "_INT32_SAFE", 0)
     monkeypatch.setattr(tdc, "_PLANS", {})  # the plans hold the index width
     assert_same(forward(case, tensors), narrow)
-    assert [kwargs["INDEX64"] for kwargs in launched] == [False, True]
-    assert {kwargs["FLAT"] for kwargs in launched} == {2 if stages == 1 else 1}
+    assert [(kwargs["INDEX64"], kwargs["FLAT"]) for kwargs in launched] == [(False, True), (True, True)]
 
 
 def check_variant(

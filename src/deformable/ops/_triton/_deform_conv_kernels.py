@@ -237,6 +237,33 @@ def _blend_dot(
 
 
 @triton.jit
+def _fwd_step_operands(
+    x_ptr, w_ptr, dy, dx, dm, n, oy, ox, row_ok, live, i, j, wk, c0, seg_hi, c_lo,
+    H, W, C, CG_IN, CG_OUT, ocols, omask, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    W_K_MAJOR: tl.constexpr, CT: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A flat-loop step's operands, tap (i, j) displaced by (dy, dx) with mask value dm, channels
+    [c0, seg_hi), weight row block ``wk``: the blend factors w.. [BLOCK_M], the four neighbours v..
+    [BLOCK_M, BLOCK_K] in the input's dtype, the weight tile and the channel mask. Nothing is loaded
+    where ``live`` (a scalar) is false."""
+    y0, x0, ly, lx, inside, outside, mod = _sample_at(
+        dy, dx, dm, oy, ox, i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, CT
+    )
+    # tl.where, not &: the interpreter gives `bool tensor & scalar` an integer dtype (float once
+    # 64-bit), which breaks the masks built on it.
+    w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
+        n, tl.where(live, row_ok, False), H, W, y0, x0, ly, lx, inside, outside, mod
+    )
+    cols = c0 + tl.arange(0, BLOCK_K)
+    cmask = cols < seg_hi
+    v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+    wt = _fwd_weight_tile(
+        w_ptr, wk, cols, tl.where(live, cmask, False), c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
+    )
+    return w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask
+
+
+@triton.jit
 def _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K: tl.constexpr):
     """The step after (tap k = i*KW + j, channels from c0, offset group g) in the forward's flat loop,
     taps fastest. Past the last step it runs on into channels beyond the weight group, for the caller
@@ -268,9 +295,9 @@ def deform_conv_fwd_kernel(
 
     ``W_K_MAJOR``: ``w`` is [groups, K, CG_OUT, CG_IN] (input channels contiguous), else
     [groups, K, CG_IN, CG_OUT].
-    ``FLAT`` (``Config.flat``): 0, a channel-block loop inside a tap loop; 1, one loop over (channel
-    block, tap), taps fastest, pipelined by Triton (num_stages > 1); 2, the same loop pipelined by
-    hand in registers (num_stages == 1). 1 and 2 need every channel block inside one offset group.
+    ``FLAT`` (``Config.flat``): one loop over (channel block, tap), taps fastest, pipelined by hand
+    (launched with one stage), instead of a channel-block loop inside a tap loop; it needs every
+    channel block inside one offset group.
 
     Implicit GEMM: one program owns BLOCK_M output pixels x BLOCK_N output channels of one weight
     group. For every tap and every offset group meeting the weight group it sets up the bilinear
@@ -305,7 +332,7 @@ def deform_conv_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=CT)
     c_lo = wg * CG_IN
     c_hi = c_lo + CG_IN
-    if FLAT == 0:
+    if not FLAT:
         g_lo = c_lo // CPG
         g_hi = (c_hi - 1) // CPG + 1
         for k in range(k_lo, k_hi):
@@ -329,85 +356,46 @@ def deform_conv_fwd_kernel(
                         acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT
                     )
     else:
-        # One loop over (channel block, tap), taps fastest: no pipeline drain at the end of every
-        # tap's few channel blocks, and one channel block's neighbourhoods are read tap after tap
-        # (they overlap). Each step sets its samples up again.
+        # One loop over (channel block, tap), taps fastest, pipelined by hand in registers: each step
+        # issues the next step's gathers and weight tile, and the offsets of the one after, before it
+        # blends its own. No drain at the end of every tap's few channel blocks, and a channel
+        # block's neighbourhoods, which overlap from tap to tap, are read in succession with plain
+        # loads that L1 caches (Triton's pipeline copies with cp.async, 16 bytes at a time, through
+        # L2 only). Each step sets its samples up again. Suffix 1: the next step; 2: the one after.
         steps = tl.cdiv(CG_IN, BLOCK_K) * (k_hi - k_lo)
         i_lo = k_lo // KW
         j_lo = k_lo % KW
-        k = k_lo
-        i = i_lo
-        j = j_lo
-        c0 = c_lo
         g = c_lo // CPG
-        if FLAT == 1:  # Triton's software pipeline (num_stages > 1): cp.async through shared memory
-            for _ in range(0, steps):
-                y0, x0, ly, lx, inside, outside, mod = _sample(
-                    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k,
-                    i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
-                )  # fmt: skip
-                w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
-                    n, row_ok, H, W, y0, x0, ly, lx, inside, outside, mod
-                )
-                cols = c0 + tl.arange(0, BLOCK_K)
-                cmask = cols < tl.minimum(c_hi, g * CPG + CPG)
-                v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
-                wt = _fwd_weight_tile(
-                    w_ptr, wg * NTAPS + k, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
-                )
-                acc = _blend_dot(acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT)
-                k, i, j, c0, g = _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
-        else:
-            # FLAT == 2 (num_stages == 1): pipelined by hand, in registers. Each step issues the next
-            # step's gathers and weight tile, and the offsets of the one after, before it blends its
-            # own; plain loads, so the overlapping neighbourhoods of successive taps hit L1 (cp.async,
-            # 16 bytes at a time, reads through L2 only). Suffix 1: the next step; 2: the one after.
-            y0, x0, ly, lx, inside, outside, mod = _sample(
-                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, oy, ox, row_ok, g * NTAPS + k,
-                i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+        dy, dx, dm = _tap_offsets(
+            off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, row_ok, g * NTAPS + k_lo, HAS_MASK, CT
+        )
+        w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask = _fwd_step_operands(
+            x_ptr, w_ptr, dy, dx, dm, n, oy, ox, row_ok, True, i_lo, j_lo, wg * NTAPS + k_lo, c_lo,
+            tl.minimum(c_hi, g * CPG + CPG), c_lo, H, W, C, CG_IN, CG_OUT, ocols, omask,
+            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, W_K_MAJOR, CT, BLOCK_K,
+        )  # fmt: skip
+        k1, i1, j1, c1, g1 = _flat_next(k_lo, i_lo, j_lo, c_lo, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+        dy, dx, dm = _tap_offsets(
+            off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, tl.where(steps > 1, row_ok, False),
+            g1 * NTAPS + k1, HAS_MASK, CT,
+        )  # fmt: skip
+        for step in range(0, steps):
+            u00, u01, u10, u11, n00, n01, n10, n11, nwt, cmask1 = _fwd_step_operands(
+                x_ptr, w_ptr, dy, dx, dm, n, oy, ox, row_ok, step + 1 < steps, i1, j1, wg * NTAPS + k1,
+                c1, tl.minimum(c_hi, g1 * CPG + CPG), c_lo, H, W, C, CG_IN, CG_OUT, ocols, omask,
+                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, W_K_MAJOR, CT, BLOCK_K,
             )  # fmt: skip
-            w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
-                n, row_ok, H, W, y0, x0, ly, lx, inside, outside, mod
-            )
-            cols = c0 + tl.arange(0, BLOCK_K)
-            cmask = cols < tl.minimum(c_hi, g * CPG + CPG)
-            v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
-            wt = _fwd_weight_tile(
-                w_ptr, wg * NTAPS + k, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
-            )
-            k1, i1, j1, c1, g1 = _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
-            # tl.where, not &, for the liveness masks: the interpreter gives `bool tensor & scalar
-            # comparison` an integer dtype (float once 64-bit), which breaks the masks built on it.
+            k2, i2, j2, c2, g2 = _flat_next(k1, i1, j1, c1, g1, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
             dy, dx, dm = _tap_offsets(
-                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, tl.where(steps > 1, row_ok, False),
-                g1 * NTAPS + k1, HAS_MASK, CT,
+                off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC,
+                tl.where(step + 2 < steps, row_ok, False), g2 * NTAPS + k2, HAS_MASK, CT,
             )  # fmt: skip
-            for step in range(0, steps):
-                live = tl.where(step + 1 < steps, row_ok, False)  # nothing is loaded past the end
-                y0, x0, ly, lx, inside, outside, mod = _sample_at(
-                    dy, dx, dm, oy, ox, i1, j1, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, CT
-                )
-                u00, u01, u10, u11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
-                    n, live, H, W, y0, x0, ly, lx, inside, outside, mod
-                )
-                cols1 = c1 + tl.arange(0, BLOCK_K)
-                cmask1 = cols1 < tl.minimum(c_hi, g1 * CPG + CPG)
-                n00, n01, n10, n11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols1, cmask1, C, W)
-                nwt = _fwd_weight_tile(
-                    w_ptr, wg * NTAPS + k1, cols1, tl.where(step + 1 < steps, cmask1, False), c_lo,
-                    CG_IN, CG_OUT, ocols, omask, W_K_MAJOR,
-                )  # fmt: skip
-                k2, i2, j2, c2, g2 = _flat_next(k1, i1, j1, c1, g1, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
-                dy, dx, dm = _tap_offsets(
-                    off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC,
-                    tl.where(step + 2 < steps, row_ok, False), g2 * NTAPS + k2, HAS_MASK, CT,
-                )  # fmt: skip
-                acc = _blend_dot(acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT)
-                w00, w01, w10, w11 = u00, u01, u10, u11
-                v00, v01, v10, v11 = n00, n01, n10, n11
-                wt = nwt
-                cmask = cmask1
-                k1, i1, j1, c1, g1 = k2, i2, j2, c2, g2
+            acc = _blend_dot(acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT)
+            w00, w01, w10, w11 = u00, u01, u10, u11
+            v00, v01, v10, v11 = n00, n01, n10, n11
+            wt = nwt
+            cmask = cmask1
+            k1, i1, j1, c1, g1 = k2, i2, j2, c2, g2
 
     oc = wg * CG_OUT + ocols
     if HAS_BIAS:

@@ -41,8 +41,8 @@ from . import _deform_roi_pool_kernels as _roi_k
 from .deform_conv import (
     Config,
     _candidates,
-    _flat_mode,
     _format_strides,
+    _forward_flat,
     _forward_k_major,
     _Geometry,
     _grad_out_operand,
@@ -204,7 +204,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
             pointers["out_ptr"] = acc
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
         constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
-        constexprs["FLAT"] = _flat_mode(geo, config)
+        constexprs["FLAT"] = _forward_flat(geo, config)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible

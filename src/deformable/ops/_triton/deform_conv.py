@@ -134,13 +134,13 @@ class Config:
     more registers. An autotuning candidate at 256 channels or fewer, unmeasured.
 
     ``flat`` (forward only) runs one loop over (channel block, tap), taps fastest, instead of a
-    channel-block loop inside a tap loop: the software pipeline keeps gathers in flight across taps
-    (nested, it drains at every tap: 4 steps per tap at 128 channels in 32-channel blocks), and one
-    channel block's neighbourhoods, which overlap from tap to tap, are read in succession. Each step
-    sets its samples up again. With ``num_stages`` > 1 Triton pipelines the loop (cp.async into shared
-    memory, through L2 only); with 1 the kernel pipelines it by hand in registers, with plain loads
-    that L1 caches. Used where no channel block crosses an offset group (:func:`_flat_forward_ok`);
-    elsewhere the nested loops run. Unmeasured.
+    channel-block loop inside a tap loop, pipelined by hand in registers (``num_stages`` is then 1):
+    gathers stay in flight across taps (Triton's pipeline of the nested loops drains at every tap: 4
+    steps per tap at 128 channels in 32-channel blocks), with plain loads that L1 caches (Triton's
+    cp.async reads through L2 only), and one channel block's neighbourhoods, which overlap from tap
+    to tap, are read in succession. Each step sets its samples up again. Used where no channel
+    block crosses an offset group (:func:`_flat_forward_ok`); elsewhere the nested loops run.
+    Unmeasured.
     """
 
     block_m: int
@@ -398,12 +398,9 @@ def _flat_forward_ok(geo: _Geometry, block_k: int) -> bool:
     )
 
 
-def _flat_mode(geo: _Geometry, config: Config) -> int:
-    """The forward kernel's ``FLAT``: 0 nested loops, 1 flat and pipelined by Triton, 2 flat and
-    pipelined by hand (one stage)."""
-    if not config.flat or not _flat_forward_ok(geo, config.block_k):
-        return 0
-    return 2 if config.num_stages == 1 else 1
+def _forward_flat(geo: _Geometry, config: Config) -> bool:
+    """Whether the forward runs ``config``'s flat loop (``FLAT``; launched with one stage)."""
+    return config.flat and _flat_forward_ok(geo, config.block_k)
 
 
 def _default_config(kernel: str, geo: _Geometry, t: Tensor) -> Config:
@@ -434,14 +431,11 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = Tr
         ]  # fmt: skip
         configs = [Config(c[0], min(c[1], cap_n), c[2], c[3], c[4], c[5] if len(c) > 5 else 1) for c in raw]
         if dtype != torch.float32 or tf32:
-            # The flat loop. One stage: pipelined by hand in registers, L1-cached gathers (sm_90: 64 x
-            # 256 tiles 160-230 registers, 390-420 instructions per step against the nested loop's
-            # 510-740; 128 x 128 tiles spill in TF32). Three: by Triton, at 128 channels or fewer
-            # (with more, ptxas serialises its wgmma).
-            raw = [(64, 256, 32, 8, 1)]
-            raw += [(128, 128, 32, 8, 1), (64, 128, 32, 4, 1)] if dtype != torch.float32 else []
-            raw += [(128, 128, 32, 8, 3)] if geo.group_out <= 128 else []
-            configs += [Config(m, min(n, cap_n), kk, w, st, flat=True) for m, n, kk, w, st in raw]
+            # The flat loop (sm_90, Triton 3.6: 64 x 256 tiles 165-171 registers in 16-bit, 251 in
+            # TF32, no spills; 128 x 128 tiles spill in TF32).
+            raw = [(64, 256, 32, 8)]
+            raw += [(128, 128, 32, 8), (64, 128, 32, 4)] if dtype != torch.float32 else []
+            configs += [Config(m, min(n, cap_n), kk, w, 1, flat=True) for m, n, kk, w in raw]
     elif kernel == "data":
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
@@ -770,9 +764,10 @@ def forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            W_K_MAJOR=k_major, FLAT=_flat_mode(geo, cfg),
+            W_K_MAJOR=k_major, FLAT=_forward_flat(geo, cfg),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(input),
+            num_warps=cfg.num_warps, num_stages=1 if _forward_flat(geo, cfg) else cfg.num_stages,
+            **_dot_args(input),
         ))  # fmt: skip
 
     def run(spec: _Launch) -> None:
