@@ -898,7 +898,8 @@ def sweep(
                 candidates = [default, *(c for c in candidates[1:] if getattr(c, variant))]
             if smoke:  # the default, and with a variant its first candidate (compared with the default)
                 candidates = candidates[: 2 if variant else 1]
-            results, capped, diffs, reference = [], set(), {}, ()
+            results, capped, diffs = [], set(), {}
+            reference: tuple[torch.Tensor, ...] | None = None
             for config in candidates:
                 if clock.left() < 0.03 * clock.budget:
                     report.skipped.append(f"sweep {problem.name} {dtype_name} {kernel} {config}")
@@ -906,13 +907,16 @@ def sweep(
                 tdc.CONFIG_OVERRIDES[kernel] = config
                 caps = len(tdc_launch._stage_caps)
                 try:
-                    results.append((bench_ms(run, device), config))
+                    ms = bench_ms(run, device)
                     if len(tdc_launch._stage_caps) != caps:  # short of shared memory: fewer stages ran
                         capped.add(config)
                     # The default runs first: what every other candidate's results are compared with.
                     outputs = _tensors(run())
-                    reference = outputs if config == default else reference
-                    diffs[config] = _relative_difference(outputs, reference)
+                    if config == default:
+                        reference = outputs
+                    if reference is not None:
+                        diffs[config] = _relative_difference(outputs, reference)
+                    results.append((ms, config))
                 except Exception as e:
                     results.append((math.inf, config))
                     print(f"  {kernel} {config}: {type(e).__name__}", flush=True)
@@ -921,8 +925,9 @@ def sweep(
             best = min(results, key=lambda t: t[0], default=None)
             limit = 2e-3 if dtype == torch.float32 else 2e-2
             for ms, config in sorted(results, key=lambda t: t[0]):
-                diff = diffs.get(config, math.nan)
-                verdict = "" if diff <= limit else " **differs**"
+                # n/a: the candidate failed, or the default did (nothing to compare with).
+                diff = diffs.get(config)
+                verdict = "n/a" if diff is None else f"{diff:.1e}" + ("" if diff <= limit else " **differs**")
                 tag = ("default " if config == default else "") + (
                     "best" if best and config == best[1] else ""
                 )
@@ -932,7 +937,7 @@ def sweep(
                 c += (config.splits,) if config.splits > 1 else ()
                 c += tuple(flag for flag in ("go_first", "deferred_sums", "flat") if getattr(config, flag))
                 report.add(
-                    f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {diff:.1e}{verdict} "
+                    f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {verdict} "
                     f"| {tag.strip()} |"
                 )
     report.add("")

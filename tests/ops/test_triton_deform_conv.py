@@ -271,6 +271,10 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
         # Two offset groups of 32 channels, one weight group: the offset group changes mid-loop.
         (Case(batch=1, in_channels=64, out_channels=6, size=(4, 5), offset_groups=2), torch.bfloat16,
          1, True),
+        # Two weight groups of two offset groups each: the second weight group's offset group starts
+        # at 2 and steps to 3 after its first channel block.
+        (Case(batch=1, in_channels=64, out_channels=4, groups=2, offset_groups=4, size=(4, 5)),
+         torch.float32, 1, True),
         # Two weight groups inside one offset group, no mask, the taps split in 2.
         (Case(batch=2, in_channels=32, out_channels=6, groups=2, mask=False), torch.float64, 2, True),
         (CASES["kernel32-stride21-pad10-dil21-odd"], torch.float32, 3, True),
@@ -280,8 +284,8 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
         # A channel block would cross an offset group (9 channels each): the nested loops run instead.
         (STRADDLE, torch.float32, 1, False),
     ],
-    ids=["40ch", "40ch-fp16", "offset-groups-bf16", "weight-groups-split-fp64", "kernel32-split",
-         "40ch-split-mid-row", "straddle-falls-back"],
+    ids=["40ch", "40ch-fp16", "offset-groups-bf16", "weight-and-offset-groups", "weight-groups-split-fp64",
+         "kernel32-split", "40ch-split-mid-row", "straddle-falls-back"],
 )  # fmt: skip
 def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat):
     """Config.flat: one loop over (channel block, tap), pipelined by hand in registers (launched with
@@ -299,14 +303,17 @@ def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat):
 def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
     """The hand-pipelined flat loop keeps each step's samples apart: a NaN offset poisons its own
     pixel only, far offsets read nothing."""
-    case = Case(batch=1, in_channels=4, out_channels=3, offset_groups=2)
+    # Two offset groups of 16 channels: one 16-channel block each (the flat loop runs).
+    case = Case(batch=1, in_channels=32, out_channels=3, offset_groups=2)
     x, offset, mask, weight, bias = make_inputs(case, torch.float64)
     offset = offset.clone()
     offset[0, 0, 1, 2] = float("nan")  # group 0, tap 0, dy at pixel (1, 2)
     offset[0, 19, 3, 3] = 3e9  # group 1, tap 0, dx
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, num_stages=1, flat=True))
+    launched = spy_launches(monkeypatch)
     tensors = (x, offset, mask, weight, bias)
     out = forward(case, tensors)
+    assert [kwargs["FLAT"] for kwargs in launched] == [True]
     expected = torch.zeros(out.shape[2:], dtype=torch.bool)
     expected[1, 2] = True
     assert torch.equal(out.isnan().any(dim=1)[0].cpu(), expected)

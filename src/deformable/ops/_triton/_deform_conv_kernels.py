@@ -133,23 +133,17 @@ def _corners(n, y0, x0, inside, row_ok, H, W):
 
 
 @triton.jit
-def _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W):
-    """The four neighbours [BLOCK, len(cols)] of each sample, in the input's dtype: channel vectors
-    of the channels-last input (0 where a neighbour is off the map or a channel outside cmask)."""
+def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.constexpr):
+    """The four neighbours [BLOCK, len(cols)] of each sample, in dtype CT (the input's own keeps them
+    compact): channel vectors of the channels-last input (0 where a neighbour is off the map or a
+    channel outside cmask)."""
     ptr = x_ptr + r00[:, None] * C + cols[None, :]
     cm = cmask[None, :]
-    v00 = tl.load(ptr, mask=ok00[:, None] & cm, other=0.0)
-    v01 = tl.load(ptr + C, mask=ok01[:, None] & cm, other=0.0)
-    v10 = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0)
-    v11 = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0)
+    v00 = tl.load(ptr, mask=ok00[:, None] & cm, other=0.0).to(CT)
+    v01 = tl.load(ptr + C, mask=ok01[:, None] & cm, other=0.0).to(CT)
+    v10 = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0).to(CT)
+    v11 = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0).to(CT)
     return v00, v01, v10, v11
-
-
-@triton.jit
-def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.constexpr):
-    """``_gather_raw`` in the compute dtype CT."""
-    v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
-    return v00.to(CT), v01.to(CT), v10.to(CT), v11.to(CT)
 
 
 @triton.jit
@@ -256,7 +250,9 @@ def _fwd_step_operands(
     )
     cols = c0 + tl.arange(0, BLOCK_K)
     cmask = cols < seg_hi
-    v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+    v00, v01, v10, v11 = _gather(
+        x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, x_ptr.dtype.element_ty
+    )
     wt = _fwd_weight_tile(
         w_ptr, wk, cols, tl.where(live, cmask, False), c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
     )
@@ -348,7 +344,9 @@ def deform_conv_fwd_kernel(
                 for c0 in range(tl.maximum(c_lo, g * CPG), seg_hi, BLOCK_K):
                     cols = c0 + tl.arange(0, BLOCK_K)
                     cmask = cols < seg_hi
-                    v00, v01, v10, v11 = _gather_raw(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W)
+                    v00, v01, v10, v11 = _gather(
+                        x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, x_ptr.dtype.element_ty
+                    )
                     wt = _fwd_weight_tile(
                         w_ptr, wg * NTAPS + k, cols, cmask, c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
                     )

@@ -59,8 +59,8 @@ _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", tor
 # Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
 _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG")
 _VARIANTS = ("go_first", "deferred_sums", "flat")  # Config's boolean variant flags
-# Where the forward's flat-loop candidates are compiled: 128 and 256 channels (the candidates are the
-# same at every shape of a width; compiling them at every shape would double this check's time).
+# Where the forward's flat-loop candidates are compiled (fp16 and fp32): 128 and 256 channels (the
+# candidates are the same at every shape of a width; at every shape this check would take twice as long).
 _FLAT_SHAPES = ("det-c3", "det-c4")
 
 
@@ -284,7 +284,7 @@ def _jobs(name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -
     if any(c.go_first for c in _candidates("weight", geo, dtype, tf32)):
         jobs.append(("weight", dataclasses.replace(defaults["weight"], go_first=True)))
     jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
-    if name in _FLAT_SHAPES:
+    if name in _FLAT_SHAPES and dtype != torch.bfloat16:  # bf16: fp16's code (sm_90: within 6 registers)
         jobs += [("forward", c) for c in _candidates("forward", geo, dtype, tf32) if c.flat]
     return jobs
 

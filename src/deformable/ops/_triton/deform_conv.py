@@ -435,7 +435,11 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = Tr
             # TF32, no spills; 128 x 128 tiles spill in TF32).
             raw = [(64, 256, 32, 8)]
             raw += [(128, 128, 32, 8), (64, 128, 32, 4)] if dtype != torch.float32 else []
-            configs += [Config(m, min(n, cap_n), kk, w, 1, flat=True) for m, n, kk, w in raw]
+            configs += [
+                Config(m, min(n, cap_n), kk, w, 1, flat=True)
+                for m, n, kk, w in raw
+                if _flat_forward_ok(geo, kk)
+            ]
     elif kernel == "data":
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
