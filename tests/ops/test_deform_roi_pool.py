@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
+from deformable.benchmark import deterministic_algorithms
 from deformable.ops.deform_roi_pool import deform_roi_pool
 from tests.oracles import deform_roi_pool_oracle, finite_difference_grad
 
@@ -472,14 +473,11 @@ def _pool_inputs():
 def test_triton_under_deterministic_algorithms(monkeypatch):
     x, rois, offset, mask = _pool_inputs()
     monkeypatch.delenv("DEFORMABLE_BACKEND", raising=False)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         with pytest.raises(RuntimeError, match="deterministic"):
             deform_roi_pool(x, rois, offset, mask, 3, 0.5, backend="triton")
         # The automatic choice (aten on CPU anyway) runs.
         deform_roi_pool(x, rois, offset, mask, 3, 0.5)
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

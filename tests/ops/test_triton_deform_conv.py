@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 torchvision = pytest.importorskip("torchvision")
 
+from deformable.benchmark import deterministic_algorithms  # noqa: E402
 from deformable.ops import deform_conv2d  # noqa: E402
 from deformable.ops._backend import triton_unavailable_reason  # noqa: E402
 from deformable.ops._layout import memory_format_of  # noqa: E402
@@ -198,10 +199,8 @@ def small_tiles(monkeypatch):
 
 @pytest.fixture
 def deterministic():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
+    with deterministic_algorithms(True):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,14 +750,10 @@ def test_int64_indexing_path_matches(monkeypatch):
     grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
 
     def run_all():
-        previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
+        with deterministic_algorithms(True):
             deterministic_grad_input = backward(
                 case, tensors, grad_output, (True, False, False, False, False)
             )[0]
-        finally:
-            torch.use_deterministic_algorithms(previous)
         return [forward(case, tensors), *backward(case, tensors, grad_output), deterministic_grad_input]
 
     launched = spy_launches(monkeypatch)
@@ -797,8 +792,8 @@ def test_deterministic_mode_is_correct_and_bitwise_repeatable(deterministic, dty
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     check_grads(case, tensors, grad_output, first, dtype)
-    torch.use_deterministic_algorithms(False)
-    atomic = backward(case, tensors, grad_output)
+    with deterministic_algorithms(False):
+        atomic = backward(case, tensors, grad_output)
     for index in (0, 3):  # grad_input and grad_weight have separate deterministic paths
         scale = first[index].abs().max().item()
         torch.testing.assert_close(first[index], atomic[index], rtol=0, atol=64 * EPS[dtype] * scale)

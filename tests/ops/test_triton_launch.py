@@ -20,6 +20,7 @@ import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from deformable.benchmark import deterministic_algorithms
 from deformable.ops import deform_conv2d, deform_roi_pool
 from deformable.ops._triton import _launch
 from deformable.ops._triton import deform_conv as tdc
@@ -178,15 +179,11 @@ def test_real_kernel_calls_map_onto_their_signatures(monkeypatch, deterministic)
     mask = torch.rand(1, 9, 5, 6, requires_grad=True)
     rois = torch.tensor([[0.0, 0.5, 0.5, 4.0, 3.5]])
     roi_offset = torch.randn(1, 2, 2, 2, requires_grad=True)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
+    with deterministic_algorithms(deterministic):
         out = deform_conv2d(x, offset, weight, mask=mask, padding=1, backend="triton")
         roi_backend = "aten" if deterministic else "triton"  # Triton RoI pooling has no deterministic mode
         pooled = deform_roi_pool(x, rois, roi_offset, output_size=2, backend=roi_backend)
         (out.sum() + pooled.sum()).backward()
-    finally:
-        torch.use_deterministic_algorithms(previous)
     kernels = {kernel.fn.__name__ for kernel, _, _ in calls}
     expected = {"deform_conv_fwd_kernel", "deform_conv_bwd_data_kernel", "deform_conv_bwd_weight_kernel"}
     if deterministic:
