@@ -935,7 +935,7 @@ def sweep(
                     tag += " (ran with fewer stages: too little shared memory)"
                 c = (config.block_m, config.block_n, config.block_k, config.num_warps, config.num_stages)
                 c += (config.splits,) if config.splits > 1 else ()
-                c += tuple(flag for flag in ("go_first", "deferred_sums", "flat") if getattr(config, flag))
+                c += config.variants()
                 report.add(
                     f"| {problem.name} | {dtype_name} | {kernel} | {c} | {fmt(ms)} | {verdict} "
                     f"| {tag.strip()} |"
@@ -961,7 +961,7 @@ def _sweep_plan(text: str) -> list[tuple[str, str, str]]:
     """'det-c5/fp32/forward,cls-c5/fp16/forward:flat' -> [(shape, dtype name, kernel), ...], checked;
     kernel:variant sweeps the default and the candidates with that Config flag only."""
     plan = []
-    kernels = ("forward", "data", "weight", "forward:flat", "data:deferred_sums", "weight:go_first")
+    kernels = (*tdc.VARIANT_FLAGS, *(f"{kernel}:{flag}" for kernel, flag in tdc.VARIANT_FLAGS.items()))
     for entry in _names(text):
         parts = entry.split("/")
         if len(parts) != 3 or parts[1] not in DTYPES or parts[2] not in kernels:

@@ -40,6 +40,7 @@ from . import _deform_conv_kernels as _k
 from . import _deform_roi_pool_kernels as _roi_k
 from .deform_conv import (
     Config,
+    _blocks_align_with_offset_groups,
     _candidates,
     _format_strides,
     _forward_flat,
@@ -58,7 +59,6 @@ ANCHORS = {
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
 _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG")
-_VARIANTS = ("go_first", "deferred_sums", "flat")  # Config's boolean variant flags
 # Where the forward's flat-loop candidates are compiled (fp16 and fp32): 128 and 256 channels (the
 # candidates are the same at every shape of a width; at every shape this check would take twice as long).
 _FLAT_SHAPES = ("det-c3", "det-c4")
@@ -225,7 +225,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
     if kernel == "weight":
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "go_ptr"), t)
         pointers["part_ptr"] = acc
-        one_group = geo.channels_per_offset_group % config.block_k == 0 and geo.group_in % config.block_k == 0
+        one_group = _blocks_align_with_offset_groups(geo, config.block_k)
         constexprs = {"HAS_MASK": True, "ONE_GROUP": one_group, "ATOMIC": True, **common}
         constexprs["GO_FIRST"] = config.go_first
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                     config.num_stages,
                 )
                 blocks += (config.splits,) if config.splits > 1 else ()
-                variant = "".join(f" {flag}" for flag in _VARIANTS if getattr(config, flag))
+                variant = "".join(f" {flag}" for flag in config.variants())
                 print(f"{name:10s} {kernel:8s} {mode:10s} {blocks}{variant} {result}", flush=True)
     for dtype, _ in modes[:3] + modes[4:]:
         for kernel in ("roi-forward", "roi-backward"):

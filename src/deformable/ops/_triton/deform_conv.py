@@ -105,7 +105,12 @@ from ._launch import launch
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
 
-__all__ = ["AUTOTUNE_ENV", "CONFIG_OVERRIDES", "Config", "backward", "forward"]
+__all__ = ["AUTOTUNE_ENV", "CONFIG_OVERRIDES", "VARIANT_FLAGS", "Config", "backward", "forward"]
+
+
+# Each kernel's boolean variant of its launch configuration (a Config field; the autotune cache's
+# seventh field).
+VARIANT_FLAGS: dict[str, str] = {"forward": "flat", "data": "deferred_sums", "weight": "go_first"}
 
 
 @dataclass(frozen=True)
@@ -157,17 +162,18 @@ class Config:
         """The autotune cache's entry: six launch fields and the kernel's variant flag (weight:
         go_first; data: deferred_sums; forward: flat; 0 or 1)."""
         launch = (self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.splits)
-        return (*launch, int(self.go_first or self.deferred_sums or self.flat))
+        return (*launch, int(bool(self.variants())))
+
+    def variants(self) -> tuple[str, ...]:
+        """The names of the variant flags (:data:`VARIANT_FLAGS`) this configuration sets."""
+        return tuple(flag for flag in VARIANT_FLAGS.values() if getattr(self, flag))
 
     @classmethod
     def from_cache_fields(cls, kernel: str, fields: Sequence[int]) -> Config:
         """The inverse of :meth:`cache_fields` for ``kernel`` (entries without the flag mean 0)."""
         m, n, k, warps, stages, splits = fields[:6]
-        variant = tuple(fields[6:]) == (1,)
-        return cls(
-            m, n, k, warps, stages, splits, go_first=kernel == "weight" and variant,
-            deferred_sums=kernel == "data" and variant, flat=kernel == "forward" and variant,
-        )  # fmt: skip
+        flag = VARIANT_FLAGS.get(kernel) if tuple(fields[6:]) == (1,) else None
+        return cls(m, n, k, warps, stages, splits, **({flag: True} if flag else {}))
 
 
 # Kernel name ("forward", "data", "weight", "cells", "gather") -> Config used instead of the heuristic.
@@ -387,15 +393,19 @@ def _heuristic(
     return Config(32, block_n, block_k, warps, 2)
 
 
+def _blocks_align_with_offset_groups(geo: _Geometry, block: int) -> bool:
+    """Whether ``block`` divides both the weight group's and the offset group's channel counts, so that
+    blocks of channels counted from a weight group's first channel never cross an offset group (the
+    weight kernel's ``ONE_GROUP``)."""
+    return geo.channels_per_offset_group % block == 0 and geo.group_in % block == 0
+
+
 def _flat_forward_ok(geo: _Geometry, block_k: int) -> bool:
     """Whether the forward's flat loop (``Config.flat``) may run: no block of ``block_k`` channels,
     counted from its weight group's first channel, crosses an offset group's boundary. True where a
-    weight group lies inside one offset group (every plain DCN layer: one offset group), or where
-    ``block_k`` divides both the weight group's and the offset group's channel counts."""
-    per_offset_group = geo.channels_per_offset_group
-    return per_offset_group % geo.group_in == 0 or (
-        per_offset_group % block_k == 0 and geo.group_in % block_k == 0
-    )
+    weight group lies inside one offset group (every plain DCN layer: one offset group), or where the
+    blocks align with the offset groups."""
+    return geo.channels_per_offset_group % geo.group_in == 0 or _blocks_align_with_offset_groups(geo, block_k)
 
 
 def _forward_flat(geo: _Geometry, config: Config) -> bool:
@@ -761,6 +771,7 @@ def forward(
         # Split taps add partial sums with float atomics: not in deterministic mode.
         taps_per_split = _cdiv(geo.taps, 1 if deterministic else max(1, cfg.splits))
         splits = _cdiv(geo.taps, taps_per_split)
+        flat = _forward_flat(geo, cfg)
         scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.taps, geo.kw,
@@ -768,9 +779,8 @@ def forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            W_K_MAJOR=k_major, FLAT=_forward_flat(geo, cfg),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=1 if _forward_flat(geo, cfg) else cfg.num_stages,
+            W_K_MAJOR=k_major, FLAT=flat, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=1 if flat else cfg.num_stages,
             **_dot_args(input),
         ))  # fmt: skip
 
@@ -1090,7 +1100,6 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
     reduces in a fixed order. ``key`` is the backward's plan key.
     """
     acc = _compute_dtype(x.dtype)
-    cpg = geo.channels_per_offset_group
     result: list[Tensor] = []
     kernel = _k.deform_conv_bwd_weight_kernel
 
@@ -1113,7 +1122,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
         )  # fmt: skip
         return _Launch(_grid(splits * others), scalars, dict(
             HAS_MASK=has_mask, INDEX64=geo.index64(math.prod(shape)), GO_ALIGN=go_layout[3],
-            ONE_GROUP=cpg % cfg.block_k == 0 and geo.group_in % cfg.block_k == 0, ATOMIC=not deterministic,
+            ONE_GROUP=_blocks_align_with_offset_groups(geo, cfg.block_k), ATOMIC=not deterministic,
             GO_FIRST=cfg.go_first,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
