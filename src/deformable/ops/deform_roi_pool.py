@@ -31,7 +31,7 @@ from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
 from ._func_route import differentiating, make_transformable, under_torch_func, vmapped_first, vmapped_folded
-from .deform_conv import _plain_eager, autocast_enabled
+from .deform_conv import _FLOAT_DTYPES, _plain_eager, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
 MAX_SAMPLING_RATIO = _roi_aten._MAX_GRID
@@ -339,7 +339,7 @@ def _validate(input, rois, offset, mask, output_size, spatial_scale, sampling_ra
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must have shape [N, C, H, W], got {list(input.shape)}")
-    if input.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             "input must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {input.dtype}"
