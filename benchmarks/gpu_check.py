@@ -59,6 +59,7 @@ import torchvision  # noqa: E402
 from deformable.benchmark import deterministic_algorithms  # noqa: E402
 from deformable.ops import deform_conv2d  # noqa: E402
 from deformable.ops._triton import _launch as tdc_launch  # noqa: E402
+from deformable.ops._triton import _relayout  # noqa: E402
 from deformable.ops._triton import deform_conv as tdc  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -787,10 +788,14 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
     copies), the data gradient also split by what it computes: grad_input alone (the fp32
     accumulator's zeroing, the kernel's GEMM and atomic scatter, the final conversion) against the
     offset and mask gradients alone (GEMM and gathers), and grad_input alone in deterministic mode
-    (the column gradients stored, sorted by cell, summed per cell, gathered per pixel)."""
+    (the column gradients stored, sorted by cell, summed per cell, gathered per pixel); and the
+    wrapper's two layout copies (the input into channels-last rows, the fp32 accumulator into an fp16
+    NCHW gradient) by PyTorch's copy and by the tiled transpose."""
     x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
     go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
+    rows = torch.randn(x.permute(0, 2, 3, 1).shape, device=device)  # the data kernel's accumulator
+    half, nchw = torch.float16, torch.contiguous_format
 
     def bwd(output_mask, deterministic=False):
         def run():
@@ -809,6 +814,15 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
             (True, False, False, False, False), deterministic=True
         ),
         "weight": bwd((False, False, False, True, False)),
+        # The wrapper's layout copies, PyTorch's strided copy against the tiled transpose now used.
+        "layout: input to rows, PyTorch copy": lambda: _relayout.to_rows(x, kernel=False),
+        "layout: input to rows, tiled transpose": lambda: _relayout.to_rows(x, kernel=True),
+        "layout: fp32 rows to fp16 NCHW, PyTorch copy": lambda: _relayout.from_rows(
+            rows, half, nchw, kernel=False
+        ),
+        "layout: fp32 rows to fp16 NCHW, tiled transpose": lambda: _relayout.from_rows(
+            rows, half, nchw, kernel=True
+        ),
     }
 
 

@@ -76,11 +76,15 @@ def idle_host_us(fn, device: str, calls: int = 200) -> float:
 
 
 def stub_launches(tdc) -> None:
-    """Let the Triton backend accept CPU tensors and make every kernel launch a no-op."""
+    """Let the Triton backend accept CPU tensors and make every kernel launch a no-op; the layout
+    copies take the tiled-transpose path a CUDA tensor takes (its launch stubbed too)."""
     from deformable.ops import _backend
+    from deformable.ops._triton import _relayout
 
     _backend.triton_unavailable_reason = lambda device: None
     tdc.launch = lambda *args, **kwargs: None
+    _relayout.launch = lambda *args, **kwargs: None
+    _relayout._use_kernel = lambda t: True
 
 
 def main() -> int:

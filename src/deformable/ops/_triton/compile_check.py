@@ -38,6 +38,7 @@ from triton.compiler import ASTSource
 
 from . import _deform_conv_kernels as _k
 from . import _deform_roi_pool_kernels as _roi_k
+from . import _relayout
 from .deform_conv import (
     Config,
     _blocks_align_with_offset_groups,
@@ -265,6 +266,31 @@ def _roi_kernel_args(kernel: str, dtype: torch.dtype):
     return fn, pointers, constexprs, warps
 
 
+# The layout copies' (source, destination) dtypes: the input's copy into rows in every dtype, and the
+# fp32 accumulator's conversion into a 16-bit gradient.
+_TRANSPOSES = (
+    *((dtype, dtype) for dtype in _TL),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+)
+
+
+def _transpose_args(src: torch.dtype, dst: torch.dtype):
+    """(jit function, pointer types, constexprs) of a layout copy with det-c4's sizes: rows of 256
+    channels and of 4200 pixels, which the specialisation does not see as a multiple of 16, so the
+    vectors come from the alignment hints."""
+
+    def align(n: int) -> int:
+        return _relayout._alignment(n, min(src.itemsize, dst.itemsize))
+
+    pointers = {"src_ptr": "*" + _TL[src], "dst_ptr": "*" + _TL[dst]}
+    constexprs = {
+        "BLOCK_R": _relayout.BLOCK, "BLOCK_S": _relayout.BLOCK,
+        "R_ALIGN": align(256), "S_ALIGN": align(4200), "INDEX64": False,
+    }  # fmt: skip
+    return _relayout.transpose_kernel, pointers, constexprs
+
+
 def _jobs(name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
     """(kernel, config) pairs to compile for one shape and mode: each kernel's default (the data
     kernel's also in deterministic mode), and the variants the autotuner may pick: split taps
@@ -357,6 +383,16 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
             seen[(kernel, dtype)] = result
             print(f"{'fpn-7x7':10s} {kernel:12s} {_TL[dtype]:10s} {result}", flush=True)
+    for src, dst in _TRANSPOSES:
+        fn, pointers, constexprs = _transpose_args(src, dst)
+        try:
+            result = _compile(fn, pointers, constexprs, set(), 4, 1, args.arch)
+            bad += result["spill_bytes"] > args.max_spill_bytes
+        except Exception as e:
+            result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+            bad += 1
+        seen[("transpose", src, dst)] = result
+        print(f"{'layout':10s} {'transpose':12s} {_TL[src] + '->' + _TL[dst]:10s} {result}", flush=True)
     print(f"{len(seen)} compilations, {bad} failed or spilled more than {args.max_spill_bytes} bytes")
     return 1 if bad else 0
 

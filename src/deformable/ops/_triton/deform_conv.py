@@ -32,7 +32,8 @@ Memory formats: NCHW and channels_last tensors are both taken as they are (offse
 output's gradient are read through their strides); the output and every gradient come back in the
 memory format of their tensor (``memory_format_of``), so a channels_last model stays channels_last
 without copies. Nothing is saved between forward and backward but the op's inputs; each call makes
-one channels-last copy of the input (free when the input is channels_last already). The backward runs
+one channels-last copy of the input (free when the input is channels_last already; a tiled transpose,
+``_relayout.py``, for an NCHW one, as is the input gradient's conversion back to NCHW). The backward runs
 the weight kernel first and converts the fp32 input-gradient accumulator into grad_input only after
 releasing that copy, so no more than two input-sized buffers are alive at once
 (``benchmarks/triton_memory.py`` predicts the GPU's peak memory on a CPU).
@@ -102,6 +103,7 @@ from .._layout import memory_format_of
 from . import _autotune_cache
 from . import _deform_conv_kernels as _k
 from ._launch import launch
+from ._relayout import from_rows, to_rows
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
 
@@ -619,11 +621,6 @@ def _geometry(input: Tensor, offset: Tensor, weight: Tensor, stride, padding, di
 # Layouts
 
 
-def _channels_last(input: Tensor) -> Tensor:
-    """[N, C, H, W] -> contiguous [N, H, W, C] (free when the input is channels_last already)."""
-    return input.permute(0, 2, 3, 1).contiguous()
-
-
 def _pixel_operand(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     """A per-pixel map [N, C, Ho, Wo] (offset, mask, output) as the kernels index it, and its (image,
     channel, flat pixel p = y*Wo + x) strides: the tensor itself when NCHW-contiguous or channels_last
@@ -675,10 +672,14 @@ def _grad_out_operand(
     memory, which cost more than the element-wise loads it avoids (H200: the weight kernel at det-c5
     0.252 ms NCHW against 0.40 channels-last, cls-c5 0.417 against 0.722).
     """
-    # Pixel-major: converted straight to NCHW (one copy at most, not a conversion and then a copy).
-    go = (
-        grad_output.to(dtype, memory_format=torch.contiguous_format) if pixel_major else grad_output.to(dtype)
-    )
+    if pixel_major:  # converted straight to NCHW: one copy at most, not a conversion and then a copy
+        rows = grad_output.permute(0, 2, 3, 1)
+        if rows.is_contiguous() and not grad_output.is_contiguous():
+            go = from_rows(rows, dtype, torch.contiguous_format)
+        else:
+            go = grad_output.to(dtype, memory_format=torch.contiguous_format)
+    else:
+        go = grad_output.to(dtype)
     c, ho, wo = go.shape[1:]
     pixels = ho * wo
     channels_last = (pixels * c, 1, c)
@@ -690,7 +691,7 @@ def _grad_out_operand(
         return go, (*channels_last, 1)
     if pixels % 16 == 0 or pixels % vector == 0 or c == 1:
         return go.contiguous(), (c * pixels, pixels, 1, hint)
-    return go.contiguous(memory_format=torch.channels_last), (*channels_last, 1)
+    return to_rows(go).permute(0, 3, 1, 2), (*channels_last, 1)
 
 
 def _weight_gemm(weight: Tensor, geo: _Geometry) -> Tensor:
@@ -753,7 +754,7 @@ def forward(
         return out
     if input.numel() == 0:  # an empty map: every sample is 0 (no launch with empty tensors)
         return out.fill_(0) if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
-    x = _channels_last(input)
+    x = to_rows(input)
     offset, offset_strides = _pixel_operand(offset)
     mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset, offset_strides)
     out_strides = _format_strides(out.shape, out_format)
@@ -864,7 +865,7 @@ def backward(
             grad_bias,
         )
 
-    x = _channels_last(input)
+    x = to_rows(input)
     offset_c, offset_strides = _pixel_operand(offset)
     mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset_c, offset_strides)
     # Read strides of offset and mask, then those of their gradients: new tensors in their formats.
@@ -1006,10 +1007,7 @@ def _data_grads(
             sub, buffers = pending
             return _gather_input_grad(sub, buffers, None, dtype).contiguous(memory_format=input_format)
         assert gx is not None  # need_input without deterministic mode: the kernel's accumulator
-        as_nchw = gx.permute(0, 3, 1, 2)  # a channels_last view
-        if input_format == torch.channels_last and dtype == acc:
-            return as_nchw
-        return torch.empty(input_shape, dtype=dtype, device=device, memory_format=input_format).copy_(as_nchw)
+        return from_rows(gx, dtype, input_format)
 
     return (finish_input if need_input else None), grad_offset, grad_mask
 

@@ -20,7 +20,8 @@ from torch import Tensor
 from .._roi_aten import _MAX_GRID, compute_dtype
 from . import _deform_roi_pool_kernels as _k
 from ._launch import launch
-from .deform_conv import _INT32_SAFE, _channels_last, _device_guard, _tl_compute_dtype
+from ._relayout import to_rows
+from .deform_conv import _INT32_SAFE, _device_guard, _tl_compute_dtype
 
 
 @functools.lru_cache(maxsize=64)
@@ -59,7 +60,7 @@ def deform_roi_pool_forward(
     )
     if out.numel() == 0 or input.numel() == 0:
         return out.zero_()
-    x = _channels_last(input)
+    x = to_rows(input)
     params = _params(float(spatial_scale), float(gamma), compute_dtype(input.dtype), input.device)
     rois_c = rois.contiguous()
     offset_c = offset.contiguous() if offset is not None else rois_c
@@ -114,7 +115,7 @@ def deform_roi_pool_backward(
         else None
     )
     if num_rois > 0 and input.numel() > 0 and (need_input or need_offset or need_mask):
-        x = _channels_last(input)
+        x = to_rows(input)
         params = _params(float(spatial_scale), float(gamma), acc, device)
         rois_c = rois.contiguous()
         dummy = rois_c

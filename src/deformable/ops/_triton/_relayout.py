@@ -1,0 +1,142 @@
+"""Layout copies between NCHW and channels-last as tiled transposes (a Triton kernel).
+
+The deformable-convolution and RoI-pooling kernels gather channel vectors, so they read the input as
+contiguous [N, H, W, C] rows, and the backward's fp32 input-gradient accumulator has that layout too.
+For an NCHW model each call therefore makes two layout copies: the input into rows, and the
+accumulator back into an NCHW gradient (16-bit: converted on the way).
+
+PyTorch makes such copies with its generic strided copy: one element per thread, the output written
+contiguously and the input read at a stride of H*W (or C) elements, so every warp's load touches 32
+different 32-byte sectors of which it uses 2-4 bytes. The L2 cache absorbs the re-reads, but it then
+moves 32 bytes per element. At det-c3 (2 x 128 x 100 x 168) that is about 138 MB of L2 traffic to
+copy 8.6 MB (fp16), where the kernels' whole forward moves about 400 MB, and the H200 runs measured
+the forward of an NCHW input 30-60 us slower than that of a channels_last one
+(``benchmarks/results/gpu_nvidia-h200.md``: det-c3 fp16 0.132 against 0.102 ms, cls-c3 fp16
+0.209 against 0.148).
+
+:func:`transpose_kernel` copies a tile of [BLOCK_R rows x BLOCK_S columns] per program: it loads the
+tile along the source's contiguous axis and stores it along the destination's, and Triton moves it
+between the two register layouts through shared memory, so both sides are read and written in whole
+sectors (16-byte vectors where the sizes allow). CUDA tensors take this kernel; CPU tensors (the
+interpreter's test runs of the op) keep PyTorch's copy, and tests call the kernel directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._launch import launch
+
+__all__ = ["from_rows", "to_rows", "transpose_kernel"]
+
+_INT32_SAFE = 2**31 - 1
+BLOCK = 64  # a 64 x 64 tile: 8 KB (16-bit) to 32 KB (fp64) of shared memory for the exchange
+
+
+@triton.jit
+def transpose_kernel(
+    src_ptr, dst_ptr, R, S, TILES_S,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, R_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr,
+    INDEX64: tl.constexpr,
+):  # fmt: skip
+    """dst[b, s, r] = src[b, r, s], converted to dst's dtype, for contiguous src [B, R, S] and dst
+    [B, S, R]. One program per (b, tile of BLOCK_R x BLOCK_S); grid B * cdiv(R, BLOCK_R) * TILES_S
+    with TILES_S = cdiv(S, BLOCK_S).
+
+    ``R_ALIGN`` / ``S_ALIGN`` (powers of two dividing R / S) tell the compiler what its
+    specialisation sees only for multiples of 16: every row starts, and the tile's edge falls, on a
+    multiple of that many elements, so the loads (stores) run as vectors of up to 16 bytes.
+    """
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(R, BLOCK_R) * TILES_S
+    b = pid // tiles
+    t = pid % tiles
+    r = (t // TILES_S) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = (t % TILES_S) * BLOCK_S + tl.arange(0, BLOCK_S)
+    if INDEX64:
+        b = b.to(tl.int64)
+        r = r.to(tl.int64)
+        s = s.to(tl.int64)
+    r_in = r < R
+    s_in = s < S
+    src_rows = (b * R + r) * S
+    dst_rows = (b * S + s) * R
+    if S_ALIGN > 1:
+        src_rows = tl.multiple_of(src_rows, S_ALIGN)
+        s_in = tl.max_constancy(s_in, S_ALIGN)
+    if R_ALIGN > 1:
+        dst_rows = tl.multiple_of(dst_rows, R_ALIGN)
+        r_in = tl.max_constancy(r_in, R_ALIGN)
+    inside = r_in[:, None] & s_in[None, :]
+    tile = tl.load(src_ptr + src_rows[:, None] + s[None, :], mask=inside)
+    tl.store(dst_ptr + dst_rows[None, :] + r[:, None], tile.to(dst_ptr.dtype.element_ty), mask=inside)
+
+
+def _alignment(n: int, element_size: int) -> int:
+    """The largest power of two dividing ``n``, up to one 16-byte vector of elements."""
+    align = 1
+    while align * element_size < 16 and n % (align * 2) == 0:
+        align *= 2
+    return align
+
+
+def _transpose(src: Tensor, dst: Tensor) -> None:
+    """dst [B, S, R] = src [B, R, S] transposed per b (both contiguous, on one CUDA device or on the
+    CPU under the interpreter)."""
+    batch, rows, cols = src.shape
+    if src.numel() == 0:
+        return
+    tiles_s = triton.cdiv(cols, BLOCK)
+    launch(
+        transpose_kernel, (batch * triton.cdiv(rows, BLOCK) * tiles_s,),
+        src, dst, rows, cols, tiles_s,
+        BLOCK_R=BLOCK, BLOCK_S=BLOCK,
+        R_ALIGN=_alignment(rows, min(src.element_size(), dst.element_size())),
+        S_ALIGN=_alignment(cols, min(src.element_size(), dst.element_size())),
+        INDEX64=src.numel() > _INT32_SAFE, num_warps=4, num_stages=1,
+    )  # fmt: skip
+
+
+def _use_kernel(t: Tensor) -> bool:
+    """Whether a layout copy of ``t`` runs :func:`transpose_kernel` (CUDA) or PyTorch's copy (CPU)."""
+    return t.is_cuda
+
+
+def to_rows(t: Tensor, dtype: torch.dtype | None = None, *, kernel: bool | None = None) -> Tensor:
+    """[N, C, H, W] (any strides) -> contiguous [N, H, W, C] rows in ``dtype`` (default: ``t``'s).
+
+    A view of ``t`` when it is channels_last already and of that dtype. An NCHW-contiguous ``t`` is
+    transposed by :func:`transpose_kernel` on CUDA (``kernel`` forces the choice: tests); anything
+    else goes through PyTorch's copy.
+    """
+    dtype = dtype or t.dtype
+    rows = t.permute(0, 2, 3, 1)
+    if rows.is_contiguous() or not t.is_contiguous() or not (_use_kernel(t) if kernel is None else kernel):
+        return rows.to(dtype).contiguous()
+    n, c, h, w = t.shape
+    out = torch.empty((n, h, w, c), dtype=dtype, device=t.device)
+    _transpose(t.view(n, c, h * w), out.view(n, h * w, c))
+    return out
+
+
+def from_rows(
+    rows: Tensor, dtype: torch.dtype, memory_format: torch.memory_format, *, kernel: bool | None = None
+) -> Tensor:
+    """Contiguous [N, H, W, C] ``rows`` -> [N, C, H, W] in ``dtype`` and ``memory_format``.
+
+    channels_last: ``rows`` itself, permuted, when of that dtype (no copy), else its conversion. NCHW:
+    transposed by :func:`transpose_kernel` on CUDA (``kernel`` forces the choice), by PyTorch's copy
+    otherwise (also for rows that are not contiguous).
+    """
+    as_nchw = rows.permute(0, 3, 1, 2)
+    if memory_format == torch.channels_last:
+        return as_nchw.to(dtype)
+    out = torch.empty(as_nchw.shape, dtype=dtype, device=rows.device)
+    if not rows.is_contiguous() or not (_use_kernel(rows) if kernel is None else kernel):
+        return out.copy_(as_nchw)
+    n, h, w, c = rows.shape
+    _transpose(rows.view(n, h * w, c), out.view(n, c, h * w))
+    return out

@@ -1,0 +1,137 @@
+"""The tiled-transpose layout copies (``_triton/_relayout.py``) against PyTorch's copies, bit for bit:
+through the interpreter on CPU tensors (``kernel=True`` forces the kernel there), on CUDA at real sizes
+when a GPU is present, and inside the op, whose results must not change by a bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from deformable.ops import deform_conv2d
+from deformable.ops._backend import triton_unavailable_reason
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_reason = triton_unavailable_reason(DEVICE)
+if _reason is not None:
+    pytest.skip(_reason, allow_module_level=True)
+
+from deformable.ops._triton import _relayout  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# Odd sizes (no vector alignment), sizes whose alignment only the hints can tell (24 channels, 24
+# pixels), and sizes that cross the 64 x 64 tiles in both directions with partial tiles.
+SHAPES = [(2, 3, 5, 7), (1, 24, 4, 6), (2, 70, 3, 33)]
+
+
+def _random(shape, dtype, device=DEVICE) -> torch.Tensor:
+    return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def spy_transposes(monkeypatch) -> list[dict]:
+    """The constexprs of every transpose launch from now on."""
+    launched, launch = [], _relayout.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append(kwargs)
+        launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_relayout, "launch", spy)
+    return launched
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_to_rows_is_the_channels_last_copy(monkeypatch, shape, dtype):
+    launched = spy_transposes(monkeypatch)
+    x = _random(shape, dtype)
+    rows = _relayout.to_rows(x, kernel=True)
+    assert len(launched) == 1 and not launched[0]["INDEX64"]
+    assert rows.shape == (shape[0], shape[2], shape[3], shape[1]) and rows.is_contiguous()
+    assert torch.equal(rows, x.permute(0, 2, 3, 1).contiguous())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_from_rows_converts_an_fp32_accumulator_like_torch(shape, dtype):
+    n, c, h, w = shape
+    rows = _random((n, h, w, c), torch.float32)
+    out = _relayout.from_rows(rows, dtype, torch.contiguous_format, kernel=True)
+    assert out.dtype == dtype and out.is_contiguous()
+    expected = rows.permute(0, 3, 1, 2).to(dtype).contiguous()
+    if dtype == torch.bfloat16 and not out.is_cuda:
+        # The interpreter converts fp32 to bf16 by truncation, the GPU (and PyTorch) to nearest even:
+        # one unit in the last place apart at most (bitwise on CUDA: test_cuda_real_sizes).
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(out, expected)
+
+
+def test_to_rows_converts_the_dtype_on_the_way():
+    x = _random((2, 70, 3, 33), torch.float32)
+    rows = _relayout.to_rows(x, torch.float16, kernel=True)
+    assert rows.dtype == torch.float16
+    assert torch.equal(rows, x.permute(0, 2, 3, 1).to(torch.float16).contiguous())
+
+
+def test_64_bit_indices_give_the_same_copy(monkeypatch):
+    monkeypatch.setattr(_relayout, "_INT32_SAFE", 16)
+    launched = spy_transposes(monkeypatch)
+    x = _random((2, 70, 3, 33), torch.float16)
+    rows = _relayout.to_rows(x, kernel=True)
+    back = _relayout.from_rows(rows, torch.float16, torch.contiguous_format, kernel=True)
+    assert [kw["INDEX64"] for kw in launched] == [True, True]
+    assert torch.equal(rows, x.permute(0, 2, 3, 1).contiguous()) and torch.equal(back, x)
+
+
+def test_layouts_that_need_no_transpose(monkeypatch):
+    launched = spy_transposes(monkeypatch)
+    x = _random((2, 8, 5, 7), torch.float32)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    rows = _relayout.to_rows(cl, kernel=True)
+    assert rows.data_ptr() == cl.data_ptr()  # a view, not a copy
+    back = _relayout.from_rows(rows, torch.float32, torch.channels_last, kernel=True)
+    assert back.data_ptr() == cl.data_ptr() and back.is_contiguous(memory_format=torch.channels_last)
+    half = _relayout.from_rows(rows, torch.float16, torch.channels_last, kernel=True)
+    assert half.is_contiguous(memory_format=torch.channels_last) and torch.equal(half, x.half())
+    sliced = x[:, ::2]  # neither layout: PyTorch's copy
+    assert torch.equal(_relayout.to_rows(sliced, kernel=True), sliced.permute(0, 2, 3, 1).contiguous())
+    empty = _relayout.to_rows(x[:, :0], kernel=True)
+    assert empty.shape == (2, 5, 7, 0)
+    assert launched == []
+
+
+def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch):
+    """Forward and all gradients of an NCHW fp16 call (the input's copy, grad_output's channels-last
+    copy at 35 pixels, the accumulator's conversion) with the transposes forced on, against PyTorch's
+    copies."""
+    x = _random((1, 18, 5, 7), torch.float16).requires_grad_()
+    offset = (2 * _random((1, 18, 5, 7), torch.float32)).half().requires_grad_()
+    mask = torch.rand((1, 9, 5, 7), dtype=torch.float16, device=DEVICE).requires_grad_()
+    weight = _random((17, 18, 3, 3), torch.float16).mul_(0.2).requires_grad_()
+    grad = _random((1, 17, 5, 7), torch.float16)
+
+    def run():
+        out = deform_conv2d(x, offset, weight, padding=1, mask=mask, backend="triton")
+        return (out, *torch.autograd.grad(out, (x, offset, mask, weight), grad))
+
+    expected = run()
+    launched = spy_transposes(monkeypatch)
+    monkeypatch.setattr(_relayout, "_use_kernel", lambda t: True)
+    got = run()
+    assert len(launched) >= 3  # forward's input, backward's input and grad_output, the accumulator
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == e.dtype and g.stride() == e.stride() and torch.equal(g, e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_real_sizes(dtype):
+    x = _random((2, 256, 50, 84), dtype)
+    assert torch.equal(_relayout.to_rows(x), x.permute(0, 2, 3, 1).contiguous())
+    acc = _random((2, 50, 84, 256), torch.float32)
+    expected = acc.permute(0, 3, 1, 2).to(dtype).contiguous()
+    assert torch.equal(_relayout.from_rows(acc, dtype, torch.contiguous_format), expected)
