@@ -135,3 +135,11 @@ def test_cuda_real_sizes(dtype):
     acc = _random((2, 50, 84, 256), torch.float32)
     expected = acc.permute(0, 3, 1, 2).to(dtype).contiguous()
     assert torch.equal(_relayout.from_rows(acc, dtype, torch.contiguous_format), expected)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_tensor_on_another_device_than_the_current_one():
+    with torch.cuda.device(0):
+        x = _random((2, 24, 5, 7), torch.float16, device="cuda:1")
+        rows = _relayout.to_rows(x)
+        assert rows.device == x.device and torch.equal(rows, x.permute(0, 2, 3, 1).contiguous())

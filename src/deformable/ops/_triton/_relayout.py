@@ -23,6 +23,8 @@ interpreter's test runs of the op) keep PyTorch's copy, and tests call the kerne
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -90,14 +92,18 @@ def _transpose(src: Tensor, dst: Tensor) -> None:
     if src.numel() == 0:
         return
     tiles_s = triton.cdiv(cols, BLOCK)
-    launch(
-        transpose_kernel, (batch * triton.cdiv(rows, BLOCK) * tiles_s,),
-        src, dst, rows, cols, tiles_s,
-        BLOCK_R=BLOCK, BLOCK_S=BLOCK,
-        R_ALIGN=_alignment(rows, min(src.element_size(), dst.element_size())),
-        S_ALIGN=_alignment(cols, min(src.element_size(), dst.element_size())),
-        INDEX64=src.numel() > _INT32_SAFE, num_warps=4, num_stages=1,
-    )  # fmt: skip
+    # Triton launches on the current device's stream: the tensors' device must be current (the
+    # callers make these copies before entering their own device guards).
+    off_device = src.is_cuda and src.device.index != torch.cuda.current_device()
+    with torch.cuda.device(src.device) if off_device else contextlib.nullcontext():
+        launch(
+            transpose_kernel, (batch * triton.cdiv(rows, BLOCK) * tiles_s,),
+            src, dst, rows, cols, tiles_s,
+            BLOCK_R=BLOCK, BLOCK_S=BLOCK,
+            R_ALIGN=_alignment(rows, min(src.element_size(), dst.element_size())),
+            S_ALIGN=_alignment(cols, min(src.element_size(), dst.element_size())),
+            INDEX64=src.numel() > _INT32_SAFE, num_warps=4, num_stages=1,
+        )  # fmt: skip
 
 
 def _use_kernel(t: Tensor) -> bool:
