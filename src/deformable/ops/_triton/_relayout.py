@@ -23,8 +23,6 @@ interpreter's test runs of the op) keep PyTorch's copy, and tests call the kerne
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -85,30 +83,54 @@ def _alignment(n: int, element_size: int) -> int:
     return align
 
 
-def _transpose(src: Tensor, dst: Tensor) -> None:
-    """dst [B, S, R] = src [B, R, S] transposed per b (both contiguous, on one CUDA device or on the
-    CPU under the interpreter)."""
-    batch, rows, cols = src.shape
-    if src.numel() == 0:
-        return
-    tiles_s = triton.cdiv(cols, BLOCK)
+# (batch, rows, columns, source dtype, destination dtype) -> (grid, tiles per row, constexprs): worked
+# out once per shape, as these copies sit on every call's host path (``triton.cdiv`` alone costs
+# about 2.5 us a call on a CPU).
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 1024
+
+
+def _plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> tuple:
+    tiles_s = -(-cols // BLOCK)
+    element = min(src_dtype.itemsize, dst_dtype.itemsize)
+    constexprs = {
+        "BLOCK_R": BLOCK, "BLOCK_S": BLOCK, "R_ALIGN": _alignment(rows, element),
+        "S_ALIGN": _alignment(cols, element), "INDEX64": batch * rows * cols > _INT32_SAFE,
+        "num_warps": 4, "num_stages": 1,
+    }  # fmt: skip
+    return (batch * -(-rows // BLOCK) * tiles_s,), tiles_s, constexprs
+
+
+def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> None:
+    """dst [B, S, R] = src [B, R, S] transposed per b (B, R, S = ``batch``, ``rows``, ``cols``; both
+    contiguous, not empty, on one CUDA device or on the CPU under the interpreter)."""
+    key = (batch, rows, cols, src.dtype, dst.dtype)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(*key)
+    grid, tiles_s, constexprs = plan
     # Triton launches on the current device's stream: the tensors' device must be current (the
     # callers make these copies before entering their own device guards).
-    off_device = src.is_cuda and src.device.index != torch.cuda.current_device()
-    with torch.cuda.device(src.device) if off_device else contextlib.nullcontext():
-        launch(
-            transpose_kernel, (batch * triton.cdiv(rows, BLOCK) * tiles_s,),
-            src, dst, rows, cols, tiles_s,
-            BLOCK_R=BLOCK, BLOCK_S=BLOCK,
-            R_ALIGN=_alignment(rows, min(src.element_size(), dst.element_size())),
-            S_ALIGN=_alignment(cols, min(src.element_size(), dst.element_size())),
-            INDEX64=src.numel() > _INT32_SAFE, num_warps=4, num_stages=1,
-        )  # fmt: skip
+    if src.is_cuda and src.device.index != torch.cuda.current_device():
+        with torch.cuda.device(src.device):
+            launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)
+    else:
+        launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)
 
 
 def _use_kernel(t: Tensor) -> bool:
     """Whether a layout copy of ``t`` runs :func:`transpose_kernel` (CUDA) or PyTorch's copy (CPU)."""
     return t.is_cuda
+
+
+def _transposes(t: Tensor, channels: int, pixels: int, kernel: bool | None) -> bool:
+    """Whether ``t`` (NCHW or rows, with this many channels and pixels per image) is copied by the
+    kernel: contiguous, on the kernel's device (or as ``kernel`` says), and a real transpose. With one
+    channel, one pixel or no element, the two layouts are one (or there is nothing to copy)."""
+    use = _use_kernel(t) if kernel is None else kernel
+    return channels > 1 and pixels > 1 and t.shape[0] > 0 and use and t.is_contiguous()
 
 
 def to_rows(t: Tensor, dtype: torch.dtype | None = None, *, kernel: bool | None = None) -> Tensor:
@@ -119,13 +141,12 @@ def to_rows(t: Tensor, dtype: torch.dtype | None = None, *, kernel: bool | None 
     else goes through PyTorch's copy.
     """
     dtype = dtype or t.dtype
-    rows = t.permute(0, 2, 3, 1)
-    if rows.is_contiguous() or not t.is_contiguous() or not (_use_kernel(t) if kernel is None else kernel):
-        return rows.to(dtype).contiguous()
     n, c, h, w = t.shape
-    out = torch.empty((n, h, w, c), dtype=dtype, device=t.device)
-    _transpose(t.view(n, c, h * w), out.view(n, h * w, c))
-    return out
+    if _transposes(t, c, h * w, kernel):
+        out = torch.empty((n, h, w, c), dtype=dtype, device=t.device)
+        _transpose(t, out, n, c, h * w)
+        return out
+    return t.permute(0, 2, 3, 1).to(dtype).contiguous()
 
 
 def from_rows(
@@ -137,12 +158,11 @@ def from_rows(
     transposed by :func:`transpose_kernel` on CUDA (``kernel`` forces the choice), by PyTorch's copy
     otherwise (also for rows that are not contiguous).
     """
-    as_nchw = rows.permute(0, 3, 1, 2)
-    if memory_format == torch.channels_last:
-        return as_nchw.to(dtype)
-    out = torch.empty(as_nchw.shape, dtype=dtype, device=rows.device)
-    if not rows.is_contiguous() or not (_use_kernel(rows) if kernel is None else kernel):
-        return out.copy_(as_nchw)
     n, h, w, c = rows.shape
-    _transpose(rows.view(n, h * w, c), out.view(n, c, h * w))
-    return out
+    if memory_format == torch.channels_last:
+        return rows.permute(0, 3, 1, 2).to(dtype)
+    out = torch.empty((n, c, h, w), dtype=dtype, device=rows.device)
+    if _transposes(rows, c, h * w, kernel):
+        _transpose(rows, out, n, h * w, c)
+        return out
+    return out.copy_(rows.permute(0, 3, 1, 2))
