@@ -6,13 +6,12 @@ For an NCHW model each call therefore makes two layout copies: the input into ro
 accumulator back into an NCHW gradient (16-bit: converted on the way).
 
 PyTorch makes such copies with its generic strided copy: one element per thread, the output written
-contiguously and the input read at a stride of H*W (or C) elements, so every warp's load touches 32
-different 32-byte sectors of which it uses 2-4 bytes. The L2 cache absorbs the re-reads, but it then
-moves 32 bytes per element. At det-c3 (2 x 128 x 100 x 168) that is about 138 MB of L2 traffic to
-copy 8.6 MB (fp16), where the kernels' whole forward moves about 400 MB, and the H200 runs measured
-the forward of an NCHW input 30-60 us slower than that of a channels_last one
-(``benchmarks/results/gpu_nvidia-h200.md``: det-c3 fp16 0.132 against 0.102 ms, cls-c3 fp16
-0.209 against 0.148).
+in order and the input read at a stride of H*W (or C) elements, so every warp's load touches 32
+different 32-byte sectors of which it uses 2-4 bytes. In 16-bit that was slow on the H200: captured
+in CUDA graphs, forward+backward of an NCHW layer (three such copies) took 44-96 us longer than of a
+channels_last one (no copy) at det-c3 and cls-c3 in fp16 and bf16 (det-c3 fp16 0.626 against 0.570
+ms), 15-32 us a copy, where the bytes need about 5. In fp32 the difference was 20 us, about the
+copies' DRAM time (``benchmarks/results/gpu_nvidia-h200.md``).
 
 :func:`transpose_kernel` copies a tile of [BLOCK_R rows x BLOCK_S columns] per program: it loads the
 tile along the source's contiguous axis and stores it along the destination's, and Triton moves it
