@@ -1,6 +1,8 @@
-"""The tiled-transpose layout copies (``_triton/_relayout.py``) against PyTorch's copies, bit for bit:
-through the interpreter on CPU tensors (``kernel=True`` forces the kernel there), on CUDA at real sizes
-when a GPU is present, and inside the op, whose results must not change by a bit."""
+"""The tiled-transpose layout copies (``_triton/_relayout.py``) against PyTorch's copies, bit for bit
+(but for fp32 -> bf16 in the interpreter, which truncates where the GPU rounds): through the
+interpreter on CPU tensors (``kernel=True`` forces the kernel there), on CUDA at real sizes when a GPU
+is present, and inside the op, whose results must not change by a bit. The interpreter ignores the
+kernel's alignment hints, so their facts are checked on :func:`_relayout._alignment` itself."""
 
 from __future__ import annotations
 
@@ -54,12 +56,31 @@ def test_to_rows_is_the_channels_last_copy(monkeypatch, shape, dtype):
     assert torch.equal(rows, x.permute(0, 2, 3, 1).contiguous())
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_alignment_hints_are_facts():
+    """What the kernel's hints claim, for every size and element size: a power of two that divides the
+    size and the tile (so every tile starts on a multiple of it), and no more than a 16-byte vector."""
+    for element_size in (1, 2, 4, 8):
+        for n in range(1, 1100):
+            align = _relayout._alignment(n, element_size)
+            assert align & (align - 1) == 0 and n % align == 0 and _relayout.BLOCK % align == 0
+            assert align * element_size <= 16
+            # and the largest such: a vector-sized multiple gets a whole vector
+            assert align == min(16 // element_size, n & -n)
+
+
+@pytest.mark.parametrize(
+    ("source", "dtype"),
+    [(torch.float32, torch.float16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+     (torch.float64, torch.float64)],
+    ids=str,
+)  # fmt: skip
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_from_rows_converts_an_fp32_accumulator_like_torch(shape, dtype):
+def test_from_rows_converts_an_accumulator_like_torch(monkeypatch, shape, source, dtype):
+    launched = spy_transposes(monkeypatch)
     n, c, h, w = shape
-    rows = _random((n, h, w, c), torch.float32)
+    rows = _random((n, h, w, c), source)
     out = _relayout.from_rows(rows, dtype, torch.contiguous_format, kernel=True)
+    assert len(launched) == 1
     assert out.dtype == dtype and out.is_contiguous()
     expected = rows.permute(0, 3, 1, 2).to(dtype).contiguous()
     if dtype == torch.bfloat16 and not out.is_cuda:
@@ -100,20 +121,43 @@ def test_layouts_that_need_no_transpose(monkeypatch):
     assert half.is_contiguous(memory_format=torch.channels_last) and torch.equal(half, x.half())
     sliced = x[:, ::2]  # neither layout: PyTorch's copy
     assert torch.equal(_relayout.to_rows(sliced, kernel=True), sliced.permute(0, 2, 3, 1).contiguous())
-    empty = _relayout.to_rows(x[:, :0], kernel=True)
-    assert empty.shape == (2, 5, 7, 0)
+    assert _relayout.to_rows(x[:, :0], kernel=True).shape == (2, 5, 7, 0)
+    assert _relayout.to_rows(x[:0], kernel=True).shape == (0, 5, 7, 8)
+    assert _relayout.from_rows(rows[:0], torch.float32, torch.contiguous_format, kernel=True).shape == (
+        0,
+        8,
+        5,
+        7,
+    )
+    # One channel or one pixel: the two layouts are one, and the rows are a view.
+    for single in (x[:, :1].contiguous(), x[:, :, :1, :1].contiguous()):
+        assert _relayout.to_rows(single, kernel=True).data_ptr() == single.data_ptr()
+        back = _relayout.from_rows(
+            _relayout.to_rows(single), torch.float32, torch.contiguous_format, kernel=True
+        )
+        assert torch.equal(back, single)
     assert launched == []
 
 
-def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch):
-    """Forward and all gradients of an NCHW fp16 call (the input's copy, grad_output's channels-last
-    copy at 35 pixels, the accumulator's conversion) with the transposes forced on, against PyTorch's
-    copies."""
-    x = _random((1, 18, 5, 7), torch.float16).requires_grad_()
-    offset = (2 * _random((1, 18, 5, 7), torch.float32)).half().requires_grad_()
-    mask = torch.rand((1, 9, 5, 7), dtype=torch.float16, device=DEVICE).requires_grad_()
-    weight = _random((17, 18, 3, 3), torch.float16).mul_(0.2).requires_grad_()
-    grad = _random((1, 17, 5, 7), torch.float16)
+# Each dtype with each grad_output format, and each with one and two images (the interpreter is slow).
+@pytest.mark.parametrize(
+    ("dtype", "batch", "grad_format"),
+    [(torch.float16, 1, "nchw"), (torch.float16, 2, "channels_last"), (torch.float32, 2, "nchw"),
+     (torch.float32, 1, "channels_last")],
+    ids=str,
+)  # fmt: skip
+def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch, dtype, batch, grad_format):
+    """Forward and all gradients of an NCHW call with the transposes forced on, against PyTorch's
+    copies: the input's copy in the forward and in the backward, the accumulator's conversion, and
+    grad_output's copy: into rows where NCHW (35 pixels, no whole vectors), or, channels_last, into
+    NCHW for the TF32 weight kernel (fp32; TF32 is PyTorch's default for convolutions)."""
+    x = _random((batch, 18, 5, 7), dtype).requires_grad_()
+    offset = (2 * _random((batch, 18, 5, 7), torch.float32)).to(dtype).requires_grad_()
+    mask = torch.rand((batch, 9, 5, 7), device=DEVICE).to(dtype).requires_grad_()
+    weight = _random((17, 18, 3, 3), dtype).mul_(0.2).requires_grad_()
+    grad = _random((batch, 17, 5, 7), dtype)
+    if grad_format == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
 
     def run():
         out = deform_conv2d(x, offset, weight, padding=1, mask=mask, backend="triton")
@@ -123,7 +167,8 @@ def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch):
     launched = spy_transposes(monkeypatch)
     monkeypatch.setattr(_relayout, "_use_kernel", lambda t: True)
     got = run()
-    assert len(launched) >= 3  # forward's input, backward's input and grad_output, the accumulator
+    grad_copies = 1 if grad_format == "nchw" or dtype == torch.float32 else 0
+    assert len(launched) == 3 + grad_copies
     for e, g in zip(expected, got, strict=True):
         assert g.dtype == e.dtype and g.stride() == e.stride() and torch.equal(g, e)
 
@@ -144,3 +189,5 @@ def test_cuda_tensor_on_another_device_than_the_current_one():
         x = _random((2, 24, 5, 7), torch.float16, device="cuda:1")
         rows = _relayout.to_rows(x)
         assert rows.device == x.device and torch.equal(rows, x.permute(0, 2, 3, 1).contiguous())
+        back = _relayout.from_rows(rows.float(), torch.float16, torch.contiguous_format)
+        assert back.device == x.device and torch.equal(back, x)

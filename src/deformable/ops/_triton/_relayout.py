@@ -2,8 +2,9 @@
 
 The deformable-convolution and RoI-pooling kernels gather channel vectors, so they read the input as
 contiguous [N, H, W, C] rows, and the backward's fp32 input-gradient accumulator has that layout too.
-For an NCHW model each call therefore makes two layout copies: the input into rows, and the
-accumulator back into an NCHW gradient (16-bit: converted on the way).
+For an NCHW model the forward therefore copies the input into rows, and the backward copies it again
+and converts the accumulator back into an NCHW gradient (16-bit: converted on the way); it also
+copies grad_output into rows where Ho*Wo is not a multiple of a 16-byte vector.
 
 PyTorch makes such copies with its generic strided copy: one element per thread, the output written
 in order and the input read at a stride of H*W (or C) elements, so every warp's load touches 32
@@ -45,9 +46,11 @@ def transpose_kernel(
     [B, S, R]. One program per (b, tile of BLOCK_R x BLOCK_S); grid B * cdiv(R, BLOCK_R) * TILES_S
     with TILES_S = cdiv(S, BLOCK_S).
 
-    ``R_ALIGN`` / ``S_ALIGN`` (powers of two dividing R / S) tell the compiler what its
-    specialisation sees only for multiples of 16: every row starts, and the tile's edge falls, on a
-    multiple of that many elements, so the loads (stores) run as vectors of up to 16 bytes.
+    ``R_ALIGN`` / ``S_ALIGN`` (powers of two dividing R / S, and BLOCK_R / BLOCK_S, so that every tile
+    starts on a multiple of them) tell the compiler what its specialisation sees only for multiples
+    of 16: every row starts, and the tile's edge falls, on a multiple of that many elements, so the
+    loads (stores) run as vectors of up to 16 bytes. A hint that is not a fact corrupts silently on a
+    GPU (the interpreter ignores hints): :func:`_alignment` makes them, and a test checks its facts.
     """
     pid = tl.program_id(0)
     tiles = tl.cdiv(R, BLOCK_R) * TILES_S
@@ -75,7 +78,8 @@ def transpose_kernel(
 
 
 def _alignment(n: int, element_size: int) -> int:
-    """The largest power of two dividing ``n``, up to one 16-byte vector of elements."""
+    """The largest power of two dividing ``n``, up to one 16-byte vector of elements (so at most 16,
+    which divides ``BLOCK``)."""
     align = 1
     while align * element_size < 16 and n % (align * 2) == 0:
         align *= 2
@@ -110,8 +114,8 @@ def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> No
             _PLANS.clear()
         plan = _PLANS[key] = _plan(*key)
     grid, tiles_s, constexprs = plan
-    # Triton launches on the current device's stream: the tensors' device must be current (the
-    # callers make these copies before entering their own device guards).
+    # Triton launches on the current device's stream: the tensors' device must be current (most
+    # callers make these copies outside their own device guards).
     if src.is_cuda and src.device.index != torch.cuda.current_device():
         with torch.cuda.device(src.device):
             launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)

@@ -276,9 +276,12 @@ _TRANSPOSES = (
 
 
 def _transpose_args(src: torch.dtype, dst: torch.dtype):
-    """(jit function, pointer types, constexprs) of a layout copy with det-c4's sizes: rows of 256
-    channels and of 4200 pixels, which the specialisation does not see as a multiple of 16, so the
-    vectors come from the alignment hints."""
+    """(jit function, pointer types, constexprs, integer arguments divisible by 16) of a layout copy
+    at det-c4's sizes, in the orientation the backend uses for that dtype pair: a same-dtype copy
+    takes the input into rows (R = 256 channels, S = 4200 pixels), an fp32 -> 16-bit one the
+    accumulator back to NCHW (R = 4200, S = 256). 4200 is a multiple of 8 but not of 16, so its
+    vectors come from the alignment hint."""
+    rows, cols = (256, 4200) if src == dst else (4200, 256)
 
     def align(n: int) -> int:
         return _relayout._alignment(n, min(src.itemsize, dst.itemsize))
@@ -286,9 +289,10 @@ def _transpose_args(src: torch.dtype, dst: torch.dtype):
     pointers = {"src_ptr": "*" + _TL[src], "dst_ptr": "*" + _TL[dst]}
     constexprs = {
         "BLOCK_R": _relayout.BLOCK, "BLOCK_S": _relayout.BLOCK,
-        "R_ALIGN": align(256), "S_ALIGN": align(4200), "INDEX64": False,
+        "R_ALIGN": align(rows), "S_ALIGN": align(cols), "INDEX64": False,
     }  # fmt: skip
-    return _relayout.transpose_kernel, pointers, constexprs
+    divisible = {name for name, n in (("R", rows), ("S", cols)) if n % 16 == 0}
+    return _relayout.transpose_kernel, pointers, constexprs, divisible
 
 
 def _jobs(name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
@@ -384,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             seen[(kernel, dtype)] = result
             print(f"{'fpn-7x7':10s} {kernel:12s} {_TL[dtype]:10s} {result}", flush=True)
     for src, dst in _TRANSPOSES:
-        fn, pointers, constexprs = _transpose_args(src, dst)
+        fn, pointers, constexprs, divisible = _transpose_args(src, dst)
         try:
-            result = _compile(fn, pointers, constexprs, set(), 4, 1, args.arch)
+            result = _compile(fn, pointers, constexprs, divisible, 4, 1, args.arch)
             bad += result["spill_bytes"] > args.max_spill_bytes
         except Exception as e:
             result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
