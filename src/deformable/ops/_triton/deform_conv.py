@@ -999,13 +999,16 @@ def _data_grads(
         elif buffers is not None:
             pending = (sub, buffers)
 
+    def in_input_format(nchw: Tensor) -> Tensor:
+        # The deterministic gather writes NCHW: a channels_last input's gradient is transposed after.
+        return to_rows(nchw).permute(0, 3, 1, 2) if input_format == torch.channels_last else nchw
+
     def finish_input() -> Tensor:
-        # The deterministic gather writes NCHW: a channels_last input's gradient is converted after.
         if grad_input is not None:
-            return grad_input.contiguous(memory_format=input_format)
+            return in_input_format(grad_input)
         if pending is not None:
             sub, buffers = pending
-            return _gather_input_grad(sub, buffers, None, dtype).contiguous(memory_format=input_format)
+            return in_input_format(_gather_input_grad(sub, buffers, None, dtype))
         assert gx is not None  # need_input without deterministic mode: the kernel's accumulator
         return from_rows(gx, dtype, input_format)
 
