@@ -450,12 +450,15 @@ def test_low_precision(dtype):
     check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
 
 
-def test_output_mask_selects_gradients():
-    """Each subset of gradients is computed alone and equals the full computation bitwise."""
+def test_output_mask_selects_gradients(monkeypatch):
+    """Each subset of gradients is computed alone and equals the full computation bitwise; the input
+    gradient alone copies no input (only the weight, offset and mask gradients read its samples)."""
     case = CASES["plain"]
     tensors = make_inputs(case, torch.float64)
     grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
     full = backward(case, tensors, grad_output)
+    copied, to_rows = [], tdc.to_rows
+    monkeypatch.setattr(tdc, "to_rows", lambda t, *a, **kw: (copied.append(t), to_rows(t, *a, **kw))[1])
     for output_mask in [
         (True, False, False, False, False),
         (False, True, False, False, False),
@@ -463,7 +466,10 @@ def test_output_mask_selects_gradients():
         (False, False, False, True, True),
         (False, False, False, False, False),
     ]:
+        copied.clear()
         grads = backward(case, tensors, grad_output, output_mask)
+        copies_input = any(t is tensors[0] for t in copied)
+        assert copies_input == any(output_mask[1:4]), output_mask
         for wanted, got, reference in zip(output_mask, grads, full, strict=True):
             assert (got is None) != wanted
             if wanted:

@@ -865,7 +865,9 @@ def backward(
             grad_bias,
         )
 
-    x = to_rows(input)
+    # Only the weight, offset and mask gradients read the input's samples: an input gradient alone
+    # (an effective receptive field, an adversarial input) needs no copy, and the kernel no input.
+    x = to_rows(input) if need_weight or need_offset or need_mask else input
     offset_c, offset_strides = _pixel_operand(offset)
     mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset_c, offset_strides)
     # Read strides of offset and mask, then those of their gradients: new tensors in their formats.
