@@ -8,11 +8,11 @@ copies grad_output into rows where Ho*Wo is not a multiple of a 16-byte vector.
 
 PyTorch makes such copies with its generic strided copy: one element per thread, the output written
 in order and the input read at a stride of H*W (or C) elements, so every warp's load touches 32
-different 32-byte sectors of which it uses 2-4 bytes. In 16-bit that was slow on the H200: captured
-in CUDA graphs, forward+backward of an NCHW layer (three such copies) took 44-96 us longer than of a
-channels_last one (no copy) at det-c3 and cls-c3 in fp16 and bf16 (det-c3 fp16 0.626 against 0.570
-ms), 15-32 us a copy, where the bytes need about 5. In fp32 the difference was 20 us, about the
-copies' DRAM time (``benchmarks/results/gpu_nvidia-h200.md``).
+different 32-byte sectors of which it uses 2-4 bytes. On the H200, with each layer captured in CUDA
+graphs, an NCHW layer's forward+backward (three such copies) took 18-187 us longer than a
+channels_last one's (no copy) across the seven anchor shapes and three dtypes: mostly 4-7 us per
+million input elements per copy, where the bytes need 1.4 (16-bit) to 2.8 (fp32)
+(``benchmarks/results/triton_traffic_h200.md``).
 
 :func:`transpose_kernel` copies a tile of [BLOCK_R rows x BLOCK_S columns] per program: it loads the
 tile along the source's contiguous axis and stores it along the destination's, and Triton moves it
