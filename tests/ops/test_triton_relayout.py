@@ -68,6 +68,36 @@ def test_alignment_hints_are_facts():
             assert align == min(16 // element_size, n & -n)
 
 
+def test_tiles_are_powers_of_two_that_the_hints_divide():
+    for rows in (1, 3, 9, 16, 17, 70, 256, 4200, 65536):
+        for cols in (1, 3, 9, 16, 17, 70, 256, 4200, 65536):
+            block_r, block_s = _relayout._tile(rows, cols)
+            for block in (block_r, block_s):
+                assert block & (block - 1) == 0 and 16 <= block <= _relayout.TILE_ELEMENTS // 16
+            assert block_r * block_s <= _relayout.TILE_ELEMENTS
+    assert _relayout._tile(65536, 9) == (256, 16)  # a weight's taps: a long, narrow tile
+
+
+@pytest.mark.parametrize(
+    ("groups", "rows", "cols", "source", "dtype"),
+    [
+        (2, 6 * 5, 9, torch.float16, torch.float16),  # the forward's weight: [C_out * C_in, taps]
+        (1, 300, 9, torch.float32, torch.float32),  # ... with a 256 x 16 tile straddling its end
+        (2, 6, 5 * 9, torch.float32, torch.float32),  # the data kernel's: [C_out, C_in * taps]
+        (2, 5 * 9, 6, torch.float32, torch.float16),  # the weight gradient: [C_in * taps, C_out]
+    ],
+    ids=str,
+)
+def test_transpose_of_weight_layouts(monkeypatch, groups, rows, cols, source, dtype):
+    launched = spy_transposes(monkeypatch)
+    src = _random((groups, rows, cols), source)
+    dst = torch.empty((groups, cols, rows), dtype=dtype, device=DEVICE)
+    assert _relayout.transpose(src, dst, groups, rows, cols, kernel=True) is dst
+    assert len(launched) == 1
+    assert torch.equal(dst, src.transpose(1, 2).to(dtype))
+    assert torch.equal(_relayout.transpose(src, dst.clone(), groups, rows, cols, kernel=False), dst)
+
+
 @pytest.mark.parametrize(
     ("source", "dtype"),
     [(torch.float32, torch.float16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32),
@@ -148,9 +178,10 @@ def test_layouts_that_need_no_transpose(monkeypatch):
 )  # fmt: skip
 def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch, dtype, batch, grad_format):
     """Forward and all gradients of an NCHW call with the transposes forced on, against PyTorch's
-    copies: the input's copy in the forward and in the backward, the accumulator's conversion, and
-    grad_output's copy: into rows where NCHW (35 pixels, no whole vectors), or, channels_last, into
-    NCHW for the TF32 weight kernel (fp32; TF32 is PyTorch's default for convolutions)."""
+    copies: the input's copy in the forward and in the backward, the accumulator's conversion, the
+    weight's two layouts and its gradient's, and grad_output's copy: into rows where NCHW (35
+    pixels, no whole vectors), or, channels_last, into NCHW for the TF32 weight kernel (fp32; TF32 is
+    PyTorch's default for convolutions)."""
     x = _random((batch, 18, 5, 7), dtype).requires_grad_()
     offset = (2 * _random((batch, 18, 5, 7), torch.float32)).to(dtype).requires_grad_()
     mask = torch.rand((batch, 9, 5, 7), device=DEVICE).to(dtype).requires_grad_()
@@ -168,7 +199,8 @@ def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch, dtype, batch
     monkeypatch.setattr(_relayout, "_use_kernel", lambda t: True)
     got = run()
     grad_copies = 1 if grad_format == "nchw" or dtype == torch.float32 else 0
-    assert len(launched) == 3 + grad_copies
+    weight_copies = 3  # the forward's layout, the data kernel's, and the weight gradient back
+    assert len(launched) == 3 + grad_copies + weight_copies
     for e, g in zip(expected, got, strict=True):
         assert g.dtype == e.dtype and g.stride() == e.stride() and torch.equal(g, e)
 

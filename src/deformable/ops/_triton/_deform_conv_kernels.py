@@ -11,9 +11,10 @@ CPG = C_in / G channels per offset group, CG_IN / CG_OUT channels per weight gro
   of either (a layer's offsets, cut from its offset-and-mask prediction) are taken as they are;
 - ``go`` [N, C_out, Ho, Wo] (the output's gradient): strides ``GO_SN``, ``GO_SC``, ``GO_SP``: NCHW or
   channels-last, whichever the host found loads as vectors;
-- ``w``: the weight in GEMM layout, [groups, K, CG_IN, CG_OUT] (contiguous over output channels, the
-  data gradient's reduction axis), or for the forward on the matrix unit [groups, K, CG_OUT, CG_IN]
-  (contiguous over input channels, its reduction axis).
+- ``w``: the weight in GEMM layout. The data kernel's is [groups, CG_IN, K, CG_OUT] (contiguous over
+  output channels, its reduction axis; (input channel, tap) rows, so that an NCHW weight gets there by
+  one transpose); the forward's on the matrix unit [groups, K, CG_OUT, CG_IN] (contiguous over input
+  channels, its reduction axis), on the FMA units (full fp32, fp64) [groups, K, CG_IN, CG_OUT].
 
 All arithmetic on positions, bilinear weights and accumulators is in ``CT`` (float32, or float64 for
 float64 tensors); the matrix products take the tensors' own dtype (fp16/bf16/fp32, TF32 when
@@ -485,7 +486,7 @@ def deform_conv_bwd_data_kernel(
         for c0 in range(seg_lo, seg_hi, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cmask = cols < seg_hi
-            wrow = (wg * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
+            wrow = cols * NTAPS + k  # w [groups, CG_IN, K, CG_OUT]: row (input channel, tap)
             gcol = tl.zeros([BLOCK_M, BLOCK_C], dtype=CT)
             if ONE_O_BLOCK:
                 wt = tl.load(
@@ -677,7 +678,7 @@ def deform_conv_bwd_weight_kernel(
     CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr, GO_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Split-K weight gradient: part[s, wg, k, c, o] = sum over split s's pixels m of col[m, k, c] * go[m, o].
+    """Split-K weight gradient: part[s, wg, c, k, o] = sum over split s's pixels m of col[m, k, c] * go[m, o].
 
     The columns are recomputed (gathered and blended as in the forward), never stored. One program
     owns BLOCK_K input channels x BLOCK_N output channels of one (weight group, tap) and the pixel
@@ -745,10 +746,8 @@ def deform_conv_bwd_weight_kernel(
         else:
             acc = _mma(tl.trans(a.to(go_ptr.dtype.element_ty)), go, acc, MMA, PRECISION)
 
-    if ATOMIC:
-        prow = (wg * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
-    else:
-        prow = ((split * groups + wg) * NTAPS + k) * CG_IN + (cols - wg * CG_IN)
+    # part [splits, groups, CG_IN, K, CG_OUT]: row (split, input channel, tap); one split if ATOMIC
+    prow = (cols if ATOMIC else split * C + cols) * NTAPS + k
     if GO_FIRST:  # acc[o, c]
         where = part_ptr + prow[None, :] * CG_OUT + ocols[:, None]
         valid = cmask[None, :] & omask[:, None]

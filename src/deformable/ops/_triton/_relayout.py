@@ -30,10 +30,11 @@ from torch import Tensor
 
 from ._launch import launch
 
-__all__ = ["from_rows", "to_rows", "transpose_kernel"]
+__all__ = ["from_rows", "to_rows", "transpose", "transpose_kernel"]
 
 _INT32_SAFE = 2**31 - 1
 BLOCK = 64  # a 64 x 64 tile: 8 KB (16-bit) to 32 KB (fp64) of shared memory for the exchange
+TILE_ELEMENTS = BLOCK * BLOCK
 
 
 @triton.jit
@@ -93,15 +94,28 @@ _PLANS: dict[tuple, tuple] = {}
 _MAX_PLANS = 1024
 
 
+def _tile(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_S): 64 x 64, or for a short side (a weight's 9 taps) a tile as narrow as 16 on
+    that side and as much longer on the other, so that the programs do not mostly mask."""
+
+    def fit(n: int) -> int:
+        return min(BLOCK, max(16, 1 << (n - 1).bit_length()))
+
+    block_s = fit(cols)
+    block_r = min(TILE_ELEMENTS // block_s, max(16, 1 << (rows - 1).bit_length()))
+    return block_r, min(TILE_ELEMENTS // block_r, max(16, 1 << (cols - 1).bit_length()))
+
+
 def _plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> tuple:
-    tiles_s = -(-cols // BLOCK)
+    block_r, block_s = _tile(rows, cols)
+    tiles_s = -(-cols // block_s)
     element = min(src_dtype.itemsize, dst_dtype.itemsize)
     constexprs = {
-        "BLOCK_R": BLOCK, "BLOCK_S": BLOCK, "R_ALIGN": _alignment(rows, element),
+        "BLOCK_R": block_r, "BLOCK_S": block_s, "R_ALIGN": _alignment(rows, element),
         "S_ALIGN": _alignment(cols, element), "INDEX64": batch * rows * cols > _INT32_SAFE,
         "num_warps": 4, "num_stages": 1,
     }  # fmt: skip
-    return (batch * -(-rows // BLOCK) * tiles_s,), tiles_s, constexprs
+    return (batch * -(-rows // block_r) * tiles_s,), tiles_s, constexprs
 
 
 def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> None:
@@ -121,6 +135,21 @@ def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> No
             launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)
     else:
         launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)
+
+
+def transpose(
+    src: Tensor, dst: Tensor, batch: int, rows: int, cols: int, *, kernel: bool | None = None
+) -> Tensor:
+    """``dst`` viewed as [batch, cols, rows] = ``src`` viewed as [batch, rows, cols], transposed per
+    batch and converted to ``dst``'s dtype; returns ``dst``. Both contiguous with batch*rows*cols
+    elements (the weights' layout changes). :func:`transpose_kernel` on CUDA (``kernel`` forces the
+    choice), PyTorch's copy otherwise and for an empty one."""
+    use = _use_kernel(src) if kernel is None else kernel
+    if use and src.numel() and rows > 1 and cols > 1:
+        _transpose(src, dst, batch, rows, cols)
+    else:
+        dst.view(batch, cols, rows).copy_(src.view(batch, rows, cols).transpose(1, 2))
+    return dst
 
 
 def _use_kernel(t: Tensor) -> bool:

@@ -266,31 +266,25 @@ def _roi_kernel_args(kernel: str, dtype: torch.dtype):
     return fn, pointers, constexprs, warps
 
 
-# The layout copies' (source, destination) dtypes: the input's copy into rows in every dtype, and the
-# fp32 accumulator's conversion into a 16-bit gradient.
+# The layout copies at det-c4's sizes (256 channels, 50 x 84 = 4200 pixels, a multiple of 8 but not
+# of 16, so those vectors come from the alignment hints): (what, source, destination, R, S).
 _TRANSPOSES = (
-    *((dtype, dtype) for dtype in _TL),
-    (torch.float32, torch.float16),
-    (torch.float32, torch.bfloat16),
+    # the input into rows, in every dtype
+    *(("input", dtype, dtype, 256, 4200) for dtype in _TL),
+    # the fp32 accumulator back to an NCHW 16-bit gradient
+    ("accumulator", torch.float32, torch.float16, 4200, 256),
+    ("accumulator", torch.float32, torch.bfloat16, 4200, 256),
+    # the forward's weight on the matrix unit, [C_out * C_in, taps] per group: a 256 x 16 tile
+    *(("weight", dtype, dtype, 256 * 256, 9) for dtype in (torch.float16, torch.float32)),
 )
 
 
-def _transpose_args(src: torch.dtype, dst: torch.dtype):
-    """(jit function, pointer types, constexprs, integer arguments divisible by 16) of a layout copy
-    at det-c4's sizes, in the orientation the backend uses for that dtype pair: a same-dtype copy
-    takes the input into rows (R = 256 channels, S = 4200 pixels), an fp32 -> 16-bit one the
-    accumulator back to NCHW (R = 4200, S = 256). 4200 is a multiple of 8 but not of 16, so its
-    vectors come from the alignment hint."""
-    rows, cols = (256, 4200) if src == dst else (4200, 256)
-
-    def align(n: int) -> int:
-        return _relayout._alignment(n, min(src.itemsize, dst.itemsize))
-
+def _transpose_args(src: torch.dtype, dst: torch.dtype, rows: int, cols: int):
+    """(jit function, pointer types, constexprs, integer arguments divisible by 16) of a layout copy of
+    [R, S] = [rows, cols] per batch, with the tile and hints the backend's plan would take."""
+    plan = _relayout._plan(1, rows, cols, src, dst)[2]
     pointers = {"src_ptr": "*" + _TL[src], "dst_ptr": "*" + _TL[dst]}
-    constexprs = {
-        "BLOCK_R": _relayout.BLOCK, "BLOCK_S": _relayout.BLOCK,
-        "R_ALIGN": align(rows), "S_ALIGN": align(cols), "INDEX64": False,
-    }  # fmt: skip
+    constexprs = {name: plan[name] for name in ("BLOCK_R", "BLOCK_S", "R_ALIGN", "S_ALIGN", "INDEX64")}
     divisible = {name for name, n in (("R", rows), ("S", cols)) if n % 16 == 0}
     return _relayout.transpose_kernel, pointers, constexprs, divisible
 
@@ -387,16 +381,16 @@ def main(argv: list[str] | None = None) -> int:
                 bad += 1
             seen[(kernel, dtype)] = result
             print(f"{'fpn-7x7':10s} {kernel:12s} {_TL[dtype]:10s} {result}", flush=True)
-    for src, dst in _TRANSPOSES:
-        fn, pointers, constexprs, divisible = _transpose_args(src, dst)
+    for what, src, dst, rows, cols in _TRANSPOSES:
+        fn, pointers, constexprs, divisible = _transpose_args(src, dst, rows, cols)
         try:
             result = _compile(fn, pointers, constexprs, divisible, 4, 1, args.arch)
             bad += result["spill_bytes"] > args.max_spill_bytes
         except Exception as e:
             result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
             bad += 1
-        seen[("transpose", src, dst)] = result
-        print(f"{'layout':10s} {'transpose':12s} {_TL[src] + '->' + _TL[dst]:10s} {result}", flush=True)
+        seen[("transpose", what, src, dst)] = result
+        print(f"{what:11s} {'transpose':12s} {_TL[src] + '->' + _TL[dst]:10s} {result}", flush=True)
     print(f"{len(seen)} compilations, {bad} failed or spilled more than {args.max_spill_bytes} bytes")
     return 1 if bad else 0
 

@@ -103,7 +103,7 @@ from .._layout import memory_format_of
 from . import _autotune_cache
 from . import _deform_conv_kernels as _k
 from ._launch import launch
-from ._relayout import from_rows, to_rows
+from ._relayout import from_rows, to_rows, transpose
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
 
@@ -695,10 +695,14 @@ def _grad_out_operand(
 
 
 def _weight_gemm(weight: Tensor, geo: _Geometry) -> Tensor:
-    """[C_out, C_in/groups, kh, kw] -> contiguous [groups, kh*kw, C_in/groups, C_out/groups] (the data
-    kernel's: its reduction, over output channels, contiguous)."""
+    """[C_out, C_in/groups, kh, kw] -> contiguous [groups, C_in/groups, kh*kw, C_out/groups], the data
+    kernel's (its reduction, over output channels, contiguous): for an NCHW-contiguous weight one
+    transpose per group of [C_out/groups, C_in/groups*kh*kw] (``_relayout.transpose``)."""
+    out = weight.new_empty((geo.groups, geo.group_in, geo.taps, geo.group_out))
+    if weight.is_contiguous():
+        return transpose(weight, out, geo.groups, geo.group_out, geo.group_in * geo.taps)
     w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
-    return w.permute(0, 3, 2, 1).contiguous()
+    return out.copy_(w.permute(0, 2, 3, 1))
 
 
 def _forward_k_major(dtype: torch.dtype, fp32_precision: str | None) -> bool:
@@ -710,11 +714,15 @@ def _forward_k_major(dtype: torch.dtype, fp32_precision: str | None) -> bool:
 def _weight_gemm_forward(weight: Tensor, geo: _Geometry, k_major: bool) -> Tensor:
     """The forward's weight: ``k_major`` -> contiguous [groups, kh*kw, C_out/groups, C_in/groups] (its
     reduction, over input channels, contiguous: the operand TF32's matrix unit needs, which fp16/bf16
-    take as well), else the data kernel's [groups, kh*kw, C_in/groups, C_out/groups] (the layout the
-    multiply-add products of full fp32 and fp64 keep in fewer registers)."""
-    if not k_major:
-        return _weight_gemm(weight, geo)
+    take as well; for an NCHW-contiguous weight one transpose per group of [C_out/groups *
+    C_in/groups, kh*kw]), else [groups, kh*kw, C_in/groups, C_out/groups] (the layout the multiply-add
+    products of full fp32 and fp64 keep in fewer registers)."""
     w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
+    if not k_major:
+        return w.permute(0, 3, 2, 1).contiguous()
+    if weight.is_contiguous():
+        out = weight.new_empty((geo.groups, geo.taps, geo.group_out, geo.group_in))
+        return transpose(weight, out, geo.groups, geo.group_out * geo.group_in, geo.taps)
     return w.permute(0, 3, 1, 2).contiguous()
 
 
@@ -1117,7 +1125,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
             splits = max(1, min(splits, get_memory_budget() // max(per_split, 1)))
         tiles_per_split = _cdiv(tiles, splits)
         splits = _cdiv(tiles, tiles_per_split)
-        shape = (splits if deterministic else 1, geo.groups, geo.taps, geo.group_in, geo.group_out)
+        shape = (splits if deterministic else 1, geo.groups, geo.group_in, geo.taps, geo.group_out)
         scalars = (
             geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
             geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.taps, geo.kw,
@@ -1137,8 +1145,11 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
         result[:] = [part.sum(dim=0) if part.shape[0] > 1 else part[0]]
 
     run(_planned(("weight", *key), "weight", geo, x, (has_mask, deterministic), spec_of, run))
-    # One copy converts and reorders [groups, taps, C_in/g, C_out/g] -> [C_out, C_in/g, kh, kw].
+    # One copy converts and reorders [groups, C_in/g, taps, C_out/g] -> [C_out, C_in/g, kh, kw]: for an
+    # NCHW weight a transpose per group of [C_in/g * taps, C_out/g].
     gw = _empty_map(weight.shape, weight)
+    if gw.is_contiguous():
+        return transpose(result.pop(), gw, geo.groups, geo.group_in * geo.taps, geo.group_out)
     # A view in either format: (kh, kw) merge into the taps, C_out splits into the groups.
-    gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 2, 1))
+    gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 1, 2))
     return gw
