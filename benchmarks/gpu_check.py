@@ -789,13 +789,16 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
     accumulator's zeroing, the kernel's GEMM and atomic scatter, the final conversion) against the
     offset and mask gradients alone (GEMM and gathers), and grad_input alone in deterministic mode
     (the column gradients stored, sorted by cell, summed per cell, gathered per pixel); and the
-    wrapper's two layout copies (the input into channels-last rows, the fp32 accumulator into an fp16
-    NCHW gradient) by PyTorch's copy and by the tiled transpose."""
+    wrapper's layout copies (the input into channels-last rows, the fp32 accumulator into an fp16
+    NCHW gradient, the weight into the data kernel's layout) by PyTorch's copy and by the tiled
+    transpose."""
     x, offset, mask, weight, bias = problem.tensors(torch.float16, device)
     geometry = (problem.stride, problem.padding, problem.dilation)
     go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device).half()
     rows = torch.randn(x.permute(0, 2, 3, 1).shape, device=device)  # the data kernel's accumulator
     half, nchw = torch.float16, torch.contiguous_format
+    geo = tdc._Geometry.of(x, offset, weight, *geometry)
+    c_out, taps = weight.shape[0], weight.shape[2] * weight.shape[3]
 
     def bwd(output_mask, deterministic=False):
         def run():
@@ -823,6 +826,11 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
         "layout: fp32 rows to fp16 NCHW, tiled transpose": lambda: _relayout.from_rows(
             rows, half, nchw, kernel=True
         ),
+        # The data kernel's weight: its former layout by PyTorch's copy, its layout now by a transpose.
+        "layout: weight, PyTorch copy": lambda: (
+            weight.reshape(1, c_out, -1, taps).permute(0, 3, 2, 1).contiguous()
+        ),
+        "layout: weight, tiled transpose": lambda: tdc._weight_gemm(weight, geo),
     }
 
 
