@@ -4,7 +4,9 @@ The deformable-convolution and RoI-pooling kernels gather channel vectors, so th
 contiguous [N, H, W, C] rows, and the backward's fp32 input-gradient accumulator has that layout too.
 For an NCHW model the forward therefore copies the input into rows, and the backward copies it again
 and converts the accumulator back into an NCHW gradient (16-bit: converted on the way); it also
-copies grad_output into rows where Ho*Wo is not a multiple of a 16-byte vector.
+copies grad_output into rows where Ho*Wo is not a multiple of a 16-byte vector. The weight, too, is
+rearranged into each kernel's GEMM layout, and its gradient back (:func:`transpose`, one transpose
+per weight group each).
 
 PyTorch makes such copies with its generic strided copy: one element per thread, the output written
 in order and the input read at a stride of H*W (or C) elements, so every warp's load touches 32
@@ -33,7 +35,7 @@ from ._launch import launch
 __all__ = ["from_rows", "to_rows", "transpose", "transpose_kernel"]
 
 _INT32_SAFE = 2**31 - 1
-BLOCK = 64  # a 64 x 64 tile: 8 KB (16-bit) to 32 KB (fp64) of shared memory for the exchange
+BLOCK = 64  # 64 x 64 tiles (or 256 x 16): 8 KB (16-bit) to 32 KB (fp64) of shared memory
 TILE_ELEMENTS = BLOCK * BLOCK
 
 
