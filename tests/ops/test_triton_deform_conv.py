@@ -807,6 +807,32 @@ def test_deterministic_mode_is_correct_and_bitwise_repeatable(deterministic, dty
         assert torch.equal(first[index], atomic[index])
 
 
+@pytest.mark.parametrize("go_first", [False, True])
+def test_deterministic_weight_gradient_with_several_splits_and_groups(monkeypatch, deterministic, go_first):
+    """Several splits of the pixels (deterministic mode's partial sums, part [splits, groups, C_in/g,
+    taps, C_out/g], summed on the host), as a GPU takes them, with two weight groups whose C_in/g (11)
+    is not a multiple of the channel block; a channels_last weight's gradient has the same values."""
+    case = Case(batch=3, in_channels=22, out_channels=10, size=(5, 7), groups=2, offset_groups=2)
+    monkeypatch.setattr(tdc, "_multiprocessors", lambda t: 1024)  # a GPU's appetite for programs
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=go_first))
+    tensors = make_inputs(case, torch.float32)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
+    grids, run = [], tdc._run
+    monkeypatch.setattr(
+        tdc, "_run", lambda kernel, spec, t: (grids.append((kernel, spec)), run(kernel, spec, t))
+    )
+    only_weight = (False, False, False, True, False)
+    grads = backward(case, tensors, grad_output, output_mask=only_weight)
+    check_grads(case, tensors, grad_output, grads, torch.float32, output_mask=only_weight)
+    ((kernel, spec),) = grids
+    per_split = case.groups * 9  # programs per split: groups x taps x one 16-wide block of each side
+    assert kernel is tdc._k.deform_conv_bwd_weight_kernel and not spec.kwargs["ATOMIC"]
+    assert spec.grid[0] >= 3 * per_split, "the test must run several splits"
+    weight_cl = tensors[3].contiguous(memory_format=torch.channels_last)
+    grads_cl = backward(case, (*tensors[:3], weight_cl, tensors[4]), grad_output, output_mask=only_weight)
+    assert torch.equal(grads_cl[3], grads[3]) and grads_cl[3].stride() == weight_cl.stride()
+
+
 @pytest.mark.parametrize("budget_images", [1, 2])
 def test_deterministic_groups_of_images_under_the_memory_budget_are_bitwise_identical(
     deterministic, budget_images

@@ -75,6 +75,9 @@ def test_tiles_are_powers_of_two_that_the_hints_divide():
             for block in (block_r, block_s):
                 assert block & (block - 1) == 0 and 16 <= block <= _relayout.TILE_ELEMENTS // 16
             assert block_r * block_s <= _relayout.TILE_ELEMENTS
+            for element_size in (2, 4, 8):
+                assert block_r % _relayout._alignment(rows, element_size) == 0
+                assert block_s % _relayout._alignment(cols, element_size) == 0
     assert _relayout._tile(65536, 9) == (256, 16)  # a weight's taps: a long, narrow tile
 
 

@@ -424,7 +424,7 @@ def deform_conv_bwd_data_kernel(
     """Gradients through the sampled columns for one (pixel block, offset group g, tap k).
 
     For each BLOCK_C slice of g's channels (split where a weight group ends):
-        gcol[m, c] = sum_o go[m, o] * w[k, c, o]                       (matrix unit, CT accumulation)
+        gcol[m, c] = sum_o go[m, o] * w[c, k, o]                       (matrix unit, CT accumulation)
         grad_mask[m, g, k]   += sum_c gcol * bilinear(m, c)
         grad_offset[m, g, k] += mod * sum_c gcol * d bilinear(m, c) / d(y, x)
         grad_input[corner]   += gcol * mod * (corner's bilinear weight)

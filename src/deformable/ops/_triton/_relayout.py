@@ -82,7 +82,7 @@ def transpose_kernel(
 
 def _alignment(n: int, element_size: int) -> int:
     """The largest power of two dividing ``n``, up to one 16-byte vector of elements (so at most 16,
-    which divides ``BLOCK``)."""
+    which divides every tile side :func:`_tile` gives)."""
     align = 1
     while align * element_size < 16 and n % (align * 2) == 0:
         align *= 2
@@ -145,7 +145,7 @@ def transpose(
     """``dst`` viewed as [batch, cols, rows] = ``src`` viewed as [batch, rows, cols], transposed per
     batch and converted to ``dst``'s dtype; returns ``dst``. Both contiguous with batch*rows*cols
     elements (the weights' layout changes). :func:`transpose_kernel` on CUDA (``kernel`` forces the
-    choice), PyTorch's copy otherwise and for an empty one."""
+    choice), PyTorch's copy otherwise, and for an empty one or one with a single row or column."""
     use = _use_kernel(src) if kernel is None else kernel
     if use and src.numel() and rows > 1 and cols > 1:
         _transpose(src, dst, batch, rows, cols)
