@@ -134,12 +134,16 @@ def backward(case: Case, tensors, grad_output, output_mask=ALL):
     return tdc.backward(grad_output, x, offset, mask, weight, *case.geometry, output_mask)
 
 
-def spy_launches(monkeypatch) -> list[dict]:
-    """The keyword arguments (constexprs, warps, stages) of every kernel launch from now on."""
+def spy_launches(monkeypatch, whole: bool = False) -> list:
+    """The keyword arguments (constexprs, warps, stages) of every kernel launch from now on; with
+    ``whole``, (kernel, launch) pairs (``tdc._Launch``: grid, integer arguments, keyword arguments)."""
     launched, run = [], tdc._run
-    monkeypatch.setattr(
-        tdc, "_run", lambda kernel, spec, t: (launched.append(spec.kwargs), run(kernel, spec, t))
-    )
+
+    def spy(kernel, spec, tensors):
+        launched.append((kernel, spec) if whole else spec.kwargs)
+        run(kernel, spec, tensors)
+
+    monkeypatch.setattr(tdc, "_run", spy)
     return launched
 
 
@@ -817,10 +821,7 @@ def test_deterministic_weight_gradient_with_several_splits_and_groups(monkeypatc
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "weight", tdc.Config(16, 16, 16, go_first=go_first))
     tensors = make_inputs(case, torch.float32)
     grad_output = torch.randn(case.batch, case.out_channels, *case.out_size).to(DEVICE)
-    grids, run = [], tdc._run
-    monkeypatch.setattr(
-        tdc, "_run", lambda kernel, spec, t: (grids.append((kernel, spec)), run(kernel, spec, t))
-    )
+    grids = spy_launches(monkeypatch, whole=True)
     only_weight = (False, False, False, True, False)
     grads = backward(case, tensors, grad_output, output_mask=only_weight)
     check_grads(case, tensors, grad_output, grads, torch.float32, output_mask=only_weight)

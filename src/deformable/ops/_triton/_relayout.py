@@ -100,12 +100,12 @@ def _tile(rows: int, cols: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_S): 64 x 64, or for a short side (a weight's 9 taps) a tile as narrow as 16 on
     that side and as much longer on the other, so that the programs do not mostly mask."""
 
-    def fit(n: int) -> int:
-        return min(BLOCK, max(16, 1 << (n - 1).bit_length()))
+    def side(n: int, most: int) -> int:  # the power of two at or above n, within [16, most]
+        return min(most, max(16, 1 << (n - 1).bit_length()))
 
-    block_s = fit(cols)
-    block_r = min(TILE_ELEMENTS // block_s, max(16, 1 << (rows - 1).bit_length()))
-    return block_r, min(TILE_ELEMENTS // block_r, max(16, 1 << (cols - 1).bit_length()))
+    block_s = side(cols, BLOCK)
+    block_r = side(rows, TILE_ELEMENTS // block_s)
+    return block_r, side(cols, TILE_ELEMENTS // block_r)
 
 
 def _plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> tuple:

@@ -20,7 +20,7 @@ from .._roi_aten import _MAX_GRID, compute_dtype
 from . import _deform_roi_pool_kernels as _k
 from ._launch import launch
 from ._relayout import to_rows
-from .deform_conv import _INT32_SAFE, _device_guard, _tl_compute_dtype
+from .deform_conv import _INT32_SAFE, _device_guard, _pow2, _tl_compute_dtype
 
 
 @functools.lru_cache(maxsize=64)
@@ -33,7 +33,7 @@ def _params(spatial_scale: float, gamma: float, dtype: torch.dtype, device: torc
 def _launch_args(input: Tensor, rois: Tensor, pooled_height: int, pooled_width: int) -> dict:
     num_rois, channels = rois.shape[0], input.shape[1]
     sizes = (input.numel() + channels, num_rois * channels * pooled_height * pooled_width, num_rois * 5)
-    block_c = max(16, min(256, 1 << (max(channels, 1) - 1).bit_length()))  # triton's helper: 2.5 us
+    block_c = _pow2(channels, 16, 256)
     return {
         "PH": pooled_height, "PW": pooled_width, "CT": _tl_compute_dtype(input.dtype),
         "INDEX64": max(sizes) >= _INT32_SAFE, "BLOCK_C": block_c, "num_warps": 4 if block_c >= 128 else 2,
