@@ -75,16 +75,36 @@ def idle_host_us(fn, device: str, calls: int = 200) -> float:
     return sorted(times)[len(times) // 2] * 1e6
 
 
+class _NoOpKernel:
+    """Stands in for a compiled Triton kernel: ``kernel[grid](*args)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(*args) -> None:
+        return None
+
+
 def stub_launches(tdc) -> None:
-    """Let the Triton backend accept CPU tensors and make every kernel launch a no-op; the layout
-    copies take the tiled-transpose path a CUDA tensor takes (its launch stubbed too)."""
+    """Let the Triton backend accept CPU tensors and make every kernel launch a no-op at the last
+    step: each launch still goes through ``_launch.launch`` (its key, cache lookup and argument list,
+    as a repeated launch on a GPU does) and stops where the compiled kernel's launcher would be
+    called. The layout copies take the tiled-transpose path a CUDA tensor takes."""
     from deformable.ops import _backend
-    from deformable.ops._triton import _relayout
+    from deformable.ops._triton import _launch, _relayout
 
     _backend.triton_unavailable_reason = lambda device: None
-    tdc.launch = lambda *args, **kwargs: None
-    _relayout.launch = lambda *args, **kwargs: None
     _relayout._use_kernel = lambda t: True
+    _launch.ENABLED = True
+    _launch._cuda_device = lambda first: 0 if isinstance(first, torch.Tensor) else None
+    _launch._launch_within_resources = lambda *args, **kwargs: _NoOpKernel()
+
+    def binder_agrees(kernel, device, args, constexprs, num_warps, num_stages) -> bool:
+        _launch._tails[id(kernel)] = _launch._tail_spec(kernel, len(args))
+        return True
+
+    _launch._binder_agrees = binder_agrees
 
 
 def main() -> int:

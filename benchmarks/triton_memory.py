@@ -37,6 +37,7 @@ from deformable.benchmark import (  # noqa: E402
     publish,
 )
 from deformable.ops import deform_conv2d  # noqa: E402
+from deformable.ops._triton import _launch  # noqa: E402
 from deformable.ops._triton import deform_conv as triton_deform_conv  # noqa: E402
 
 
@@ -65,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
-    saved_launch = triton_deform_conv.launch
-    triton_deform_conv.launch = lambda *args, **kwargs: None
+    # No kernel runs: neither the planned launches (through _launch) nor deterministic mode's.
+    saved_launch, saved_module_launch = _launch.launch, triton_deform_conv.launch
+    _launch.launch = triton_deform_conv.launch = lambda *args, **kwargs: None
     try:
         lines = [
             "# Triton deform_conv2d forward+backward: peak memory, predicted without a GPU",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             dims = (shape.batch, shape.channels, shape.height, shape.width, shape.stride)
             lines.append(f"| {shape.name} {dims} | " + " | ".join(cells) + " |")
     finally:
-        triton_deform_conv.launch = saved_launch
+        _launch.launch, triton_deform_conv.launch = saved_launch, saved_module_launch
     text = "\n".join(lines) + "\n"
     publish(text, args.out)
     return 0

@@ -105,6 +105,48 @@ def test_anything_triton_could_specialise_on_is_a_miss(toy, change):
     assert [entry[0] for entry in log] == ["jit", "jit"]
 
 
+def _planned(kernel, bound, x, out, **constexprs):
+    kwargs = {"num_warps": 4, "num_stages": 2, "BLOCK": 32, **constexprs}
+    _launch.launch_planned(kernel, bound, (3,), (x, out), (64, 0.5), kwargs)
+
+
+def test_a_planned_launch_repeats_through_its_own_entry(toy):
+    kernel, log = toy
+    bound: dict = {}
+    x, out = torch.zeros(8), torch.zeros(8)
+    _planned(kernel, bound, x, out)
+    _planned(kernel, bound, torch.ones(8), torch.ones(8))  # other tensors alike: a hit
+    assert [entry[0] for entry in log] == ["jit", "fast"]
+    assert log[1][1] == (3, 1, 1)
+    assert log[1][2][2:] == (64, 0.5, 32, False)  # the plan's scalars, then the constexpr tail
+    assert len(bound) == 1 and len(_launch._compiled) == 1  # launch's cache filled as well
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype"])
+def test_a_planned_launch_misses_on_what_its_tensors_specialise(toy, change):
+    """A plan fixes every argument but the tensors: their dtype and alignment are what can change."""
+    kernel, log = toy
+    bound: dict = {}
+    base = torch.zeros(9)
+    x, out = base[:8], torch.zeros(8)
+    _planned(kernel, bound, x, out)
+    other = base[1:] if change == "alignment" else x.double()
+    _planned(kernel, bound, other, out)
+    _planned(kernel, bound, other, out)
+    assert [entry[0] for entry in log] == ["jit", "jit", "fast"]
+    assert len(bound) == 2
+
+
+def test_a_planned_launch_without_the_fast_path_launches_ordinarily(toy, monkeypatch):
+    kernel, log = toy
+    bound: dict = {}
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    x, out = torch.zeros(8), torch.zeros(8)
+    _planned(kernel, bound, x, out)
+    _planned(kernel, bound, x, out)
+    assert [entry[0] for entry in log] == ["jit", "jit"] and bound == {}
+
+
 def test_a_binder_that_disagrees_disables_the_fast_path_for_that_kernel(toy):
     kernel, log = toy
     _, _, _, _, binder = kernel.device_caches[0]
@@ -155,14 +197,16 @@ def test_environment_switch_is_read_at_import(value, enabled):
 
 
 def _record_launches(monkeypatch) -> list:
-    """Replace ``launch`` in both Triton modules by a recorder that still launches."""
+    """Replace ``launch`` by a recorder that still launches: in ``_launch`` (where the planned launches
+    of deform_conv2d and the layout copies end) and where the Triton modules call it by name."""
     calls: list = []
     real = _launch.launch
 
     def recorder(kernel, grid, *args, num_warps, num_stages=2, **constexprs):
         calls.append((kernel, args, constexprs))
-        real(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return real(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages, **constexprs)
 
+    monkeypatch.setattr(_launch, "launch", recorder)
     monkeypatch.setattr(tdc, "launch", recorder)
     monkeypatch.setattr(troi, "launch", recorder)
     return calls

@@ -42,7 +42,7 @@ FAST_LAUNCH_ENV = "DEFORMABLE_TRITON_FAST_LAUNCH"
 # Read once: an environment lookup would cost a tenth of the launch it saves.
 ENABLED = JITFunction is not None and os.environ.get(FAST_LAUNCH_ENV, "1") != "0"
 
-__all__ = ["ENABLED", "FAST_LAUNCH_ENV", "clear_cache", "launch"]
+__all__ = ["ENABLED", "FAST_LAUNCH_ENV", "clear_cache", "launch", "launch_planned"]
 
 _MAX_ENTRIES = 4096  # shapes x configurations; detectors with varying image sizes keep adding keys
 
@@ -59,28 +59,66 @@ def clear_cache() -> None:
     _stage_caps.clear()
 
 
-def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int = 2, **constexprs) -> None:
+def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int = 2, **constexprs):
     """``kernel[grid](*args, num_warps=..., num_stages=..., **constexprs)``, faster when repeated.
 
     Args:
         kernel: a ``triton.jit`` function; ``args`` its leading runtime arguments in order (the
             first a tensor), ``constexprs`` the remaining parameters by name.
         grid: one to three program counts.
+
+    Returns:
+        The compiled kernel when later launches with arguments specialised the same way may call it
+        directly (its launcher takes ``(*args, *tail)``, :func:`launch_planned`), else None.
     """
     device = _cuda_device(args[0]) if ENABLED else None
     if device is None or _tails.get(id(kernel), ()) is None or getattr(kernel, "pre_run_hooks", None):
         _launch_within_resources(kernel, grid, args, constexprs, num_warps, num_stages)
-        return
+        return None
     key = _key(kernel, device, args, constexprs, num_warps, num_stages)
     compiled = _compiled.get(key)
     if compiled is not None:
         compiled[_full_grid(grid)](*args, *_tail_values(kernel, constexprs))
-        return
+        return compiled
     compiled = _launch_within_resources(kernel, grid, args, constexprs, num_warps, num_stages)
     if compiled is not None and _binder_agrees(kernel, device, args, constexprs, num_warps, num_stages):
         if len(_compiled) >= _MAX_ENTRIES:
             _compiled.clear()
         _compiled[key] = compiled
+        return compiled
+    return None
+
+
+def launch_planned(
+    kernel, bound: dict, grid: tuple[int, ...], tensors: tuple[Tensor, ...], scalars: tuple, kwargs: dict
+) -> None:
+    """:func:`launch` ``(kernel, grid, *tensors, *scalars, **kwargs)`` for a launch plan, whose grid,
+    non-tensor arguments and keyword arguments (constexprs, ``num_warps``, ``num_stages``) never
+    change: only the tensors do.
+
+    What Triton specialises a tensor on is its dtype and 16-byte alignment, so the compiled kernel,
+    the full grid and the constexpr tail are remembered in the plan's own ``bound`` dict under the
+    device and those two facts of each tensor. A repeat then costs that key and the launcher call,
+    not :func:`launch`'s key over every argument (at det-c4 about 4 us of a CPU's time per launch,
+    ``benchmarks/bench_launch.py``). A miss takes :func:`launch` and remembers what it returns.
+    """
+    device = _cuda_device(tensors[0]) if ENABLED else None
+    if device is not None:
+        facts: list = [device]
+        for t in tensors:
+            facts.append(t.dtype)
+            facts.append(t.data_ptr() % 16 == 0)
+        key = tuple(facts)
+        entry = bound.get(key)
+        if entry is not None:
+            compiled, full_grid, tail = entry
+            compiled[full_grid](*tensors, *scalars, *tail)
+            return
+    compiled = launch(kernel, grid, *tensors, *scalars, **kwargs)
+    if compiled is not None and device is not None:
+        if len(bound) >= 64:  # alignments vary with views: a plan keeps a few
+            bound.clear()
+        bound[key] = (compiled, _full_grid(grid), _tail_values(kernel, kwargs))
 
 
 # What a launch asks for (kernel, device, warps, stages, constexprs, tensor dtypes: everything its

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import launch
+from ._launch import launch_planned
 
 __all__ = ["from_rows", "to_rows", "transpose", "transpose_kernel"]
 
@@ -117,7 +117,7 @@ def _plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: t
         "S_ALIGN": _alignment(cols, element), "INDEX64": batch * rows * cols > _INT32_SAFE,
         "num_warps": 4, "num_stages": 1,
     }  # fmt: skip
-    return (batch * -(-rows // block_r) * tiles_s,), tiles_s, constexprs
+    return (batch * -(-rows // block_r) * tiles_s,), tiles_s, constexprs, {}
 
 
 def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> None:
@@ -129,14 +129,14 @@ def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> No
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _plan(*key)
-    grid, tiles_s, constexprs = plan
+    grid, tiles_s, kwargs, bound = plan
     # Triton launches on the current device's stream: the tensors' device must be current (most
     # callers make these copies outside their own device guards).
     if src.is_cuda and src.device.index != torch.cuda.current_device():
         with torch.cuda.device(src.device):
-            launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)
+            launch_planned(transpose_kernel, bound, grid, (src, dst), (rows, cols, tiles_s), kwargs)
     else:
-        launch(transpose_kernel, grid, src, dst, rows, cols, tiles_s, **constexprs)
+        launch_planned(transpose_kernel, bound, grid, (src, dst), (rows, cols, tiles_s), kwargs)
 
 
 def transpose(

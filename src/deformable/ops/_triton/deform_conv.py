@@ -102,7 +102,7 @@ from .._geometry import ConvGeometry
 from .._layout import memory_format_of
 from . import _autotune_cache
 from . import _deform_conv_kernels as _k
-from ._launch import launch
+from ._launch import launch, launch_planned
 from ._relayout import from_rows, to_rows, transpose
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
@@ -568,15 +568,16 @@ def _kernels_hash() -> str:
 
 class _Launch(NamedTuple):
     """One prepared launch: the grid, the integer arguments after the tensors, the keyword arguments
-    (warps, stages, constexprs)."""
+    (warps, stages, constexprs), and ``launch_planned``'s compiled kernels for it (a new dict each)."""
 
     grid: tuple[int]
     scalars: tuple
     kwargs: dict
+    bound: dict
 
 
 def _run(kernel, spec: _Launch, tensors: tuple[Tensor, ...]) -> None:
-    launch(kernel, spec.grid, *tensors, *spec.scalars, **spec.kwargs)
+    launch_planned(kernel, spec.bound, spec.grid, tensors, spec.scalars, spec.kwargs)
 
 
 _PLANS: dict[tuple, object] = {}
@@ -793,7 +794,7 @@ def forward(
             W_K_MAJOR=k_major, FLAT=flat, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=1 if flat else cfg.num_stages,
             **_dot_args(input),
-        ))  # fmt: skip
+        ), {})  # fmt: skip
 
     def run(spec: _Launch) -> None:
         if not spec.kwargs["SPLIT_TAPS"]:
@@ -997,7 +998,7 @@ def _data_grads(
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2), GO_ALIGN=go_layout[3],
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
-            ))  # fmt: skip
+            ), {})  # fmt: skip
 
         def run(spec: _Launch, tensors=tensors) -> None:
             if gx is not None:  # autotuning runs the kernel repeatedly: each run starts from zero
@@ -1139,7 +1140,7 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
             GO_FIRST=cfg.go_first,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
-        )), shape  # fmt: skip
+        ), {}), shape  # fmt: skip
 
     def run(spec: tuple[_Launch, tuple[int, ...]]) -> None:
         part = (torch.empty if deterministic else torch.zeros)(spec[1], dtype=acc, device=x.device)
