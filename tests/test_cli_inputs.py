@@ -34,6 +34,7 @@ def _usage_error(argv: list[str], capsys) -> str:
         (["demo", "--rows", "dcnv3"], "argument --rows: expected a comma-separated choice of regular"),
         (["demo", "--rows", ","], "argument --rows: expected a comma-separated choice"),
         (["demo", "--task", "classification", "--rows", "dcnv2"], "--task classification has none"),
+        (["demo", "--task", "classification", "--seeds", "3"], "--task classification runs seed 0"),
         ([*CONVERT, "param_groups"], "argument --model: invalid choice: 'param_groups'"),
         ([*CONVERT, "resnet18_dcn", "--model-kwargs", "{bad"], "argument --model-kwargs: invalid JSON"),
         (

@@ -4,6 +4,8 @@ never leaves a file that looks valid."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +41,22 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 def atomic_write_text(text: str, path: str | Path) -> Path:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     return _atomic_write(path, "w", lambda handle: handle.write(text))
+
+
+def strict_json(obj: Any) -> str:
+    """``obj`` as indented JSON that any parser reads: NaN and infinities (a COCO metric undefined for
+    want of ground truth is NaN) become null, which Python's ``json`` would write as bare ``NaN``."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
 def _atomic_write(path: str | Path, mode: str, write: Callable[[Any], object]) -> Path:

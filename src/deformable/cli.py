@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ._argtypes import positive_int
+from ._files import strict_json
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -132,6 +133,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
         if args.rows is not None:
             args.parser.error("--rows selects detection rows; --task classification has none")
+        if args.seeds is not None:
+            args.parser.error(
+                "--seeds repeats detection rows; --task classification runs seed 0 (--set seed=N)"
+            )
         run_classification_demo(args.preset, args.out, args.set, resume=not args.restart)
         return 0
     from .engine.demo import run_demo
@@ -170,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         metrics = train(cfg, resume=args.resume, evaluate_at_end=not args.no_eval).metrics
     if metrics:
-        print(json.dumps(metrics, indent=2))
+        print(strict_json(metrics))
     return 0
 
 
@@ -232,7 +237,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         classes = data["model"]["roi_heads.box_predictor.cls_score.weight"].shape[0]
         _check_classes(args, classes, val.num_classes + 1, "classes (with background)")
         metrics = evaluate(model.to(device), val, cfg, device)
-    print(json.dumps(metrics, indent=2))
+    print(strict_json(metrics))
     return 0
 
 

@@ -436,3 +436,40 @@ def test_a_split_with_categories_the_training_split_lacks_is_refused(tmp_path):
     assert val.cat_id_to_label == {3: 1, 7: 2, 11: 3}  # unchanged
     with pytest.raises(ValueError, match=r"categories\[0\] must be a dict with an int 'id'"):
         val.use_categories([{"id": "3", "name": "cat"}], "train.json")
+
+
+@pytest.mark.parametrize("mode", ["16-bit", "32-bit", "float", "gray", "palette"])
+def test_images_of_any_pil_mode_load_as_rgb_bytes(tmp_path, mode):
+    """A 16-bit PNG went through PIL's RGB conversion, which clips: almost every pixel became 255."""
+    images, ann_file = write_dataset(tmp_path)
+    h, w = 30, 40  # image 1
+    ramp = np.linspace(0, 1, h * w).reshape(h, w)
+    if mode == "16-bit":
+        Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(images / "a.png")
+    elif mode == "32-bit":
+        Image.fromarray(np.rint(ramp * 65535).astype(np.int32), mode="I").save(images / "a.tiff")
+    elif mode == "float":
+        Image.fromarray((ramp * 65535).astype(np.float32), mode="F").save(images / "a.tiff")
+    elif mode == "gray":
+        Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).save(images / "a.png")
+    else:
+        Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).convert("P").save(images / "a.png")
+    if mode in ("32-bit", "float"):
+        data = coco_dict()
+        data["images"][0]["file_name"] = "a.tiff"
+        ann_file.write_text(json.dumps(data))
+    image = CocoDetection(images, ann_file).load_image(1)
+    assert image.shape == (3, h, w) and image.dtype == torch.uint8
+    expected = torch.from_numpy(np.rint(ramp * 255)).to(torch.uint8)
+    assert (image[0].int() - expected.int()).abs().max() <= 1  # the palette may round
+    assert torch.equal(image[0], image[2])
+
+
+def test_images_whose_values_no_scale_fits_are_named(tmp_path):
+    images, ann_file = write_dataset(tmp_path)
+    Image.fromarray(np.full((30, 40), 100000, dtype=np.int32), mode="I").save(images / "a.tiff")
+    data = coco_dict()
+    data["images"][0]["file_name"] = "a.tiff"
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match=r"image id 1: cannot read .* outside 0..65535"):
+        CocoDetection(images, ann_file).load_image(1)

@@ -75,9 +75,16 @@ def test_bad_image_sizes_are_named_before_reading_images(folders):
 
 
 def test_trains_evaluates_and_reloads(folders, tmp_path):
-    cfg = load_any_config("imagenet_resnet50_dcnv2", _overrides(folders, tmp_path / "run", "iterations=3"))
+    warmup = ("warmup_iterations=3", "warmup_factor=0.25")
+    overrides = _overrides(folders, tmp_path / "run", "iterations=3", *warmup)
+    cfg = load_any_config("imagenet_resnet50_dcnv2", overrides)
     assert isinstance(cfg, ClassifierConfig) and cfg.dcn == "v2"
     result = train_classifier(cfg)
+    # Each iteration logs the rate its step used (was the next step's: iteration 1 showed step 2's).
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["iteration"]: r["lr"] for r in records if "lr" in r}
+    assert logged == {i: pytest.approx(0.01 * learning_rate_factor(cfg, i - 1)) for i in (1, 2, 3)}
+    assert logged[1] == pytest.approx(0.0025)
     assert result.iterations == 3 and math.isfinite(result.final_loss)
     assert result.metrics["images"] == 6
     assert 0.0 <= result.top5_error <= result.top1_error <= 1.0

@@ -88,3 +88,16 @@ def test_the_umask_is_read_without_changing_it():
         assert os.umask(0o027) == 0o027  # still what it was
     finally:
         os.umask(previous)
+
+
+def test_metrics_files_are_strict_json():
+    """eval.json held bare NaN (a COCO metric without ground truth in its size range), which strict
+    JSON parsers reject."""
+    from deformable._files import strict_json
+
+    metrics = {"bbox": {"AP": 0.5, "APm": float("nan"), "sizes": [1.0, float("inf")]}, "images": 3}
+    text = strict_json(metrics)
+    assert json.loads(text, parse_constant=pytest.fail) == {
+        "bbox": {"AP": 0.5, "APm": None, "sizes": [1.0, None]},
+        "images": 3,
+    }

@@ -73,3 +73,14 @@ def test_dpool_branch_widths_from_the_config():
         widths[str(hidden)] = [tuple(p.shape) for p in pool.offset_fc.parameters() if p.dim() == 2]
     assert widths["None"] == [(1024, 256 * 49), (98, 1024)]
     assert widths["[]"] == [(98, 256 * 49)]
+
+
+def test_mask_rcnn_takes_a_custom_box_representation_size():
+    """A representation_size other than 1024 gives torchvision a box predictor and no class count:
+    Mask R-CNN then needs its mask predictor too (was a TypeError inside torchvision)."""
+    for model_name in ("maskrcnn_resnet50_fpn_dcn", "maskrcnn_resnet50_c4_dcn"):
+        overrides = [f"model={model_name}", "representation_size=512", "weights_backbone=null", "dcn=null"]
+        model = build_model(load_config(None, overrides), 3)
+        assert model.roi_heads.box_predictor.cls_score.in_features == 512
+        assert model.roi_heads.box_predictor.cls_score.out_features == 3
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3

@@ -66,6 +66,11 @@ def test_eval_indices_takes_none_or_a_positive_count():
     from deformable.engine.loop import eval_indices
 
     assert eval_indices(5, None) == [0, 1, 2, 3, 4] and eval_indices(5, 2) == [0, 1]
+    # Spread (classification: ImageFolder lists its images by class): 4 of 8 images of 2 classes
+    # took class 0's four.
+    assert eval_indices(8, 4, spread=True) == [0, 2, 4, 6]
+    assert eval_indices(8, 20, spread=True) == list(range(8))
+    assert eval_indices(1000, 7, spread=True) == [0, 142, 285, 428, 571, 714, 857]
     for bad in (-1, 0, 1.5):  # -1 silently dropped the last image; 1.5 was a slice TypeError
         with pytest.raises(ValueError, match="max_images must be None"):
             eval_indices(5, bad)

@@ -25,7 +25,7 @@ def _without_category(data: dict, cat_id: int) -> dict:
     return data
 
 
-def _coco_config(tmp_path, val_data: dict | None, train_data: dict | None = None):
+def _coco_config(tmp_path, val_data: dict | None, train_data: dict | None = None, *extra: str):
     train_images, train_json = write_dataset(tmp_path / "train", train_data)
     val_images, val_json = write_dataset(tmp_path / "val", val_data)
     return load_config(
@@ -33,7 +33,7 @@ def _coco_config(tmp_path, val_data: dict | None, train_data: dict | None = None
         [
             "dataset=coco", f"train_images={train_images}", f"train_annotations={train_json}",
             f"val_images={val_images}", f"val_annotations={val_json}", "batch_size=1", "min_size=30",
-            "max_size=40",
+            "max_size=40", *extra,
         ],
     )  # fmt: skip
 
@@ -108,3 +108,37 @@ def test_only_mask_models_load_masks(tmp_path):
     cfg.model = "maskrcnn_resnet50_fpn_dcn"
     train, val = build_datasets(cfg)
     assert train.has_masks and val.has_masks and "masks" in train[0][1]
+
+
+def test_training_drops_degenerate_boxes_and_validation_keeps_refusing_them(tmp_path):
+    """COCO's train2017 has two boxes of height 0: training refused the stock annotations."""
+    data = coco_dict()
+    degenerate = {**data["annotations"][0], "id": 99, "bbox": [30.0, 20.0, 1.0, 0.0], "area": 0.0}
+    data["annotations"].append(degenerate)
+    cfg = _coco_config(tmp_path, None, data)
+    with pytest.warns(UserWarning, match="dropped 1 annotation"):
+        train, _ = build_datasets(cfg)
+    assert 99 not in train.coco.anns and len(train.coco.anns) == len(data["annotations"]) - 1
+    cfg = _coco_config(tmp_path / "bad_val", data)
+    with pytest.raises(ValueError, match="degenerate 'bbox'"):
+        build_datasets(cfg)
+
+
+def test_mask_rcnn_needs_segmentations_before_training(tmp_path):
+    """Validation annotations without a segmentation failed mask AP after the whole training run."""
+    partial = coco_dict()
+    partial["annotations"][0]["segmentation"] = []
+    none = copy.deepcopy(partial)
+    for ann in none["annotations"]:
+        ann.pop("segmentation")
+    mask_model = "model=maskrcnn_resnet50_fpn_dcn"
+    cfg = _coco_config(tmp_path / "val", partial, None, mask_model)
+    with pytest.raises(ValueError, match=r"1 annotation\(s\) lack a 'segmentation' in val_annotations"):
+        build_datasets(cfg)
+    cfg = _coco_config(tmp_path / "train_partial", None, partial, mask_model)  # a box stands in for one
+    train, _ = build_datasets(cfg)
+    assert train.has_masks
+    cfg = _coco_config(tmp_path / "train_none", None, none, mask_model)
+    with pytest.raises(ValueError, match="none of the annotations has a 'segmentation' in train_annotations"):
+        build_datasets(cfg)
+    build_datasets(_coco_config(tmp_path / "boxes", None, none))  # boxes alone: fine for Faster R-CNN

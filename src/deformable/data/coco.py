@@ -356,6 +356,24 @@ def _quiet_coco(data: dict[str, Any]) -> COCO:
     return coco
 
 
+def _rgb_array(im) -> np.ndarray:
+    """A PIL image as uint8 [H, W, 3]. Single-channel images of more than 8 bits (16-bit PNGs, 32-bit
+    integer or float ones) are scaled from 0..65535 to 0..255 (values within 0..255 stay as they are):
+    PIL's own conversion clips them, which turned a 16-bit image almost entirely white."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        values = np.asarray(im, dtype=np.float64)
+        if values.size and not np.isfinite(values).all():
+            raise ValueError(f"a {im.mode!r} image with non-finite values")
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 65535:
+            raise ValueError(f"a {im.mode!r} image with values in [{low:g}, {high:g}], outside 0..65535")
+        if im.mode.startswith("I;16") or high > 255:
+            values = values / 257.0
+        gray = np.rint(values).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
 class CocoDetection(Dataset):
     """A COCO-format instance detection/segmentation dataset (see the module docstring for samples).
 
@@ -484,18 +502,17 @@ class CocoDetection(Dataset):
         path = self.root / info["file_name"]
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+                array = _rgb_array(im)
+        except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as e:
             raise AnnotationError(
                 f"{self.ann_file}: image id {image_id}: cannot read {str(path)!r}: {e}"
             ) from e
-        if im.size != (info["width"], info["height"]):
+        if array.shape[:2] != (info["height"], info["width"]):
             raise AnnotationError(
-                f"{self.ann_file}: image id {image_id}: {str(path)!r} is {im.size[0]}x{im.size[1]} (WxH) but "
-                f"the json says 'width' {info['width']}, 'height' {info['height']}"
+                f"{self.ann_file}: image id {image_id}: {str(path)!r} is {array.shape[1]}x{array.shape[0]} "
+                f"(WxH) but the json says 'width' {info['width']}, 'height' {info['height']}"
             )
-        array = np.asarray(im, dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
     def load_target(self, image_id: int) -> dict[str, Any]:
         """Return the untransformed target of ``image_id`` (boxes, labels, masks, ...; see the module)."""

@@ -162,15 +162,15 @@ def learning_rate_factor(cfg: ClassifierConfig, iteration: int) -> float:
 def evaluate_classifier(
     model: nn.Module, dataset: Dataset, cfg: ClassifierConfig, device: torch.device
 ) -> dict[str, Any]:
-    """Top-1 / top-5 error and inference ms per image on ``dataset`` (its first ``eval_max_images``),
-    each process taking every world-th image; the counts and inference seconds are summed over
-    processes."""
+    """Top-1 / top-5 error and inference ms per image on ``dataset`` (``eval_max_images`` of its
+    images spaced evenly over it, so that a class-ordered dataset contributes every class), each
+    process taking every world-th image; the counts and inference seconds are summed over processes."""
     core: nn.Module = getattr(model, "module", model)  # the model inside a DistributedDataParallel
     if not isinstance(dataset, Sized):
         raise TypeError(f"dataset must be a map-style dataset with a length, got {type(dataset).__name__}")
     was_training = core.training
     core.eval()
-    shard = Subset(dataset, eval_indices(len(dataset), cfg.eval_max_images))
+    shard = Subset(dataset, eval_indices(len(dataset), cfg.eval_max_images, spread=True))
     loader = DataLoader(shard, batch_size=cfg.batch_size, num_workers=cfg.workers)
     totals = torch.zeros(4, dtype=torch.float64)  # images, top-1 correct, top-5 correct, seconds
     for images, labels in loader:

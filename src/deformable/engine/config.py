@@ -209,7 +209,7 @@ class ClassifierConfig:
     checkpoint_every: int = 2000
     log_every: int = 50
     eval_every: int = 0  # 0: only at the end
-    eval_max_images: int | None = None  # None: the whole validation set
+    eval_max_images: int | None = None  # None: the whole validation set; else spread over it
     progress: bool = True
     tensorboard: bool = True
     device: str = "auto"  # auto | cpu | cuda

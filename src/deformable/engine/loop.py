@@ -13,7 +13,6 @@ workers, out_dir, checkpoint_every, log_every, eval_every, progress, tensorboard
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import models
-from .._files import load_weights_only
+from .._files import atomic_write_text, load_weights_only, strict_json
 from ..data._checks import is_int
 from .checkpointing import FORMAT, atomic_save, load_training_checkpoint, rng_state, set_rng_state
 from .config import dump_config
@@ -83,15 +82,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def eval_indices(size: int, max_images: int | None) -> list[int]:
-    """This process's share of an evaluation over the first ``max_images`` of ``size`` items (all
-    when None): every world-th index from its rank on."""
+def eval_indices(size: int, max_images: int | None, spread: bool = False) -> list[int]:
+    """This process's share of an evaluation over ``max_images`` of ``size`` items (all when None):
+    every world-th index from its rank on. The first ``max_images``, or with ``spread`` as many spaced
+    evenly over all ``size`` (a dataset listed in class order, as ImageFolder's: the first items
+    would be the first classes alone)."""
     if not is_int(size) or size < 0:
         raise ValueError(f"size must be an int >= 0, got {size!r}")
     if max_images is not None and (not is_int(max_images) or max_images <= 0):
         raise ValueError(f"max_images must be None (all) or a positive int, got {max_images!r}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return list(range(size))[:max_images][rank::world]
+    if max_images is None or max_images >= size:
+        chosen = list(range(size))
+    elif spread:
+        chosen = [i * size // max_images for i in range(max_images)]
+    else:
+        chosen = list(range(max_images))
+    return chosen[rank::world]
 
 
 def read_model_file(path: str | Path) -> dict[str, Any]:
@@ -468,12 +475,13 @@ class TrainingRun:
         if cfg.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
+        # The rate this step used (the first parameter group's), read before the scheduler moves on.
+        lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.iteration += 1
         iteration, last = self.iteration, self.iteration == cfg.iterations
-        lr = self.scheduler.get_last_lr()[0]
         if is_main():
             if self._progress is not None:
                 shown = scalars["loss"] if "loss" in scalars else float(loss.detach())
@@ -507,7 +515,7 @@ class TrainingRun:
                 if self.iteration == self.start:  # a finished run resumed: its final evaluation is redone
                     self.log.discard(lambda r: r["iteration"] == self.iteration and "eval" in r)
                 self.log.write({"iteration": self.iteration, "eval": metrics})
-                (self.out_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+                atomic_write_text(strict_json(metrics) + "\n", self.out_dir / "eval.json")
         if self.log is not None:
             self.log.close()
         barrier()

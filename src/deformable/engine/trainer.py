@@ -87,7 +87,13 @@ def _detection_split(cfg: TrainConfig, split: str, transforms) -> CocoDetection:
     """The ``split`` ("train" or "val") of the config's detection dataset, read through ``transforms``.
 
     Only Mask R-CNN's samples carry instance masks: the others skip decoding them (their evaluation
-    reads the annotation file, not the samples). Training drops images without annotations.
+    reads the annotation file, not the samples). Training drops images without annotations, and boxes
+    of zero width or height with a warning (COCO's train2017 has two), as detectron2 and mmdetection
+    do; the validation set keeps every annotation, so its AP is the official one.
+
+    Raises:
+        ValueError: a Mask R-CNN model whose training annotations have no segmentation at all, or
+            whose validation annotations lack one (mask AP is scored against every object's mask).
     """
     from ..data import CocoDetection, deformed_fashion
 
@@ -97,12 +103,29 @@ def _detection_split(cfg: TrainConfig, split: str, transforms) -> CocoDetection:
             split, transforms=transforms, out_dir=cfg.data_dir, preset=cfg.data_preset, masks=masks
         )
     images, annotations = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_annotations")
-    return CocoDetection(
+    dataset = CocoDetection(
         required_path(images, f"{split}_images", "coco"),
         required_path(annotations, f"{split}_annotations", "coco"),
         transforms,
+        drop_degenerate=split == "train",
         remove_empty=split == "train",
         masks=masks,
+    )
+    if masks:
+        _check_segmentations(dataset, cfg.model, f"{split}_annotations", whole=split == "val")
+    return dataset
+
+
+def _check_segmentations(dataset: CocoDetection, model: str, key: str, whole: bool) -> None:
+    """A Mask R-CNN dataset needs segmentations: some (training: an object without one is trained on
+    its box), or on every annotation (``whole``: validation, whose mask AP scores every object)."""
+    lacking = [a["id"] for a in dataset.coco.anns.values() if not a.get("segmentation")]
+    if not lacking or (not whole and len(lacking) < len(dataset.coco.anns)):
+        return
+    what = "none of the annotations has" if not whole else f"{len(lacking)} annotation(s) lack"
+    raise ValueError(
+        f"config key 'model' is {model!r}, which needs instance masks, but {what} a 'segmentation' in "
+        f"{key} ({dataset.ann_file}; ids {lacking[:5]}): use a fasterrcnn_* model for boxes alone"
     )
 
 
@@ -188,11 +211,14 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
     if cfg.representation_size != 1024:
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
         channels = 256  # the FPN and C4 layouts both pool 256-channel maps
         kwargs["box_head"] = TwoMLPHead(channels * 7 * 7, cfg.representation_size)
         kwargs["box_predictor"] = FastRCNNPredictor(cfg.representation_size, num_classes)
-        kwargs["num_classes"] = None  # torchvision takes the classes from the given predictor
+        if cfg.model.startswith("maskrcnn"):  # torchvision's default, which would need num_classes
+            kwargs["mask_predictor"] = MaskRCNNPredictor(channels, channels, num_classes)
+        kwargs["num_classes"] = None  # torchvision takes the classes from the given predictors
     if cfg.roi_pool != "align" and cfg.roi_pool_hidden is not None:
         kwargs["roi_pool_options"] = {"hidden_channels": tuple(cfg.roi_pool_hidden)}
     elif cfg.roi_pool == "dpool":

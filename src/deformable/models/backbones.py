@@ -133,7 +133,7 @@ def _load_torchvision_weights(arch: str, model: ResNet, weights, progress: bool)
             try:
                 weights = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
             except KeyError:
-                choices = ["DEFAULT", *enum.__members__]
+                choices = list(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is an alias
                 raise ValueError(
                     f"weights must be a .pth/.safetensors path or one of {choices}, got {weights!r}"
                 ) from None
