@@ -348,3 +348,30 @@ def test_cli_export_rejects_a_bad_checkpoint_with_a_clear_error(tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and str(checkpoint) in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("roi_pool", ["mdpool", "align"])
+def test_detector_with_deformable_roi_pooling_exports_with_torchscript(tmp_path, roi_pool):
+    """The README's claim: torchvision's Faster R-CNN with a DCN backbone and deformable RoI heads
+    exports with the TorchScript exporter. Tracing hands the RoI pooler 0-d tensors as image sizes,
+    which its argument check refused."""
+    models = pytest.importorskip("deformable.models")
+    torch.manual_seed(0)
+    model = models.fasterrcnn_resnet50_fpn_dcn(
+        num_classes=3, backbone="resnet18", dcn_stages=(5,), roi_pool=roi_pool, min_size=64, max_size=96,
+        box_score_thresh=0.0,
+    )  # fmt: skip
+    model = _randomise_offsets(model, std=0.1)
+    image = torch.rand(3, 64, 80)
+    path = tmp_path / "detector.onnx"
+    torch.onnx.export(model, ([image],), str(path), dynamo=False, opset_version=19)
+    assert len(_nodes(path, "DeformConv")) == 4  # the 3x3 convs of conv5 (two basic blocks)
+    with torch.no_grad():
+        (expected,) = model([image])
+    boxes, labels, scores = _session(path).run(None, {_session(path).get_inputs()[0].name: image.numpy()})
+    assert boxes.shape == tuple(expected["boxes"].shape) and len(boxes) > 0
+    np.testing.assert_allclose(boxes, expected["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(scores, expected["scores"].numpy(), atol=1e-5)
+    assert (labels == expected["labels"].numpy()).all()

@@ -181,6 +181,17 @@ def test_analyze_builds_trained_runs_from_their_config_and_refuses_partial_fits(
     no_model = parser.parse_args(["analyze", "--checkpoint", str(plain), "--out", "c.png", *common])
     with pytest.raises(SystemExit, match="--model"):
         no_model.func(no_model)
+    # Options the builders refuse were tracebacks.
+    detector = ["--model", "fasterrcnn_resnet50_fpn_dcn", "--num-classes", "3", "--backbone", "resnet999"]
+    cases = (
+        (detector, "fasterrcnn_resnet50_fpn_dcn: .*backbone"),
+        ([*options, "--dcn-stages", "7"], "resnet18_dcn: .*dcn_stages"),
+    )
+    for model_options, words in cases:
+        argv = ["analyze", *model_options, "--checkpoint", str(plain), "--out", "e.png", *common]
+        bad_option = parser.parse_args(argv)
+        with pytest.raises(SystemExit, match=f"--model {words}"):
+            bad_option.func(bad_option)
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")

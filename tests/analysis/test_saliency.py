@@ -115,3 +115,26 @@ def test_channel_none_keeps_the_feature_vector_within_the_bound():
         smaller = result.mask.clone()
         smaller[by * block : (by + 1) * block, bx * block : (bx + 1) * block] = False
         assert error(smaller) > bound
+
+
+def test_the_search_on_the_block_count_is_binary_with_one_image_per_batch():
+    """batch_size=1 (a large detector on a small GPU) tried counts lo, lo + 1, ...: a linear scan."""
+
+    class Mean(torch.nn.Module):  # every pixel counts alike: the region needs nearly every block
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1, bias=False)
+            torch.nn.init.ones_(self.conv.weight)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3), keepdim=True)
+
+    model = Mean().double()
+    image = torch.rand(1, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1
+    result = saliency_region(
+        model, image, "", (0, 0), error_bound=0.01, fill="zero", batch_size=1, block_size=4
+    )
+    kept = int(result.blocks.sum())
+    assert 200 < kept < 256
+    # One greedy pass over the kept blocks (none can go) after log2(256) + 1 counts; was 509 in all.
+    assert result.evaluations <= kept + 9

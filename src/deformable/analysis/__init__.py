@@ -1,4 +1,4 @@
-"""Analysis of a node's spatial support (DCNv2 paper, section 4): effective receptive fields, effective
+"""Analysis of a node's spatial support (DCNv2 paper, Section 2): effective receptive fields, effective
 sampling / bin locations and error-bounded saliency regions, their statistics and the paper's figures.
 
 A *node* is one position of a layer's output (``layer`` = a name from ``model.named_modules()``,

@@ -309,10 +309,13 @@ def run_analyze(args: argparse.Namespace) -> int:
                     f"{path} holds no training config (it was not written by `deformable train`): "
                     "name its architecture with --model (and --dcn, --backbone, --num-classes as needed)"
                 )
-            model = build_model(
-                args.model, dcn=dcn, dcn_stages=args.dcn_stages, roi_pool=pool, backbone=args.backbone,
-                num_classes=args.num_classes, min_size=args.min_size, max_size=args.max_size,
-            )  # fmt: skip
+            try:  # a bad --backbone, --dcn-stages, ...: the builders' ValueErrors name the option
+                model = build_model(
+                    args.model, dcn=dcn, dcn_stages=args.dcn_stages, roi_pool=pool, backbone=args.backbone,
+                    num_classes=args.num_classes, min_size=args.min_size, max_size=args.max_size,
+                )  # fmt: skip
+            except (TypeError, ValueError) as error:
+                raise SystemExit(f"--model {args.model}: {error}") from None
             _load_state_dict(model, path, args.model, dcn, args.source, args.allow_partial)
             is_detector = args.model in DETECTORS
             architecture = _architecture(args.model, args.backbone, is_detector)

@@ -216,8 +216,13 @@ def saliency_region(
         best_error, best_response = 0.0, search.reference
         lo, hi = 0, count  # keeping all `hi` blocks satisfies the bound
         while lo < hi:
-            step = max(1, math.ceil((hi - lo) / (batch_size + 1)))
-            ks = list(range(lo, hi, step))[:batch_size]
+            # Up to batch_size counts that cut [lo, hi) into equal parts (one: its middle), so each
+            # round shrinks the range batch_size + 1 times (it started at lo: a linear scan at one).
+            span = hi - lo
+            if span <= batch_size:
+                ks = list(range(lo, hi))
+            else:
+                ks = [lo + i * span // (batch_size + 1) for i in range(1, batch_size + 1)]
             errors, responses = search.errors(_top_k_masks(order, ks, grid))
             passing = [i for i, ok in enumerate(search.ok(errors).tolist()) if ok]
             if passing:

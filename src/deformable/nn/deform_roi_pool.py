@@ -298,9 +298,21 @@ def _check_pyramid_inputs(x, boxes, image_shapes, featmap_names: list[str]) -> N
         if (
             not isinstance(shape, Sequence)
             or len(shape) != 2
-            or not all(isinstance(v, torch.SymInt) or _is_positive_int(v) for v in shape)
+            or not all(isinstance(v, torch.SymInt) or _is_positive_int(v) or _traced_size(v) for v in shape)
         ):
             raise ValueError(f"image_shapes must hold (height, width) pairs of positive ints, got {shape!r}")
+
+
+def _traced_size(value) -> bool:
+    """A size as torch.jit tracing (the TorchScript ONNX exporter) passes it: a 0-d integer tensor,
+    which torchvision's transform makes of the image sizes so that they stay dynamic."""
+    return (
+        torch.jit.is_tracing()
+        and isinstance(value, Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and not value.is_complex()
+    )
 
 
 class MultiScaleDeformRoIPool(nn.Module):
