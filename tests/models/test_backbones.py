@@ -107,6 +107,25 @@ def test_bad_backbone_arguments(kwargs, error, words):
         resnet50_dcn(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "builder, kwargs, words",
+    [
+        # torchvision's NotImplementedError "Dilation > 1 not supported in BasicBlock"
+        ("resnet18_dcn", dict(replace_stride_with_dilation=[False, False, True]), "bottleneck ResNet"),
+        # a TypeError naming the private _OffsetPredictingConv
+        ("resnet50_dcn", dict(dcn="v1", layer_options={"mask_scale": 2.0}), r"takes .*mask_scale"),
+        # "got multiple values for argument 'offset_groups'"
+        ("resnet50_dcn", dict(layer_options={"offset_groups": 2}), "offset_groups is an argument of its own"),
+    ],
+)
+def test_builder_options_that_torchvision_or_the_layers_refused_are_named(builder, kwargs, words):
+    from deformable import models
+
+    with pytest.raises(ValueError, match=words):
+        getattr(models, builder)(**kwargs)
+    assert models.resnet50_dcn(layer_options={"mask_scale": 2.0, "backend": "aten", "offset_lr_mult": 0.5})
+
+
 @pytest.mark.parametrize("function", [count_dcn_layers, freeze_offsets_to_identity])
 def test_module_helpers_want_a_module(function):
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):

@@ -138,6 +138,39 @@ def test_import_reproduces_outputs(source, writer, tmp_path):
     _assert_same(_outputs(fresh, images), _outputs(original, images))
 
 
+def test_a_model_built_without_the_background_class_is_told_so(tmp_path):
+    """An mmdetection head of 3 classes into a model of num_classes=3 (4 with the background): the
+    score rows mismatch, and the regression and mask rows, of equal shapes, loaded shifted by one
+    class without a word. They are re-laid out whatever the shapes, so they mismatch too."""
+    state = _as_mmdet(_model(0, "align").state_dict())
+    torch.manual_seed(1)
+    short = maskrcnn_resnet50_fpn_dcn(num_classes=3, backbone="resnet18", roi_pool="align")
+    report = load_checkpoint(short, state, source="mmdet")
+    mismatched = {key.rsplit(".", 2)[-2] for key, _, _ in report.mismatched}
+    assert mismatched == {"cls_score", "bbox_pred", "mask_fcn_logits"}, str(report)
+    assert "roi_heads.box_predictor.bbox_pred.weight" in report.missing  # was loaded shifted
+
+
+def test_torchvision_checkpoints_from_before_its_v2_heads(tmp_path):
+    """torchvision's v1 detection weights name the RPN conv and the mask head's convs as before its
+    Conv2dNormActivation heads; torchvision renames them when loading, which load_checkpoint skipped:
+    the RPN conv and the four mask convs stayed random."""
+    original = _model(0, "align")
+    legacy = {}
+    for key, value in original.state_dict().items():
+        key = key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        key = re.sub(
+            r"roi_heads\.mask_head\.(\d)\.0\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.", key
+        )
+        legacy[key] = value
+    assert "rpn.head.conv.weight" in legacy and "roi_heads.mask_head.mask_fcn4.bias" in legacy
+    fresh = _model(1, "align")
+    report = load_checkpoint(fresh, legacy, source="torchvision")
+    assert not report.unexpected and not report.mismatched and not report.missing, str(report)
+    images = [torch.rand(3, 64, 80)]
+    _assert_same(_outputs(fresh, images), _outputs(original, images))
+
+
 def test_torchvision_backbone_weights_into_dcn_backbone(tmp_path):
     import torchvision
 

@@ -317,12 +317,14 @@ def test_training_targets_are_checked_upfront(training_detectors, targets, error
     "masks, words",
     [
         (None, r"lacks \['masks'\]"),
-        (torch.zeros(64, 64), r"\['masks'\] must be a \[1, H, W\] tensor"),
-        (torch.zeros(2, 64, 64), r"\['masks'\] must be a \[1, H, W\] tensor"),
+        (torch.zeros(64, 64), r"\['masks'\] must be a \[1, 64, 64\] tensor"),
+        (torch.zeros(2, 64, 64), r"\['masks'\] must be a \[1, 64, 64\] tensor"),
+        (torch.zeros(1, 32, 32), r"\['masks'\] must be a \[1, 64, 64\] tensor .* at the image's size"),
     ],
 )
 def test_mask_rcnn_targets_need_one_mask_per_box(training_detectors, masks, words):
-    # A [H, W] mask crashed inside a C++ kernel with "Dimension out of range".
+    # A [H, W] mask crashed inside a C++ kernel with "Dimension out of range"; masks at another size
+    # than their image trained on misaligned masks (torchvision scales them by the image's factor).
     target = dict(_TARGET) if masks is None else {**_TARGET, "masks": masks}
     with pytest.raises(ValueError, match=words):
         training_detectors["mask"]([torch.rand(3, 64, 64)], [target])

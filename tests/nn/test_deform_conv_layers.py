@@ -63,6 +63,17 @@ def test_from_conv2d_copies_weights_and_hyperparameters():
     assert layer.weight is not conv.weight
 
 
+def test_from_conv2d_keeps_a_frozen_conv_frozen_and_its_mode():
+    """Converting a frozen stage (a backbone's trainable_layers) made its convolutions trainable again,
+    beside their frozen batch norms."""
+    frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False).eval()
+    layer = DCNv2.from_conv2d(frozen)
+    assert not any(p.requires_grad for p in layer.parameters()) and not layer.training
+    assert not any(m.training for m in layer.modules())
+    trainable = DCNv1.from_conv2d(nn.Conv2d(4, 4, 3, padding=1))
+    assert all(p.requires_grad for p in trainable.parameters()) and trainable.training
+
+
 @pytest.mark.parametrize("cls", [DCNv1, DCNv2])
 def test_gradients_reach_the_offset_conv(cls):
     layer = cls(4, 4, 3, padding=1)

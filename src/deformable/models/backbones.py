@@ -8,6 +8,7 @@ follow the paper's naming: conv2..conv5 are torchvision's ``layer1``..``layer4``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
@@ -160,6 +161,21 @@ def _load_torchvision_weights(arch: str, model: ResNet, weights, progress: bool)
         )
 
 
+def _layer_options(cls: type) -> set[str]:
+    """The keyword-only arguments of a DCN layer class (its own and its bases') that
+    :func:`convert_resnet_to_dcn` leaves to the caller."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {
+                name
+                for name, parameter in inspect.signature(init).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            }
+    return names - {"offset_groups", "device", "dtype"}
+
+
 def _build(
     arch: str,
     *,
@@ -176,6 +192,21 @@ def _build(
     cls = _dcn_class(dcn)
     if layer_options is not None and not isinstance(layer_options, dict):
         raise TypeError(f"layer_options must be a dict or None, got {type(layer_options).__name__}")
+    if layer_options and cls is not None:
+        # What a layer takes beyond what the conversion sets itself (the replaced conv's shape, and
+        # offset_groups, an argument of its own): a wrong key was a TypeError naming a private class.
+        allowed = _layer_options(cls)
+        unknown = sorted(set(layer_options) - allowed)
+        if unknown:
+            hint = " (offset_groups is an argument of its own)" if "offset_groups" in unknown else ""
+            raise ValueError(f"layer_options takes {sorted(allowed)} for dcn={dcn!r}, got {unknown}{hint}")
+    if replace_stride_with_dilation is not None and any(replace_stride_with_dilation) and arch in (
+        "resnet18", "resnet34"
+    ):  # fmt: skip
+        raise ValueError(
+            f"replace_stride_with_dilation needs a bottleneck ResNet; {arch}'s basic blocks cannot dilate, "
+            f"got {replace_stride_with_dilation!r}"
+        )
     stages = check_dcn_stages(dcn_stages)
     check_norm_layer(norm_layer)
     if "num_classes" in kwargs:

@@ -150,6 +150,17 @@ _DETECTRON2_RULES: list[_Rule] = [
     (r"^roi_heads\.mask_head\.predictor\.(.*)$", r"roi_heads.mask_predictor.mask_fcn_logits.\1"),
 ]
 
+# torchvision's own detection checkpoints from before its v2 heads (the published v1 COCO weights):
+# torchvision renames these keys in the modules' _load_from_state_dict, which only runs for keys the
+# model has, so they are renamed here. Keys matching neither pass unchanged.
+_TORCHVISION_LEGACY_RULES: list[_Rule] = [
+    (r"^(.*\.)?rpn\.head\.conv\.(weight|bias)$", r"\1rpn.head.conv.0.0.\2"),
+    (
+        r"^(.*\.)?roi_heads\.mask_head\.mask_fcn(\d)\.(weight|bias)$",
+        lambda m: f"{m[1] or ''}roi_heads.mask_head.{int(m[2]) - 1}.0.{m[3]}",
+    ),
+]
+
 _RULES: dict[str, list[_Rule]] = {
     "deformable": [],
     "torchvision": [],
@@ -163,6 +174,13 @@ def _rename(key: str, rules: list[_Rule]) -> str | None:
         if re.match(pattern, key):
             return re.sub(pattern, replacement, key)
     return None
+
+
+_CLASS_HEADS = tuple(
+    f"{head}.{param}"
+    for head in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_fcn_logits")
+    for param in ("weight", "bias")
+)
 
 
 def _background_first(key: str, value: Tensor, target: Tensor) -> Tensor | None:
@@ -263,7 +281,7 @@ def load_checkpoint(
     report = LoadReport(source)
     renamed: dict[str, Tensor] = {}
     for key, value in state.items():
-        new = _rename(key, rules) if rules else key
+        new = _rename(key, rules) if rules else (_rename(key, _TORCHVISION_LEGACY_RULES) or key)
         if new is None:
             report.unexpected.append(key)
         else:
@@ -274,14 +292,17 @@ def load_checkpoint(
         if key not in target:
             report.unexpected.append(key)
             continue
-        if value.shape != target[key].shape:
-            relaid = _background_first(key, value, target[key]) if source in ("mmdet", "detectron2") else None
+        if source in ("mmdet", "detectron2") and key.endswith(_CLASS_HEADS):
+            # Re-laid out whatever the shapes: a model built without the background class has
+            # regression and mask rows of the checkpoint's shape, shifted by one class.
+            relaid = _background_first(key, value, target[key])
             if relaid is None or relaid.shape != target[key].shape:
                 report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
                 continue
             value = relaid
-        elif source in ("mmdet", "detectron2") and key.endswith(("cls_score.weight", "cls_score.bias")):
-            value = torch.cat([value[-1:], value[:-1]])
+        elif value.shape != target[key].shape:
+            report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+            continue
         accepted[key] = value
     model.load_state_dict(accepted, strict=False)
     if source == "detectron2" and _strides_in_3x3(model):

@@ -124,8 +124,9 @@ def _check_images(images) -> None:
 def _check_targets(model, images, targets) -> None:
     """Check training ``targets`` upfront (torchvision's own checks are asserts, KeyErrors or none):
     one dict per image with ``boxes`` [N, 4] (finite, x2 > x1, y2 > y1), ``labels`` [N] int64 in
-    [1, num_classes) (0 is the background) and, for Mask R-CNN, ``masks`` [N, H, W] (torchvision resizes
-    them with the image)."""
+    [1, num_classes) (0 is the background) and, for Mask R-CNN, ``masks`` [N, H, W] at the image's
+    own H and W (torchvision scales masks by the image's resize factor, so masks of any other size
+    would be cut from the wrong region)."""
     expected = "a list of dicts with 'boxes' [N, 4] and 'labels' [N] (and 'masks' [N, H, W]), one per image"
     if targets is None:
         raise ValueError(f"targets must be given in training mode: {expected}")
@@ -154,11 +155,13 @@ def _check_targets(model, images, targets) -> None:
             )
         if labels.dtype != torch.int64:
             raise TypeError(f"{name}['labels'] must be int64, got {labels.dtype}")
-        if "masks" in keys:  # any resolution: torchvision resizes masks with their image
+        if "masks" in keys:
             masks = target["masks"]
-            if not isinstance(masks, Tensor) or masks.dim() != 3 or masks.shape[0] != count:
+            height, width = images[index].shape[-2:]
+            if not isinstance(masks, Tensor) or tuple(masks.shape) != (count, height, width):
                 raise ValueError(
-                    f"{name}['masks'] must be a [{count}, H, W] tensor (one per box), got {_shape(masks)}"
+                    f"{name}['masks'] must be a [{count}, {height}, {width}] tensor (one per box, at the "
+                    f"image's size), got {_shape(masks)}"
                 )
         valid_boxes = (torch.isfinite(boxes).all(1) & (boxes[:, 2:] > boxes[:, :2]).all(1)).all()
         # 0 is the background: a box labelled 0 would train the RPN on it and the box head against it.

@@ -237,7 +237,9 @@ class _OffsetPredictingConv(DeformConv2d):
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, **kwargs) -> _OffsetPredictingConv:
-        """A layer with ``conv``'s hyper-parameters and a copy of its weight and bias.
+        """A layer with ``conv``'s hyper-parameters, a copy of its weight and bias and its state: a
+        frozen ``conv`` (weight not requiring gradients, as in a backbone's frozen stages) gives a
+        frozen layer, offset branch included, and the layer takes ``conv``'s train/eval mode.
 
         Keyword arguments (``offset_groups``, ``backend``, ...) go to the constructor.
         """
@@ -260,7 +262,11 @@ class _OffsetPredictingConv(DeformConv2d):
             if conv.bias is not None:
                 assert layer.bias is not None  # built with bias=True
                 layer.bias.copy_(conv.bias)
-        return layer
+        if not conv.weight.requires_grad:
+            layer.requires_grad_(False)
+        elif conv.bias is not None and layer.bias is not None:
+            layer.bias.requires_grad_(conv.bias.requires_grad)
+        return layer.train(conv.training)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", offset_groups={self.offset_groups}"
