@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,6 +185,36 @@ def test_matches_torchvision_float32(name, backend):
     theirs = torch.autograd.grad(expected, [t for t in tv_tensors if t is not None], grad)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
+def test_integer_offsets_match_torchvision_on_the_border(backend):
+    """Integer offsets put samples exactly on pixels, on the map's edges and at -1 (zero offsets do at
+    every padding tap: DCNv2's initial state). There the offset gradient is a one-sided derivative:
+    every backend took torchvision's except at exactly -1, where they gave 0 and torchvision the
+    derivative from inside the map."""
+    from deformable.ops._backend import triton_unavailable_reason
+
+    if backend == "triton" and triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip(triton_unavailable_reason(torch.device("cpu")))
+    cfg = Config(in_channels=4, out_channels=3, size=(5, 6), offset_groups=2)
+    x, offset, weight, bias, mask = make_inputs(cfg)
+    g = torch.Generator().manual_seed(1)
+    offset = torch.randint(-2, 3, offset.shape, generator=g).double()
+    offset[:, :, ::2] = 0.0  # zero offsets on alternate rows: the padding taps sit at -1
+    tensors = [t.clone().requires_grad_() for t in (x, offset, weight, bias, mask)]
+    tv = [t.detach().clone().requires_grad_() for t in tensors]
+    out = run(cfg, tensors, backend)
+    expected = torchvision.ops.deform_conv2d(
+        tv[0], tv[1], tv[2], tv[3], cfg.stride, cfg.padding, cfg.dilation, tv[4]
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    ours = torch.autograd.grad(out, tensors, grad)
+    theirs = torch.autograd.grad(expected, tv, grad)
+    for name, a, b in zip(("input", "offset", "weight", "bias", "mask"), ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    assert bool((theirs[1] != 0).any())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -518,7 +549,24 @@ BAD_INPUTS = {
     "float stride": (dict(stride=1.5), TypeError, "stride"),
     "empty output": (dict(input=X[..., :1, :1]), ValueError, "output"),
     "out channels not divisible": (dict(weight=WEIGHT[:-1]), ValueError, "weight"),
+    "no input channel": (dict(input=X[:, :0]), ValueError, "at least one channel"),  # a ZeroDivisionError
+    "bool stride": (dict(stride=True), TypeError, "stride"),
+    "numpy float padding": (dict(padding=np.float64(1.0)), TypeError, "padding"),
 }  # fmt: skip
+
+
+def test_integer_arguments_of_any_integer_type():
+    """numpy integers (as F.conv2d and torchvision take them) were refused."""
+    cfg = CONFIGS["everything"]
+    tensors = make_inputs(cfg)
+    x, offset, weight, bias, mask = tensors
+    as_numpy = [tuple(np.int64(v) for v in pair) for pair in (cfg.stride, cfg.padding, cfg.dilation)]
+    out = deform_conv2d(x, offset, weight, bias, *as_numpy, mask)
+    torch.testing.assert_close(out, run(cfg, tensors, None), rtol=0, atol=0)
+    plain = CONFIGS["plain"]  # one scalar for both sides
+    x, offset, weight, bias, mask = make_inputs(plain)
+    scalars = deform_conv2d(x, offset, weight, bias, np.int32(1), np.int64(1), np.int16(1), mask)
+    torch.testing.assert_close(scalars, deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -145,6 +145,27 @@ def test_gradients_match_oracle_finite_differences(backend):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_one_sample_in_all_has_gradients(backend, with_mask):
+    """One RoI, one bin, one sample: the aten backward's per-sample bin index stayed a stride-0 view,
+    which PyTorch's embedding-bag kernel refused (RuntimeError: Expected contiguous tensor)."""
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]], dtype=torch.float64)
+    offset = torch.tensor([[[[0.1]], [[-0.2]]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.full((1, 1, 1, 1), 0.7, dtype=torch.float64, requires_grad=True) if with_mask else None
+    leaves = [t for t in (x, offset, mask) if t is not None]
+    out = deform_roi_pool(x, rois, offset, mask, 1, 1.0, 1, 0.5, backend=backend)
+    grads = torch.autograd.grad(out.sum(), leaves)
+
+    def oracle(inp, off, msk=None):
+        return deform_roi_pool_oracle(inp, rois, off, msk, 1, 1.0, 1, 0.5)
+
+    for index, grad in enumerate(grads):
+        expected = finite_difference_grad(oracle, [t.detach() for t in leaves], index, torch.ones_like(out))
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS_NOT_INTERPRETED)
 @pytest.mark.parametrize("aligned", [False, True])
 def test_gradcheck(backend, aligned):
@@ -456,6 +477,23 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
+def test_the_reference_refuses_by_name_what_it_cannot_be_traced_through():
+    """The reference's grids depend on the RoI values (.item()): compiled it failed deep in inductor
+    (NameError: TruncToInt), vmapped over rois with a raw .item() error."""
+    x = torch.randn(2, 3, 8, 8)
+    rois = make_rois(4, 8, 8, seed=0).float()
+
+    def pool(features, boxes):
+        return deform_roi_pool(features, boxes, None, None, 3, 1.0, 0, backend="reference")
+
+    with pytest.raises(Exception, match=r"backend 'reference' .* cannot be compiled"):
+        torch.compile(pool, fullgraph=True, backend="aot_eager")(x, rois)
+    with pytest.raises(ValueError, match="vmapped over rois"):
+        torch.func.vmap(pool)(x[None].expand(2, -1, -1, -1, -1), rois[None].expand(2, -1, -1))
+    shared = torch.func.vmap(lambda features: pool(features, rois))(x[None].expand(2, -1, -1, -1, -1))
+    torch.testing.assert_close(shared, pool(x, rois)[None].expand(2, -1, -1, -1, -1))
+
+
 # ------------------------------------------------------------------------------------------------
 # Backend choice and the two routes (eager autograd.Function, custom op)
 # ------------------------------------------------------------------------------------------------
@@ -473,11 +511,17 @@ def _pool_inputs():
 def test_triton_under_deterministic_algorithms(monkeypatch):
     x, rois, offset, mask = _pool_inputs()
     monkeypatch.delenv("DEFORMABLE_BACKEND", raising=False)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
     with deterministic_algorithms(True):
-        with pytest.raises(RuntimeError, match="deterministic"):
-            deform_roi_pool(x, rois, offset, mask, 3, 0.5, backend="triton")
+        with pytest.raises(ValueError, match="deterministic backward"):  # as any backend that cannot run
+            deform_roi_pool(leaves[0], rois, leaves[1], leaves[2], 3, 0.5, backend="triton")
         # The automatic choice (aten on CPU anyway) runs.
-        deform_roi_pool(x, rois, offset, mask, 3, 0.5)
+        deform_roi_pool(leaves[0], rois, leaves[1], leaves[2], 3, 0.5)
+        # Without gradients only the (atomic-free) forward runs: Triton is fine (it was refused).
+        with torch.no_grad():
+            out = deform_roi_pool(leaves[0], rois, leaves[1], leaves[2], 3, 0.5, backend="triton")
+        torch.testing.assert_close(out, deform_roi_pool(x, rois, offset, mask, 3, 0.5, backend="aten"))
+        deform_roi_pool(x, rois, offset, mask, 3, 0.5, backend="triton")
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -187,7 +187,9 @@ def _plan(offset: Tensor, mask: Tensor | None, geo: _Geometry, chunk: _Chunk, dt
     x = (base_x + pairs[..., 1]).reshape(-1)
 
     height, width = geo.height, geo.width
-    outside = (y <= -1) | (y >= height) | (x <= -1) | (x >= width)
+    # y = -1 (x = -1) is inside: its sample is 0 all the same, its offset gradient torchvision's
+    # one-sided derivative (see _reference.bilinear_sample).
+    outside = (y < -1) | (y >= height) | (x < -1) | (x >= width)
     outside &= ~(y.isnan() | x.isnan())  # a NaN coordinate gives NaN, even beside an outside one
     # Parked at (-2, -2), all four neighbours of an outside sample are invalid. NaN coordinates
     # (comparisons are False for them) keep NaN weights but index only the zero row.

@@ -44,7 +44,9 @@ def bilinear_sample(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
     A sample with y <= -1, y >= H, x <= -1 or x >= W is 0; otherwise each of its four integer
     neighbours outside the map counts as 0. NaN coordinates give NaN samples; infinite ones are
-    outside. Nothing is ever read out of bounds.
+    outside. Nothing is ever read out of bounds. At exactly y = -1 (or x = -1) the sample is 0 but
+    differentiable: its coordinate gradient is the one-sided derivative from inside (the top row's
+    value, weighted as the floor rule weighs it), as torchvision's; below -1 it is 0.
 
     Args:
         image: [N, G, C_g, H, W].
@@ -58,7 +60,9 @@ def bilinear_sample(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
     if height * width == 0:  # no pixel to read: every sample is 0, NaN for a NaN coordinate
         nan = torch.where(y.isnan() | x.isnan(), y + x, torch.zeros_like(y))
         return nan.unsqueeze(2).expand(batch, groups, channels, *sample_shape).to(image.dtype)
-    outside = (y <= -1) | (y >= height) | (x <= -1) | (x >= width)
+    # y = -1 stays: its neighbours at row -1 are off the map and row 0 weighs ly = 0, so the sample is
+    # 0, and autograd's derivative (through ly) is torchvision's.
+    outside = (y < -1) | (y >= height) | (x < -1) | (x >= width)
     outside &= ~(y.isnan() | x.isnan())  # a NaN coordinate gives NaN, even beside an outside one
     # Parking outside samples at (-2, -2) makes all four neighbours invalid: the sample is 0 and its
     # coordinate gradient is 0, without any inf - inf arithmetic.

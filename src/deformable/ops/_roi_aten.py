@@ -401,7 +401,8 @@ def _offset_mask_grads(
     grad_mask: Tensor | None,
 ) -> None:
     """Per-bin offset and mask gradients of RoIs [k0, k1), written into ``grad_off`` / ``grad_mask``."""
-    corner_bin = plan.sample_bin[:, None].expand(-1, 4).reshape(-1)
+    # contiguous: with one sample the reshape stays a stride-0 view, which the kernel refuses.
+    corner_bin = plan.sample_bin[:, None].expand(-1, 4).reshape(-1).contiguous()
     # dots[s, i, j] = <grad_output[bin(s)], table[index[s, i, j]]> = d loss / d weight of the corner.
     dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad_rows, table, plan.index.view(-1), plan.bag_offsets, corner_bin, 0

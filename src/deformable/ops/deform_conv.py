@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -51,15 +52,19 @@ def _implementation(backend: str):
 # Validation
 
 
+def _is_integer(value) -> bool:
+    """An int, or an integer of another kind (numpy's) as ``F.conv2d`` accepts; never a bool."""
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+
+
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        value = (value, value)
+    if _is_integer(value):
+        value = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str):
         value = tuple(value)
-        if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(value) != 2 or not all(_is_integer(v) for v in value):
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        value = (int(value[0]), int(value[1]))
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(value) < minimum:
@@ -114,6 +119,8 @@ def _validate(
 
     batch, in_channels, height, width = input.shape
     out_channels, group_in, kh, kw = weight.shape
+    if in_channels == 0:
+        raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
     if kh == 0 or kw == 0 or group_in == 0:
         raise ValueError(
             f"weight must have non-zero input channels and kernel size, got {tuple(weight.shape)}"
@@ -465,7 +472,8 @@ def deform_conv2d(
     The sample of tap (i, j) at output (oy, ox) is taken at
     ``y = oy*stride_h - pad_h + i*dil_h + dy``, ``x = ox*stride_w - pad_w + j*dil_w + dx`` by bilinear
     interpolation; a sample with y <= -1, y >= H, x <= -1 or x >= W is 0, and neighbours outside the
-    map count as 0.
+    map count as 0. As in torchvision, a sample at exactly y = -1 (x = -1), where zero offsets put a
+    padding tap, has the one-sided offset gradient from inside the map.
     """
     if isinstance(input, Tensor):
         input, offset, weight, bias, mask = _autocast([input, offset, weight, bias, mask], input.device.type)

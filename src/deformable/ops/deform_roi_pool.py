@@ -396,17 +396,18 @@ def validate_pooling_parameters(
     return pooled_height, pooled_width
 
 
-def _select_backend(backend: str | None, device: torch.device) -> str:
-    """The backend for tensors on ``device``: as deform_conv2d's choice, except that the Triton kernel's
-    atomics are not repeatable, so the automatic choice under deterministic algorithms is "aten"."""
+def _select_backend(backend: str | None, device: torch.device, needs_grad: bool) -> str:
+    """The backend for tensors on ``device``: as deform_conv2d's choice, except that the Triton backward's
+    atomics are not repeatable, so under deterministic algorithms, when a gradient may be taken
+    (``needs_grad``), the automatic choice is "aten" and an explicit "triton" a ValueError."""
     chosen = resolve_backend(backend, device)
-    if chosen == "triton" and torch.are_deterministic_algorithms_enabled():
+    if chosen == "triton" and needs_grad and torch.are_deterministic_algorithms_enabled():
         if backend is None and not os.environ.get(ENV_VAR):
             return "aten"
-        raise RuntimeError(
+        raise ValueError(
             "deform_roi_pool with backend='triton' has no deterministic backward (its input gradient is "
             "accumulated with atomics) and torch.use_deterministic_algorithms(True) is set: use "
-            "backend='aten', whose backward is deterministic"
+            "backend='aten', whose backward is deterministic (or run without gradients)"
         )
     return chosen
 
@@ -454,7 +455,8 @@ def deform_roi_pool(
             shift of Detectron2 and mmcv's deformable RoI pooling.
         backend: ``"reference"``, ``"aten"``, ``"triton"`` or None (automatic: ``DEFORMABLE_BACKEND``,
             else "triton" for CUDA tensors when Triton is installed and "aten" otherwise; "aten" under
-            ``torch.use_deterministic_algorithms(True)``, as Triton's input gradient uses atomics).
+            ``torch.use_deterministic_algorithms(True)`` when a gradient may be taken, as Triton's
+            input gradient uses atomics).
 
     Returns:
         ``[K, C, ph, pw]`` in the dtype of ``input`` (low precision accumulates in float32).
@@ -465,7 +467,8 @@ def deform_roi_pool(
             message names it. The RoIs' values (finite, integer batch indices in range) cost one
             host synchronisation to check, so the check is skipped while torch.compile traces and
             while a CUDA graph is captured.
-        RuntimeError: ``backend="triton"`` requested under deterministic algorithms.
+            ``backend="triton"`` requested under deterministic algorithms for tensors that require
+            gradients (a ValueError).
     """
     if isinstance(input, Tensor) and autocast_enabled(input.device.type):
         # Under autocast the offset branch may run in another precision than the features: compute in
@@ -476,8 +479,18 @@ def deform_roi_pool(
         input, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, aligned
     )
     args = (pooled_height, pooled_width, float(spatial_scale), int(sampling_ratio), float(gamma), aligned)
-    chosen = _select_backend(backend, input.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (input, offset, mask)
+    )
+    chosen = _select_backend(backend, input.device, needs_grad)
     if chosen == "reference":
+        # A loop over RoIs whose sampling grids depend on their values (.item()): it runs eagerly, and
+        # under torch.func with shared rois, but a compiler or tracer would freeze one call's grids.
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or (under_torch_func() and _vmapped(rois)):
+            raise ValueError(
+                "backend 'reference' (DEFORMABLE_BACKEND or backend=) loops over the RoIs' values: it "
+                "cannot be compiled, traced or vmapped over rois; use backend='aten' there"
+            )
         return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
     if _plain_eager(input, rois, offset, mask):
         return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)

@@ -89,7 +89,10 @@ def _sample_at(
     """Bilinear set-up of the samples of tap (i, j) displaced by (dy, dx) (see ``_sample``)."""
     y = (oy * stride_h - pad_h + i * dil_h).to(CT) + dy
     x = (ox * stride_w - pad_w + j * dil_w).to(CT) + dx
-    inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+    # At exactly -1 the sample is 0 all the same (its only in-map neighbours weigh 0), but counting it
+    # inside gives its offset the one-sided derivative from inside, as torchvision does: where zero
+    # offsets put a padding tap (DCNv2's initial state), the offset still learns.
+    inside = (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
     # Where y or x is NaN, so is y + x.
     outside = tl.where((y != y) | (x != x), y + x, 0.0)
     ys = tl.where(inside, y, 0.0)
@@ -111,7 +114,7 @@ def _sample(
     Returns, each a [BLOCK] vector:
         y0, x0: the top-left neighbour (int32, meaningful where ``inside``);
         ly, lx: the fractional parts;
-        inside: the sample lies in the open range (-1, H) x (-1, W);
+        inside: the sample lies in [-1, H) x [-1, W);
         outside: the sample's value where not inside: 0, or NaN for a NaN position;
         mod: the mask value (1 without a mask).
     Positions outside are replaced by 0 before the floor, so no huge or infinite coordinate is
