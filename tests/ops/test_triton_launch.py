@@ -122,15 +122,21 @@ def test_a_planned_launch_repeats_through_its_own_entry(toy):
     assert len(bound) == 1 and len(_launch._compiled) == 1  # launch's cache filled as well
 
 
-@pytest.mark.parametrize("change", ["alignment", "dtype"])
-def test_a_planned_launch_misses_on_what_its_tensors_specialise(toy, change):
-    """A plan fixes every argument but the tensors: their dtype and alignment are what can change."""
+@pytest.mark.parametrize("change", ["alignment", "device"])
+def test_a_planned_launch_misses_on_what_can_change_under_a_plan(toy, monkeypatch, change):
+    """A plan fixes every argument but the tensors, and their dtypes (its key holds them): their
+    alignment can change, and the device for plans shared by devices (the layout copies')."""
     kernel, log = toy
     bound: dict = {}
     base = torch.zeros(9)
     x, out = base[:8], torch.zeros(8)
     _planned(kernel, bound, x, out)
-    other = base[1:] if change == "alignment" else x.double()
+    other = x
+    if change == "alignment":
+        other = base[1:]  # 4 bytes off a 16-byte boundary
+    else:
+        monkeypatch.setattr(_launch, "_cuda_device", lambda first: 1)
+        kernel.device_caches[1] = kernel.device_caches[0]
     _planned(kernel, bound, other, out)
     _planned(kernel, bound, other, out)
     assert [entry[0] for entry in log] == ["jit", "jit", "fast"]

@@ -96,19 +96,17 @@ def launch_planned(
     non-tensor arguments and keyword arguments (constexprs, ``num_warps``, ``num_stages``) never
     change: only the tensors do.
 
-    What Triton specialises a tensor on is its dtype and 16-byte alignment, so the compiled kernel,
-    the full grid and the constexpr tail are remembered in the plan's own ``bound`` dict under the
-    device and those two facts of each tensor. A repeat then costs that key and the launcher call,
-    not :func:`launch`'s key over every argument (at det-c4 about 4 us of a CPU's time per launch,
-    ``benchmarks/bench_launch.py``). A miss takes :func:`launch` and remembers what it returns.
+    What Triton specialises a tensor on is its dtype and 16-byte alignment. A plan fixes its tensors'
+    dtypes (the caller's plan key holds them: the kernels' operands all derive from the input's dtype),
+    so the compiled kernel, the full grid and the constexpr tail are remembered in the plan's own
+    ``bound`` dict under the device and each tensor's address modulo 16. A repeat then costs that key
+    and the launcher call, not :func:`launch`'s key over every argument (at det-c4 about 4 us of a
+    CPU's time per launch, ``benchmarks/bench_launch.py``). A miss takes :func:`launch` and remembers
+    what it returns.
     """
     device = _cuda_device(tensors[0]) if ENABLED else None
     if device is not None:
-        facts: list = [device]
-        for t in tensors:
-            facts.append(t.dtype)
-            facts.append(t.data_ptr() % 16 == 0)
-        key = tuple(facts)
+        key = (device, *[t.data_ptr() & 15 for t in tensors])
         entry = bound.get(key)
         if entry is not None:
             compiled, full_grid, tail = entry

@@ -187,6 +187,15 @@ _INT32_SAFE = 2**30  # elements; above this, index arithmetic is 64-bit (margin 
 class _Geometry(ConvGeometry):
     """:class:`ConvGeometry` plus the tiling and index-width questions of the kernels."""
 
+    def __hash__(self) -> int:
+        # Every launch plan's key holds the geometry: hashed once (the dataclass's hash rebuilds the
+        # tuple of its fields on every call), then remembered on the (frozen) instance.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def pixels(self) -> int:
         return self.batch * self.out_h * self.out_w
@@ -720,13 +729,11 @@ def _weight_gemm_forward(weight: Tensor, geo: _Geometry, k_major: bool) -> Tenso
     take as well; for an NCHW-contiguous weight one transpose per group of [C_out/groups *
     C_in/groups, kh*kw]), else [groups, kh*kw, C_in/groups, C_out/groups] (the layout the multiply-add
     products of full fp32 and fp64 keep in fewer registers)."""
-    w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
-    if not k_major:
-        return w.permute(0, 3, 2, 1).contiguous()
-    if weight.is_contiguous():
+    if k_major and weight.is_contiguous():
         out = weight.new_empty((geo.groups, geo.taps, geo.group_out, geo.group_in))
         return transpose(weight, out, geo.groups, geo.group_out * geo.group_in, geo.taps)
-    return w.permute(0, 3, 1, 2).contiguous()
+    w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
+    return (w.permute(0, 3, 1, 2) if k_major else w.permute(0, 3, 2, 1)).contiguous()
 
 
 def _grid(programs: int) -> tuple[int]:
@@ -772,7 +779,7 @@ def forward(
     settings = _settings(input)
     k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
     w = _weight_gemm_forward(weight, geo, k_major)
-    bias_c = bias.contiguous() if bias is not None else w
+    bias_c = w if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
     tensors = (x, offset, mask_c, w, bias_c, out)
     flags = (mask is not None, bias is not None)
     deterministic = torch.are_deterministic_algorithms_enabled()
