@@ -161,6 +161,25 @@ def test_mimicking_selection(select):
     assert model.mimic.classifier.weight.grad is not None
 
 
+def test_mimicking_patches_leave_the_running_statistics_alone():
+    """With batch norms that track statistics (norm_layer=BatchNorm2d), the magnified RoI patches went
+    through the shared backbone in training mode and moved the running averages evaluation uses."""
+    plain = build("faster", "fpn", norm_layer=torch.nn.BatchNorm2d)
+    mimic = build("faster", "fpn", mimic=True, norm_layer=torch.nn.BatchNorm2d)
+    mimic.load_state_dict(plain.state_dict(), strict=False)
+    images, targets = batch(False)
+    for model in (plain, mimic):
+        model.train()
+        torch.manual_seed(1)
+        model(images, targets)
+    stats = {k: v for k, v in plain.backbone.state_dict().items() if "running" in k or "num_batches" in k}
+    assert stats and any(v.abs().sum() > 0 for k, v in stats.items() if "running_mean" in k)
+    for key, value in stats.items():
+        torch.testing.assert_close(mimic.backbone.state_dict()[key], value, msg=key)
+    norm = next(m for m in mimic.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert norm.momentum == 0.1
+
+
 def test_mimicking_keeps_nothing_of_a_training_step():
     """After a step the mimicking head holds no tensor of the step's graph: the model deep-copies (EMA,
     SWA, a copy for evaluation) and the step's activations are freed."""

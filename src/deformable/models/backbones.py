@@ -339,8 +339,9 @@ def move_stride_to_1x1(model: nn.Module) -> nn.Module:
 def freeze_offsets_to_identity(model: nn.Module) -> nn.Module:
     """Zero every offset branch and fix DCNv2 masks at 1 (``mask_scale=2`` x sigmoid(0)).
 
-    The network then computes exactly its plain convolutional counterpart; used by tests and to
-    check converted checkpoints.
+    Its deformable convolutions then compute exactly their plain convolutions, so a backbone equals
+    its plain counterpart; used by tests and to check converted checkpoints. Deformable RoI pooling
+    (a detector's ``roi_pool="mdpool"``/``"dpool"`` heads) is left as it is.
     """
     check_module(model)
     for module in model.modules():

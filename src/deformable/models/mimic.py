@@ -161,7 +161,8 @@ class FeatureMimicking(nn.Module):
         patches = roi_align(
             image_tensors, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True
         )
-        patch_features = detector.backbone(patches)
+        with _running_statistics_kept(detector.backbone):
+            patch_features = detector.backbone(patches)
         if isinstance(patch_features, Tensor):
             patch_features = {"0": patch_features}
         whole = patches.new_tensor([[0.0, 0.0, size, size]])
@@ -178,3 +179,30 @@ class FeatureMimicking(nn.Module):
             "loss_mimic": self.options.mimic_weight * mimic,
             "loss_rcnn_cls": self.options.cls_weight * cls,
         }
+
+
+@contextlib.contextmanager
+def _running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Batch norms in ``module`` normalise with their batch's statistics as in training, but leave their
+    running statistics as they are: the mimicking patches are RoIs magnified to ``patch_size``, not
+    images of the training distribution, and must not move the statistics evaluation uses (a momentum
+    of 0 keeps the running averages; the batch counter is put back)."""
+    saved = [
+        (
+            norm,
+            norm.momentum,
+            norm.num_batches_tracked.clone() if norm.num_batches_tracked is not None else None,
+        )
+        for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.training and norm.track_running_stats
+    ]
+    for norm, _, _ in saved:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum, count in saved:
+            norm.momentum = momentum
+            if count is not None:
+                assert norm.num_batches_tracked is not None
+                norm.num_batches_tracked.copy_(count)
