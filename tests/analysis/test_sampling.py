@@ -177,3 +177,17 @@ def test_analysis_entry_points_want_a_module(model):
     ):
         with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
             call()
+
+
+def test_location_weights_are_zero_off_the_map_on_every_edge():
+    """Padding taps at exactly -1 (zero offsets, a plain convolution's grid) have the operator's
+    one-sided offset gradient there; their weight at the top-left corner came to 85% of the node's,
+    on samples that read zeros, while those at the bottom-right (H, W) weighed 0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1)).double()
+    image = torch.rand(1, 6, 6, dtype=torch.float64) + 1
+    for position in ((0, 0), (5, 5), (0, 5)):
+        points, weights = effective_sampling_locations(model, image, "0", position, channel=0)
+        off_map = ((points < -0.5) | (points > 5.5)).any(1)
+        assert bool(off_map.any()) and float(weights[off_map].abs().sum()) == 0.0
+        assert float(weights[~off_map].sum()) > 0

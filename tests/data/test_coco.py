@@ -438,7 +438,7 @@ def test_a_split_with_categories_the_training_split_lacks_is_refused(tmp_path):
         val.use_categories([{"id": "3", "name": "cat"}], "train.json")
 
 
-@pytest.mark.parametrize("mode", ["16-bit", "32-bit", "float", "gray", "palette"])
+@pytest.mark.parametrize("mode", ["16-bit", "32-bit", "float", "unit float", "gray", "palette"])
 def test_images_of_any_pil_mode_load_as_rgb_bytes(tmp_path, mode):
     """A 16-bit PNG went through PIL's RGB conversion, which clips: almost every pixel became 255."""
     images, ann_file = write_dataset(tmp_path)
@@ -450,11 +450,13 @@ def test_images_of_any_pil_mode_load_as_rgb_bytes(tmp_path, mode):
         Image.fromarray(np.rint(ramp * 65535).astype(np.int32), mode="I").save(images / "a.tiff")
     elif mode == "float":
         Image.fromarray((ramp * 65535).astype(np.float32), mode="F").save(images / "a.tiff")
+    elif mode == "unit float":
+        Image.fromarray(ramp.astype(np.float32), mode="F").save(images / "a.tiff")
     elif mode == "gray":
         Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).save(images / "a.png")
     else:
         Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).convert("P").save(images / "a.png")
-    if mode in ("32-bit", "float"):
+    if mode in ("32-bit", "float", "unit float"):
         data = coco_dict()
         data["images"][0]["file_name"] = "a.tiff"
         ann_file.write_text(json.dumps(data))

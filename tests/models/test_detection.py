@@ -192,6 +192,29 @@ def test_mimicking_keeps_nothing_of_a_training_step():
     assert torch.equal(copied.mimic.classifier.weight, model.mimic.classifier.weight)
 
 
+@pytest.mark.parametrize("dcn", [None, "v2"])
+def test_c4_layout_dilates_every_3x3_convolution_of_conv5(dcn):
+    """The paper's conv5 (and mmdetection's and detectron2's dilated layouts) dilates all its 3x3
+    convolutions by 2; torchvision's replace_stride_with_dilation left the first block's at 1."""
+    model = build("faster", "c4", dcn=dcn, roi_pool="align")
+    convs = [
+        m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
+    body = model.backbone.body if hasattr(model.backbone, "body") else model.backbone
+    conv5 = [
+        m
+        for name, m in body.named_modules()
+        if "layer4" in name and getattr(m, "kernel_size", None) == (3, 3)
+    ]
+    assert conv5 and all(m.dilation == (2, 2) and m.padding == (2, 2) for m in conv5)
+    assert all(m.dilation == (1, 1) for m in convs if m not in conv5)
+    if dcn is not None:
+        assert any(hasattr(m, "conv_offset") for m in conv5)
+    model.eval()
+    with torch.no_grad():
+        model([torch.rand(3, 96, 120)])
+
+
 def test_placement_of_deformable_parts():
     model = build("mask", "fpn", dcn="v2", roi_pool="mdpool")
     assert count_dcn_layers(model.backbone.body) == 12  # resnet18: 2 blocks x two 3x3 convs x conv3-5

@@ -143,6 +143,22 @@ def test_a_planned_launch_misses_on_what_can_change_under_a_plan(toy, monkeypatc
     assert len(bound) == 2
 
 
+def test_a_planned_launch_honours_pre_run_hooks_and_clear_cache(toy):
+    """A bound entry skipped a pre-run hook added later (launch() checks on every call) and outlived
+    clear_cache(), whose purpose is a changed Triton configuration."""
+    kernel, log = toy
+    bound: dict = {}
+    x, out = torch.zeros(8), torch.zeros(8)
+    _planned(kernel, bound, x, out)
+    _planned(kernel, bound, x, out)
+    _launch.clear_cache()
+    _planned(kernel, bound, x, out)  # launched ordinarily again, and bound anew
+    _planned(kernel, bound, x, out)
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    _planned(kernel, bound, x, out)
+    assert [entry[0] for entry in log] == ["jit", "fast", "jit", "fast", "jit"]
+
+
 def test_a_planned_launch_without_the_fast_path_launches_ordinarily(toy, monkeypatch):
     kernel, log = toy
     bound: dict = {}

@@ -19,7 +19,7 @@ _reason = triton_unavailable_reason(DEVICE)
 if _reason is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-from deformable.ops._triton import _launch, _relayout  # noqa: E402
+from deformable.ops._triton import _relayout  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -35,14 +35,14 @@ def _random(shape, dtype, device=DEVICE) -> torch.Tensor:
 
 def spy_transposes(monkeypatch) -> list[dict]:
     """The constexprs of every transpose launch from now on."""
-    launched, launch = [], _launch.launch
+    launched, launch = [], _relayout.launch_planned
 
-    def spy(kernel, grid, *args, **kwargs):
-        if kernel is _relayout.transpose_kernel:
-            launched.append(kwargs)
-        return launch(kernel, grid, *args, **kwargs)
+    def spy(kernel, bound, grid, tensors, scalars, kwargs):
+        # Where every transpose passes, on a GPU too (a plan's later launches skip _launch.launch).
+        launched.append(kwargs)
+        launch(kernel, bound, grid, tensors, scalars, kwargs)
 
-    monkeypatch.setattr(_launch, "launch", spy)
+    monkeypatch.setattr(_relayout, "launch_planned", spy)
     return launched
 
 

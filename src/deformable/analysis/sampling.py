@@ -362,6 +362,11 @@ def _layer_samples(call: _Call, grads, weighting: str, geometry: MapGeometry) ->
     delta = offset.reshape(groups, taps, 2, -1)[:, :, :, flat]  # [G, K, 2, S]
     qy = (oy * stride[0] - padding[0])[None, None, :] + (i * dilation[0])[None, :, None] + delta[:, :, 0]
     qx = (ox * stride[1] - padding[1])[None, None, :] + (j * dilation[1])[None, :, None] + delta[:, :, 1]
+    if weighting == "location":
+        # A sample off the map reads 0. At exactly -1 (a padding tap under zero offsets) the operator's
+        # offset gradient is torchvision's one-sided one, not 0 as at H or W: weigh neither edge.
+        height, width = call.input_size
+        weights = weights * ((qy > -1) & (qy < height) & (qx > -1) & (qx < width))
     feature_points = torch.stack((qy, qx), -1).to(dtype).reshape(-1, 2)  # [G*K*S, 2]
     count = oy.numel()
     positions = torch.stack((oy, ox), -1)[None, None].expand(groups, taps, count, 2).reshape(-1, 2)

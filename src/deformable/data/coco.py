@@ -358,8 +358,9 @@ def _quiet_coco(data: dict[str, Any]) -> COCO:
 
 def _rgb_array(im) -> np.ndarray:
     """A PIL image as uint8 [H, W, 3]. Single-channel images of more than 8 bits (16-bit PNGs, 32-bit
-    integer or float ones) are scaled from 0..65535 to 0..255 (values within 0..255 stay as they are):
-    PIL's own conversion clips them, which turned a 16-bit image almost entirely white."""
+    integer or float ones) are scaled from 0..65535 to 0..255 (values within 0..255 stay as they are,
+    and a float image within 0..1 is scaled from 0..1): PIL's own conversion clips them, which turned a
+    16-bit image almost entirely white."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         values = np.asarray(im, dtype=np.float64)
         if values.size and not np.isfinite(values).all():
@@ -369,6 +370,8 @@ def _rgb_array(im) -> np.ndarray:
             raise ValueError(f"a {im.mode!r} image with values in [{low:g}, {high:g}], outside 0..65535")
         if im.mode.startswith("I;16") or high > 255:
             values = values / 257.0
+        elif im.mode == "F" and high <= 1.0:
+            values = values * 255.0
         gray = np.rint(values).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     return np.array(im.convert("RGB"), dtype=np.uint8)

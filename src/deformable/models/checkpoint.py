@@ -281,7 +281,10 @@ def load_checkpoint(
     report = LoadReport(source)
     renamed: dict[str, Tensor] = {}
     for key, value in state.items():
-        new = _rename(key, rules) if rules else (_rename(key, _TORCHVISION_LEGACY_RULES) or key)
+        if rules:
+            new = _rename(key, rules)
+        else:  # a model whose own keys have the old names (a custom head) keeps them
+            new = key if key in target else (_rename(key, _TORCHVISION_LEGACY_RULES) or key)
         if new is None:
             report.unexpected.append(key)
         else:

@@ -401,6 +401,20 @@ def _c4_anchors(anchors: AnchorGenerator | None) -> AnchorGenerator:
     return anchors
 
 
+def _dilate_conv5_entry(resnet: ResNet) -> ResNet:
+    """Dilate conv5's first 3x3 convolution by 2, as its others: the paper's conv5 (the a trous
+    algorithm of Deformable ConvNets, "dilation of 2 for all the conv filters in conv5"), and
+    mmdetection's and detectron2's dilated layouts, whose checkpoints this layout loads.
+    torchvision's ``replace_stride_with_dilation`` leaves the block that used to stride at dilation 1.
+    A DCN layer's offset branch (same geometry) follows it. Returns ``resnet``."""
+    conv = resnet.layer4[0].conv2
+    for layer in (conv, getattr(conv, "conv_offset", None)):
+        if layer is not None:
+            layer.dilation = (2, 2)
+            layer.padding = (2, 2)
+    return resnet
+
+
 def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
     _check_keywords(cls, kwargs, extra=("roi_channels",))
     roi_channels = _positive_int(kwargs.pop("roi_channels", 256), "roi_channels")
@@ -416,7 +430,7 @@ def _c4_detector(cls, o: _DetectorOptions, kwargs: dict):
         raise ValueError(
             f"the C4 layout dilates conv5, which needs a bottleneck ResNet; got backbone={backbone!r}"
         )
-    resnet = o.resnet([False, False, True])
+    resnet = _dilate_conv5_entry(o.resnet([False, False, True]))
     trainable = o.trainable_layers
     frozen = ["layer4", "layer3", "layer2", "layer1", "conv1"][trainable:]
     if trainable < 5:

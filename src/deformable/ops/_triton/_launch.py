@@ -52,11 +52,18 @@ _compiled: dict[tuple, Any] = {}  # key -> Triton's CompiledKernel
 _tails: dict[int, tuple[tuple[str, ...], tuple] | None] = {}
 
 
+# Part of every launch_planned key: clear_cache() moves it on, so that the plans' own entries (held in
+# the callers' plan caches, out of reach here) are forgotten too.
+_generation = 0
+
+
 def clear_cache() -> None:
     """Forget every cached kernel and check (tests; a changed Triton configuration)."""
+    global _generation
     _compiled.clear()
     _tails.clear()
     _stage_caps.clear()
+    _generation += 1
 
 
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int, num_stages: int = 2, **constexprs):
@@ -102,11 +109,12 @@ def launch_planned(
     ``bound`` dict under the device and each tensor's address modulo 16. A repeat then costs that key
     and the launcher call, not :func:`launch`'s key over every argument (at det-c4 about 4 us of a
     CPU's time per launch, ``benchmarks/bench_launch.py``). A miss takes :func:`launch` and remembers
-    what it returns.
+    what it returns. A kernel with pre-run hooks always launches through :func:`launch`, and
+    :func:`clear_cache` forgets these entries as well.
     """
-    device = _cuda_device(tensors[0]) if ENABLED else None
+    device = _cuda_device(tensors[0]) if ENABLED and not getattr(kernel, "pre_run_hooks", None) else None
     if device is not None:
-        key = (device, *[t.data_ptr() & 15 for t in tensors])
+        key = (_generation, device, *[t.data_ptr() & 15 for t in tensors])
         entry = bound.get(key)
         if entry is not None:
             compiled, full_grid, tail = entry
