@@ -2,6 +2,7 @@
 
     python -m deformable.ops._triton.compile_check             # sm_90 (H100), the anchor shapes
     python -m deformable.ops._triton.compile_check --arch 80   # another compute capability
+    python -m deformable.ops._triton.compile_check --fast      # the test suite's shorter check
 
 For every deform_conv2d kernel, dtype and launch configuration the heuristic picks for the seven
 anchor shapes of ``shared/anchors``, and for the deformable RoI pooling kernels (7x7 bins, 256
@@ -13,7 +14,9 @@ them are global loads narrower than 16 bytes (``nvdisasm``; a static proxy for t
 instruction-bound kernel, see ``loop_mix``), and the compile time. Exits 1 if anything fails to
 compile or spills more than ``--max-spill-bytes`` (default 0): a check a session without a GPU can run
 before handing kernels over (the test suite runs it with a small allowance, as ptxas may keep a few
-bytes of a loop's state on the stack).
+bytes of a loop's state on the stack). ``--fast`` reads the resources from the cubin Triton assembled
+(spills as its stack frame, an upper bound; no serialisation flag) and disassembles only the 16-bit
+data and weight kernels, whose loop loads the test suite checks: about a third less time.
 Uses Triton internals (``ASTSource``, ``GPUTarget``), so it may need updating with Triton; it does
 not work under ``TRITON_INTERPRET=1``.
 """
@@ -66,8 +69,13 @@ _FLAT_SHAPES = ("det-c3", "det-c4")
 
 
 def _compile(
-    fn, pointers: dict[str, str], constexprs: dict, ints16: set[str], warps: int, stages: int, arch: int
-):
+    fn, pointers: dict[str, str], constexprs: dict, ints16: set[str], warps: int, stages: int, arch: int,
+    fast: bool = False, sass: bool = True,
+):  # fmt: skip
+    """Compile one kernel and report its resources. ``fast``: from the cubin Triton made (its
+    registers, and its stack frame as the spill figure), without assembling the PTX again with
+    ``ptxas -v``, which alone reports spill bytes and serialised wgmma; ``sass`` False skips the
+    disassembly (no loop figures)."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -86,27 +94,38 @@ def _compile(
     )
     seconds = time.perf_counter() - start
     ptx = kernel.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     suffix = "a" if arch >= 90 else ""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        cubin = os.path.join(tmp, "kernel.cubin")
-        result = subprocess.run(
-            [ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", cubin],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        sass = subprocess.run(
-            [os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-    registers = re.search(r"Used (\d+) registers", result.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", result.stderr)
     mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma")
-    if "C7515" in result.stderr:  # ptxas: wgmma serialized (no overlap of consecutive matrix products)
-        mma += " (serialized)"
-    loop, narrow = loop_mix(sass)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        if fast:
+            with open(cubin, "wb") as f:
+                f.write(kernel.asm["cubin"])
+            usage = subprocess.run(
+                [os.path.join(tools, "cuobjdump"), "-res-usage", cubin],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            registers = re.search(r"REG:(\d+)", usage)
+            spills = re.search(r"STACK:(\d+)", usage)
+        else:
+            path = os.path.join(tmp, "kernel.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            result = subprocess.run(
+                [os.path.join(tools, "ptxas"), "-v", f"--gpu-name=sm_{arch}{suffix}", path, "-o", cubin],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            registers = re.search(r"Used (\d+) registers", result.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", result.stderr)
+            if "C7515" in result.stderr:  # ptxas: wgmma serialized (no overlap of consecutive products)
+                mma += " (serialized)"
+        loop, narrow = -1, -1
+        if sass:
+            disassembly = subprocess.run(
+                [os.path.join(tools, "nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True
+            ).stdout  # fmt: skip
+            loop, narrow = loop_mix(disassembly)
     return {
         "registers": int(registers.group(1)) if registers else -1,
         "spill_bytes": int(spills.group(1)) if spills else 0,
@@ -320,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
     parser.add_argument("--sms", type=int, default=132, help="multiprocessors the heuristic assumes")
     parser.add_argument("--max-spill-bytes", type=int, default=0, help="spill allowance per kernel")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the test suite's check: resources from Triton's own cubin (spills as its stack frame, no "
+        "serialised-wgmma flag), SASS loop figures only for the 16-bit data and weight kernels",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET", file=sys.stderr)
@@ -353,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     seen[key] = result = _compile(
                         fn, pointers, constexprs, ints16 | divisible, config.num_warps, config.num_stages,
-                        args.arch,
+                        args.arch, fast=args.fast,
+                        sass=not args.fast or (kernel in ("data", "weight") and dtype != torch.float32
+                                               and dtype != torch.float64),
                     )  # fmt: skip
                     bad += result["spill_bytes"] > args.max_spill_bytes
                 except Exception as e:  # report every failure, then fail
@@ -374,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         for kernel in ("roi-forward", "roi-backward"):
             fn, pointers, constexprs, warps = _roi_kernel_args(kernel, dtype)
             try:
-                result = _compile(fn, pointers, constexprs, {"C"}, warps, 1, args.arch)
+                result = _compile(
+                    fn, pointers, constexprs, {"C"}, warps, 1, args.arch, args.fast, not args.fast
+                )
                 bad += result["spill_bytes"] > args.max_spill_bytes
             except Exception as e:
                 result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
@@ -384,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     for what, src, dst, rows, cols in _TRANSPOSES:
         fn, pointers, constexprs, divisible = _transpose_args(src, dst, rows, cols)
         try:
-            result = _compile(fn, pointers, constexprs, divisible, 4, 1, args.arch)
+            result = _compile(fn, pointers, constexprs, divisible, 4, 1, args.arch, args.fast, not args.fast)
             bad += result["spill_bytes"] > args.max_spill_bytes
         except Exception as e:
             result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
