@@ -352,7 +352,11 @@ def test_resize_keeps_boxes_and_masks_consistent(dataset_files):
 
 def test_eval_transforms_resize(dataset_files):
     images, ann_file = dataset_files
-    image, target = CocoDetection(images, ann_file, transforms=eval_transforms(min_size=60))[0]
+    dataset = CocoDetection(images, ann_file, transforms=eval_transforms(min_size=60))
+    state = torch.random.get_rng_state()
+    image, target = dataset[0]
+    # The resize drew its (single) size from the global generator: evaluating moved training's stream.
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert image.shape == (3, 60, 80) and image.dtype == torch.float32
     assert torch.allclose(target["boxes"][0], torch.tensor([4.0, 6.0, 24.0, 18.0]))
     with pytest.raises(ValueError, match="single min_size"):

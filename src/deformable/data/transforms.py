@@ -73,8 +73,28 @@ def eval_transforms(min_size: int | None = None, max_size: int | None = None) ->
     if sizes is not None and len(sizes) != 1:
         raise ValueError(f"eval_transforms takes a single min_size, got {min_size!r}")
     _check_max_size(max_size, sizes)
-    steps: list[v2.Transform] = []
+    steps: list = []
     if sizes is not None:
-        steps.append(v2.RandomShortestSize(min_size=sizes, max_size=max_size, antialias=True))
+        steps.append(
+            _WithoutRandomness(v2.RandomShortestSize(min_size=sizes, max_size=max_size, antialias=True))
+        )
     steps.append(v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(steps)
+
+
+class _WithoutRandomness:
+    """A transform run with the global random state put back afterwards. RandomShortestSize with one
+    size resizes deterministically but still draws its choice from the global generator: evaluated in
+    the training process, every image moved the training's random stream, so a run's augmentations
+    depended on how often and on how many images it evaluated (a resumed run with another
+    ``eval_every`` no longer matched an uninterrupted one)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, *inputs):
+        with torch.random.fork_rng(devices=[]):
+            return self.transform(*inputs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
