@@ -31,7 +31,7 @@ from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
 from ._func_route import differentiating, make_transformable, under_torch_func, vmapped_first, vmapped_folded
-from .deform_conv import _FLOAT_DTYPES, _plain_eager, autocast_enabled
+from .deform_conv import _FLOAT_DTYPES, _is_integer, _plain_eager, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
 MAX_SAMPLING_RATIO = _roi_aten._MAX_GRID
@@ -250,12 +250,10 @@ _DeformRoIPoolTransformable = make_transformable(
 
 
 def _output_size(output_size) -> tuple[int, int]:
-    if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool):
+    if _is_integer(output_size):
         size = (int(output_size), int(output_size))
     elif (
-        isinstance(output_size, (tuple, list))
-        and len(output_size) == 2
-        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in output_size)
+        isinstance(output_size, tuple | list) and len(output_size) == 2 and all(map(_is_integer, output_size))
     ):
         size = (int(output_size[0]), int(output_size[1]))
     else:
@@ -377,7 +375,7 @@ def validate_pooling_parameters(
         raise TypeError(f"spatial_scale must be a positive float, got {spatial_scale!r}")
     if not (math.isfinite(spatial_scale) and float(spatial_scale) > 0):
         raise ValueError(f"spatial_scale must be a positive finite float, got {spatial_scale!r}")
-    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral):
+    if not _is_integer(sampling_ratio):
         raise TypeError(
             "sampling_ratio must be an int (> 0: samples per bin side, <= 0: adaptive), "
             f"got {sampling_ratio!r}"

@@ -60,6 +60,7 @@ ANCHORS = {
     "det-c4-s2": (2, 256, 100, 168, 2), "cls-c3": (64, 128, 28, 28, 1), "cls-c4": (64, 256, 14, 14, 1),
     "cls-c5": (64, 512, 7, 7, 1),
 }  # fmt: skip
+_16_BIT = (torch.float16, torch.bfloat16)  # --fast disassembles their data and weight kernels
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
 _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG")
@@ -379,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                     seen[key] = result = _compile(
                         fn, pointers, constexprs, ints16 | divisible, config.num_warps, config.num_stages,
                         args.arch, fast=args.fast,
-                        sass=not args.fast or (kernel in ("data", "weight") and dtype != torch.float32
-                                               and dtype != torch.float64),
+                        sass=not args.fast or (kernel in ("data", "weight") and dtype in _16_BIT),
                     )  # fmt: skip
                     bad += result["spill_bytes"] > args.max_spill_bytes
                 except Exception as e:  # report every failure, then fail
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             fn, pointers, constexprs, warps = _roi_kernel_args(kernel, dtype)
             try:
                 result = _compile(
-                    fn, pointers, constexprs, {"C"}, warps, 1, args.arch, args.fast, not args.fast
+                    fn, pointers, constexprs, {"C"}, warps, 1, args.arch, fast=args.fast, sass=not args.fast
                 )
                 bad += result["spill_bytes"] > args.max_spill_bytes
             except Exception as e:
@@ -413,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     for what, src, dst, rows, cols in _TRANSPOSES:
         fn, pointers, constexprs, divisible = _transpose_args(src, dst, rows, cols)
         try:
-            result = _compile(fn, pointers, constexprs, divisible, 4, 1, args.arch, args.fast, not args.fast)
+            result = _compile(
+                fn, pointers, constexprs, divisible, 4, 1, args.arch, fast=args.fast, sass=not args.fast
+            )
             bad += result["spill_bytes"] > args.max_spill_bytes
         except Exception as e:
             result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
