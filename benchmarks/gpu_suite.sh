@@ -62,14 +62,16 @@ step() {  # step SECONDS LOG COMMAND...: run within SECONDS and the deadline, ou
 }
 sweep=()
 [ "${SWEEP:-1}" = 0 ] && sweep=(--skip-sweep)
+# GPU_CHECK_ARGS: more gpu_check arguments, split on spaces (e.g. "--problems det-c4").
+read -r -a extra <<<"${GPU_CHECK_ARGS:-}"
 step $((budget + 90)) gpu_check.log "$py" benchmarks/gpu_check.py --budget "$budget" --out "$out" \
-    ${sweep[@]+"${sweep[@]}"}
+    ${sweep[@]+"${sweep[@]}"} ${extra[@]+"${extra[@]}"}
 tail -n 3 "$logs/gpu_check.log"
 # The CUDA tests of the test suite (real sizes, every dtype, torchvision parity, autocast); pytest from
 # the wheels in .whl/ when the machine lacks it (carry .whl).
 if ! "$py" -c "import pytest" 2>/dev/null && ls .whl/pytest-*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target "$logs/site" \
-        .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl \
+        .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl .whl/pygments-*.whl \
         && export PYTHONPATH="$PYTHONPATH:$logs/site"
 fi
 step 120 pytest_cuda.log "$py" -m pytest -q -p no:cacheprovider -m cuda tests/ops/test_triton_cuda.py
