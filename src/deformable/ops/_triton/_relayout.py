@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._launch import launch_planned
 
-__all__ = ["from_rows", "to_rows", "transpose", "transpose_kernel"]
+__all__ = ["from_rows", "run_transpose", "to_rows", "transpose", "transpose_kernel", "transpose_plan"]
 
 _INT32_SAFE = 2**31 - 1
 BLOCK = 64  # 64 x 64 tiles (or 256 x 16): 8 KB (16-bit) to 32 KB (fp64) of shared memory
@@ -89,9 +89,9 @@ def _alignment(n: int, element_size: int) -> int:
     return align
 
 
-# (batch, rows, columns, source dtype, destination dtype) -> (grid, tiles per row, constexprs): worked
-# out once per shape, as these copies sit on every call's host path (``triton.cdiv`` alone costs
-# about 2.5 us a call on a CPU).
+# (batch, rows, columns, source dtype, destination dtype) -> (grid, integer arguments, constexprs,
+# launch_planned's dict): worked out once per shape, as these copies sit on every call's host path
+# (``triton.cdiv`` alone costs about 2.5 us a call on a CPU).
 _PLANS: dict[tuple, tuple] = {}
 _MAX_PLANS = 1024
 
@@ -117,26 +117,42 @@ def _plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: t
         "S_ALIGN": _alignment(cols, element), "INDEX64": batch * rows * cols > _INT32_SAFE,
         "num_warps": 4, "num_stages": 1,
     }  # fmt: skip
-    return (batch * -(-rows // block_r) * tiles_s,), tiles_s, constexprs, {}
+    return (batch * -(-rows // block_r) * tiles_s,), (rows, cols, tiles_s), constexprs, {}
 
 
-def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> None:
-    """dst [B, S, R] = src [B, R, S] transposed per b (B, R, S = ``batch``, ``rows``, ``cols``; both
-    contiguous, not empty, on one CUDA device or on the CPU under the interpreter)."""
-    key = (batch, rows, cols, src.dtype, dst.dtype)
+def transpose_plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> tuple:
+    """The launch of a [batch, rows, cols] -> [batch, cols, rows] transpose from ``src_dtype`` to
+    ``dst_dtype`` (grid, integer arguments, constexprs, ``launch_planned``'s dict), worked out once per
+    such key: for :func:`run_transpose`, which callers that repeat a copy (a launch plan) call directly."""
+    key = (batch, rows, cols, src_dtype, dst_dtype)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _plan(*key)
-    grid, tiles_s, kwargs, bound = plan
+    return plan
+
+
+def run_transpose(plan: tuple, src: Tensor, dst: Tensor) -> Tensor:
+    """Launch ``plan`` (:func:`transpose_plan`) from ``src`` into ``dst`` (contiguous, not empty, of the
+    plan's dtypes and sizes, on the current CUDA device or on the CPU under the interpreter); returns
+    ``dst``."""
+    grid, scalars, kwargs, bound = plan
+    launch_planned(transpose_kernel, bound, grid, (src, dst), scalars, kwargs)
+    return dst
+
+
+def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> None:
+    """dst [B, S, R] = src [B, R, S] transposed per b (B, R, S = ``batch``, ``rows``, ``cols``; both
+    contiguous, not empty, on one CUDA device or on the CPU under the interpreter)."""
+    plan = transpose_plan(batch, rows, cols, src.dtype, dst.dtype)
     # Triton launches on the current device's stream: the tensors' device must be current (most
     # callers make these copies outside their own device guards).
     if src.is_cuda and src.device.index != torch.cuda.current_device():
         with torch.cuda.device(src.device):
-            launch_planned(transpose_kernel, bound, grid, (src, dst), (rows, cols, tiles_s), kwargs)
+            run_transpose(plan, src, dst)
     else:
-        launch_planned(transpose_kernel, bound, grid, (src, dst), (rows, cols, tiles_s), kwargs)
+        run_transpose(plan, src, dst)
 
 
 def transpose(

@@ -138,7 +138,8 @@ class Config:
     ``deferred_sums`` (data only) accumulates the offset and mask gradients' products with the column
     gradient in tiles across the channel blocks and sums them once after the loop, moving three of the
     ten layout conversions per channel block out of it (sm_90: 35 -> 23 barriers per iteration) for
-    more registers. An autotuning candidate at 256 channels or fewer, unmeasured.
+    more registers. An autotuning candidate at 256 channels or fewer (H200, 2026-11-28: fp16 det-c3
+    0.340 ms against the default's 0.359, within the sweep's noise; slower at det-c4 and in TF32).
 
     ``flat`` (forward only) runs one loop over (channel block, tap), taps fastest, instead of a
     channel-block loop inside a tap loop, pipelined by hand in registers (``num_stages`` is then 1):
@@ -146,8 +147,8 @@ class Config:
     steps per tap at 128 channels in 32-channel blocks), with plain loads that L1 caches (Triton's
     cp.async reads through L2 only), and one channel block's neighbourhoods, which overlap from tap
     to tap, are read in succession. Each step sets its samples up again. Used where no channel
-    block crosses an offset group (:func:`_flat_forward_ok`); elsewhere the nested loops run.
-    Unmeasured.
+    block crosses an offset group (:func:`_flat_forward_ok`); elsewhere the nested loops run. The
+    16-bit default at 64-256 input channels (H200: 14-17% faster there; slower at 512 and in TF32).
     """
 
     block_m: int
@@ -343,6 +344,19 @@ def _heuristic(
         # the programs leave multiprocessors idle (H200, det-c5 fp32 with 68 programs on 132: 0.165 ms
         # against 0.217 with 136 programs of 128 channels).
         block_n = _pow2(geo.group_out, 16, 256)
+        # 16-bit, 64 to 256 input channels: the flat loop in 64 x 128 tiles with 4 warps, where they
+        # fill the multiprocessors (H200, 2026-11-28, fp16: det-c3 0.0958 ms against 0.116 for
+        # (128, 128, 32, 8, 3), det-c4 0.0949 against 0.112 for (64, 256, 32, 8, 3), though its two
+        # channel tiles gather twice; cls-c3 0.160 against 0.187). Not at 512 channels (cls-c5 0.161
+        # against 0.116), nor in TF32 (det-c3 0.167 against 0.146, det-c4 0.104 against 0.0956).
+        flat_n = min(block_n, 128)
+        if (
+            wide
+            and 64 <= geo.group_in <= 256
+            and _flat_forward_ok(geo, 32)
+            and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, flat_n) >= sms
+        ):
+            return Config(64, flat_n, 32, 4, 1, flat=True)
         block_m = (
             64 if block_n > 128 or _tile_efficiency(geo, 64) > _tile_efficiency(geo, 128) + 0.03 else 128
         )
@@ -377,8 +391,10 @@ def _heuristic(
         # 16-bit: three stages and 256 output channels per step (H200 sweep of 2026-11-26, fp16: det-c4
         # 0.234 ms against 0.311 with two stages; cls-c5 (512 channels) 0.331 against 0.402 with 64;
         # the runs of 2026-11-27 found the gaps narrower, 0.220 against 0.228 and 0.278 against 0.284).
+        # TF32 at 256 output channels: 64-channel blocks too (H200, 2026-11-28: det-c4 0.262 ms against
+        # 0.293 for 32, cls-c4 0.46 against 0.53); at 128 the 4-warp tiles above.
         if geo.group_out <= 256:  # one grad_out tile per weight group, kept across channel blocks
-            return Config(64, 64 if wide else 32, _pow2(geo.group_out, 16, 256), 8, 3 if wide else 2)
+            return Config(64, 64, _pow2(geo.group_out, 16, 256), 8, 3 if wide else 2)
         # fp32 over more than 256 output channels re-reads the grad_out tile once per channel block:
         # 64-channel blocks halve that (the largest term of the traffic model at det-c5/cls-c5) at
         # the same instructions per channel and the same occupancy (250 registers, no spills on
