@@ -76,13 +76,21 @@ def idle_host_us(fn, device: str, calls: int = 200) -> float:
 
 
 class _NoOpKernel:
-    """Stands in for a compiled Triton kernel: ``kernel[grid](*args)`` does nothing."""
+    """Stands in for a compiled Triton kernel: ``kernel[grid](*args)`` and its launcher
+    ``kernel.run(...)`` (which repeated planned launches call) do nothing."""
+
+    function = 0
+    packed_metadata = ()
 
     def __getitem__(self, grid):
         return self._launch
 
     @staticmethod
     def _launch(*args) -> None:
+        return None
+
+    @staticmethod
+    def run(*args) -> None:
         return None
 
 
@@ -99,6 +107,8 @@ def stub_launches(tdc) -> None:
     _launch.ENABLED = True
     _launch._cuda_device = lambda first: 0 if isinstance(first, torch.Tensor) else None
     _launch._launch_within_resources = lambda *args, **kwargs: _NoOpKernel()
+    _launch._runner_calls_run = lambda cls: True
+    _launch._current_stream = lambda device: 0
 
     def binder_agrees(kernel, device, args, constexprs, num_warps, num_stages) -> bool:
         _launch._tails[id(kernel)] = _launch._tail_spec(kernel, len(args))

@@ -17,10 +17,15 @@ internals, a pre-run hook, ``DEFORMABLE_TRITON_FAST_LAUNCH=0`` (read at import),
 ``TRITON_INTERPRET=1``) takes the ordinary path, so the fast path can only ever skip work, never change
 what runs; launch hooks (profilers) still run, as the compiled kernel's launcher calls them.
 ``benchmarks/bench_launch.py`` compares the two lookups on a CPU.
+
+:func:`launch_planned` goes one step further for launch plans: a repeat calls the compiled kernel's
+launcher itself with the current stream (what ``compiled[grid]``'s runner does, checked once against
+its source), and through ``compiled[grid]`` whenever a launch hook is set.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -117,14 +122,78 @@ def launch_planned(
         key = (_generation, device, *[t.data_ptr() & 15 for t in tensors])
         entry = bound.get(key)
         if entry is not None:
-            compiled, full_grid, tail = entry
-            compiled[full_grid](*tensors, *scalars, *tail)
+            launcher, function, metadata, compiled, full_grid, tail = entry
+            if launcher is not None and _no_launch_hooks():
+                launcher(*full_grid, _current_stream(device), function, metadata, None, None, None,
+                         *tensors, *scalars, *tail)  # fmt: skip
+            else:
+                compiled[full_grid](*tensors, *scalars, *tail)
             return
     compiled = launch(kernel, grid, *tensors, *scalars, **kwargs)
     if compiled is not None and device is not None:
         if len(bound) >= 64:  # alignments vary with views: a plan keeps a few
             bound.clear()
-        bound[key] = (compiled, _full_grid(grid), _tail_values(kernel, kwargs))
+        bound[key] = (*_launcher_of(compiled), compiled, _full_grid(grid), _tail_values(kernel, kwargs))
+
+
+def _launcher_of(compiled) -> tuple:
+    """(launcher, function handle, packed metadata) of a ``CompiledKernel`` that has launched once, for
+    calling its launcher directly: what ``compiled[grid](*args)`` does (Triton 3.6-3.8: the current
+    stream, the launch metadata and hooks, then ``compiled.run(...)``) less the closure it makes, the
+    device and stream lookups through Triton's driver proxy, and the metadata it builds for launch
+    hooks. (None, None, None) unless the class's ``__getitem__`` makes exactly that call (read once
+    per class): then ``compiled[grid]`` runs."""
+    parts = tuple(getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
+    if any(part is None for part in parts) or _HOOKS is None or not _runner_calls_run(type(compiled)):
+        return (None, None, None)
+    return parts
+
+
+_RUNNER_CALL = (
+    "self.run(grid[0],grid[1],grid[2],stream,self.function,self.packed_metadata,launch_metadata,"
+    "knobs.runtime.launch_enter_hook,knobs.runtime.launch_exit_hook,*args)"
+)
+
+
+_RUNNER_CHECKED: dict[Any, bool] = {}
+
+
+def _runner_calls_run(cls: Any) -> bool:
+    """Whether ``cls.__getitem__``'s runner calls ``self.run`` with the arguments the direct call passes."""
+    known = _RUNNER_CHECKED.get(cls)
+    if known is None:
+        try:
+            source = "".join(inspect.getsource(cls.__getitem__).split())
+        except (AttributeError, OSError, TypeError):
+            source = ""
+        known = _RUNNER_CHECKED[cls] = _RUNNER_CALL in source
+    return known
+
+
+def _hook_holder() -> Any:
+    """Where Triton keeps its launch hooks (``triton.knobs.runtime``, 3.4+); None elsewhere."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover
+        return None
+    return getattr(knobs, "runtime", None)
+
+
+_HOOKS: Any = _hook_holder()
+
+
+def _no_launch_hooks() -> bool:
+    """Whether no launch hook (a profiler's) is set: then the launcher is called without them. A hook
+    is None, or a chain of hooks (Triton 3.7+) that may be empty."""
+    for hook in (_HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def _current_stream(device: int) -> int:
+    """The raw handle of ``device``'s current CUDA stream (what Triton's launches use)."""
+    return torch._C._cuda_getCurrentRawStream(device)
 
 
 # What a launch asks for (kernel, device, warps, stages, constexprs, tensor dtypes: everything its

@@ -32,7 +32,17 @@ from torch import Tensor
 
 from ._launch import launch_planned
 
-__all__ = ["from_rows", "run_transpose", "to_rows", "transpose", "transpose_kernel", "transpose_plan"]
+__all__ = [
+    "from_rows",
+    "rows_as_planned",
+    "rows_plan",
+    "run_transpose",
+    "to_rows",
+    "transpose",
+    "transpose_kernel",
+    "transpose_plan",
+    "transpose_uses_kernel",
+]
 
 _INT32_SAFE = 2**31 - 1
 BLOCK = 64  # 64 x 64 tiles (or 256 x 16): 8 KB (16-bit) to 32 KB (fp64) of shared memory
@@ -162,12 +172,17 @@ def transpose(
     batch and converted to ``dst``'s dtype; returns ``dst``. Both contiguous with batch*rows*cols
     elements (the weights' layout changes). :func:`transpose_kernel` on CUDA (``kernel`` forces the
     choice), PyTorch's copy otherwise, and for an empty one or one with a single row or column."""
-    use = _use_kernel(src) if kernel is None else kernel
-    if use and src.numel() and rows > 1 and cols > 1:
+    if transpose_uses_kernel(src, rows, cols, kernel):
         _transpose(src, dst, batch, rows, cols)
     else:
         dst.view(batch, cols, rows).copy_(src.view(batch, rows, cols).transpose(1, 2))
     return dst
+
+
+def transpose_uses_kernel(src: Tensor, rows: int, cols: int, kernel: bool | None = None) -> bool:
+    """Whether :func:`transpose` copies ``src`` by :func:`transpose_kernel` (else by PyTorch's copy)."""
+    use = _use_kernel(src) if kernel is None else kernel
+    return use and src.numel() > 0 and rows > 1 and cols > 1
 
 
 def _use_kernel(t: Tensor) -> bool:
@@ -197,6 +212,34 @@ def to_rows(t: Tensor, dtype: torch.dtype | None = None, *, kernel: bool | None 
         _transpose(t, out, n, c, h * w)
         return out
     return t.permute(0, 2, 3, 1).to(dtype).contiguous()
+
+
+ROWS_VIEW, ROWS_KERNEL, ROWS_GENERIC = 0, 1, 2
+
+
+def rows_plan(t: Tensor, dtype: torch.dtype) -> tuple[int, tuple | None]:
+    """How :func:`to_rows` turns tensors like ``t`` (its shape, strides, dtype, device) into rows of
+    ``dtype``: (ROWS_VIEW, None): ``t`` permuted is already those rows; (ROWS_KERNEL, a
+    :func:`transpose_plan`); (ROWS_GENERIC, None): PyTorch's copy. For :func:`rows_as_planned`."""
+    n, c, h, w = t.shape
+    if t.dtype == dtype and t.permute(0, 2, 3, 1).is_contiguous():
+        return ROWS_VIEW, None
+    if _transposes(t, c, h * w, None):
+        return ROWS_KERNEL, transpose_plan(n, c, h * w, t.dtype, dtype)
+    return ROWS_GENERIC, None
+
+
+def rows_as_planned(t: Tensor, plan: tuple[int, tuple | None], dtype: torch.dtype) -> Tensor:
+    """:func:`to_rows` ``(t, dtype)`` for a tensor like the one ``plan`` (:func:`rows_plan`) was made
+    for (a launch on the current device)."""
+    mode, copy = plan
+    if mode == ROWS_VIEW:
+        return t.permute(0, 2, 3, 1)
+    if mode == ROWS_KERNEL:
+        assert copy is not None
+        n, c, h, w = t.shape
+        return run_transpose(copy, t, torch.empty((n, h, w, c), dtype=dtype, device=t.device))
+    return to_rows(t, dtype)
 
 
 def from_rows(

@@ -90,7 +90,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import triton
@@ -103,7 +103,16 @@ from .._layout import memory_format_of
 from . import _autotune_cache
 from . import _deform_conv_kernels as _k
 from ._launch import launch, launch_planned
-from ._relayout import from_rows, to_rows, transpose
+from ._relayout import (
+    from_rows,
+    rows_as_planned,
+    rows_plan,
+    run_transpose,
+    to_rows,
+    transpose,
+    transpose_plan,
+    transpose_uses_kernel,
+)
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
 
@@ -757,7 +766,52 @@ def _grid(programs: int) -> tuple[int]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Call plans: what a call does depends on its tensors' shapes, strides, dtype and device, the flags and
+# the settings alone, so a repeated call (a layer's every step) looks its plan up by those and only
+# allocates and launches. The first call of a signature, and every call a plan does not cover (empty
+# tensors, layout copies of the offset or mask, split taps, deterministic mode's backward), takes the
+# general path, which works the plan out.
+
+# Call plans live in _PLANS beside the launch plans they hold (keys "forward call", "backward call"):
+# whatever forgets the launch plans forgets them too.
+
+
+def _signature(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor, stride, padding, dilation):
+    """The part of a call plan's key that the forward and backward share (the layouts of its operands)."""
+    return (
+        input.shape, input.stride(), offset.shape, offset.stride(), None if mask is None else mask.stride(),
+        weight.shape, weight.stride(), stride, padding, dilation, input.dtype, input.device,
+    )  # fmt: skip
+
+
+def _remember(key: tuple, plan) -> None:
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
+def _on_current_device(t: Tensor) -> bool:
+    """Whether launches for ``t`` go to its device without a device guard."""
+    return not t.is_cuda or t.device.index == torch.cuda.current_device()
+
+
+# --------------------------------------------------------------------------------------------------
 # Forward
+
+
+class _ForwardCall(NamedTuple):
+    """A forward's call plan: the output's shape and format, how the input becomes rows
+    (:func:`rows_plan`), how the weight gets its GEMM layout (a planned transpose of ``w_shape``, or
+    :func:`_weight_gemm_forward`) and the kernel's launch."""
+
+    out_shape: tuple[int, int, int, int]
+    out_format: torch.memory_format
+    x_rows: tuple
+    w_copy: tuple | None
+    w_shape: tuple[int, int, int, int]
+    geo: _Geometry
+    k_major: bool
+    spec: _Launch
 
 
 def forward(
@@ -780,25 +834,63 @@ def forward(
     Returns:
         [N, C_out, Ho, Wo] in the input's dtype and memory format (:func:`memory_format_of`).
     """
+    settings = _settings(input)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    key = (
+        "forward call", *_signature(input, offset, mask, weight, stride, padding, dilation),
+        None if bias is None else bias.stride(), deterministic, *settings,
+    )  # fmt: skip
+    plan = _PLANS.get(key)
+    if isinstance(plan, _ForwardCall) and _on_current_device(input):
+        return _planned_forward(plan, input, offset, mask, weight, bias)
+    out, plan = _forward(
+        input, offset, mask, weight, bias, stride, padding, dilation, settings, deterministic
+    )
+    _remember(key, plan)
+    return out
+
+
+def _planned_forward(
+    plan: _ForwardCall,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+) -> Tensor:
+    out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)
+    x = rows_as_planned(input, plan.x_rows, input.dtype)
+    if plan.w_copy is not None:
+        w = run_transpose(plan.w_copy, weight, weight.new_empty(plan.w_shape))
+    else:
+        w = _weight_gemm_forward(weight, plan.geo, plan.k_major)
+    tensors = (x, offset, offset if mask is None else mask, w, w if bias is None else bias, out)
+    _run(_k.deform_conv_fwd_kernel, plan.spec, tensors)
+    return out
+
+
+def _forward(
+    input, offset, mask, weight, bias, stride, padding, dilation, settings: tuple, deterministic: bool
+) -> tuple[Tensor, _ForwardCall | None]:
+    """The general forward: the output, and the call plan for later calls like this one (None where
+    it takes a path plans do not cover)."""
     geo = _geometry(input, offset, weight, stride, padding, dilation)
     out_format = memory_format_of(input)
     shape = (geo.batch, geo.out_channels, geo.out_h, geo.out_w)
     out = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=out_format)
     if out.numel() == 0:
-        return out
+        return out, None
     if input.numel() == 0:  # an empty map: every sample is 0 (no launch with empty tensors)
-        return out.fill_(0) if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
+        return (out.fill_(0) if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))), None
     x = to_rows(input)
-    offset, offset_strides = _pixel_operand(offset)
-    mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset, offset_strides)
+    offset_c, offset_strides = _pixel_operand(offset)
+    mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset_c, offset_strides)
     out_strides = _format_strides(out.shape, out_format)
-    settings = _settings(input)
     k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
     w = _weight_gemm_forward(weight, geo, k_major)
     bias_c = w if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
-    tensors = (x, offset, mask_c, w, bias_c, out)
+    tensors = (x, offset_c, mask_c, w, bias_c, out)
     flags = (mask is not None, bias is not None)
-    deterministic = torch.are_deterministic_algorithms_enabled()
     kernel = _k.deform_conv_fwd_kernel
 
     def spec_of(cfg: Config) -> _Launch:
@@ -833,8 +925,24 @@ def forward(
     strides = (offset_strides, mask_strides, out_strides)  # in the launch's scalars
     key = ("forward", geo, flags, strides, deterministic, input.dtype, input.device, *settings)
     with _device_guard(input):
-        run(_planned(key, "forward", geo, input, (*flags, deterministic), spec_of, run))
-    return out
+        spec = _planned(key, "forward", geo, input, (*flags, deterministic), spec_of, run)
+        run(spec)
+    # The plan: where the offset and mask need no copy, the bias none and the taps are not split.
+    copies = (
+        offset_c is not offset
+        or (mask is not None and mask_c is not mask)
+        or bias_c is not (w if bias is None else bias)
+    )
+    if copies or spec.kwargs["SPLIT_TAPS"]:
+        return out, None
+    w_shape = (geo.groups, geo.taps, geo.group_out, geo.group_in)
+    rows, cols = geo.group_out * geo.group_in, geo.taps
+    w_copy = None
+    if k_major and weight.is_contiguous() and transpose_uses_kernel(weight, rows, cols):
+        w_copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype)
+    return out, _ForwardCall(
+        shape, out_format, rows_plan(input, input.dtype), w_copy, w_shape, geo, k_major, spec
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -864,6 +972,126 @@ def backward(
         (grad_mask also when ``mask`` is None). Deterministic when
         ``torch.are_deterministic_algorithms_enabled()``.
     """
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    settings = _settings(input, budgeted=deterministic)
+    key = (
+        "backward call", *_signature(input, offset, mask, weight, stride, padding, dilation),
+        grad_output.shape, grad_output.stride(), grad_output.dtype, output_mask, deterministic, *settings,
+    )  # fmt: skip
+    plan = _PLANS.get(key)
+    if isinstance(plan, _BackwardCall) and _on_current_device(input):
+        return _planned_backward(plan, grad_output, input, offset, mask, weight)
+    grads, plan = _backward(
+        grad_output,
+        input,
+        offset,
+        mask,
+        weight,
+        stride,
+        padding,
+        dilation,
+        output_mask,
+        settings,
+        deterministic,
+    )
+    _remember(key, plan)
+    return grads
+
+
+class _BackwardCall(NamedTuple):
+    """A backward's call plan (never deterministic mode's): which gradients, how grad_output becomes
+    each kernel's operand (as it is, or by :func:`_grad_out_operand`), how the input becomes rows
+    (:func:`rows_plan`; None: not read), the two kernels' launches (None: not run) with the weight
+    kernel's fp32 buffer shape, and the layouts of the weight, the gradients and the accumulator."""
+
+    geo: _Geometry
+    dtype: torch.dtype
+    need_offset: bool
+    need_mask: bool
+    need_bias: bool
+    go: int  # the data kernel's operand: _GO_NONE (not needed), _GO_AS_IS (grad_output), _GO_COPY
+    go_w: int  # the weight kernel's: _GO_NONE, _GO_SAME (the data kernel's), _GO_AS_IS, _GO_COPY
+    x_rows: tuple | None
+    weight_spec: _Launch | None
+    part_shape: tuple[int, ...]
+    data_spec: _Launch | None
+    w_copy: tuple | None
+    input_format: torch.memory_format | None  # None: no input gradient
+    offset_format: torch.memory_format
+    mask_format: torch.memory_format
+
+
+_GO_NONE, _GO_SAME, _GO_AS_IS, _GO_COPY = 0, 1, 2, 3
+
+
+def _planned_backward(
+    plan: _BackwardCall,
+    grad_output: Tensor,
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`backward` by a call plan: the general path's allocations and launches, in its order."""
+    geo, dtype = plan.geo, plan.dtype
+    g = grad_output.to(dtype)
+    go = g if plan.go == _GO_AS_IS else (_grad_out_operand(g, dtype)[0] if plan.go == _GO_COPY else None)
+    grad_bias = go.sum(dim=(0, 2, 3)) if plan.need_bias and go is not None else None
+    x = input if plan.x_rows is None else rows_as_planned(input, plan.x_rows, dtype)
+    mask_c = offset if mask is None else mask
+    acc = _compute_dtype(dtype)
+    grad_input = grad_offset = grad_mask = grad_weight = None
+    if plan.weight_spec is not None:
+        go_w = (
+            go
+            if plan.go_w == _GO_SAME
+            else (g if plan.go_w == _GO_AS_IS else _grad_out_operand(g, dtype, True)[0])
+        )
+        assert go_w is not None
+        part = torch.zeros(plan.part_shape, dtype=acc, device=input.device)
+        _run(_k.deform_conv_bwd_weight_kernel, plan.weight_spec, (x, offset, mask_c, go_w, part))
+        del go_w
+        grad_weight = _grad_weight_in_format(part[0], weight, geo)
+        del part
+    del g
+    if plan.data_spec is not None:
+        if plan.w_copy is not None:
+            w = run_transpose(
+                plan.w_copy, weight, weight.new_empty((geo.groups, geo.group_in, geo.taps, geo.group_out))
+            )
+        else:
+            w = _weight_gemm(weight, geo)
+        device = input.device
+        if plan.need_offset:
+            grad_offset = torch.empty(
+                offset.shape, dtype=dtype, device=device, memory_format=plan.offset_format
+            )
+        if plan.need_mask and mask is not None:
+            grad_mask = torch.empty(mask.shape, dtype=dtype, device=device, memory_format=plan.mask_format)
+        gx = None
+        if plan.input_format is not None:
+            gx = torch.zeros((geo.batch, geo.height, geo.width, geo.in_channels), dtype=acc, device=device)
+        assert go is not None  # the data kernel's operand: made whenever the kernel runs
+        tensors = (
+            x, offset, mask_c, w, go,
+            offset if gx is None else gx,
+            offset if grad_offset is None else grad_offset,
+            offset if grad_mask is None else grad_mask,
+            offset, offset, offset,
+        )  # fmt: skip
+        _run(_k.deform_conv_bwd_data_kernel, plan.data_spec, tensors)
+        del tensors, w, x
+        if gx is not None and plan.input_format is not None:
+            grad_input = from_rows(gx, dtype, plan.input_format)
+    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+
+
+def _backward(
+    grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, settings: tuple,
+    deterministic: bool,
+) -> tuple[tuple, _BackwardCall | None]:  # fmt: skip
+    """The general backward: the five gradients, and the call plan for later calls like this one (None
+    where it takes a path plans do not cover)."""
     need_input, need_offset, need_mask, need_weight, need_bias = (bool(v) for v in output_mask)
     need_mask = need_mask and mask is not None
     geo = _geometry(input, offset, weight, stride, padding, dilation)
@@ -871,8 +1099,6 @@ def backward(
     need_data = need_input or need_offset or need_mask
     # Each kernel reads grad_output in the layout it loads best; the data kernel's TF32 products
     # reduce over the channels, the weight kernel's over the pixels (_grad_out_operand).
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    settings = _settings(input, budgeted=deterministic)
     tf32 = settings[0] == "tf32"  # fp32 products on the matrix unit (the precision is None otherwise)
     g = grad_output.to(dtype)
     go, go_layout = None, None
@@ -881,6 +1107,10 @@ def backward(
     go_w, go_w_layout = go, go_layout
     if need_weight and tf32:
         go_w, go_w_layout = _grad_out_operand(g, dtype, pixel_major=True)
+    go_source = _GO_NONE if go is None else (_GO_AS_IS if go is g else _GO_COPY)
+    go_w_source = (
+        _GO_NONE if go_w is None else _GO_SAME if go_w is go else _GO_AS_IS if go_w is g else _GO_COPY
+    )
     del g
 
     # Always summed from the data kernel's operand: the same bits whichever gradients are asked for.
@@ -897,7 +1127,7 @@ def backward(
             zeros(mask) if need_mask and mask is not None else None,
             zeros(weight) if need_weight else None,
             grad_bias,
-        )
+        ), None
 
     # Only the weight, offset and mask gradients read the input's samples: an input gradient alone
     # (an effective receptive field, an adversarial input) needs no copy, and the kernel no input.
@@ -953,7 +1183,30 @@ def backward(
         del x
         if finish_input is not None:
             grad_input = finish_input()
-    return grad_input, grad_offset, grad_mask, grad_weight, grad_bias
+    grads = (grad_input, grad_offset, grad_mask, grad_weight, grad_bias)
+    # The plan: where the offset and mask need no copy, outside deterministic mode.
+    if deterministic or offset_c is not offset or (mask is not None and mask_c is not mask):
+        return grads, None
+    weight_plan = cast(
+        "tuple[_Launch, tuple[int, ...]] | None", _PLANS.get(("weight", *key)) if need_weight else None
+    )
+    data_spec = cast("_Launch | None", _PLANS.get(("data", geo.batch, *key)) if need_data else None)
+    if (need_weight and weight_plan is None) or (need_data and data_spec is None):
+        return grads, None  # the launch plans were forgotten meanwhile (a full cache): plan next time
+    rows, cols = geo.group_out, geo.group_in * geo.taps
+    w_copy = None
+    if need_data and weight.is_contiguous() and transpose_uses_kernel(weight, rows, cols):
+        w_copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype)
+    reads_rows = need_weight or need_offset or need_mask
+    plan = _BackwardCall(
+        geo, dtype, need_offset, need_mask, need_bias, go_source, go_w_source,
+        rows_plan(input, dtype) if reads_rows else None,
+        weight_plan[0] if weight_plan is not None else None,
+        weight_plan[1] if weight_plan is not None else (),
+        data_spec, w_copy, memory_format_of(input) if need_input else None,
+        memory_format_of(offset), memory_format_of(mask_c),
+    )  # fmt: skip
+    return grads, plan
 
 
 def _data_grads(
@@ -1171,11 +1424,16 @@ def _weight_grad(geo, x, offset, mask, has_mask, go, go_layout, maps, weight, de
         result[:] = [part.sum(dim=0) if part.shape[0] > 1 else part[0]]
 
     run(_planned(("weight", *key), "weight", geo, x, (has_mask, deterministic), spec_of, run))
-    # One copy converts and reorders [groups, C_in/g, taps, C_out/g] -> [C_out, C_in/g, kh, kw]: for an
-    # NCHW weight a transpose per group of [C_in/g * taps, C_out/g].
+    return _grad_weight_in_format(result.pop(), weight, geo)
+
+
+def _grad_weight_in_format(summed: Tensor, weight: Tensor, geo: _Geometry) -> Tensor:
+    """The weight kernel's fp32 sums [groups, C_in/g, taps, C_out/g] as grad_weight [C_out, C_in/g, kh,
+    kw] in ``weight``'s dtype and memory format: one copy converts and reorders, for an NCHW weight a
+    transpose per group of [C_in/g * taps, C_out/g]."""
     gw = _empty_map(weight.shape, weight)
     if gw.is_contiguous():
-        return transpose(result.pop(), gw, geo.groups, geo.group_in * geo.taps, geo.group_out)
+        return transpose(summed, gw, geo.groups, geo.group_in * geo.taps, geo.group_out)
     # A view in either format: (kh, kw) merge into the taps, C_out splits into the groups.
-    gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(result.pop().permute(0, 3, 1, 2))
+    gw.view(geo.groups, geo.group_out, geo.group_in, geo.taps).copy_(summed.permute(0, 3, 1, 2))
     return gw
