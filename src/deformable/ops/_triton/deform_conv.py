@@ -157,7 +157,8 @@ class Config:
     cp.async reads through L2 only), and one channel block's neighbourhoods, which overlap from tap
     to tap, are read in succession. Each step sets its samples up again. Used where no channel
     block crosses an offset group (:func:`_flat_forward_ok`); elsewhere the nested loops run. The
-    16-bit default at 64-256 input channels (H200: 14-17% faster there; slower at 512 and in TF32).
+    16-bit default at 64-128 input channels (H200: 15-18% faster there; slower at 256 and 512 and in
+    TF32).
     """
 
     block_m: int
@@ -353,15 +354,15 @@ def _heuristic(
         # the programs leave multiprocessors idle (H200, det-c5 fp32 with 68 programs on 132: 0.165 ms
         # against 0.217 with 136 programs of 128 channels).
         block_n = _pow2(geo.group_out, 16, 256)
-        # 16-bit, 64 to 256 input channels: the flat loop in 64 x 128 tiles with 4 warps, where they
-        # fill the multiprocessors (H200, 2026-11-28, fp16: det-c3 0.0958 ms against 0.116 for
-        # (128, 128, 32, 8, 3), det-c4 0.0949 against 0.112 for (64, 256, 32, 8, 3), though its two
-        # channel tiles gather twice; cls-c3 0.160 against 0.187). Not at 512 channels (cls-c5 0.161
-        # against 0.116), nor in TF32 (det-c3 0.167 against 0.146, det-c4 0.104 against 0.0956).
+        # 16-bit, 64 to 128 input channels: the flat loop in 64 x 128 tiles with 4 warps, where they
+        # fill the multiprocessors. H200 in CUDA graphs, 2026-11-28 (runs 6-7): det-c3 fp16 0.114 ms ->
+        # 0.094, bf16 0.116 -> 0.094; cls-c3 fp16 0.186 -> 0.158, bf16 0.188 -> 0.159. Not at 256 (det-c4
+        # fp16 0.072 -> 0.092: an eager sweep, timing host time at that size, had ranked it faster) nor
+        # 512 (cls-c5 0.161 against 0.116), nor in TF32 (det-c3 0.167 against 0.146).
         flat_n = min(block_n, 128)
         if (
             wide
-            and 64 <= geo.group_in <= 256
+            and 64 <= geo.group_in <= 128
             and _flat_forward_ok(geo, 32)
             and geo.pixel_tiles(64) * geo.groups * _cdiv(geo.group_out, flat_n) >= sms
         ):
