@@ -115,7 +115,8 @@ def launch_planned(
     and the launcher call, not :func:`launch`'s key over every argument (at det-c4 about 4 us of a
     CPU's time per launch, ``benchmarks/bench_launch.py``). A miss takes :func:`launch` and remembers
     what it returns. A kernel with pre-run hooks always launches through :func:`launch`, and
-    :func:`clear_cache` forgets these entries as well.
+    :func:`clear_cache` forgets these entries as well. As for ``kernel[grid]``, the tensors' device
+    must be the current one (a repeat launches on that device's current stream).
     """
     device = _cuda_device(tensors[0]) if ENABLED and not getattr(kernel, "pre_run_hooks", None) else None
     if device is not None:

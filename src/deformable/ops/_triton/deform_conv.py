@@ -786,6 +786,9 @@ def _signature(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tenso
 
 
 def _remember(key: tuple, plan) -> None:
+    """Keep ``plan`` (None: the call took a path plans do not cover, nothing to keep)."""
+    if plan is None:
+        return
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = plan
@@ -1037,24 +1040,22 @@ def _planned_backward(
     geo, dtype = plan.geo, plan.dtype
     g = grad_output.to(dtype)
     go = g if plan.go == _GO_AS_IS else (_grad_out_operand(g, dtype)[0] if plan.go == _GO_COPY else None)
+    go_w = go if plan.go_w == _GO_SAME else g if plan.go_w == _GO_AS_IS else None
+    if plan.go_w == _GO_COPY:
+        go_w = _grad_out_operand(g, dtype, True)[0]
+    del g  # a converted copy is freed before the input's rows are made, as on the general path
     grad_bias = go.sum(dim=(0, 2, 3)) if plan.need_bias and go is not None else None
     x = input if plan.x_rows is None else rows_as_planned(input, plan.x_rows, dtype)
     mask_c = offset if mask is None else mask
     acc = _compute_dtype(dtype)
     grad_input = grad_offset = grad_mask = grad_weight = None
     if plan.weight_spec is not None:
-        go_w = (
-            go
-            if plan.go_w == _GO_SAME
-            else (g if plan.go_w == _GO_AS_IS else _grad_out_operand(g, dtype, True)[0])
-        )
         assert go_w is not None
         part = torch.zeros(plan.part_shape, dtype=acc, device=input.device)
         _run(_k.deform_conv_bwd_weight_kernel, plan.weight_spec, (x, offset, mask_c, go_w, part))
-        del go_w
         grad_weight = _grad_weight_in_format(part[0], weight, geo)
         del part
-    del g
+    del go_w  # a pixel-major copy is freed before the data kernel's buffers are made
     if plan.data_spec is not None:
         if plan.w_copy is not None:
             w = run_transpose(
