@@ -867,8 +867,8 @@ def breakdown(device, report: Report, clock: Clock, smoke: bool) -> None:
 def sweep(
     device, report: Report, clock: Clock, smoke: bool, only: list[tuple[str, str, str]] | None = None
 ) -> None:
-    """Time a few launch configurations per kernel through CONFIG_OVERRIDES (default plan: what the
-    2026-11-27 H200 sweeps left open, most valuable first; --sweep-plan replaces it)."""
+    """Time a few launch configurations per kernel through CONFIG_OVERRIDES, in CUDA graphs (default
+    plan: what the H200 runs of 2026-11-28 left open, most valuable first; --sweep-plan replaces it)."""
     report.add("## Configuration sweep")
     report.add("")
     report.add(
@@ -885,33 +885,23 @@ def sweep(
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # The forward's flat loop (Config.flat: pipelined by hand, L1-cached gathers), untimed:
-            # against the default only, at 128, 256 and 512 channels.
-            (by_name["det-c3"], torch.float16, ("forward:flat",)),
-            (by_name["det-c4"], torch.float16, ("forward:flat",)),
-            (by_name["cls-c3"], torch.float16, ("forward:flat",)),
-            (by_name["cls-c5"], torch.float16, ("forward:flat",)),
-            (by_name["det-c3"], torch.float32, ("forward:flat",)),
-            (by_name["det-c4"], torch.float32, ("forward:flat",)),
-            # What the H200 runs of 2026-11-27 left open. The data kernel's deferred sums (Config.
-            # deferred_sums: fewer layout conversions per channel block, more registers), untimed.
+            # Defaults that eager sweeps chose where a kernel takes under ~0.15 ms, so that the host
+            # time was timed (run 6 of 2026-11-28: the det-c4 fp16 forward's flat loop ranked 15%
+            # faster eagerly, 27% slower in a graph): re-timed in CUDA graphs, most used first.
+            (by_name["det-c4"], torch.float16, ("forward", "weight")),
+            (by_name["det-c5"], torch.float16, ("forward", "weight")),
+            (by_name["cls-c5"], torch.float16, ("forward",)),
+            (by_name["det-c4"], torch.bfloat16, ("weight",)),
+            (by_name["det-c5"], torch.float32, ("forward",)),
+            (by_name["det-c4-s2"], torch.float32, ("forward",)),
+            # Open from run 6: the deferred sums at 128 channels (fp16 det-c3 0.340 ms against 0.359,
+            # eager), the TF32 weight kernel at 128 channels (det-c3 (128, 128, 64, 8, 2) 0.189
+            # against 0.225, cls-c3 the other way), the TF32 data kernel at det-c4-s2 (never swept).
             (by_name["det-c3"], torch.float16, ("data",)),
-            (by_name["det-c4"], torch.float16, ("data",)),
-            (by_name["det-c3"], torch.float32, ("data",)),
-            # The data kernel at 256 channels: 4-warp
-            # programs won at 128 (fp32 det-c3 0.509 ms against 0.576), 8 warps at 512.
-            (by_name["det-c4"], torch.float32, ("data",)),
-            (by_name["cls-c4"], torch.float32, ("data",)),
-            (by_name["cls-c4"], torch.float16, ("data",)),
-            # TF32 weight kernel at 128 channels: 64-pixel steps and one stage won at 256-512.
+            (by_name["cls-c3"], torch.float16, ("data:deferred_sums",)),
             (by_name["det-c3"], torch.float32, ("weight",)),
             (by_name["cls-c3"], torch.float32, ("weight",)),
-            # bf16 takes fp16's defaults, never swept on its own; the strided shape never swept.
-            (by_name["det-c4"], torch.bfloat16, ("weight",)),
-            (by_name["det-c3"], torch.bfloat16, ("data",)),
-            (by_name["det-c4-s2"], torch.float16, ("weight",)),
-            (by_name["det-c4-s2"], torch.float16, ("data",)),
-            (by_name["det-c4-s2"], torch.float32, ("forward",)),
+            (by_name["det-c4-s2"], torch.float32, ("data",)),
         ]
     if only is not None:
         unknown = sorted({shape for shape, _, _ in only} - set(by_name))

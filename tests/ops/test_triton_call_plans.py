@@ -89,7 +89,6 @@ def _assert_same(planned, general) -> None:
 # (dtype, layout, output_mask, with_mask, with_bias, expanded_grad, kernel_copies): the layout copies by
 # PyTorch (the interpreter's path) or by the transpose kernel (a GPU's), each case one way or both.
 PLANNED_CASES = {
-    "fp32-all-torch-copies": (torch.float32, "nchw", ALL, True, True, False, False),
     "fp32-all-transpose-kernel": (torch.float32, "nchw", ALL, True, True, False, True),
     "channels-last": (torch.float32, "channels_last", ALL, True, True, False, False),
     "weight-only-sliced": (torch.float32, "sliced", WEIGHT_ONLY, True, False, False, True),

@@ -309,18 +309,20 @@ def _transpose_args(src: torch.dtype, dst: torch.dtype, rows: int, cols: int):
     return _relayout.transpose_kernel, pointers, constexprs, divisible
 
 
-def _jobs(name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int) -> list[tuple[str, Config]]:
+def _jobs(
+    name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int, defaults_only: bool = False
+) -> list[tuple[str, Config]]:
     """(kernel, config) pairs to compile for one shape and mode: each kernel's default (the data
-    kernel's also in deterministic mode), and the variants the autotuner may pick: split taps
-    (forward, 512 channels), go_first (weight), every deferred-sums candidate (data, 256 channels
-    or fewer) and, at ``_FLAT_SHAPES``, the forward's flat-loop candidates."""
+    kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
+    may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
+    (data, 256 channels or fewer) and, at ``_FLAT_SHAPES``, the forward's flat-loop candidates."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
     }
     jobs = list(defaults.items())
     jobs.insert(2, ("data-deterministic", defaults["data"]))
-    if dtype == torch.float64:
+    if dtype == torch.float64 or defaults_only:
         return jobs
     if geo.group_out == 512:
         jobs.append(("forward", dataclasses.replace(defaults["forward"], splits=3)))
@@ -346,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the test suite's check: resources from Triton's own cubin (spills as its stack frame, no "
         "serialised-wgmma flag), SASS loop figures only for the 16-bit data and weight kernels",
     )
+    parser.add_argument(
+        "--defaults-only",
+        action="store_true",
+        help="only the configurations the heuristic picks (normal and deterministic mode), not the "
+        "autotuner's variant candidates (deferred sums, flat loops elsewhere, split taps): the test suite",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET", file=sys.stderr)
@@ -364,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         if (h * w) % 16 == 0:
             ints16.add("HW")
         for dtype, tf32 in modes:
-            for kernel, config in _jobs(name, geo, dtype, tf32, args.sms):
+            for kernel, config in _jobs(name, geo, dtype, tf32, args.sms, args.defaults_only):
                 fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
                 # What the compiled code depends on: shapes and modes that give a kernel the same
                 # arguments, specialisations and launch shape (e.g. the deterministic reduction's
