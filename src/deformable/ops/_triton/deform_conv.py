@@ -634,10 +634,10 @@ def _planned(
 
 def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
-    product precision, autotuning, configuration overrides and, for ``budgeted`` plans (the
-    deterministic backward's buffers), the memory budget."""
+    product precision, autotuning, :data:`VECTOR_ATOMICS`, configuration overrides and, for
+    ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
-    state = (precision, _autotune_enabled(t), get_memory_budget() if budgeted else None)
+    state = (precision, _autotune_enabled(t), get_memory_budget() if budgeted else None, VECTOR_ATOMICS)
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -1273,6 +1273,7 @@ def _data_grads(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
                 DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
                 DEFER_SUMS=cfg.deferred_sums,
+                C_ALIGN=_atomic_channel_alignment(sub) if VECTOR_ATOMICS and need_input else 1,
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2), GO_ALIGN=go_layout[3],
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
@@ -1304,6 +1305,23 @@ def _data_grads(
         return from_rows(gx, dtype, input_format)
 
     return (finish_input if need_input else None), grad_offset, grad_mask
+
+
+# The data kernel's input-gradient scatter as 16-byte vector atomics where the channels allow
+# (``C_ALIGN``): sm_90 code with a quarter of the atomic instructions, but a layout conversion, up to
+# 18% more loop instructions and, at some defaults, register spills (compile_check, 2026-11-28).
+# Off until a GPU has timed it (gpu_check's breakdown times both); part of every plan's settings.
+VECTOR_ATOMICS = False
+
+
+def _atomic_channel_alignment(geo: _Geometry) -> int:
+    """The data kernel's ``C_ALIGN``: 4 where every channel block of the input-gradient accumulator
+    starts, and its mask changes, on a multiple of 4 channels (the channel count, the channels per
+    offset group and per weight group all multiples of 4), so that the compiler can scatter 16-byte
+    vectors of fp32 (sm_90's vector atomics: a quarter of the atomic instructions); else 1. A hint
+    that were not a fact would corrupt silently on a GPU: the test suite checks these facts."""
+    multiple = geo.in_channels % 4 == 0 and geo.channels_per_offset_group % 4 == 0 and geo.group_in % 4 == 0
+    return 4 if multiple else 1
 
 
 def _images(t: Tensor, *, n0: int, n1: int) -> Tensor:
