@@ -8,19 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+# Skips this module where Triton cannot run; before any deformable.ops._triton import.
+from tests.ops.triton_device import DEVICE  # isort: skip
 
 from deformable.benchmark import deterministic_algorithms
-from deformable.ops._backend import triton_unavailable_reason
+from deformable.ops._triton import _relayout
+from deformable.ops._triton import deform_conv as tdc
 from tests.ops.conv_cases import ConvCase as Case
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_reason = triton_unavailable_reason(DEVICE)
-if _reason is not None:
-    pytest.skip(_reason, allow_module_level=True)
-
-from deformable.ops._triton import _relayout  # noqa: E402
-from deformable.ops._triton import deform_conv as tdc  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

@@ -8,23 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+# Skips this module where Triton cannot run; before any deformable.ops._triton import.
+from tests.ops.triton_device import DEVICE  # isort: skip
+
 torchvision = pytest.importorskip("torchvision")
 
 from deformable.benchmark import deterministic_algorithms  # noqa: E402
 from deformable.ops import deform_conv2d  # noqa: E402
-from deformable.ops._backend import triton_unavailable_reason  # noqa: E402
 from deformable.ops._layout import memory_format_of  # noqa: E402
-from tests.ops.conv_cases import ConvCase as Case  # noqa: E402
-from tests.oracles import deform_conv2d_oracle  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-_reason = triton_unavailable_reason(DEVICE)
-if _reason is not None:
-    pytest.skip(_reason, allow_module_level=True)
-
 from deformable.ops._triton import _launch  # noqa: E402
 from deformable.ops._triton import deform_conv as tdc  # noqa: E402
+from tests.ops.conv_cases import ConvCase as Case  # noqa: E402
+from tests.oracles import deform_conv2d_oracle  # noqa: E402
 
 pytestmark = pytest.mark.triton
 

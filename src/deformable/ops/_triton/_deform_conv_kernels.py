@@ -550,6 +550,8 @@ def deform_conv_bwd_data_kernel(
                     cm = cmask[None, :]
                     if C_ALIGN > 1:
                         # Each neighbour's row start proven a multiple of C_ALIGN: vector atomics.
+                        # Not merged with the scalar form below: four row vectors instead of one
+                        # base cost the default 17-52 registers and spills (sm_90, 2026-11-28).
                         row00 = tl.multiple_of(r00 * C, C_ALIGN)
                         row01 = tl.multiple_of(r00 * C + C, C_ALIGN)
                         row10 = tl.multiple_of(r00 * C + W * C, C_ALIGN)
