@@ -789,8 +789,67 @@ def _kernel_runs(problem: Problem, device, dtype: torch.dtype = torch.float16):
         "forward": lambda: tdc.forward(x, offset, mask, weight, bias, *geometry),
         "data": lambda: tdc.backward(grad_output, x, offset, mask, weight, *geometry, data_only),
         "weight": lambda: tdc.backward(grad_output, x, offset, mask, weight, *geometry, weight_only),
+        "fused": _backward_run(grad_output, (x, offset, mask, weight), geometry, fused=True),
     }
     return tdc._Geometry.of(x, offset, weight, *geometry), runs, x
+
+
+def _backward_run(grad_output, tensors, geometry, fused: bool) -> Callable[[], object]:
+    """Closure: ``tdc.backward`` of the input, offset, mask and weight gradients, with the data and
+    weight kernels fused into one pass or not (``tdc.FUSED_BACKWARD``, set for the call)."""
+    x, offset, mask, weight = tensors
+
+    def run():
+        previous, tdc.FUSED_BACKWARD = tdc.FUSED_BACKWARD, fused
+        try:
+            return tdc.backward(
+                grad_output, x, offset, mask, weight, *geometry, (True, True, True, True, False)
+            )
+        finally:
+            tdc.FUSED_BACKWARD = previous
+
+    return run
+
+
+def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
+    """The fused backward (one pass for the data and weight gradients) against the two kernels, per
+    shape and dtype where it applies (C_out/groups <= 256), in CUDA graphs, with the largest difference
+    of their gradients."""
+    report.add("## Fused backward (data + weight in one kernel) against the two kernels")
+    report.add("")
+    report.add(
+        "ms: GPU time (CUDA graph replays) of tdc.backward for the input, offset, mask and weight gradients"
+        " with each kernel's default configuration; fp32 with TF32. diff: the largest difference of any"
+        " gradient, relative to that gradient's largest magnitude."
+    )
+    report.add("")
+    report.add("| shape | dtype | two kernels | fused | fused / two | diff |")
+    report.add("|---|---|---|---|---|---|")
+    problems = [p for p in anchors(smoke) if p.out_channels <= 256]
+    for problem in problems[:1] if smoke else problems:
+        for dtype_name, dtype in DTYPES.items():
+            if clock.left() < 0.5 * clock.budget:
+                report.skipped.append(f"fused A/B {problem.name} {dtype_name}")
+                continue
+            try:
+                with tf32(True):
+                    x, offset, mask, weight, bias = problem.tensors(dtype, device)
+                    geometry = (problem.stride, problem.padding, problem.dilation)
+                    go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device)
+                    go = go.to(dtype)
+                    two, one = (
+                        _backward_run(go, (x, offset, mask, weight), geometry, fused)
+                        for fused in (False, True)
+                    )
+                    two_ms, one_ms = kernel_ms(two, device), kernel_ms(one, device)
+                    diff = _relative_difference(_tensors(one()), _tensors(two()))
+                report.add(
+                    f"| {problem.name} | {dtype_name} | {fmt(two_ms)} | {fmt(one_ms)} | "
+                    f"{fmt(one_ms / two_ms)} | {diff:.1e} |"
+                )
+            except Exception as e:
+                report.failures.append(f"fused A/B {problem.name} {dtype_name}: {e!r}")
+    report.add("")
 
 
 def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
@@ -894,6 +953,10 @@ def sweep(
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
+            # The fused backward's configurations (tdc.FUSED_BACKWARD; never timed before).
+            (by_name["det-c3"], torch.float16, ("fused",)),
+            (by_name["det-c4"], torch.float16, ("fused",)),
+            (by_name["det-c3"], torch.float32, ("fused",)),
             # Defaults that eager sweeps chose where a kernel takes under ~0.15 ms, so that the host
             # time was timed (run 6 of 2026-11-28: the det-c4 fp16 forward's flat loop ranked 15%
             # faster eagerly, 27% slower in a graph): re-timed in CUDA graphs, most used first.
@@ -993,7 +1056,11 @@ def _sweep_plan(text: str) -> list[tuple[str, str, str]]:
     """'det-c5/fp32/forward,cls-c5/fp16/forward:flat' -> [(shape, dtype name, kernel), ...], checked;
     kernel:variant sweeps the default and the candidates with that Config flag only."""
     plan = []
-    kernels = (*tdc.VARIANT_FLAGS, *(f"{kernel}:{flag}" for kernel, flag in tdc.VARIANT_FLAGS.items()))
+    kernels = (
+        *tdc.VARIANT_FLAGS,
+        "fused",
+        *(f"{kernel}:{flag}" for kernel, flag in tdc.VARIANT_FLAGS.items()),
+    )
     for entry in _names(text):
         parts = entry.split("/")
         if len(parts) != 3 or parts[1] not in DTYPES or parts[2] not in kernels:
@@ -1031,6 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-breakdown", action="store_true")
+    parser.add_argument("--skip-fused", action="store_true", help="skip the fused backward's A/B")
     parser.add_argument(
         "--problems",
         type=_names,
@@ -1061,6 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add("")
     if not args.skip_correctness:
         correctness(device, report, clock, args.smoke, args.problems)
+    if not args.skip_fused:
+        fused_ab(device, report, clock, args.smoke)
     # The breakdown before the timing table, which can take the whole budget: a few seconds that
     # say which part of each kernel costs what (runs 3-5 of 2026-11-27 never reached it).
     if not args.skip_breakdown:

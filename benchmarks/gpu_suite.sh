@@ -81,8 +81,10 @@ if [ "${PROFILE:-1}" != 0 ] && [ "${PROFILE_ORDINARY:-1}" != 0 ]; then
     step 90 profile_host.log env DEFORMABLE_TRITON_FAST_LAUNCH=0 \
         "$py" benchmarks/profile_host.py --out "$out/profile_host_ordinary_launch.md"
 fi
-step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --out "$out/models_cuda.md"
-if [ "${MODELS_BF16:-1}" != 0 ]; then
+# MODELS=0 skips both model benchmarks, MODELS_BF16=0 the bf16 one.
+[ "${MODELS:-1}" != 0 ] && step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 \
+    --out "$out/models_cuda.md"
+if [ "${MODELS:-1}" != 0 ] && [ "${MODELS_BF16:-1}" != 0 ]; then
     step 150 models.log "$py" benchmarks/bench_models.py --device cuda --repeats 3 --amp bf16 \
         --out "$out/models_cuda_bf16.md"
 fi

@@ -70,6 +70,31 @@ def _full_fp32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_real_sizes_against_float64(name, dtype):
+    check_against_float64(name, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["det-c4", "groups-s2-d2"])
+def test_fused_backward_at_real_sizes_against_float64(monkeypatch, name, dtype):
+    """deform_conv.FUSED_BACKWARD: the data and weight gradients in one kernel, at the tolerances of
+    the separate kernels."""
+    from deformable.ops._triton import deform_conv as tdc
+
+    monkeypatch.setattr(tdc, "FUSED_BACKWARD", True)
+    launched, launch = [], tdc._run
+
+    def spy(kernel, spec, tensors):
+        launched.append(kernel)
+        launch(kernel, spec, tensors)
+
+    monkeypatch.setattr(tdc, "_run", spy)
+    check_against_float64(name, dtype)
+    assert tdc._k.deform_conv_bwd_fused_kernel in launched
+    assert tdc._k.deform_conv_bwd_weight_kernel not in launched
+
+
+def check_against_float64(name: str, dtype: torch.dtype) -> None:
+    """The output and the five gradients of shape ``name`` in ``dtype`` against float64."""
     tensors, geometry = make_inputs(name, dtype)
     exact = [t.double() for t in tensors]
     out_shape = run(tensors, geometry, "triton")[0].shape

@@ -393,6 +393,88 @@ def test_data_kernel_with_deferred_sums(monkeypatch, request, mode, dtype, case)
     assert [kwargs["DEFER_SUMS"] for kwargs in launched if "DEFER_SUMS" in kwargs] == [True]
 
 
+FUSED_CASES = {
+    "plain": CASES["plain"],
+    "straddle": STRADDLE,
+    "dcnv1-no-bias-16ch": CASES["dcnv1-no-bias-16ch"],
+    "kernel32-stride21-pad10-dil21-odd": CASES["kernel32-stride21-pad10-dil21-odd"],
+    # Weight groups of 4 channels inside one offset group of 8: the offset and mask sums of two
+    # segments meet in atomics.
+    "groups2-offset-group1": Case(batch=1, in_channels=8, out_channels=6, groups=2, offset_groups=1),
+}
+
+
+def fused_kernels_launched(monkeypatch) -> list:
+    """Turns the fused backward on; returns the list of the kernels launched from now on."""
+    monkeypatch.setattr(tdc, "FUSED_BACKWARD", True)
+    launched, run = [], tdc._run
+
+    def spy(kernel, spec, tensors):
+        launched.append(kernel)
+        run(kernel, spec, tensors)
+
+    monkeypatch.setattr(tdc, "_run", spy)
+    return launched
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "block_c"),
+    [
+        ("plain", torch.float64, None),
+        ("straddle", torch.float32, None),  # 9-channel offset groups in one 16-channel block: stored
+        ("straddle", torch.float64, 4),  # ... in 4-channel blocks: summed atomically
+        ("dcnv1-no-bias-16ch", torch.float16, None),
+        ("kernel32-stride21-pad10-dil21-odd", torch.bfloat16, None),
+        ("groups2-offset-group1", torch.float64, None),
+    ],
+)
+def test_fused_backward_against_the_references(monkeypatch, name, dtype, block_c):
+    """tdc.FUSED_BACKWARD: the data and weight gradients by one kernel (no weight or data kernel),
+    against torchvision's float64 gradients."""
+    case = FUSED_CASES[name]
+    launched = fused_kernels_launched(monkeypatch)
+    if block_c is not None:
+        monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "fused", tdc.Config(16, block_c, 32))
+    tensors = make_inputs(case, dtype)
+    grad_output = torch.randn(
+        case.batch, case.out_channels, *case.out_size, generator=torch.Generator().manual_seed(1)
+    )
+    grad_output = grad_output.to(dtype).to(DEVICE)
+    check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
+    assert launched == [tdc._k.deform_conv_bwd_fused_kernel]
+
+
+def test_fused_backward_subsets_and_fallbacks(monkeypatch):
+    """The fused pass computes only what is asked for (a weight gradient with any data gradient), and
+    the two kernels run where it does not apply: weight and offset groups not nested, a weight group
+    beyond 256 output channels, the weight or the data gradients alone, deterministic mode."""
+    launched = fused_kernels_launched(monkeypatch)
+    case = CASES["plain"]
+    tensors = make_inputs(case, torch.float64)
+    grad_output = torch.randn(case.batch, case.out_channels, *case.out_size, dtype=torch.float64).to(DEVICE)
+    fused, weight_kernel = tdc._k.deform_conv_bwd_fused_kernel, tdc._k.deform_conv_bwd_weight_kernel
+    for output_mask, kernels in [
+        ((False, True, False, True, False), [fused]),
+        ((True, False, True, True, True), [fused]),
+        ((False, False, False, True, False), [weight_kernel]),
+        ((True, True, True, False, False), [tdc._k.deform_conv_bwd_data_kernel]),
+    ]:
+        launched.clear()
+        grads = backward(case, tensors, grad_output, output_mask)
+        assert launched == kernels, output_mask
+        check_grads(case, tensors, grad_output, grads, torch.float64, output_mask)
+    with deterministic_algorithms(True):
+        launched.clear()
+        backward(case, tensors, grad_output)
+        assert fused not in launched and weight_kernel in launched
+    geo = tdc._Geometry(1, 6, 5, 5, 4, 2, 3, 3, 3, 5, 5, (1, 1), (1, 1), (1, 1))  # 3 vs 2 channels
+    assert not tdc._fused_backward_ok(geo, tensors[0])
+    geo = tdc._Geometry(1, 8, 5, 5, 512, 1, 3, 3, 1, 5, 5, (1, 1), (1, 1), (1, 1))
+    assert not tdc._fused_backward_ok(geo, tensors[0])
+    geo = tdc._Geometry(1, 8, 5, 5, 256, 2, 3, 3, 4, 5, 5, (1, 1), (1, 1), (1, 1))  # 4 in 2 channels
+    assert tdc._fused_backward_ok(geo, tensors[0])
+
+
 def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
     """An entry of the autotune cache with the variant flag (its seventh field) becomes a go_first
     Config for the weight kernel, a deferred_sums Config for the data kernel and a flat one for the
@@ -710,8 +792,13 @@ def test_every_grad_output_layout_gives_the_same_gradients(small_tiles, dtype, s
     torch.testing.assert_close(given[4], dense[4], rtol=0, atol=4 * EPS[dtype] * terms)
 
 
-def test_extreme_offsets_and_nan():
-    """Infinite and huge offsets are simply outside; NaN offsets and masks make NaN only what they feed."""
+@pytest.mark.parametrize("fused", [False, True], ids=["two-kernels", "fused"])
+def test_extreme_offsets_and_nan(monkeypatch, fused):
+    """Infinite and huge offsets are simply outside; NaN offsets and masks make NaN only what they feed
+    (by the data and weight kernels, and by the fused pass, whose offset and mask sums are atomic here)."""
+    monkeypatch.setattr(tdc, "FUSED_BACKWARD", fused)
+    if fused:  # 2-channel offset groups in 1-channel blocks: every (pixel, tap) sum added atomically
+        monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "fused", tdc.Config(16, 1, 16))
     case = Case(batch=1, in_channels=4, out_channels=3, offset_groups=2)
     x, offset, mask, weight, bias = make_inputs(case, torch.float64)
     offset = offset.clone()

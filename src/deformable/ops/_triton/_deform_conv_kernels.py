@@ -137,6 +137,12 @@ def _corners(n, y0, x0, inside, row_ok, H, W):
 
 
 @triton.jit
+def _bilinear_weights(ly, lx):
+    """The four neighbours' bilinear weights (00, 01, 10, 11) from the fractional parts."""
+    return (1.0 - ly) * (1.0 - lx), (1.0 - ly) * lx, ly * (1.0 - lx), ly * lx
+
+
+@triton.jit
 def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.constexpr):
     """The four neighbours [BLOCK, len(cols)] of each sample, in dtype CT (the input's own keeps them
     compact): channel vectors of the channels-last input (0 where a neighbour is off the map or a
@@ -148,6 +154,18 @@ def _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT: tl.conste
     v10 = tl.load(ptr + W * C, mask=ok10[:, None] & cm, other=0.0).to(CT)
     v11 = tl.load(ptr + (W + 1) * C, mask=ok11[:, None] & cm, other=0.0).to(CT)
     return v00, v01, v10, v11
+
+
+@triton.jit
+def _scatter_corners(gx_ptr, r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, gm, cols, cm, C, W):
+    """Adds ``gm`` [BLOCK, len(cols)] times each neighbour's bilinear weight b.. [BLOCK] to that
+    neighbour's channels in the fp32 channels-last accumulator ``gx`` (atomics; ``cm`` [1, len(cols)]
+    masks the channels)."""
+    ptr = gx_ptr + r00[:, None] * C + cols[None, :]
+    tl.atomic_add(ptr, gm * b00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
+    tl.atomic_add(ptr + C, gm * b01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
+    tl.atomic_add(ptr + W * C, gm * b10[:, None], mask=ok10[:, None] & cm, sem="relaxed")
+    tl.atomic_add(ptr + (W + 1) * C, gm * b11[:, None], mask=ok11[:, None] & cm, sem="relaxed")
 
 
 @triton.jit
@@ -465,10 +483,7 @@ def deform_conv_bwd_data_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
     )  # fmt: skip
     r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
-    b00 = (1.0 - ly) * (1.0 - lx)
-    b01 = (1.0 - ly) * lx
-    b10 = ly * (1.0 - lx)
-    b11 = ly * lx
+    b00, b01, b10, b11 = _bilinear_weights(ly, lx)
     scale = tl.where(inside, 1.0, outside) * mod
     sample = ((n * HoWo + p) * G + g) * NTAPS + k
 
@@ -570,12 +585,8 @@ def deform_conv_bwd_data_kernel(
                             at + row11[:, None], gm * b11[:, None], mask=ok11[:, None] & cm, sem="relaxed"
                         )
                     else:
-                        ptr = gx_ptr + r00[:, None] * C + cols[None, :]
-                        tl.atomic_add(ptr, gm * b00[:, None], mask=ok00[:, None] & cm, sem="relaxed")
-                        tl.atomic_add(ptr + C, gm * b01[:, None], mask=ok01[:, None] & cm, sem="relaxed")
-                        tl.atomic_add(ptr + W * C, gm * b10[:, None], mask=ok10[:, None] & cm, sem="relaxed")
-                        tl.atomic_add(
-                            ptr + (W + 1) * C, gm * b11[:, None], mask=ok11[:, None] & cm, sem="relaxed"
+                        _scatter_corners(
+                            gx_ptr, r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, gm, cols, cm, C, W
                         )
 
     if DEFER_SUMS:
@@ -790,3 +801,103 @@ def deform_conv_bwd_weight_kernel(
         tl.atomic_add(where, acc, mask=valid, sem="relaxed")
     else:
         tl.store(where, acc, mask=valid)
+
+
+@triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES_PER_SPLIT"])
+def deform_conv_bwd_fused_kernel(
+    x_ptr, off_ptr, msk_ptr, w_ptr, go_ptr,
+    gx_ptr, goff_ptr, gmsk_ptr, part_ptr,
+    N, H, W, C, HoWo, Wo, CG_IN, CG_OUT, CPG, NTAPS, KW, SEG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, TILES_PER_SPLIT, GO_SN, GO_SC, GO_SP,
+    OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP, GOFF_SN, GOFF_SC, GOFF_SP, GMSK_SN, GMSK_SC, GMSK_SP,
+    HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
+    SUMS_ATOMIC: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr, CT: tl.constexpr,
+    INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+):  # fmt: skip
+    """The data and weight kernels in one pass: every gradient but the bias's, each sample gathered once.
+
+    Channels fall into segments of SEG = min(CG_IN, CPG) channels, each inside one weight group wg
+    and one offset group g. One program owns BLOCK_C channels of a segment at one tap k, and the
+    pixel tiles [s*TILES_PER_SPLIT, (s+1)*TILES_PER_SPLIT); per tile of BLOCK_M pixels:
+        gcol = go[m, :] @ w[c, k, :]^T                      (matrix unit; the weight tile loaded once)
+        grad_offset, grad_mask of (m, g, k): the sums over this block's channels, as in the data kernel
+        grad_input[corner] += gcol * mod * (corner's bilinear weight)     (fp32 atomics)
+        acc_w[o, c] += go[m, o]^T @ col[m, c]               (col: the sampled column, mask applied)
+    and at the end adds acc_w into part [groups, CG_IN, K, CG_OUT] (fp32, zeroed) with atomics.
+    ``SUMS_ATOMIC``: several programs share an offset group's (m, k) (the group has more channels
+    than one block), so their partial sums are added with atomics into zeroed accumulators of the
+    compute dtype; otherwise stored. BLOCK_O >= CG_OUT: the grad_out tile holds a weight group's
+    output channels, the operand of both products.
+    Grid: (splits * (C // SEG) * K * cdiv(SEG, BLOCK_C),), channel block fastest.
+    """
+    pid = tl.program_id(0)
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    n_cb = tl.cdiv(SEG, BLOCK_C)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    k = rest % NTAPS
+    rest = rest // NTAPS
+    segments = C // SEG
+    seg_lo = (rest % segments) * SEG
+    split = rest // segments
+    i = k // KW
+    j = k % KW
+    cols = seg_lo + cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < seg_lo + SEG
+    wg = seg_lo // CG_IN
+    gk = (seg_lo // CPG) * NTAPS + k
+    ocols = tl.arange(0, BLOCK_O)
+    omask = ocols < CG_OUT
+    oc = wg * CG_OUT + ocols
+    wrow = cols * NTAPS + k  # w and part [groups, CG_IN, K, CG_OUT]: row (input channel, tap)
+    wt = tl.load(
+        w_ptr + wrow[None, :] * CG_OUT + ocols[:, None], mask=omask[:, None] & cmask[None, :], other=0.0
+    )
+    cm = cmask[None, :]
+    acc_w = tl.zeros([BLOCK_O, BLOCK_C], dtype=CT)
+    t_start = split * TILES_PER_SPLIT
+    t_end = tl.minimum(N * tl.cdiv(HoWo, BLOCK_M), t_start + TILES_PER_SPLIT)
+    for t in range(t_start, t_end):
+        n, p, oy, ox, row_ok = _pixel_tile(t, HoWo, Wo, BLOCK_M)
+        y0, x0, ly, lx, inside, outside, mod = _sample(
+            off_ptr, msk_ptr, n * OFF_SN + p * OFF_SP, n * MSK_SN + p * MSK_SP, OFF_SC, MSK_SC, oy, ox,
+            row_ok, gk, i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, HAS_MASK, CT,
+        )  # fmt: skip
+        r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
+        b00, b01, b10, b11 = _bilinear_weights(ly, lx)
+        scale = tl.where(inside, 1.0, outside) * mod
+        go = _load_grad_out(go_ptr, n, p, HoWo, oc, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN)
+        gcol = _mma(go, wt, tl.zeros([BLOCK_M, BLOCK_C], dtype=CT), MMA, PRECISION)
+        gcol = tl.where(cm, gcol, 0.0)
+        v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
+        val = b00[:, None] * v00 + b01[:, None] * v01 + b10[:, None] * v10 + b11[:, None] * v11
+        if NEED_OFFSET:
+            dvy = (1.0 - lx)[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
+            dvx = (1.0 - ly)[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
+            gy = tl.where(inside, tl.sum(gcol * dvy, axis=1) * mod, outside)
+            gx = tl.where(inside, tl.sum(gcol * dvx, axis=1) * mod, outside)
+            where = goff_ptr + n * GOFF_SN + p * GOFF_SP + (2 * gk) * GOFF_SC
+            if SUMS_ATOMIC:
+                tl.atomic_add(where, gy, mask=row_ok, sem="relaxed")
+                tl.atomic_add(where + GOFF_SC, gx, mask=row_ok, sem="relaxed")
+            else:
+                tl.store(where, gy.to(goff_ptr.dtype.element_ty), mask=row_ok)
+                tl.store(where + GOFF_SC, gx.to(goff_ptr.dtype.element_ty), mask=row_ok)
+        if NEED_MASK:
+            gmv = tl.where(inside, tl.sum(gcol * val, axis=1), outside)
+            where = gmsk_ptr + n * GMSK_SN + p * GMSK_SP + gk * GMSK_SC
+            if SUMS_ATOMIC:
+                tl.atomic_add(where, gmv, mask=row_ok, sem="relaxed")
+            else:
+                tl.store(where, gmv.to(gmsk_ptr.dtype.element_ty), mask=row_ok)
+        if NEED_INPUT:
+            gm = gcol * scale[:, None]
+            _scatter_corners(gx_ptr, r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, gm, cols, cm, C, W)
+        # Padding channels exact zeros (a NaN sample would reach them through the scale).
+        col = tl.where(cm, val * scale[:, None], 0.0)
+        acc_w = _mma(tl.trans(go), col.to(go_ptr.dtype.element_ty), acc_w, MMA, PRECISION)
+
+    where = part_ptr + wrow[None, :] * CG_OUT + ocols[:, None]
+    tl.atomic_add(where, acc_w, mask=cm & omask[:, None], sem="relaxed")

@@ -64,10 +64,12 @@ ANCHORS = {
 _16_BIT = (torch.float16, torch.bfloat16)  # --fast disassembles their data and weight kernels
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
-_CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG")
+_CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG", "SEG")
 # Where the forward's flat-loop candidates are compiled (fp16 and fp32): 128 and 256 channels (the
 # candidates are the same at every shape of a width; at every shape this check would take twice as long).
 _FLAT_SHAPES = ("det-c3", "det-c4")
+# Kernels a user opts into (module switches of deform_conv, off by default): spills reported, not failed.
+_OPT_IN = ("data-vector-atomics", "fused")
 
 
 def _compile(
@@ -245,6 +247,16 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         map_constexprs, map_divisible = _map_args(geo, "data")
         constexprs.update(go_constexprs, **map_constexprs)
         return _k.deform_conv_bwd_data_kernel, pointers, constexprs, divisible | map_divisible
+    if kernel == "fused":  # offset and mask gradients summed atomically (channel blocks < a group)
+        pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "go_ptr"), t)
+        pointers.update(gx_ptr=acc, goff_ptr=acc, gmsk_ptr=acc, part_ptr=acc)
+        constexprs = {"HAS_MASK": True, "NEED_INPUT": True, "NEED_OFFSET": True, "NEED_MASK": True}
+        constexprs.update(SUMS_ATOMIC=True, **common)
+        constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
+        go_constexprs, divisible = _grad_out_args(dtype, geo)
+        map_constexprs, map_divisible = _map_args(geo, "data")
+        constexprs.update(go_constexprs, **map_constexprs)
+        return _k.deform_conv_bwd_fused_kernel, pointers, constexprs, divisible | map_divisible
     if kernel == "weight":
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "go_ptr"), t)
         pointers["part_ptr"] = acc
@@ -334,6 +346,9 @@ def _jobs(
     jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
     if _atomic_channel_alignment(geo) > 1:  # deform_conv.VECTOR_ATOMICS: the default's scatter as vectors
         jobs.append(("data-vector-atomics", defaults["data"]))
+    if geo.group_out <= 256:  # deform_conv.FUSED_BACKWARD: the fused pass's default and candidates
+        fused = _heuristic("fused", geo, dtype, interpreted=False, sms=sms, tf32=tf32)
+        jobs += [("fused", c) for c in dict.fromkeys([fused, *_candidates("fused", geo, dtype, tf32)])]
     if name in _FLAT_SHAPES and dtype != torch.bfloat16:  # bf16: fp16's code (sm_90: within 6 registers)
         jobs += [("forward", c) for c in _candidates("forward", geo, dtype, tf32) if c.flat]
     return jobs
@@ -394,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
                         args.arch, fast=args.fast,
                         sass=not args.fast or (kernel in ("data", "weight") and dtype in _16_BIT),
                     )  # fmt: skip
-                    # The vector-atomic scatter is off by default (deform_conv.VECTOR_ATOMICS): its
-                    # spills are reported, not failed.
-                    bad += result["spill_bytes"] > args.max_spill_bytes and kernel != "data-vector-atomics"
+                    # Off by default (deform_conv.VECTOR_ATOMICS, FUSED_BACKWARD): their spills are
+                    # reported, not failed.
+                    bad += result["spill_bytes"] > args.max_spill_bytes and kernel not in _OPT_IN
                 except Exception as e:  # report every failure, then fail
                     seen[key] = result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
                     bad += 1

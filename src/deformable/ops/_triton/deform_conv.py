@@ -131,6 +131,8 @@ class Config:
     ``block_m`` / ``block_n`` / ``block_k`` mean, per kernel:
     forward: pixels / output channels / input channels (the reduction);
     data: pixels / input channels / output channels (the reduction);
+    fused (data and weight in one pass): pixels / input channels / output channels (the whole weight
+    group's: block_k >= C_out/groups);
     weight: pixels (the reduction) / output channels / input channels;
     cells: neighbourhood cells / input channels / unused (deterministic mode);
     gather: input pixels / input channels / unused (deterministic mode).
@@ -189,7 +191,8 @@ class Config:
         return cls(m, n, k, warps, stages, splits, **({flag: True} if flag else {}))
 
 
-# Kernel name ("forward", "data", "weight", "cells", "gather") -> Config used instead of the heuristic.
+# Kernel name ("forward", "data", "weight", "fused", "cells", "gather") -> Config used instead of the
+# heuristic.
 CONFIG_OVERRIDES: dict[str, Config] = {}
 
 _INT32_SAFE = 2**30  # elements; above this, index arithmetic is 64-bit (margin for corner offsets)
@@ -330,6 +333,8 @@ def _heuristic(
             return Config(
                 32, _pow2(geo.group_out, 16, 32), 16, go_first=dtype in (torch.float16, torch.bfloat16)
             )
+        if kernel == "fused":
+            return Config(32, 16, _pow2(geo.group_out, 16, 32))
         if kernel == "cells":
             return Config(16, _pow2(geo.channels_per_offset_group, 1, 16), 1)
         return Config(32, _pow2(geo.channels_per_offset_group, 16, 32), 1)
@@ -343,9 +348,17 @@ def _heuristic(
             "forward": Config(32, 32, 8, 4, 1),
             "data": Config(32, 16, 8, 4, 1),
             "weight": Config(8, 32, 32, 4, 1),
+            "fused": Config(8, 8, _pow2(geo.group_out, 16, 256), 4, 1),
         }[kernel]
     wide = dtype in (torch.float16, torch.bfloat16)
     fma = dtype == torch.float32 and not tf32  # full-fp32 products run on the FMA units
+    if kernel == "fused":
+        # The weight accumulator [C_out/g, 32] stays in registers across the pixel loop: 8 warps (4
+        # spill on sm_90 at 64 pixels x 128 channels, compile_check).
+        block_o = _pow2(geo.group_out, 16, 256)
+        if fma:
+            return Config(32, 16, block_o, 8, 1)
+        return Config(64, 32, block_o, 8, 2)
     if kernel == "forward":
         if fma:
             return Config(64, _pow2(geo.group_out, 16, 128), 16, 8, 2)
@@ -523,6 +536,17 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = Tr
             configs += [
                 Config(m, min(n, cap_n), min(kk, cap_k), w, s, go_first=True) for m, n, kk, w, s in raw
             ]
+    elif kernel == "fused":
+        cap_o = _pow2(geo.group_out, 16, 256)
+        raw = [
+            (64, 32, 4, 2),
+            (64, 32, 8, 2),
+            (64, 32, 8, 3),
+            (32, 32, 4, 2),
+            (128, 32, 8, 2),
+            (64, 64, 8, 2),
+        ]
+        configs = [Config(m, c, cap_o, w, s) for m, c, w, s in raw]
     else:
         return []
     return list(dict.fromkeys(configs))
@@ -634,10 +658,14 @@ def _planned(
 
 def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
-    product precision, autotuning, :data:`VECTOR_ATOMICS`, configuration overrides and, for
+    product precision, autotuning, :data:`VECTOR_ATOMICS`, :data:`FUSED_BACKWARD`, configuration
+    overrides and, for
     ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
-    state = (precision, _autotune_enabled(t), get_memory_budget() if budgeted else None, VECTOR_ATOMICS)
+    state = (
+        precision, _autotune_enabled(t), get_memory_budget() if budgeted else None, VECTOR_ATOMICS,
+        FUSED_BACKWARD,
+    )  # fmt: skip
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -1102,12 +1130,13 @@ def _backward(
     # Each kernel reads grad_output in the layout it loads best; the data kernel's TF32 products
     # reduce over the channels, the weight kernel's over the pixels (_grad_out_operand).
     tf32 = settings[0] == "tf32"  # fp32 products on the matrix unit (the precision is None otherwise)
+    fused = need_weight and need_data and not deterministic and _fused_backward_ok(geo, input)
     g = grad_output.to(dtype)
     go, go_layout = None, None
     if need_data or need_bias or (need_weight and not tf32):
         go, go_layout = _grad_out_operand(g, dtype)
     go_w, go_w_layout = go, go_layout
-    if need_weight and tf32:
+    if need_weight and tf32 and not fused:
         go_w, go_w_layout = _grad_out_operand(g, dtype, pixel_major=True)
     go_source = _GO_NONE if go is None else (_GO_AS_IS if go is g else _GO_COPY)
     go_w_source = (
@@ -1155,6 +1184,16 @@ def _backward(
         input.device,
     )
     key += (go_layout, go_w_layout, maps, *settings)
+    if fused:
+        with _device_guard(input):
+            w = _weight_gemm(weight, geo)
+            finish_input, grad_offset, grad_mask, grad_weight = _fused_grads(
+                geo, x, offset_c, mask_c, mask is not None, w, go, go_layout, maps, need_input,
+                need_offset, need_mask, weight, memory_format_of(input), key,
+            )  # fmt: skip
+            del w, x
+            grad_input = finish_input() if finish_input is not None else None
+        return (grad_input, grad_offset, grad_mask, grad_weight, grad_bias), None
     with _device_guard(input):
         # Peak memory: the weight kernel runs first and the input gradient is written last, after the
         # channels-last copy of the input is released, so that copy, the fp32 accumulator and
@@ -1209,6 +1248,105 @@ def _backward(
         memory_format_of(offset), memory_format_of(mask_c),
     )  # fmt: skip
     return grads, plan
+
+
+# The data and weight kernels fused into one pass over the samples (``deform_conv_bwd_fused_kernel``):
+# each sample gathered once for all four of its gradients, grad_out read once for both products. Off
+# until a GPU has timed it (gpu_check's breakdown and its fused A/B); part of every plan's settings.
+FUSED_BACKWARD = False
+
+
+def _fused_backward_ok(geo: _Geometry, t: Tensor) -> bool:
+    """Whether the fused pass may run for ``geo`` and tensors like ``t``: :data:`FUSED_BACKWARD` on;
+    weight groups and offset groups nested (one's channels a multiple of the other's, so that segments
+    of the smaller count lie inside one of each); a weight group's output channels within one 256-wide
+    tile; on a GPU, not float64 (its broadcast products would not fit)."""
+    if not FUSED_BACKWARD or geo.group_out > 256:
+        return False
+    if t.device.type == "cuda" and t.dtype == torch.float64:
+        return False
+    cg_in, cpg = geo.group_in, geo.channels_per_offset_group
+    return cg_in % cpg == 0 or cpg % cg_in == 0
+
+
+def _fused_grads(
+    geo, x, offset, mask, has_mask, w, go, go_layout, maps, need_input, need_offset, need_mask, weight,
+    input_format, key,
+):  # fmt: skip
+    """Run the fused kernel: (finish_input, grad_offset, grad_mask, grad_weight), None where not needed.
+
+    Arguments as for :func:`_data_grads`, plus ``weight`` (the format of grad_weight). Where several
+    programs share an offset group's samples (``SUMS_ATOMIC``), the offset and mask gradients are
+    summed with atomics into zeroed tensors of the compute dtype, converted once after. Never in
+    deterministic mode (float atomics in every reduction).
+    """
+    dtype, acc = x.dtype, _compute_dtype(x.dtype)
+    device = x.device
+    seg = min(geo.group_in, geo.channels_per_offset_group)
+    part = torch.empty((geo.groups, geo.group_in, geo.taps, geo.group_out), dtype=acc, device=device)
+    gx = None
+    if need_input:
+        gx = torch.empty((geo.batch, geo.height, geo.width, geo.in_channels), dtype=acc, device=device)
+    sums: dict[str, Tensor | None] = {}
+
+    def spec_of(cfg: Config) -> tuple[_Launch, bool]:
+        """The launch, and whether it adds the offset and mask gradients atomically."""
+        blocks = _cdiv(seg, cfg.block_n)
+        others = geo.in_channels // seg * geo.taps * blocks
+        tiles = geo.pixel_tiles(cfg.block_m)
+        # About four programs per multiprocessor, each at least two pixel tiles.
+        splits = max(1, min(_cdiv(4 * _multiprocessors(x), others), _cdiv(tiles, 2)))
+        tiles_per_split = _cdiv(tiles, splits)
+        splits = _cdiv(tiles, tiles_per_split)
+        atomic_sums = blocks > 1 or seg < geo.channels_per_offset_group
+        scalars = (
+            geo.batch, geo.height, geo.width, geo.in_channels, geo.out_h * geo.out_w, geo.out_w,
+            geo.group_in, geo.group_out, geo.channels_per_offset_group, geo.taps, geo.kw, seg,
+            *geo.spatial_args(), tiles_per_split, *go_layout[:3], *maps,
+        )  # fmt: skip
+        return _Launch(_grid(splits * others), scalars, dict(
+            HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
+            SUMS_ATOMIC=atomic_sums, INDEX64=geo.index64(geo.pixels * geo.offset_groups * geo.taps * 2),
+            GO_ALIGN=go_layout[3], BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
+        ), {}), atomic_sums  # fmt: skip
+
+    def run(spec: tuple[_Launch, bool]) -> None:
+        launch_spec, atomic_sums = spec
+        part.zero_()  # autotuning runs the kernel repeatedly: each run starts from zero
+        if gx is not None:
+            gx.zero_()
+        # Atomic sums go to zeroed tensors of the compute dtype; stored ones to the gradients.
+        sums["offset"] = (
+            _empty_map(offset.shape, offset, acc if atomic_sums else dtype) if need_offset else None
+        )
+        sums["mask"] = _empty_map(mask.shape, mask, acc if atomic_sums else dtype) if need_mask else None
+        if atomic_sums:
+            for t in sums.values():
+                if t is not None:
+                    t.zero_()
+        dummy = offset
+        tensors = (
+            x, offset, mask, w, go,
+            gx if gx is not None else dummy,
+            sums["offset"] if sums["offset"] is not None else dummy,
+            sums["mask"] if sums["mask"] is not None else dummy,
+            part,
+        )  # fmt: skip
+        _run(_k.deform_conv_bwd_fused_kernel, launch_spec, tensors)
+
+    flags = (has_mask, need_input, need_offset, need_mask)
+    run(_planned(("fused", *key), "fused", geo, x, flags, spec_of, run))
+    grad_offset, grad_mask = (
+        None if t is None else t if t.dtype == dtype else t.to(dtype) for t in (sums["offset"], sums["mask"])
+    )
+    grad_weight = _grad_weight_in_format(part, weight, geo)
+
+    def finish_input() -> Tensor:
+        assert gx is not None
+        return from_rows(gx, dtype, input_format)
+
+    return (finish_input if need_input else None), grad_offset, grad_mask, grad_weight
 
 
 def _data_grads(
