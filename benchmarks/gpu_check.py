@@ -869,14 +869,10 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
     geo = tdc._Geometry.of(x, offset, weight, *geometry)
     c_out, taps = weight.shape[0], weight.shape[2] * weight.shape[3]
 
-    def bwd(output_mask, deterministic=False, vector_atomics=False):
+    def bwd(output_mask, deterministic=False):
         def run():
-            previous, tdc.VECTOR_ATOMICS = tdc.VECTOR_ATOMICS, vector_atomics
-            try:
-                with deterministic_algorithms(deterministic):
-                    return tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
-            finally:
-                tdc.VECTOR_ATOMICS = previous
+            with deterministic_algorithms(deterministic):
+                return tdc.backward(go, x, offset, mask, weight, *geometry, output_mask)
 
         return run
 
@@ -885,11 +881,6 @@ def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]
         "forward": lambda: tdc.forward(x, offset, mask, weight, bias, *geometry),
         "data: input, offset, mask": bwd((True, True, True, False, False)),
         "data: input only (GEMM + scatter)": bwd((True, False, False, False, False)),
-        # The scatter as 16-byte vector atomics (tdc.VECTOR_ATOMICS, off by default): its A/B.
-        "data: input, offset, mask; vector atomics": bwd(
-            (True, True, True, False, False), vector_atomics=True
-        ),
-        "data: input only; vector atomics": bwd((True, False, False, False, False), vector_atomics=True),
         "data: offset, mask only (GEMM + gathers)": bwd((False, True, True, False, False)),
         "data: input only, deterministic (GEMM + stores, sort, cell sums, gather)": bwd(
             (True, False, False, False, False), deterministic=True

@@ -74,10 +74,10 @@ def test_real_sizes_against_float64(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("name", ["det-c4", "groups-s2-d2"])
-def test_fused_backward_at_real_sizes_against_float64(monkeypatch, name, dtype):
+def test_fused_backward_at_real_sizes_against_float64(monkeypatch, dtype):
     """deform_conv.FUSED_BACKWARD: the data and weight gradients in one kernel, at the tolerances of
-    the separate kernels."""
+    the separate kernels (det-c4; groups-s2-d2's weight and offset groups, 48 and 32 channels, are not
+    nested, so the two kernels run there: the interpreter tests cover nested groups)."""
     from deformable.ops._triton import deform_conv as tdc
 
     monkeypatch.setattr(tdc, "FUSED_BACKWARD", True)
@@ -88,7 +88,7 @@ def test_fused_backward_at_real_sizes_against_float64(monkeypatch, name, dtype):
         launch(kernel, spec, tensors)
 
     monkeypatch.setattr(tdc, "_run", spy)
-    check_against_float64(name, dtype)
+    check_against_float64("det-c4", dtype)
     assert tdc._k.deform_conv_bwd_fused_kernel in launched
     assert tdc._k.deform_conv_bwd_weight_kernel not in launched
 

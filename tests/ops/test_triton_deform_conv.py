@@ -987,53 +987,6 @@ def test_heuristic_and_candidate_configs_are_valid():
         assert any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=True))
 
 
-def test_vector_atomic_scatter_gives_the_same_gradients(monkeypatch):
-    """tdc.VECTOR_ATOMICS: the data kernel's scatter written for 16-byte vector atomics (C_ALIGN 4,
-    16 channels) gives the gradients of the default scatter; a plan made without it is not reused."""
-    case = CASES["dcnv1-no-bias-16ch"]
-    tensors = make_inputs(case, torch.float32)
-    grad_output = torch.randn(
-        1, case.out_channels, *case.out_size, generator=torch.Generator().manual_seed(1)
-    )
-    expected = backward(case, tensors, grad_output.to(DEVICE))
-    launched = spy_launches(monkeypatch)
-    monkeypatch.setattr(tdc, "VECTOR_ATOMICS", True)
-    got = backward(case, tensors, grad_output.to(DEVICE))
-    assert [kwargs["C_ALIGN"] for kwargs in launched if "BLOCK_C" in kwargs] == [4]
-    for name, a, b in zip(GRAD_NAMES, got, expected, strict=True):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert_same(a, b)
-
-
-def test_atomic_channel_alignment_hint_is_a_fact():
-    """C_ALIGN tells the compiler (GPU only: the interpreter ignores hints) that the data kernel's every
-    channel block starts, and its channel mask changes, on a multiple of C_ALIGN channels, and that C
-    is one. Walked here as the kernel walks its blocks, over channel, group and block counts."""
-    for c in (4, 6, 12, 16, 18, 24, 36, 48, 64, 96, 128):
-        for groups in (g for g in (1, 2, 3, 4, 6) if c % g == 0):
-            for offset_groups in (g for g in (1, 2, 3, 4) if c % g == 0):
-                geo = tdc._Geometry(1, c, 5, 5, c, groups, 3, 3, offset_groups, 5, 5, (1, 1), (1, 1), (1, 1))
-                align = tdc._atomic_channel_alignment(geo)
-                assert align in (1, 4)
-                if align == 1:
-                    continue
-                assert c % align == 0
-                cpg, cg_in = geo.channels_per_offset_group, geo.group_in
-                for block_c in (16, 32, 64):
-                    for g in range(offset_groups):
-                        cg_lo, cg_hi = g * cpg, (g + 1) * cpg
-                        for wg in range(cg_lo // cg_in, (cg_hi - 1) // cg_in + 1):
-                            seg_lo, seg_hi = max(cg_lo, wg * cg_in), min(cg_hi, (wg + 1) * cg_in)
-                            assert seg_hi % align == 0, (c, groups, offset_groups)
-                            for c0 in range(seg_lo, seg_hi, block_c):
-                                assert c0 % align == 0, (c, groups, offset_groups, block_c)
-    assert (
-        tdc._atomic_channel_alignment(tdc._Geometry(1, 6, 5, 5, 6, 1, 3, 3, 1, 5, 5, (1, 1), (1, 1), (1, 1)))
-        == 1
-    )
-
-
 def test_autotune_picks_the_fastest_candidate_and_caches_it(monkeypatch):
     """The DEFORMABLE_TRITON_AUTOTUNE path (CUDA only) with a fake clock: each candidate runs, the
     fastest is cached per key, and repeated runs leave correct results (the atomic accumulator is reset)."""

@@ -440,7 +440,7 @@ def deform_conv_bwd_data_kernel(
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
     CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr, DEFER_SUMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, C_ALIGN: tl.constexpr = 1,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the sampled columns for one (pixel block, offset group g, tap k).
 
@@ -450,10 +450,6 @@ def deform_conv_bwd_data_kernel(
         grad_offset[m, g, k] += mod * sum_c gcol * d bilinear(m, c) / d(y, x)
         grad_input[corner]   += gcol * mod * (corner's bilinear weight)
     The program owns every channel of (m, g, k), so grad_offset and grad_mask are plain stores.
-    ``C_ALIGN`` (4, or 1) states that every channel block starts, and the channel mask changes, on a
-    multiple of C_ALIGN channels and that C is one: the atomic scatter then moves 16-byte vectors
-    (sm_90: a quarter of the atomic instructions, for a layout conversion and more registers; not the
-    default until timed, ``deform_conv.VECTOR_ATOMICS``).
     ``ONE_O_BLOCK`` (BLOCK_O >= CG_OUT) keeps the grad_out tile in registers across the channel blocks.
     ``DEFER_SUMS`` accumulates the three products with gcol in [BLOCK_M, BLOCK_C] tiles across the
     channel blocks and sums them over channels once, after the loops: the products stay in the matrix
@@ -508,9 +504,6 @@ def deform_conv_bwd_data_kernel(
         for c0 in range(seg_lo, seg_hi, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cmask = cols < seg_hi
-            if C_ALIGN > 1:
-                cols = tl.multiple_of(cols, C_ALIGN)
-                cmask = tl.max_constancy(cmask, C_ALIGN)
             wrow = cols * NTAPS + k  # w [groups, CG_IN, K, CG_OUT]: row (input channel, tap)
             gcol = tl.zeros([BLOCK_M, BLOCK_C], dtype=CT)
             if ONE_O_BLOCK:
@@ -562,32 +555,23 @@ def deform_conv_bwd_data_kernel(
                         mask=row_ok[:, None] & cmask[None, :],
                     )
                 else:
-                    cm = cmask[None, :]
-                    if C_ALIGN > 1:
-                        # Each neighbour's row start proven a multiple of C_ALIGN: vector atomics.
-                        # Not merged with the scalar form below: four row vectors instead of one
-                        # base cost the default 17-52 registers and spills (sm_90, 2026-11-28).
-                        row00 = tl.multiple_of(r00 * C, C_ALIGN)
-                        row01 = tl.multiple_of(r00 * C + C, C_ALIGN)
-                        row10 = tl.multiple_of(r00 * C + W * C, C_ALIGN)
-                        row11 = tl.multiple_of(r00 * C + (W + 1) * C, C_ALIGN)
-                        at = gx_ptr + cols[None, :]
-                        tl.atomic_add(
-                            at + row00[:, None], gm * b00[:, None], mask=ok00[:, None] & cm, sem="relaxed"
-                        )
-                        tl.atomic_add(
-                            at + row01[:, None], gm * b01[:, None], mask=ok01[:, None] & cm, sem="relaxed"
-                        )
-                        tl.atomic_add(
-                            at + row10[:, None], gm * b10[:, None], mask=ok10[:, None] & cm, sem="relaxed"
-                        )
-                        tl.atomic_add(
-                            at + row11[:, None], gm * b11[:, None], mask=ok11[:, None] & cm, sem="relaxed"
-                        )
-                    else:
-                        _scatter_corners(
-                            gx_ptr, r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, gm, cols, cm, C, W
-                        )
+                    _scatter_corners(
+                        gx_ptr,
+                        r00,
+                        ok00,
+                        ok01,
+                        ok10,
+                        ok11,
+                        b00,
+                        b01,
+                        b10,
+                        b11,
+                        gm,
+                        cols,
+                        cmask[None, :],
+                        C,
+                        W,
+                    )
 
     if DEFER_SUMS:
         grad_y = tl.sum(acc_y, axis=1)

@@ -44,7 +44,6 @@ from . import _deform_roi_pool_kernels as _roi_k
 from . import _relayout
 from .deform_conv import (
     Config,
-    _atomic_channel_alignment,
     _blocks_align_with_offset_groups,
     _candidates,
     _format_strides,
@@ -68,8 +67,9 @@ _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG", "SEG")
 # Where the forward's flat-loop candidates are compiled (fp16 and fp32): 128 and 256 channels (the
 # candidates are the same at every shape of a width; at every shape this check would take twice as long).
 _FLAT_SHAPES = ("det-c3", "det-c4")
-# Kernels a user opts into (module switches of deform_conv, off by default): spills reported, not failed.
-_OPT_IN = ("data-vector-atomics", "fused")
+# Kernels a user opts into (module switches of deform_conv, off by default): spills reported, not
+# failed.
+_OPT_IN = ("fused",)
 
 
 def _compile(
@@ -232,7 +232,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
-    if kernel in ("data", "data-deterministic", "data-vector-atomics"):  # deterministic: no atomics
+    if kernel in ("data", "data-deterministic"):  # deterministic: no atomics
         pointers = dict.fromkeys(
             ("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "go_ptr", "goff_ptr", "gmsk_ptr"), t
         )
@@ -241,7 +241,6 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs.update(DETERMINISTIC=kernel == "data-deterministic", **common)
         constexprs["ONE_O_BLOCK"] = config.block_k >= geo.group_out
         constexprs["DEFER_SUMS"] = config.deferred_sums
-        constexprs["C_ALIGN"] = _atomic_channel_alignment(geo) if kernel == "data-vector-atomics" else 1
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
         map_constexprs, map_divisible = _map_args(geo, "data")
@@ -344,8 +343,6 @@ def _jobs(
     if any(c.go_first for c in _candidates("weight", geo, dtype, tf32)):
         jobs.append(("weight", dataclasses.replace(defaults["weight"], go_first=True)))
     jobs += [("data", c) for c in _candidates("data", geo, dtype, tf32) if c.deferred_sums]
-    if _atomic_channel_alignment(geo) > 1:  # deform_conv.VECTOR_ATOMICS: the default's scatter as vectors
-        jobs.append(("data-vector-atomics", defaults["data"]))
     if geo.group_out <= 256:  # deform_conv.FUSED_BACKWARD: the fused pass's default and candidates
         fused = _heuristic("fused", geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         jobs += [("fused", c) for c in dict.fromkeys([fused, *_candidates("fused", geo, dtype, tf32)])]
@@ -409,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.arch, fast=args.fast,
                         sass=not args.fast or (kernel in ("data", "weight") and dtype in _16_BIT),
                     )  # fmt: skip
-                    # Off by default (deform_conv.VECTOR_ATOMICS, FUSED_BACKWARD): their spills are
-                    # reported, not failed.
+                    # Off by default (deform_conv.FUSED_BACKWARD): its spills are reported, not failed.
                     bad += result["spill_bytes"] > args.max_spill_bytes and kernel not in _OPT_IN
                 except Exception as e:  # report every failure, then fail
                     seen[key] = result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"

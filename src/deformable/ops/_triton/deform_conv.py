@@ -353,12 +353,17 @@ def _heuristic(
     wide = dtype in (torch.float16, torch.bfloat16)
     fma = dtype == torch.float32 and not tf32  # full-fp32 products run on the FMA units
     if kernel == "fused":
-        # The weight accumulator [C_out/g, 32] stays in registers across the pixel loop: 8 warps (4
-        # spill on sm_90 at 64 pixels x 128 channels, compile_check).
+        # H200 sweep in CUDA graphs (2026-11-28, run 8): 4 warps, though they spill 52-72 bytes on
+        # sm_90 where 8 do not: fp16 det-c3 0.422 ms against 0.576 for 8 warps, det-c4 0.270 against
+        # 0.375, cls-c3 0.731 against 0.973. TF32 at 128 channels 64-channel blocks with 8 warps
+        # (det-c3 0.632 against 0.689 and 0.931); at 256 the 32-channel 8-warp tile, the one that fits
+        # shared memory without spills (untimed). Full fp32 untimed.
         block_o = _pow2(geo.group_out, 16, 256)
         if fma:
             return Config(32, 16, block_o, 8, 1)
-        return Config(64, 32, block_o, 8, 2)
+        if wide:
+            return Config(64, 32, block_o, 4, 2)
+        return Config(64, 64, block_o, 8, 2) if block_o <= 128 else Config(64, 32, block_o, 8, 2)
     if kernel == "forward":
         if fma:
             return Config(64, _pow2(geo.group_out, 16, 128), 16, 8, 2)
@@ -658,14 +663,10 @@ def _planned(
 
 def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
-    product precision, autotuning, :data:`VECTOR_ATOMICS`, :data:`FUSED_BACKWARD`, configuration
-    overrides and, for
+    product precision, autotuning, :data:`FUSED_BACKWARD`, configuration overrides and, for
     ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
-    state = (
-        precision, _autotune_enabled(t), get_memory_budget() if budgeted else None, VECTOR_ATOMICS,
-        FUSED_BACKWARD,
-    )  # fmt: skip
+    state = (precision, _autotune_enabled(t), get_memory_budget() if budgeted else None, FUSED_BACKWARD)
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -1251,8 +1252,12 @@ def _backward(
 
 
 # The data and weight kernels fused into one pass over the samples (``deform_conv_bwd_fused_kernel``):
-# each sample gathered once for all four of its gradients, grad_out read once for both products. Off
-# until a GPU has timed it (gpu_check's breakdown and its fused A/B); part of every plan's settings.
+# each sample gathered once for all four of its gradients, grad_out read once for both products. Off:
+# on the H200 (2026-11-28, CUDA graphs, the input/offset/mask/weight backward) its best configuration
+# only matched the two kernels (fp16 det-c3 0.422 ms against 0.437, det-c4 0.270 against 0.286, cls-c3
+# 0.731 against 0.680; TF32 det-c3 0.632 against 0.659): the data kernel's per-tap programs are the
+# cost, not the weight kernel's second gather. Part of every plan's settings; gpu_check's fused A/B
+# times it.
 FUSED_BACKWARD = False
 
 
@@ -1411,7 +1416,6 @@ def _data_grads(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
                 DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
                 DEFER_SUMS=cfg.deferred_sums,
-                C_ALIGN=_atomic_channel_alignment(sub) if VECTOR_ATOMICS and need_input else 1,
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2), GO_ALIGN=go_layout[3],
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
@@ -1443,23 +1447,6 @@ def _data_grads(
         return from_rows(gx, dtype, input_format)
 
     return (finish_input if need_input else None), grad_offset, grad_mask
-
-
-# The data kernel's input-gradient scatter as 16-byte vector atomics where the channels allow
-# (``C_ALIGN``): sm_90 code with a quarter of the atomic instructions, but a layout conversion, up to
-# 18% more loop instructions and, at some defaults, register spills (compile_check, 2026-11-28).
-# Off until a GPU has timed it (gpu_check's breakdown times both); part of every plan's settings.
-VECTOR_ATOMICS = False
-
-
-def _atomic_channel_alignment(geo: _Geometry) -> int:
-    """The data kernel's ``C_ALIGN``: 4 where every channel block of the input-gradient accumulator
-    starts, and its mask changes, on a multiple of 4 channels (the channel count, the channels per
-    offset group and per weight group all multiples of 4), so that the compiler can scatter 16-byte
-    vectors of fp32 (sm_90's vector atomics: a quarter of the atomic instructions); else 1. A hint
-    that were not a fact would corrupt silently on a GPU: the test suite checks these facts."""
-    multiple = geo.in_channels % 4 == 0 and geo.channels_per_offset_group % 4 == 0 and geo.group_in % 4 == 0
-    return 4 if multiple else 1
 
 
 def _images(t: Tensor, *, n0: int, n1: int) -> Tensor:
