@@ -761,34 +761,64 @@ def _grad_out_operand(
     return to_rows(go).permute(0, 3, 1, 2), (*channels_last, 1)
 
 
+class _WeightLayout(NamedTuple):
+    """How a weight [C_out, C_in/groups, kh, kw] (of given shape, strides, dtype and device) becomes a
+    kernel's contiguous GEMM operand of ``shape``: the weight viewed as [groups, C_out/groups,
+    C_in/groups, kh*kw], permuted by ``order``; by ``copy`` (a :func:`transpose_plan`: one transpose
+    per group) where the weight is contiguous and the transpose kernel runs, else by PyTorch's copy."""
+
+    shape: tuple[int, int, int, int]
+    order: tuple[int, int, int, int]
+    copy: tuple | None
+
+
+# The weight operands (order of [groups, C_out/g, C_in/g, taps]; the transpose's rows and columns per
+# group, None where no single transpose makes it):
+_WEIGHT_OPERANDS = {
+    # the data kernel's [groups, C_in/g, taps, C_out/g]: its reduction, over output channels, contiguous
+    "data": ((0, 2, 3, 1), lambda co, ci, k: (co, ci * k)),
+    # the forward's on the matrix unit [groups, taps, C_out/g, C_in/g]: its reduction, over input
+    # channels, contiguous (the operand TF32's matrix unit needs, which fp16/bf16 take as well)
+    "forward": ((0, 3, 1, 2), lambda co, ci, k: (co * ci, k)),
+    # the forward's on the FMA units (full fp32, fp64) [groups, taps, C_in/g, C_out/g]: the layout
+    # their multiply-add products keep in fewer registers
+    "forward fma": ((0, 3, 2, 1), None),
+}
+
+
+def _weight_layout(weight: Tensor, geo: _Geometry, operand: str) -> _WeightLayout:
+    """The :class:`_WeightLayout` of ``operand`` (a key of ``_WEIGHT_OPERANDS``) for ``weight``."""
+    order, transposed = _WEIGHT_OPERANDS[operand]
+    dims = (geo.groups, geo.group_out, geo.group_in, geo.taps)
+    shape = (dims[order[0]], dims[order[1]], dims[order[2]], dims[order[3]])
+    copy = None
+    if transposed is not None and weight.is_contiguous():
+        rows, cols = transposed(*dims[1:])
+        if transpose_uses_kernel(weight, rows, cols):
+            copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype)
+    return _WeightLayout(shape, order, copy)
+
+
+def _weight_as(layout: _WeightLayout, weight: Tensor) -> Tensor:
+    """``weight`` in ``layout`` (a launch on the current device where the layout has a ``copy``)."""
+    out = weight.new_empty(layout.shape)
+    if layout.copy is not None:
+        return run_transpose(layout.copy, weight, out)
+    dims = [0, 0, 0, 0]
+    for axis, size in zip(layout.order, layout.shape, strict=True):
+        dims[axis] = size
+    return out.copy_(weight.reshape(dims).permute(layout.order))
+
+
 def _weight_gemm(weight: Tensor, geo: _Geometry) -> Tensor:
-    """[C_out, C_in/groups, kh, kw] -> contiguous [groups, C_in/groups, kh*kw, C_out/groups], the data
-    kernel's (its reduction, over output channels, contiguous): for an NCHW-contiguous weight one
-    transpose per group of [C_out/groups, C_in/groups*kh*kw] (``_relayout.transpose``)."""
-    out = weight.new_empty((geo.groups, geo.group_in, geo.taps, geo.group_out))
-    if weight.is_contiguous():
-        return transpose(weight, out, geo.groups, geo.group_out, geo.group_in * geo.taps)
-    w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
-    return out.copy_(w.permute(0, 2, 3, 1))
+    """The data kernel's weight [groups, C_in/groups, kh*kw, C_out/groups] (on the current device)."""
+    return _weight_as(_weight_layout(weight, geo, "data"), weight)
 
 
 def _forward_k_major(dtype: torch.dtype, fp32_precision: str | None) -> bool:
     """Whether the forward's products run on the matrix unit (16-bit, or fp32 as TF32), which wants
     K-major weight tiles (``W_K_MAJOR``); the launcher and ``compile_check`` both ask here."""
     return dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and fp32_precision == "tf32")
-
-
-def _weight_gemm_forward(weight: Tensor, geo: _Geometry, k_major: bool) -> Tensor:
-    """The forward's weight: ``k_major`` -> contiguous [groups, kh*kw, C_out/groups, C_in/groups] (its
-    reduction, over input channels, contiguous: the operand TF32's matrix unit needs, which fp16/bf16
-    take as well; for an NCHW-contiguous weight one transpose per group of [C_out/groups *
-    C_in/groups, kh*kw]), else [groups, kh*kw, C_in/groups, C_out/groups] (the layout the multiply-add
-    products of full fp32 and fp64 keep in fewer registers)."""
-    if k_major and weight.is_contiguous():
-        out = weight.new_empty((geo.groups, geo.taps, geo.group_out, geo.group_in))
-        return transpose(weight, out, geo.groups, geo.group_out * geo.group_in, geo.taps)
-    w = weight.reshape(geo.groups, geo.group_out, geo.group_in, geo.taps)
-    return (w.permute(0, 3, 1, 2) if k_major else w.permute(0, 3, 2, 1)).contiguous()
 
 
 def _grid(programs: int) -> tuple[int]:
@@ -834,16 +864,12 @@ def _on_current_device(t: Tensor) -> bool:
 
 class _ForwardCall(NamedTuple):
     """A forward's call plan: the output's shape and format, how the input becomes rows
-    (:func:`rows_plan`), how the weight gets its GEMM layout (a planned transpose of ``w_shape``, or
-    :func:`_weight_gemm_forward`) and the kernel's launch."""
+    (:func:`rows_plan`) and the weight its GEMM operand, and the kernel's launch."""
 
     out_shape: tuple[int, int, int, int]
     out_format: torch.memory_format
     x_rows: tuple
-    w_copy: tuple | None
-    w_shape: tuple[int, int, int, int]
-    geo: _Geometry
-    k_major: bool
+    w_layout: _WeightLayout
     spec: _Launch
 
 
@@ -893,10 +919,7 @@ def _planned_forward(
 ) -> Tensor:
     out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)
     x = rows_as_planned(input, plan.x_rows, input.dtype)
-    if plan.w_copy is not None:
-        w = run_transpose(plan.w_copy, weight, weight.new_empty(plan.w_shape))
-    else:
-        w = _weight_gemm_forward(weight, plan.geo, plan.k_major)
+    w = _weight_as(plan.w_layout, weight)
     tensors = (x, offset, offset if mask is None else mask, w, w if bias is None else bias, out)
     _run(_k.deform_conv_fwd_kernel, plan.spec, tensors)
     return out
@@ -920,7 +943,9 @@ def _forward(
     mask_c, mask_strides = _pixel_operand(mask) if mask is not None else (offset_c, offset_strides)
     out_strides = _format_strides(out.shape, out_format)
     k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
-    w = _weight_gemm_forward(weight, geo, k_major)
+    w_layout = _weight_layout(weight, geo, "forward" if k_major else "forward fma")
+    with _device_guard(input):
+        w = _weight_as(w_layout, weight)
     bias_c = w if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
     tensors = (x, offset_c, mask_c, w, bias_c, out)
     flags = (mask is not None, bias is not None)
@@ -968,14 +993,7 @@ def _forward(
     )
     if copies or spec.kwargs["SPLIT_TAPS"]:
         return out, None
-    w_shape = (geo.groups, geo.taps, geo.group_out, geo.group_in)
-    rows, cols = geo.group_out * geo.group_in, geo.taps
-    w_copy = None
-    if k_major and weight.is_contiguous() and transpose_uses_kernel(weight, rows, cols):
-        w_copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype)
-    return out, _ForwardCall(
-        shape, out_format, rows_plan(input, input.dtype), w_copy, w_shape, geo, k_major, spec
-    )
+    return out, _ForwardCall(shape, out_format, rows_plan(input, input.dtype), w_layout, spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1048,7 +1066,7 @@ class _BackwardCall(NamedTuple):
     weight_spec: _Launch | None
     part_shape: tuple[int, ...]
     data_spec: _Launch | None
-    w_copy: tuple | None
+    w_layout: _WeightLayout | None  # the data kernel's weight (None: the kernel does not run)
     input_format: torch.memory_format | None  # None: no input gradient
     offset_format: torch.memory_format
     mask_format: torch.memory_format
@@ -1086,12 +1104,8 @@ def _planned_backward(
         del part
     del go_w  # a pixel-major copy is freed before the data kernel's buffers are made
     if plan.data_spec is not None:
-        if plan.w_copy is not None:
-            w = run_transpose(
-                plan.w_copy, weight, weight.new_empty((geo.groups, geo.group_in, geo.taps, geo.group_out))
-            )
-        else:
-            w = _weight_gemm(weight, geo)
+        assert plan.w_layout is not None
+        w = _weight_as(plan.w_layout, weight)
         device = input.device
         if plan.need_offset:
             grad_offset = torch.empty(
@@ -1235,17 +1249,14 @@ def _backward(
     data_spec = cast("_Launch | None", _PLANS.get(("data", geo.batch, *key)) if need_data else None)
     if (need_weight and weight_plan is None) or (need_data and data_spec is None):
         return grads, None  # the launch plans were forgotten meanwhile (a full cache): plan next time
-    rows, cols = geo.group_out, geo.group_in * geo.taps
-    w_copy = None
-    if need_data and weight.is_contiguous() and transpose_uses_kernel(weight, rows, cols):
-        w_copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype)
+    w_layout = _weight_layout(weight, geo, "data") if need_data else None
     reads_rows = need_weight or need_offset or need_mask
     plan = _BackwardCall(
         geo, dtype, need_offset, need_mask, need_bias, go_source, go_w_source,
         rows_plan(input, dtype) if reads_rows else None,
         weight_plan[0] if weight_plan is not None else None,
         weight_plan[1] if weight_plan is not None else (),
-        data_spec, w_copy, memory_format_of(input) if need_input else None,
+        data_spec, w_layout, memory_format_of(input) if need_input else None,
         memory_format_of(offset), memory_format_of(mask_c),
     )  # fmt: skip
     return grads, plan
