@@ -206,25 +206,25 @@ def to_rows(t: Tensor, dtype: torch.dtype | None = None, *, kernel: bool | None 
     else goes through PyTorch's copy.
     """
     dtype = dtype or t.dtype
-    n, c, h, w = t.shape
-    if _transposes(t, c, h * w, kernel):
-        out = torch.empty((n, h, w, c), dtype=dtype, device=t.device)
-        _transpose(t, out, n, c, h * w)
-        return out
-    return t.permute(0, 2, 3, 1).to(dtype).contiguous()
+    plan = rows_plan(t, dtype, kernel=kernel)
+    if plan[0] == ROWS_KERNEL and t.is_cuda and t.device.index != torch.cuda.current_device():
+        with torch.cuda.device(t.device):  # the planned launch goes to the current device
+            return rows_as_planned(t, plan, dtype)
+    return rows_as_planned(t, plan, dtype)
 
 
 ROWS_VIEW, ROWS_KERNEL, ROWS_GENERIC = 0, 1, 2
 
 
-def rows_plan(t: Tensor, dtype: torch.dtype) -> tuple[int, tuple | None]:
+def rows_plan(t: Tensor, dtype: torch.dtype, *, kernel: bool | None = None) -> tuple[int, tuple | None]:
     """How :func:`to_rows` turns tensors like ``t`` (its shape, strides, dtype, device) into rows of
     ``dtype``: (ROWS_VIEW, None): ``t`` permuted is already those rows; (ROWS_KERNEL, a
-    :func:`transpose_plan`); (ROWS_GENERIC, None): PyTorch's copy. For :func:`rows_as_planned`."""
+    :func:`transpose_plan`); (ROWS_GENERIC, None): PyTorch's copy. For :func:`rows_as_planned`;
+    ``kernel`` as for :func:`to_rows`."""
     n, c, h, w = t.shape
     if t.dtype == dtype and t.permute(0, 2, 3, 1).is_contiguous():
         return ROWS_VIEW, None
-    if _transposes(t, c, h * w, None):
+    if _transposes(t, c, h * w, kernel):
         return ROWS_KERNEL, transpose_plan(n, c, h * w, t.dtype, dtype)
     return ROWS_GENERIC, None
 
@@ -239,7 +239,7 @@ def rows_as_planned(t: Tensor, plan: tuple[int, tuple | None], dtype: torch.dtyp
         assert copy is not None
         n, c, h, w = t.shape
         return run_transpose(copy, t, torch.empty((n, h, w, c), dtype=dtype, device=t.device))
-    return to_rows(t, dtype)
+    return t.permute(0, 2, 3, 1).to(dtype).contiguous()
 
 
 def from_rows(

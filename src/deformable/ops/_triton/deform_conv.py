@@ -542,6 +542,8 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = Tr
                 Config(m, min(n, cap_n), min(kk, cap_k), w, s, go_first=True) for m, n, kk, w, s in raw
             ]
     elif kernel == "fused":
+        if dtype == torch.float32 and not tf32:
+            return []  # multiply-add products: every tile but the default's spills kilobytes (sm_90)
         cap_o = _pow2(geo.group_out, 16, 256)
         raw = [
             (64, 32, 4, 2),
