@@ -401,6 +401,8 @@ FUSED_CASES = {
     # Weight groups of 4 channels inside one offset group of 8: the offset and mask sums of two
     # segments meet in atomics.
     "groups2-offset-group1": Case(batch=1, in_channels=8, out_channels=6, groups=2, offset_groups=1),
+    # 40 output channels: one 64-wide tile (the interpreter's default once capped it at 32).
+    "40-out-channels": Case(batch=1, in_channels=4, out_channels=40, size=(3, 4)),
 }
 
 
@@ -426,6 +428,7 @@ def fused_kernels_launched(monkeypatch) -> list:
         ("dcnv1-no-bias-16ch", torch.float16, None),
         ("kernel32-stride21-pad10-dil21-odd", torch.bfloat16, None),
         ("groups2-offset-group1", torch.float64, None),
+        ("40-out-channels", torch.float32, None),
     ],
 )
 def test_fused_backward_against_the_references(monkeypatch, name, dtype, block_c):
@@ -968,7 +971,7 @@ def test_heuristic_and_candidate_configs_are_valid():
     for n, c, h, w, s in shapes:
         geo = tdc._Geometry(n, c, h, w, c, 1, 3, 3, 1, h // s, w // s, (s, s), (1, 1), (1, 1))
         for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            for kernel in ("forward", "data", "weight", "cells", "gather"):
+            for kernel in ("forward", "data", "weight", "fused", "cells", "gather"):
                 configs = tdc._candidates(kernel, geo, dtype)
                 configs.append(tdc._heuristic(kernel, geo, dtype, interpreted=False, sms=132))
                 configs.append(tdc._heuristic(kernel, geo, dtype, interpreted=True, sms=4))
@@ -980,6 +983,9 @@ def test_heuristic_and_candidate_configs_are_valid():
                     assert not config.go_first or (kernel == "weight" and dtype != torch.float64), config
                     assert not config.deferred_sums or (kernel == "data" and dtype != torch.float64), config
                     assert not config.flat or (kernel == "forward" and dtype != torch.float64), config
+                    # The fused pass holds a weight group's output channels in one tile (<= 256).
+                    assert kernel != "fused" or config.block_k >= min(geo.group_out, 256), config
+        assert tdc._candidates("fused", geo, torch.float32, tf32=False) == []  # spills (compile_check)
         # Full fp32 (FMA products) spills registers with the go_first order: never a candidate there.
         assert not any(c.go_first for c in tdc._candidates("weight", geo, torch.float32, tf32=False))
         fma_weight = tdc._heuristic("weight", geo, torch.float32, interpreted=False, sms=132, tf32=False)

@@ -328,13 +328,13 @@ def _heuristic(
         if kernel == "forward":
             return Config(32, _pow2(geo.group_out, 16, 32), 16)
         if kernel == "data":
-            return Config(32, 16, _pow2(geo.group_out, 16, 32))
+            return Config(32, 16, _pow2(geo.group_out, 16, 256))
         if kernel == "weight":  # 16-bit in the product order of the GPU default, so that CI tests it
             return Config(
                 32, _pow2(geo.group_out, 16, 32), 16, go_first=dtype in (torch.float16, torch.bfloat16)
             )
-        if kernel == "fused":
-            return Config(32, 16, _pow2(geo.group_out, 16, 32))
+        if kernel == "fused":  # the whole weight group's output channels in one tile
+            return Config(32, 16, _pow2(geo.group_out, 16, 256))
         if kernel == "cells":
             return Config(16, _pow2(geo.channels_per_offset_group, 1, 16), 1)
         return Config(32, _pow2(geo.channels_per_offset_group, 16, 32), 1)
@@ -1309,6 +1309,11 @@ def _fused_grads(
 
     def spec_of(cfg: Config) -> tuple[_Launch, bool]:
         """The launch, and whether it adds the offset and mask gradients atomically."""
+        if cfg.block_k < geo.group_out:
+            raise ValueError(
+                f"fused backward: block_k={cfg.block_k} must cover the {geo.group_out} output channels "
+                "of a weight group"
+            )
         blocks = _cdiv(seg, cfg.block_n)
         others = geo.in_channels // seg * geo.taps * blocks
         tiles = geo.pixel_tiles(cfg.block_m)
