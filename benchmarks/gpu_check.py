@@ -944,10 +944,11 @@ def sweep(
         plan = [(by_name["det-c3"], torch.float16, ("forward", "data", "weight"))]
     else:
         plan = [
-            # The fused backward's configurations (tdc.FUSED_BACKWARD; never timed before).
-            (by_name["det-c3"], torch.float16, ("fused",)),
-            (by_name["det-c4"], torch.float16, ("fused",)),
-            (by_name["det-c3"], torch.float32, ("fused",)),
+            # The data kernel, the largest cost at every shape, never swept in CUDA graphs (run 8's
+            # fused kernel ran fastest with 4 warps where 8 avoided its spills).
+            (by_name["det-c3"], torch.float16, ("data",)),
+            (by_name["cls-c3"], torch.float16, ("data",)),
+            (by_name["det-c4"], torch.float16, ("data",)),
             # Defaults that eager sweeps chose where a kernel takes under ~0.15 ms, so that the host
             # time was timed (run 6 of 2026-11-28: the det-c4 fp16 forward's flat loop ranked 15%
             # faster eagerly, 27% slower in a graph): re-timed in CUDA graphs, most used first.
@@ -957,14 +958,13 @@ def sweep(
             (by_name["det-c4"], torch.bfloat16, ("weight",)),
             (by_name["det-c5"], torch.float32, ("forward",)),
             (by_name["det-c4-s2"], torch.float32, ("forward",)),
-            # Open from run 6: the deferred sums at 128 channels (fp16 det-c3 0.340 ms against 0.359,
-            # eager), the TF32 weight kernel at 128 channels (det-c3 (128, 128, 64, 8, 2) 0.189
-            # against 0.225, cls-c3 the other way), the TF32 data kernel at det-c4-s2 (never swept).
-            (by_name["det-c3"], torch.float16, ("data",)),
-            (by_name["cls-c3"], torch.float16, ("data:deferred_sums",)),
+            # Open from run 6: the TF32 weight kernel at 128 channels (det-c3 (128, 128, 64, 8, 2)
+            # 0.189 against 0.225, cls-c3 the other way), the TF32 data kernel at det-c4-s2 (never
+            # swept); from run 8, the fused backward's untimed TF32 default at 256 channels.
             (by_name["det-c3"], torch.float32, ("weight",)),
             (by_name["cls-c3"], torch.float32, ("weight",)),
             (by_name["det-c4-s2"], torch.float32, ("data",)),
+            (by_name["det-c4"], torch.float32, ("fused",)),
         ]
     if only is not None:
         unknown = sorted({shape for shape, _, _ in only} - set(by_name))
