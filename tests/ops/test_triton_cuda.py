@@ -78,19 +78,13 @@ def test_fused_backward_at_real_sizes_against_float64(monkeypatch, dtype):
     """deform_conv.FUSED_BACKWARD: the data and weight gradients in one kernel, at the tolerances of
     the separate kernels (det-c4; groups-s2-d2's weight and offset groups, 48 and 32 channels, are not
     nested, so the two kernels run there: the interpreter tests cover nested groups)."""
-    from deformable.ops._triton import deform_conv as tdc
+    from deformable.ops._triton import _deform_conv_kernels as kernels
+    from tests.ops.triton_device import fused_kernels_launched
 
-    monkeypatch.setattr(tdc, "FUSED_BACKWARD", True)
-    launched, launch = [], tdc._run
-
-    def spy(kernel, spec, tensors):
-        launched.append(kernel)
-        launch(kernel, spec, tensors)
-
-    monkeypatch.setattr(tdc, "_run", spy)
+    launched = fused_kernels_launched(monkeypatch)
     check_against_float64("det-c4", dtype)
-    assert tdc._k.deform_conv_bwd_fused_kernel in launched
-    assert tdc._k.deform_conv_bwd_weight_kernel not in launched
+    assert kernels.deform_conv_bwd_fused_kernel in launched
+    assert kernels.deform_conv_bwd_weight_kernel not in launched
 
 
 def check_against_float64(name: str, dtype: torch.dtype) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # Skips this module where Triton cannot run; before any deformable.ops._triton import.
-from tests.ops.triton_device import DEVICE  # isort: skip
+from tests.ops.triton_device import DEVICE, fused_kernels_launched  # isort: skip
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -404,19 +404,6 @@ FUSED_CASES = {
     # 40 output channels: one 64-wide tile (the interpreter's default once capped it at 32).
     "40-out-channels": Case(batch=1, in_channels=4, out_channels=40, size=(3, 4)),
 }
-
-
-def fused_kernels_launched(monkeypatch) -> list:
-    """Turns the fused backward on; returns the list of the kernels launched from now on."""
-    monkeypatch.setattr(tdc, "FUSED_BACKWARD", True)
-    launched, run = [], tdc._run
-
-    def spy(kernel, spec, tensors):
-        launched.append(kernel)
-        run(kernel, spec, tensors)
-
-    monkeypatch.setattr(tdc, "_run", spy)
-    return launched
 
 
 @pytest.mark.parametrize(
