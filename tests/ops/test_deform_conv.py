@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import subprocess
@@ -452,6 +453,24 @@ def test_eager_route_equals_custom_op():
         results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
     for eager, op in zip(*results, strict=True):
         assert torch.equal(eager, op)
+
+
+def test_inference_calls_skip_autograd(monkeypatch):
+    """Without a gradient to record (torch.no_grad, or no input requiring one) the eager route calls
+    the backend directly, with the output the autograd.Function gives; with one, the Function runs."""
+    module = importlib.import_module("deformable.ops.deform_conv")
+
+    x, offset, weight, bias, mask = make_inputs(CONFIGS["plain"])
+    applied, apply = [], module._DeformConv2dFunction.apply
+    monkeypatch.setattr(module._DeformConv2dFunction, "apply", lambda *a: (applied.append(1), apply(*a))[1])
+    with torch.no_grad():
+        inference = deform_conv2d(x, offset, weight.requires_grad_(), bias, 1, 1, 1, mask, backend="aten")
+    weight.requires_grad_(False)
+    plain = deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask, backend="aten")
+    assert applied == [] and inference.grad_fn is None and plain.grad_fn is None
+    recorded = deform_conv2d(x, offset, weight.requires_grad_(), bias, 1, 1, 1, mask, backend="aten")
+    assert applied == [1] and recorded.grad_fn is not None
+    assert torch.equal(inference, recorded) and torch.equal(plain, recorded)
 
 
 def test_autocast_runs_in_autocast_dtype():

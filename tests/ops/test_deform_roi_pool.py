@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -551,6 +552,24 @@ def test_eager_route_equals_custom_op(backend):
         results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
     for eager, op in zip(*results, strict=True):
         assert torch.equal(eager, op)
+
+
+def test_inference_calls_skip_autograd(monkeypatch):
+    """Under torch.no_grad the eager route calls the backend directly, with the Function's output."""
+    module = importlib.import_module(
+        "deformable.ops.deform_roi_pool"
+    )  # the package exports a function of that name
+
+    x, rois, offset, mask = _pool_inputs()
+    applied, apply = [], module._DeformRoIPoolFunction.apply
+    monkeypatch.setattr(module._DeformRoIPoolFunction, "apply", lambda *a: (applied.append(1), apply(*a))[1])
+    leaves = [t.clone().requires_grad_() for t in (x, offset, mask)]
+    with torch.no_grad():
+        inference = deform_roi_pool(*leaves[:1], rois, *leaves[1:], 3, 0.5, 0, 0.1, True, backend="aten")
+    assert applied == [] and inference.grad_fn is None
+    recorded = deform_roi_pool(*leaves[:1], rois, *leaves[1:], 3, 0.5, 0, 0.1, True, backend="aten")
+    assert applied == [1] and recorded.grad_fn is not None
+    assert torch.equal(inference, recorded)
 
 
 # ------------------------------------------------------------------------------------------------

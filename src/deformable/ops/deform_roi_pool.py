@@ -491,6 +491,8 @@ def deform_roi_pool(
             )
         return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
     if _plain_eager(input, rois, offset, mask):
+        if not needs_grad:  # inference: the backend directly, no autograd node (as deform_conv2d)
+            return _implementation(chosen).deform_roi_pool_forward(input, rois, offset, mask, *args)
         return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)
     if under_torch_func():
         if differentiating() and _vmapped(rois):
