@@ -471,6 +471,11 @@ def test_inference_calls_skip_autograd(monkeypatch):
     recorded = deform_conv2d(x, offset, weight.requires_grad_(), bias, 1, 1, 1, mask, backend="aten")
     assert applied == [1] and recorded.grad_fn is not None
     assert torch.equal(inference, recorded) and torch.equal(plain, recorded)
+    # Forward-mode AD: through the Function, which has no jvp, rather than silently without tangents.
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        deform_conv2d(dual, offset, weight.detach(), bias, 1, 1, 1, mask, backend="aten")
+    assert applied == [1, 1]
 
 
 def test_autocast_runs_in_autocast_dtype():

@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _aten
@@ -427,9 +428,12 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
 
 
 def _records_graph(*tensors: Tensor | None) -> bool:
-    """Whether autograd records a call on these tensors: grad mode on and one of them requiring a
-    gradient. Where it does not (inference, torch.no_grad), the eager route calls the backend directly:
-    an autograd.Function would only add its own host time (a tenth of a layer's forward on a GPU host)."""
+    """Whether autograd may record a call on these tensors: grad mode on and one of them requiring a
+    gradient, or forward-mode AD active (dual tensors: the autograd.Function then says it has no jvp
+    rather than dropping the tangents). Where neither (inference, torch.no_grad), the eager route calls
+    the backend directly: an autograd.Function would only add its own host time."""
+    if _forward_ad.__dict__.get("_current_level", -1) >= 0:
+        return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 

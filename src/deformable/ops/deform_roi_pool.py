@@ -31,7 +31,7 @@ from . import _roi_aten, _roi_reference
 from ._backend import ENV_VAR, resolve_backend
 from ._double_backward import builds_graph, gradients_with_graph
 from ._func_route import differentiating, make_transformable, under_torch_func, vmapped_first, vmapped_folded
-from .deform_conv import _FLOAT_DTYPES, _is_integer, _plain_eager, autocast_enabled
+from .deform_conv import _FLOAT_DTYPES, _is_integer, _plain_eager, _records_graph, autocast_enabled
 
 #: Largest ``sampling_ratio``: the cap of the adaptive grid (samples per bin side), 4096.
 MAX_SAMPLING_RATIO = _roi_aten._MAX_GRID
@@ -491,7 +491,7 @@ def deform_roi_pool(
             )
         return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
     if _plain_eager(input, rois, offset, mask):
-        if not needs_grad:  # inference: the backend directly, no autograd node (as deform_conv2d)
+        if not _records_graph(input, offset, mask):  # inference: the backend directly (as deform_conv2d)
             return _implementation(chosen).deform_roi_pool_forward(input, rois, offset, mask, *args)
         return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)
     if under_torch_func():
