@@ -570,6 +570,11 @@ def test_inference_calls_skip_autograd(monkeypatch):
     recorded = deform_roi_pool(*leaves[:1], rois, *leaves[1:], 3, 0.5, 0, 0.1, True, backend="aten")
     assert applied == [1] and recorded.grad_fn is not None
     assert torch.equal(inference, recorded)
+    # rois requiring a gradient alone (boxes regressed by a trained head): recorded, as by the custom op
+    out = deform_roi_pool(
+        x, rois.clone().requires_grad_(), offset, mask, 3, 0.5, 0, 0.1, True, backend="aten"
+    )
+    assert applied == [1, 1] and out.requires_grad
 
 
 # ------------------------------------------------------------------------------------------------

@@ -491,7 +491,9 @@ def deform_roi_pool(
             )
         return _roi_reference.deform_roi_pool_reference(input, rois, offset, mask, *args)
     if _plain_eager(input, rois, offset, mask):
-        if not _records_graph(input, offset, mask):  # inference: the backend directly (as deform_conv2d)
+        # Inference: the backend directly (as deform_conv2d). rois too: a box regression that requires
+        # a gradient makes the output require one (its gradient None), as the custom op does.
+        if not _records_graph(input, rois, offset, mask):
             return _implementation(chosen).deform_roi_pool_forward(input, rois, offset, mask, *args)
         return _DeformRoIPoolFunction.apply(input, rois, offset, mask, *args, chosen)
     if under_torch_func():
