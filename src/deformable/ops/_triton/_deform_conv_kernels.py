@@ -556,22 +556,9 @@ def deform_conv_bwd_data_kernel(
                     )
                 else:
                     _scatter_corners(
-                        gx_ptr,
-                        r00,
-                        ok00,
-                        ok01,
-                        ok10,
-                        ok11,
-                        b00,
-                        b01,
-                        b10,
-                        b11,
-                        gm,
-                        cols,
-                        cmask[None, :],
-                        C,
-                        W,
-                    )
+                        gx_ptr, r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, gm, cols, cmask[None, :],
+                        C, W,
+                    )  # fmt: skip
 
     if DEFER_SUMS:
         grad_y = tl.sum(acc_y, axis=1)

@@ -25,6 +25,7 @@ its source), and through ``compiled[grid]`` whenever a launch hook is set.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -233,6 +234,18 @@ def _launch_within_resources(kernel, grid, args: Sequence, constexprs: dict, num
             stages -= 1
             key = key or _resource_key(kernel, args, constexprs, num_warps, num_stages)
             _stage_caps[key] = stages
+
+
+def on_current_device(t: Tensor) -> bool:
+    """Whether launches for ``t`` go to its device without a device guard: a CPU tensor (the
+    interpreter), or a CUDA tensor on the current device (Triton launches on the current device)."""
+    return not t.is_cuda or t.device.index == torch.cuda.current_device()
+
+
+def device_guard(t: Tensor) -> contextlib.AbstractContextManager:
+    """A context in which launches for ``t`` go to its device: ``torch.cuda.device`` where that is
+    not the current one, else nothing to do."""
+    return contextlib.nullcontext() if on_current_device(t) else torch.cuda.device(t.device)
 
 
 def _cuda_device(first) -> int | None:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import launch_planned
+from ._launch import device_guard, launch_planned
 
 __all__ = [
     "from_rows",
@@ -156,12 +156,7 @@ def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> No
     """dst [B, S, R] = src [B, R, S] transposed per b (B, R, S = ``batch``, ``rows``, ``cols``; both
     contiguous, not empty, on one CUDA device or on the CPU under the interpreter)."""
     plan = transpose_plan(batch, rows, cols, src.dtype, dst.dtype)
-    # Triton launches on the current device's stream: the tensors' device must be current (most
-    # callers make these copies outside their own device guards).
-    if src.is_cuda and src.device.index != torch.cuda.current_device():
-        with torch.cuda.device(src.device):
-            run_transpose(plan, src, dst)
-    else:
+    with device_guard(src):  # most callers make these copies outside their own device guards
         run_transpose(plan, src, dst)
 
 
@@ -207,10 +202,8 @@ def to_rows(t: Tensor, dtype: torch.dtype | None = None, *, kernel: bool | None 
     """
     dtype = dtype or t.dtype
     plan = rows_plan(t, dtype, kernel=kernel)
-    if plan[0] == ROWS_KERNEL and t.is_cuda and t.device.index != torch.cuda.current_device():
-        with torch.cuda.device(t.device):  # the planned launch goes to the current device
-            return rows_as_planned(t, plan, dtype)
-    return rows_as_planned(t, plan, dtype)
+    with device_guard(t):  # a planned transpose launches on the current device
+        return rows_as_planned(t, plan, dtype)
 
 
 ROWS_VIEW, ROWS_KERNEL, ROWS_GENERIC = 0, 1, 2

@@ -79,7 +79,6 @@ The same code runs on CPU tensors under ``TRITON_INTERPRET=1`` (how CI checks it
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -102,7 +101,7 @@ from .._geometry import ConvGeometry
 from .._layout import memory_format_of
 from . import _autotune_cache
 from . import _deform_conv_kernels as _k
-from ._launch import launch, launch_planned
+from ._launch import device_guard, launch, launch_planned, on_current_device
 from ._relayout import (
     from_rows,
     rows_as_planned,
@@ -284,10 +283,6 @@ def _dot_args(t: Tensor) -> dict:
         mma = _k.MMA_DOT
     precision = _fp32_precision() if t.dtype == torch.float32 else "tf32"
     return {"MMA": mma, "PRECISION": precision, "CT": _tl_compute_dtype(t.dtype)}
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.cache
@@ -857,11 +852,6 @@ def _remember(key: tuple, plan) -> None:
     _PLANS[key] = plan
 
 
-def _on_current_device(t: Tensor) -> bool:
-    """Whether launches for ``t`` go to its device without a device guard."""
-    return not t.is_cuda or t.device.index == torch.cuda.current_device()
-
-
 # --------------------------------------------------------------------------------------------------
 # Forward
 
@@ -904,7 +894,7 @@ def forward(
         None if bias is None else bias.stride(), deterministic, *settings,
     )  # fmt: skip
     plan = _PLANS.get(key)
-    if isinstance(plan, _ForwardCall) and _on_current_device(input):
+    if isinstance(plan, _ForwardCall) and on_current_device(input):
         return _planned_forward(plan, input, offset, mask, weight, bias)
     out, plan = _forward(
         input, offset, mask, weight, bias, stride, padding, dilation, settings, deterministic
@@ -948,7 +938,7 @@ def _forward(
     out_strides = _format_strides(out.shape, out_format)
     k_major = _forward_k_major(input.dtype, settings[0])  # settings[0]: the fp32 product precision
     w_layout = _weight_layout(weight, geo, "forward" if k_major else "forward fma")
-    with _device_guard(input):
+    with device_guard(input):
         w = _weight_as(w_layout, weight)
     bias_c = w if bias is None else (bias if bias.is_contiguous() else bias.contiguous())
     tensors = (x, offset_c, mask_c, w, bias_c, out)
@@ -986,7 +976,7 @@ def _forward(
 
     strides = (offset_strides, mask_strides, out_strides)  # in the launch's scalars
     key = ("forward", geo, flags, strides, deterministic, input.dtype, input.device, *settings)
-    with _device_guard(input):
+    with device_guard(input):
         spec = _planned(key, "forward", geo, input, (*flags, deterministic), spec_of, run)
         run(spec)
     # The plan: where the offset and mask need no copy, the bias none and the taps are not split.
@@ -1034,7 +1024,7 @@ def backward(
         grad_output.shape, grad_output.stride(), grad_output.dtype, output_mask, deterministic, *settings,
     )  # fmt: skip
     plan = _PLANS.get(key)
-    if isinstance(plan, _BackwardCall) and _on_current_device(input):
+    if isinstance(plan, _BackwardCall) and on_current_device(input):
         return _planned_backward(plan, grad_output, input, offset, mask, weight)
     grads, plan = _backward(
         grad_output,
@@ -1204,7 +1194,7 @@ def _backward(
     )
     key += (go_layout, go_w_layout, maps, *settings)
     if fused:
-        with _device_guard(input):
+        with device_guard(input):
             w = _weight_gemm(weight, geo)
             finish_input, grad_offset, grad_mask, grad_weight = _fused_grads(
                 geo, x, offset_c, mask_c, mask is not None, w, go, go_layout, maps, need_input,
@@ -1213,7 +1203,7 @@ def _backward(
             del w, x
             grad_input = finish_input() if finish_input is not None else None
         return (grad_input, grad_offset, grad_mask, grad_weight, grad_bias), None
-    with _device_guard(input):
+    with device_guard(input):
         # Peak memory: the weight kernel runs first and the input gradient is written last, after the
         # channels-last copy of the input is released, so that copy, the fp32 accumulator and
         # grad_input (each input-sized) are never alive together.

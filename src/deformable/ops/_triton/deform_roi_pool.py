@@ -18,9 +18,9 @@ from torch import Tensor
 
 from .._roi_aten import _MAX_GRID, compute_dtype
 from . import _deform_roi_pool_kernels as _k
-from ._launch import launch
+from ._launch import device_guard, launch
 from ._relayout import to_rows
-from .deform_conv import _INT32_SAFE, _device_guard, _pow2, _tl_compute_dtype
+from .deform_conv import _INT32_SAFE, _pow2, _tl_compute_dtype
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,7 +64,7 @@ def deform_roi_pool_forward(
     rois_c = rois.contiguous()
     offset_c = offset.contiguous() if offset is not None else rois_c
     mask_c = mask.contiguous() if mask is not None else rois_c
-    with _device_guard(input):
+    with device_guard(input):
         launch(
             _k.deform_roi_pool_fwd_kernel, (num_rois * pooled_height * pooled_width,),
             x, rois_c, params, offset_c, mask_c, out,
@@ -118,7 +118,7 @@ def deform_roi_pool_backward(
         params = _params(float(spatial_scale), float(gamma), acc, device)
         rois_c = rois.contiguous()
         dummy = rois_c
-        with _device_guard(input):
+        with device_guard(input):
             launch(
                 _k.deform_roi_pool_bwd_kernel, (num_rois * pooled_height * pooled_width,),
                 x, rois_c, params,
