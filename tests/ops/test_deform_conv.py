@@ -459,7 +459,6 @@ def test_inference_calls_skip_autograd(monkeypatch):
     """Without a gradient to record (torch.no_grad, or no input requiring one) the eager route calls
     the backend directly, with the output the autograd.Function gives; with one, the Function runs."""
     module = importlib.import_module("deformable.ops.deform_conv")
-
     x, offset, weight, bias, mask = make_inputs(CONFIGS["plain"])
     applied, apply = [], module._DeformConv2dFunction.apply
     monkeypatch.setattr(module._DeformConv2dFunction, "apply", lambda *a: (applied.append(1), apply(*a))[1])

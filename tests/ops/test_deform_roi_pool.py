@@ -556,9 +556,8 @@ def test_eager_route_equals_custom_op(backend):
 
 def test_inference_calls_skip_autograd(monkeypatch):
     """Under torch.no_grad the eager route calls the backend directly, with the Function's output."""
-    module = importlib.import_module(
-        "deformable.ops.deform_roi_pool"
-    )  # the package exports a function of that name
+    # importlib: the package exports a function of the module's name
+    module = importlib.import_module("deformable.ops.deform_roi_pool")
 
     x, rois, offset, mask = _pool_inputs()
     applied, apply = [], module._DeformRoIPoolFunction.apply
