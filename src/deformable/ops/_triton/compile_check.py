@@ -328,7 +328,8 @@ def _jobs(
     """(kernel, config) pairs to compile for one shape and mode: each kernel's default (the data
     kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
     may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
-    (data, 256 channels or fewer) and, at ``_FLAT_SHAPES``, the forward's flat-loop candidates."""
+    (data, 256 channels or fewer), the opt-in fused backward's default and candidates (256 channels
+    or fewer) and, at ``_FLAT_SHAPES``, the forward's flat-loop candidates."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
