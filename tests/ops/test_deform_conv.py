@@ -138,12 +138,17 @@ def test_non_contiguous_inputs(backend):
     torch.testing.assert_close(run(cfg, views, backend), oracle(cfg, views), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
 def test_output_and_gradients_follow_their_tensors_memory_format(backend):
     """As F.conv2d: a channels_last input gives a channels_last output, and each gradient comes back in
     its tensor's format (a channels_last model stays channels_last), whatever the backend returns (the
-    reference's gradients are autograd's, in whatever layout its ops produce; the Triton kernels'
-    own formats: tests/ops/test_triton_deform_conv.py)."""
+    reference's gradients are autograd's, in whatever layout its ops produce). The Triton backend
+    returns these formats itself (``RESULTS_IN_FORMATS``: the routes do not check them), which this
+    case checks through the public op (the kernels' own: tests/ops/test_triton_deform_conv.py)."""
+    from deformable.ops._backend import triton_unavailable_reason
+
+    if backend == "triton" and triton_unavailable_reason(torch.device("cpu")):
+        pytest.skip(triton_unavailable_reason(torch.device("cpu")))
     cfg = CONFIGS["groups2-offset-groups3"]
     dense = [t.requires_grad_() if t is not None else None for t in make_inputs(cfg)]
     x, offset, weight, bias, mask = dense

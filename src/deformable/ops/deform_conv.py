@@ -59,6 +59,8 @@ def _is_integer(value) -> bool:
 
 
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    if type(value) is int and value >= minimum:  # the usual case, first
+        return value, value
     if _is_integer(value):
         value = (int(value), int(value))
     elif isinstance(value, Sequence) and not isinstance(value, str):
@@ -96,24 +98,46 @@ def check_output_size(
     dilation: tuple[int, int],
 ) -> tuple[int, int]:
     """The output's (height, width) for an input of spatial ``size``; a ValueError if it is empty."""
-    out = tuple(
-        (size[d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) // stride[d] + 1 for d in (0, 1)
-    )
-    if out[0] <= 0 or out[1] <= 0:
+    out_h = (size[0] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    out_w = (size[1] + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
         raise ValueError(
             f"the output would be empty: input spatial size {tuple(size)} with kernel {tuple(kernel)}, "
-            f"stride {stride}, padding {padding}, dilation {dilation} gives {out}"
+            f"stride {stride}, padding {padding}, dilation {dilation} gives {(out_h, out_w)}"
         )
-    return out[0], out[1]
+    return out_h, out_w
+
+
+def _tensors_agree(input, offset, weight, bias, mask) -> bool:
+    """Whether the tensor arguments pass :func:`_check_tensor`, decided in one expression: the usual
+    case, so that a valid call pays for the per-argument checks (which name the culprit) only when
+    something is wrong."""
+    if not (isinstance(input, Tensor) and isinstance(offset, Tensor) and isinstance(weight, Tensor)):
+        return False
+    dtype, device = input.dtype, input.device
+    return (
+        dtype in _FLOAT_DTYPES
+        and input.dim() == 4 and offset.dim() == 4 and weight.dim() == 4
+        and offset.dtype == dtype and weight.dtype == dtype
+        and offset.device == device and weight.device == device
+        and (mask is None or (
+            isinstance(mask, Tensor) and mask.dim() == 4 and mask.dtype == dtype and mask.device == device
+        ))
+        and (bias is None or (
+            isinstance(bias, Tensor) and bias.dim() == 1 and bias.dtype == dtype and bias.device == device
+        ))
+    )  # fmt: skip
 
 
 def _validate(
     input, offset, weight, bias, stride, padding, dilation, mask
 ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Check every argument; return (stride, padding, dilation) as pairs."""
-    _check_tensor(input, "input", 4, None)
-    _check_tensor(offset, "offset", 4, input)
-    _check_tensor(weight, "weight", 4, input)
+    tensors_checked = _tensors_agree(input, offset, weight, bias, mask)
+    if not tensors_checked:
+        _check_tensor(input, "input", 4, None)
+        _check_tensor(offset, "offset", 4, input)
+        _check_tensor(weight, "weight", 4, input)
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
     dilation = _pair(dilation, "dilation", 1)
@@ -138,31 +162,34 @@ def _validate(
         )
     out_h, out_w = check_output_size((height, width), (kh, kw), stride, padding, dilation)
     kernel = kh * kw
-    if offset.shape[0] != batch:
-        raise ValueError(f"offset batch size must equal the input's ({batch}), got {offset.shape[0]}")
-    if offset.shape[1] == 0 or offset.shape[1] % (2 * kernel):
+    offset_batch, offset_channels, offset_h, offset_w = offset.shape
+    if offset_batch != batch:
+        raise ValueError(f"offset batch size must equal the input's ({batch}), got {offset_batch}")
+    if offset_channels == 0 or offset_channels % (2 * kernel):
         raise ValueError(
-            f"offset channels must be a positive multiple of 2*kh*kw = {2 * kernel}, got {offset.shape[1]}"
+            f"offset channels must be a positive multiple of 2*kh*kw = {2 * kernel}, got {offset_channels}"
         )
-    offset_groups = offset.shape[1] // (2 * kernel)
+    offset_groups = offset_channels // (2 * kernel)
     if in_channels % offset_groups:
         raise ValueError(
             f"input channels ({in_channels}) must be divisible by the offset groups ({offset_groups} = "
-            f"offset channels {offset.shape[1]} / (2*{kh}*{kw}))"
+            f"offset channels {offset_channels} / (2*{kh}*{kw}))"
         )
-    if tuple(offset.shape[2:]) != (out_h, out_w):
+    if offset_h != out_h or offset_w != out_w:
         raise ValueError(
-            f"offset spatial size must be the output size {(out_h, out_w)}, got {tuple(offset.shape[2:])}"
+            f"offset spatial size must be the output size {(out_h, out_w)}, got {(offset_h, offset_w)}"
         )
     if mask is not None:
-        _check_tensor(mask, "mask", 4, input)
+        if not tensors_checked:
+            _check_tensor(mask, "mask", 4, input)
         expected = (batch, offset_groups * kernel, out_h, out_w)
-        if tuple(mask.shape) != expected:
+        if mask.shape != expected:  # a torch.Size is a tuple
             raise ValueError(
                 f"mask must have shape {expected} (offset groups * kh * kw channels), got {tuple(mask.shape)}"
             )
     if bias is not None:
-        _check_tensor(bias, "bias", 1, input)
+        if not tensors_checked:
+            _check_tensor(bias, "bias", 1, input)
         if bias.shape[0] != out_channels:
             raise ValueError(f"bias must have shape ({out_channels},), got {tuple(bias.shape)}")
     return stride, padding, dilation
@@ -207,20 +234,37 @@ def _grads_in_formats(grads, tensors) -> list:
     return [g if g is None or t is None else _in_format_of(g, t) for g, t in zip(grads, tensors, strict=True)]
 
 
+@functools.cache
+def _keeps_formats(backend: str) -> bool:
+    """Whether the backend returns the output and gradients in their tensors' memory formats itself
+    (``RESULTS_IN_FORMATS``: the Triton backend), so that the routes need not check them."""
+    return getattr(_implementation(backend), "RESULTS_IN_FORMATS", False)
+
+
 def _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
-    with _no_autocast(input):
-        out = _implementation(backend).forward(
-            input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation)
-        )
-    return _in_format_of(out, input)
+    forward = _implementation(backend).forward
+    args = (input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    if autocast_enabled(input.device.type):  # no context at all otherwise: it costs microseconds
+        with torch.autocast(input.device.type, enabled=False):
+            out = forward(*args)
+    else:
+        out = forward(*args)
+    return out if _keeps_formats(backend) else _in_format_of(out, input)
 
 
 def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
-    with _no_autocast(input):
-        grads = _implementation(backend).backward(
-            grad_output, input, offset, mask, weight,
-            tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
-        )  # fmt: skip
+    backward = _implementation(backend).backward
+    args = (
+        grad_output, input, offset, mask, weight,
+        tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
+    )  # fmt: skip
+    if autocast_enabled(input.device.type):
+        with torch.autocast(input.device.type, enabled=False):
+            grads = backward(*args)
+    else:
+        grads = backward(*args)
+    if _keeps_formats(backend):
+        return grads
     return (*_grads_in_formats(grads[:4], (input, offset, mask, weight)), grads[4])
 
 
@@ -394,14 +438,16 @@ class _DeformConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend):
-        _save_for_backward(ctx, input, offset, mask, weight, bias, stride, padding, dilation, backend)
+        ctx.save_for_backward(input, offset, mask, weight)  # as _save_for_backward, one call less
+        ctx.params = (stride, padding, dilation, backend, bias is not None)
         return _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend)
 
     @staticmethod
     def backward(ctx, grad_output):
         input, offset, mask, weight = ctx.saved_tensors
         stride, padding, dilation, backend, has_bias = ctx.params
-        output_mask = _output_mask(ctx, mask, has_bias)
+        needs = ctx.needs_input_grad  # as _output_mask, one call less
+        output_mask = (needs[0], needs[1], mask is not None and needs[2], needs[3], has_bias and needs[4])
         if builds_graph(grad_output, input, offset, mask, weight):
             grads = _backward_with_graph(
                 grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask
@@ -416,15 +462,20 @@ class _DeformConv2dFunction(torch.autograd.Function):
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(*tensors: Tensor | None) -> bool:
+def _plain_eager(input: Tensor, *tensors: Tensor | None) -> bool:
     """True when nothing but eager autograd will see this call: no compiler, tracer, functorch
     transform, dispatch mode, tensor subclass or meta tensor (those need the custom op, whose fake
-    kernel gives meta tensors their output shapes)."""
+    kernel gives meta tensors their output shapes). ``input``'s device is the others' (validated)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not t.is_meta) for t in tensors)
+    if type(input) not in _PLAIN_TENSOR_TYPES:
+        return False
+    for t in tensors:  # a loop: all() of a generator would cost a frame per call
+        if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return not input.is_meta
 
 
 def _records_graph(*tensors: Tensor | None) -> bool:
@@ -434,7 +485,12 @@ def _records_graph(*tensors: Tensor | None) -> bool:
     the backend directly: an autograd.Function would only add its own host time."""
     if _forward_ad.__dict__.get("_current_level", -1) >= 0:
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # noqa: SIM110 (a loop: any() of a generator costs a frame per call)
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _autocast(tensors: list, device_type: str) -> list:
