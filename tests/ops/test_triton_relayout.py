@@ -97,6 +97,39 @@ def test_transpose_of_weight_layouts(monkeypatch, groups, rows, cols, source, dt
     assert torch.equal(_relayout.transpose(src, dst.clone(), groups, rows, cols, kernel=False), dst)
 
 
+def test_a_transpose_clears_a_buffer_laid_out_as_its_destination(monkeypatch):
+    launched = spy_transposes(monkeypatch)
+    src = _random((2, 6, 45), torch.float16)
+    dst = torch.empty((2, 45, 6), dtype=torch.float16, device=DEVICE)
+    zero = torch.full((1, 2, 5, 9, 6), float("nan"), dtype=torch.float32, device=DEVICE)
+    plan = _relayout.transpose_plan(2, 6, 45, torch.float16, torch.float16, torch.float32)
+    assert _relayout.run_transpose(plan, src, dst, zero) is dst
+    assert len(launched) == 1 and launched[0]["ZERO"]
+    assert torch.equal(dst, src.transpose(1, 2)) and torch.equal(zero, torch.zeros_like(zero))
+
+
+@pytest.mark.parametrize("zero", [None, torch.float32], ids=str)
+def test_two_transposes_in_one_launch(monkeypatch, zero):
+    """The pair kernel: each copy with its own sizes, tiles (an input's 64 x 64, a weight's 256 x 16),
+    dtypes and partial tiles, as two launches of the single kernel would make them."""
+    launched = spy_transposes(monkeypatch)
+    x = _random((2, 70, 33), torch.float32)
+    x_rows = torch.empty((2, 33, 70), dtype=torch.float16, device=DEVICE)
+    w = _random((3, 300, 9), torch.float16)
+    w_t = torch.empty((3, 9, 300), dtype=torch.float16, device=DEVICE)
+    cleared = torch.ones((3, 9, 300), dtype=torch.float32, device=DEVICE) if zero is not None else None
+    plan = _relayout.transpose_pair_plan(
+        _relayout.transpose_plan(2, 70, 33, torch.float32, torch.float16),
+        _relayout.transpose_plan(3, 300, 9, torch.float16, torch.float16, zero),
+    )
+    _relayout.run_transpose_pair(plan, (x, x_rows, None), (w, w_t, cleared))
+    assert len(launched) == 1
+    assert (launched[0]["BLOCK_R_A"], launched[0]["BLOCK_S_A"]) == _relayout._tile(70, 33)
+    assert (launched[0]["BLOCK_R_B"], launched[0]["BLOCK_S_B"]) == (256, 16)
+    assert torch.equal(x_rows, x.transpose(1, 2).half()) and torch.equal(w_t, w.transpose(1, 2))
+    assert cleared is None or torch.equal(cleared, torch.zeros_like(cleared))
+
+
 @pytest.mark.parametrize(
     ("source", "dtype"),
     [(torch.float32, torch.float16), (torch.float32, torch.bfloat16), (torch.float32, torch.float32),
@@ -202,6 +235,15 @@ def test_the_op_gives_the_same_bits_through_the_kernel(monkeypatch, dtype, batch
     weight_copies = 3  # the forward's layout, the data kernel's, and the weight gradient back
     assert len(launched) == 3 + grad_copies + weight_copies
     for e, g in zip(expected, got, strict=True):
+        assert g.dtype == e.dtype and g.stride() == e.stride() and torch.equal(g, e)
+    # A repeated call follows its call plans: the input's rows and a weight layout in one launch, in
+    # the forward and in the backward (which also clears the weight kernel's sums there): two fewer.
+    launched.clear()
+    again = run()
+    assert len(launched) == 1 + grad_copies + weight_copies
+    assert sum("BLOCK_R_A" in kwargs for kwargs in launched) == 2
+    assert [kwargs["ZERO_B"] for kwargs in launched if "ZERO_B" in kwargs] == [False, True]
+    for e, g in zip(expected, again, strict=True):
         assert g.dtype == e.dtype and g.stride() == e.stride() and torch.equal(g, e)
 
 

@@ -37,9 +37,12 @@ __all__ = [
     "rows_as_planned",
     "rows_plan",
     "run_transpose",
+    "run_transpose_pair",
     "to_rows",
     "transpose",
     "transpose_kernel",
+    "transpose_pair_kernel",
+    "transpose_pair_plan",
     "transpose_plan",
     "transpose_uses_kernel",
 ]
@@ -50,22 +53,13 @@ TILE_ELEMENTS = BLOCK * BLOCK
 
 
 @triton.jit
-def transpose_kernel(
-    src_ptr, dst_ptr, R, S, TILES_S,
+def _transpose_tile(
+    src_ptr, dst_ptr, zero_ptr, pid, R, S, TILES_S,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, R_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr,
-    INDEX64: tl.constexpr,
+    INDEX64: tl.constexpr, ZERO: tl.constexpr,
 ):  # fmt: skip
-    """dst[b, s, r] = src[b, r, s], converted to dst's dtype, for contiguous src [B, R, S] and dst
-    [B, S, R]. One program per (b, tile of BLOCK_R x BLOCK_S); grid B * cdiv(R, BLOCK_R) * TILES_S
-    with TILES_S = cdiv(S, BLOCK_S).
-
-    ``R_ALIGN`` / ``S_ALIGN`` (powers of two dividing R / S, and BLOCK_R / BLOCK_S, so that every tile
-    starts on a multiple of them) tell the compiler what its specialisation sees only for multiples
-    of 16: every row starts, and the tile's edge falls, on a multiple of that many elements, so the
-    loads (stores) run as vectors of up to 16 bytes. A hint that is not a fact corrupts silently on a
-    GPU (the interpreter ignores hints): :func:`_alignment` makes them, and a test checks its facts.
-    """
-    pid = tl.program_id(0)
+    """Program ``pid`` of :func:`transpose_kernel`: its tile of [BLOCK_R x BLOCK_S], and with ``ZERO``
+    the same elements of ``zero`` (shaped and laid out as dst) set to 0."""
     tiles = tl.cdiv(R, BLOCK_R) * TILES_S
     b = pid // tiles
     t = pid % tiles
@@ -87,7 +81,59 @@ def transpose_kernel(
         r_in = tl.max_constancy(r_in, R_ALIGN)
     inside = r_in[:, None] & s_in[None, :]
     tile = tl.load(src_ptr + src_rows[:, None] + s[None, :], mask=inside)
-    tl.store(dst_ptr + dst_rows[None, :] + r[:, None], tile.to(dst_ptr.dtype.element_ty), mask=inside)
+    dst = dst_rows[None, :] + r[:, None]
+    tl.store(dst_ptr + dst, tile.to(dst_ptr.dtype.element_ty), mask=inside)
+    if ZERO:
+        tl.store(zero_ptr + dst, tl.zeros([BLOCK_R, BLOCK_S], dtype=zero_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def transpose_kernel(
+    src_ptr, dst_ptr, zero_ptr, R, S, TILES_S,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, R_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr,
+    INDEX64: tl.constexpr, ZERO: tl.constexpr,
+):  # fmt: skip
+    """dst[b, s, r] = src[b, r, s], converted to dst's dtype, for contiguous src [B, R, S] and dst
+    [B, S, R]; with ``ZERO``, also zero[b, s, r] = 0 for a buffer ``zero`` laid out as dst (an
+    accumulator that a later kernel adds into, cleared in the same pass instead of by a launch of its
+    own). One program per (b, tile of BLOCK_R x BLOCK_S); grid B * cdiv(R, BLOCK_R) * TILES_S with
+    TILES_S = cdiv(S, BLOCK_S).
+
+    ``R_ALIGN`` / ``S_ALIGN`` (powers of two dividing R / S, and BLOCK_R / BLOCK_S, so that every tile
+    starts on a multiple of them) tell the compiler what its specialisation sees only for multiples
+    of 16: every row starts, and the tile's edge falls, on a multiple of that many elements, so the
+    loads (stores) run as vectors of up to 16 bytes. A hint that is not a fact corrupts silently on a
+    GPU (the interpreter ignores hints): :func:`_alignment` makes them, and a test checks its facts.
+    """
+    _transpose_tile(
+        src_ptr, dst_ptr, zero_ptr, tl.program_id(0), R, S, TILES_S,
+        BLOCK_R, BLOCK_S, R_ALIGN, S_ALIGN, INDEX64, ZERO,
+    )  # fmt: skip
+
+
+@triton.jit
+def transpose_pair_kernel(
+    src_a, dst_a, zero_a, src_b, dst_b, zero_b, R_A, S_A, TILES_S_A, PROGRAMS_A, R_B, S_B, TILES_S_B,
+    BLOCK_R_A: tl.constexpr, BLOCK_S_A: tl.constexpr, R_ALIGN_A: tl.constexpr, S_ALIGN_A: tl.constexpr,
+    INDEX64_A: tl.constexpr, ZERO_A: tl.constexpr,
+    BLOCK_R_B: tl.constexpr, BLOCK_S_B: tl.constexpr, R_ALIGN_B: tl.constexpr, S_ALIGN_B: tl.constexpr,
+    INDEX64_B: tl.constexpr, ZERO_B: tl.constexpr,
+):  # fmt: skip
+    """Two :func:`transpose_kernel` launches (a and b, each with its own sizes, tiles, dtypes and
+    zeroed buffer) as one: programs [0, PROGRAMS_A) copy a, the rest b. A layer's input and weight
+    are copied together so, one launch where there were two (the launch costs the host more than the
+    weight's copy costs the GPU)."""
+    pid = tl.program_id(0)
+    if pid < PROGRAMS_A:
+        _transpose_tile(
+            src_a, dst_a, zero_a, pid, R_A, S_A, TILES_S_A,
+            BLOCK_R_A, BLOCK_S_A, R_ALIGN_A, S_ALIGN_A, INDEX64_A, ZERO_A,
+        )  # fmt: skip
+    else:
+        _transpose_tile(
+            src_b, dst_b, zero_b, pid - PROGRAMS_A, R_B, S_B, TILES_S_B,
+            BLOCK_R_B, BLOCK_S_B, R_ALIGN_B, S_ALIGN_B, INDEX64_B, ZERO_B,
+        )  # fmt: skip
 
 
 def _alignment(n: int, element_size: int) -> int:
@@ -118,23 +164,29 @@ def _tile(rows: int, cols: int) -> tuple[int, int]:
     return block_r, side(cols, TILE_ELEMENTS // block_r)
 
 
-def _plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> tuple:
+def _plan(
+    batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype, zero: torch.dtype | None
+) -> tuple:
     block_r, block_s = _tile(rows, cols)
     tiles_s = -(-cols // block_s)
     element = min(src_dtype.itemsize, dst_dtype.itemsize)
     constexprs = {
         "BLOCK_R": block_r, "BLOCK_S": block_s, "R_ALIGN": _alignment(rows, element),
         "S_ALIGN": _alignment(cols, element), "INDEX64": batch * rows * cols > _INT32_SAFE,
-        "num_warps": 4, "num_stages": 1,
+        "ZERO": zero is not None, "num_warps": 4, "num_stages": 1,
     }  # fmt: skip
     return (batch * -(-rows // block_r) * tiles_s,), (rows, cols, tiles_s), constexprs, {}
 
 
-def transpose_plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype) -> tuple:
+def transpose_plan(
+    batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst_dtype: torch.dtype,
+    zero: torch.dtype | None = None,
+) -> tuple:  # fmt: skip
     """The launch of a [batch, rows, cols] -> [batch, cols, rows] transpose from ``src_dtype`` to
     ``dst_dtype`` (grid, integer arguments, constexprs, ``launch_planned``'s dict), worked out once per
-    such key: for :func:`run_transpose`, which callers that repeat a copy (a launch plan) call directly."""
-    key = (batch, rows, cols, src_dtype, dst_dtype)
+    such key: for :func:`run_transpose`, which callers that repeat a copy (a launch plan) call directly.
+    ``zero``: the dtype of a buffer laid out as the destination that the launch also sets to 0."""
+    key = (batch, rows, cols, src_dtype, dst_dtype, zero)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
@@ -143,13 +195,39 @@ def transpose_plan(batch: int, rows: int, cols: int, src_dtype: torch.dtype, dst
     return plan
 
 
-def run_transpose(plan: tuple, src: Tensor, dst: Tensor) -> Tensor:
+def run_transpose(plan: tuple, src: Tensor, dst: Tensor, zero: Tensor | None = None) -> Tensor:
     """Launch ``plan`` (:func:`transpose_plan`) from ``src`` into ``dst`` (contiguous, not empty, of the
-    plan's dtypes and sizes, on the current CUDA device or on the CPU under the interpreter); returns
-    ``dst``."""
+    plan's dtypes and sizes, on the current CUDA device or on the CPU under the interpreter), setting
+    ``zero`` to 0 where the plan was made with a zeroed buffer's dtype; returns ``dst``."""
     grid, scalars, kwargs, bound = plan
-    launch_planned(transpose_kernel, bound, grid, (src, dst), scalars, kwargs)
+    launch_planned(transpose_kernel, bound, grid, (src, dst, dst if zero is None else zero), scalars, kwargs)
     return dst
+
+
+# A plan's constexprs that the pair kernel takes once per copy (suffixed _A, _B).
+_PER_COPY = ("BLOCK_R", "BLOCK_S", "R_ALIGN", "S_ALIGN", "INDEX64", "ZERO")
+
+
+def transpose_pair_plan(a: tuple, b: tuple) -> tuple:
+    """The launch of :func:`transpose_pair_kernel` doing the transposes of plans ``a`` and ``b``
+    (:func:`transpose_plan`), in the same format: for :func:`run_transpose_pair`. Not cached here: a
+    call plan makes it once and keeps it."""
+    (programs_a,), scalars_a, kwargs_a, _ = a
+    (programs_b,), scalars_b, kwargs_b, _ = b
+    kwargs = {"num_warps": 4, "num_stages": 1}
+    for suffix, part in (("_A", kwargs_a), ("_B", kwargs_b)):
+        kwargs.update({name + suffix: part[name] for name in _PER_COPY})
+    return (programs_a + programs_b,), (*scalars_a, programs_a, *scalars_b), kwargs, {}
+
+
+def run_transpose_pair(
+    plan: tuple, a: tuple[Tensor, Tensor, Tensor | None], b: tuple[Tensor, Tensor, Tensor | None]
+) -> None:
+    """Launch ``plan`` (:func:`transpose_pair_plan`): ``a`` and ``b`` are each (source, destination,
+    zeroed buffer or None) as for :func:`run_transpose`."""
+    grid, scalars, kwargs, bound = plan
+    tensors = (a[0], a[1], a[1] if a[2] is None else a[2], b[0], b[1], b[1] if b[2] is None else b[2])
+    launch_planned(transpose_pair_kernel, bound, grid, tensors, scalars, kwargs)
 
 
 def _transpose(src: Tensor, dst: Tensor, batch: int, rows: int, cols: int) -> None:

@@ -310,16 +310,42 @@ _TRANSPOSES = (
     # the forward's weight on the matrix unit, [C_out * C_in, taps] per group: a 256 x 16 tile
     *(("weight", dtype, dtype, 256 * 256, 9) for dtype in (torch.float16, torch.float32)),
 )
+# Copies made in one launch (transpose_pair_kernel), each (source, destination, R, S, zeroed buffer):
+# the forward's input and weight, and the backward's input and the data kernel's weight, [C_out,
+# C_in * taps] per group, clearing the weight kernel's fp32 sums.
+_TRANSPOSE_PAIRS = tuple(
+    (what, (dtype, dtype, 256, 4200, None), b(dtype))
+    for dtype in (torch.float16, torch.float32)
+    for what, b in (
+        ("fwd pair", lambda t: (t, t, 256 * 256, 9, None)),
+        ("bwd pair", lambda t: (t, t, 256, 256 * 9, torch.float32)),
+    )
+)
 
 
-def _transpose_args(src: torch.dtype, dst: torch.dtype, rows: int, cols: int):
+def _transpose_args(
+    src: torch.dtype, dst: torch.dtype, rows: int, cols: int, zero: torch.dtype | None = None
+):
     """(jit function, pointer types, constexprs, integer arguments divisible by 16) of a layout copy of
-    [R, S] = [rows, cols] per batch, with the tile and hints the backend's plan would take."""
-    plan = _relayout._plan(1, rows, cols, src, dst)[2]
-    pointers = {"src_ptr": "*" + _TL[src], "dst_ptr": "*" + _TL[dst]}
-    constexprs = {name: plan[name] for name in ("BLOCK_R", "BLOCK_S", "R_ALIGN", "S_ALIGN", "INDEX64")}
+    [R, S] = [rows, cols] per batch, with the tile and hints the backend's plan would take; ``zero``:
+    the dtype of a buffer the copy also clears."""
+    plan = _relayout._plan(1, rows, cols, src, dst, zero)[2]
+    pointers = {"src_ptr": "*" + _TL[src], "dst_ptr": "*" + _TL[dst], "zero_ptr": "*" + _TL[zero or dst]}
+    constexprs = {name: plan[name] for name in _relayout._PER_COPY}
     divisible = {name for name, n in (("R", rows), ("S", cols)) if n % 16 == 0}
     return _relayout.transpose_kernel, pointers, constexprs, divisible
+
+
+def _transpose_pair_args(a: tuple, b: tuple):
+    """As :func:`_transpose_args` for :func:`transpose_pair_kernel` with copies ``a`` and ``b``, each
+    (source dtype, destination dtype, R, S, zeroed buffer's dtype or None)."""
+    pointers, constexprs, divisible = {}, {}, set()
+    for (src, dst, rows, cols, zero), tag, suffix in ((a, "a", "_A"), (b, "b", "_B")):
+        _, ptrs, consts, div = _transpose_args(src, dst, rows, cols, zero)
+        pointers.update({name.replace("_ptr", "_" + tag): kind for name, kind in ptrs.items()})
+        constexprs.update({name + suffix: value for name, value in consts.items()})
+        divisible |= {name + suffix for name in div}
+    return _relayout.transpose_pair_kernel, pointers, constexprs, divisible
 
 
 def _jobs(
@@ -448,6 +474,18 @@ def main(argv: list[str] | None = None) -> int:
             bad += 1
         seen[("transpose", what, src, dst)] = result
         print(f"{what:11s} {'transpose':12s} {_TL[src] + '->' + _TL[dst]:10s} {result}", flush=True)
+    for what, a, b in _TRANSPOSE_PAIRS:
+        fn, pointers, constexprs, divisible = _transpose_pair_args(a, b)
+        try:
+            result = _compile(
+                fn, pointers, constexprs, divisible, 4, 1, args.arch, fast=args.fast, sass=not args.fast
+            )
+            bad += result["spill_bytes"] > args.max_spill_bytes
+        except Exception as e:
+            result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
+            bad += 1
+        seen[("transpose pair", what, a[0])] = result
+        print(f"{what:11s} {'transposes':12s} {_TL[a[0]]:10s} {result}", flush=True)
     print(f"{len(seen)} compilations, {bad} failed or spilled more than {args.max_spill_bytes} bytes")
     return 1 if bad else 0
 

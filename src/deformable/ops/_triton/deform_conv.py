@@ -103,17 +103,24 @@ from . import _autotune_cache
 from . import _deform_conv_kernels as _k
 from ._launch import device_guard, launch, launch_planned, on_current_device
 from ._relayout import (
+    ROWS_KERNEL,
     from_rows,
     rows_as_planned,
     rows_plan,
     run_transpose,
+    run_transpose_pair,
     to_rows,
     transpose,
+    transpose_pair_plan,
     transpose_plan,
     transpose_uses_kernel,
 )
 
 AUTOTUNE_ENV = "DEFORMABLE_TRITON_AUTOTUNE"
+
+# forward and backward return the output and every gradient in its tensor's memory format (tested):
+# deform_conv2d's routes then skip their own format checks.
+RESULTS_IN_FORMATS = True
 
 __all__ = ["AUTOTUNE_ENV", "CONFIG_OVERRIDES", "VARIANT_FLAGS", "Config", "backward", "forward"]
 
@@ -858,13 +865,30 @@ def _remember(key: tuple, plan) -> None:
 
 class _ForwardCall(NamedTuple):
     """A forward's call plan: the output's shape and format, how the input becomes rows
-    (:func:`rows_plan`) and the weight its GEMM operand, and the kernel's launch."""
+    (:func:`rows_plan`) and the weight its GEMM operand, or both at once (``copies``, a
+    :func:`transpose_pair_plan`, where both are transposes), and the kernel's launch."""
 
     out_shape: tuple[int, int, int, int]
     out_format: torch.memory_format
     x_rows: tuple
     w_layout: _WeightLayout
+    copies: tuple | None
     spec: _Launch
+
+
+def _copies_together(x_rows: tuple, w_copy: tuple | None) -> tuple | None:
+    """One launch for the input's rows and a weight layout (:func:`transpose_pair_plan`) where both
+    are transposes (``x_rows`` a :func:`rows_plan`, ``w_copy`` a :func:`transpose_plan` or None)."""
+    mode, x_copy = x_rows
+    if mode != ROWS_KERNEL or x_copy is None or w_copy is None:
+        return None
+    return transpose_pair_plan(x_copy, w_copy)
+
+
+def _rows_buffer(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised [N, H, W, C] buffer for the rows of ``t`` [N, C, H, W]."""
+    n, c, h, w = t.shape
+    return torch.empty((n, h, w, c), dtype=dtype, device=t.device)
 
 
 def forward(
@@ -912,8 +936,12 @@ def _planned_forward(
     bias: Tensor | None,
 ) -> Tensor:
     out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)
-    x = rows_as_planned(input, plan.x_rows, input.dtype)
-    w = _weight_as(plan.w_layout, weight)
+    if plan.copies is not None:
+        x, w = _rows_buffer(input, input.dtype), weight.new_empty(plan.w_layout.shape)
+        run_transpose_pair(plan.copies, (input, x, None), (weight, w, None))
+    else:
+        x = rows_as_planned(input, plan.x_rows, input.dtype)
+        w = _weight_as(plan.w_layout, weight)
     tensors = (x, offset, offset if mask is None else mask, w, w if bias is None else bias, out)
     _run(_k.deform_conv_fwd_kernel, plan.spec, tensors)
     return out
@@ -987,7 +1015,10 @@ def _forward(
     )
     if copies or spec.kwargs["SPLIT_TAPS"]:
         return out, None
-    return out, _ForwardCall(shape, out_format, rows_plan(input, input.dtype), w_layout, spec)
+    x_rows = rows_plan(input, input.dtype)
+    return out, _ForwardCall(
+        shape, out_format, x_rows, w_layout, _copies_together(x_rows, w_layout.copy), spec
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1047,7 +1078,10 @@ class _BackwardCall(NamedTuple):
     """A backward's call plan (never deterministic mode's): which gradients, how grad_output becomes
     each kernel's operand (as it is, or by :func:`_grad_out_operand`), how the input becomes rows
     (:func:`rows_plan`; None: not read), the two kernels' launches (None: not run) with the weight
-    kernel's fp32 buffer shape, and the layouts of the weight, the gradients and the accumulator."""
+    kernel's fp32 buffer shape, and the layouts of the weight, the gradients and the accumulator.
+    ``copies``: where the rows and the data kernel's weight are both transposes, one launch for the
+    two (:func:`transpose_pair_plan`), which with ``part_zeroed`` also clears the weight kernel's
+    buffer (laid out as that weight)."""
 
     geo: _Geometry
     dtype: torch.dtype
@@ -1064,6 +1098,8 @@ class _BackwardCall(NamedTuple):
     input_format: torch.memory_format | None  # None: no input gradient
     offset_format: torch.memory_format
     mask_format: torch.memory_format
+    copies: tuple | None
+    part_zeroed: bool
 
 
 _GO_NONE, _GO_SAME, _GO_AS_IS, _GO_COPY = 0, 1, 2, 3
@@ -1086,20 +1122,30 @@ def _planned_backward(
         go_w = _grad_out_operand(g, dtype, True)[0]
     del g  # a converted copy is freed before the input's rows are made, as on the general path
     grad_bias = go.sum(dim=(0, 2, 3)) if plan.need_bias and go is not None else None
-    x = input if plan.x_rows is None else rows_as_planned(input, plan.x_rows, dtype)
-    mask_c = offset if mask is None else mask
     acc = _compute_dtype(dtype)
+    w = part = None
+    if plan.copies is not None:  # the rows and the data kernel's weight (made early: weight-sized)
+        assert plan.w_layout is not None
+        x, w = _rows_buffer(input, dtype), weight.new_empty(plan.w_layout.shape)
+        if plan.part_zeroed:
+            part = torch.empty(plan.part_shape, dtype=acc, device=input.device)
+        run_transpose_pair(plan.copies, (input, x, None), (weight, w, part))
+    else:
+        x = input if plan.x_rows is None else rows_as_planned(input, plan.x_rows, dtype)
+    mask_c = offset if mask is None else mask
     grad_input = grad_offset = grad_mask = grad_weight = None
     if plan.weight_spec is not None:
         assert go_w is not None
-        part = torch.zeros(plan.part_shape, dtype=acc, device=input.device)
+        if part is None:
+            part = torch.zeros(plan.part_shape, dtype=acc, device=input.device)
         _run(_k.deform_conv_bwd_weight_kernel, plan.weight_spec, (x, offset, mask_c, go_w, part))
         grad_weight = _grad_weight_in_format(part[0], weight, geo)
         del part
     del go_w  # a pixel-major copy is freed before the data kernel's buffers are made
     if plan.data_spec is not None:
         assert plan.w_layout is not None
-        w = _weight_as(plan.w_layout, weight)
+        if w is None:
+            w = _weight_as(plan.w_layout, weight)
         device = input.device
         if plan.need_offset:
             grad_offset = torch.empty(
@@ -1244,14 +1290,25 @@ def _backward(
     if (need_weight and weight_plan is None) or (need_data and data_spec is None):
         return grads, None  # the launch plans were forgotten meanwhile (a full cache): plan next time
     w_layout = _weight_layout(weight, geo, "data") if need_data else None
-    reads_rows = need_weight or need_offset or need_mask
+    x_rows = rows_plan(input, dtype) if need_weight or need_offset or need_mask else None
+    copies, part_zeroed = None, False
+    if x_rows is not None and w_layout is not None and w_layout.copy is not None:
+        w_copy = w_layout.copy
+        # The weight kernel's single fp32 buffer (one split outside deterministic mode) is laid out as
+        # the data kernel's weight: the same launch clears it.
+        part_zeroed = weight_plan is not None and math.prod(weight_plan[1]) == math.prod(w_layout.shape)
+        if part_zeroed:
+            w_copy = transpose_plan(
+                geo.groups, geo.group_out, geo.group_in * geo.taps, dtype, dtype, _compute_dtype(dtype)
+            )
+        copies = _copies_together(x_rows, w_copy)
+        part_zeroed = part_zeroed and copies is not None
     plan = _BackwardCall(
-        geo, dtype, need_offset, need_mask, need_bias, go_source, go_w_source,
-        rows_plan(input, dtype) if reads_rows else None,
+        geo, dtype, need_offset, need_mask, need_bias, go_source, go_w_source, x_rows,
         weight_plan[0] if weight_plan is not None else None,
         weight_plan[1] if weight_plan is not None else (),
         data_spec, w_layout, memory_format_of(input) if need_input else None,
-        memory_format_of(offset), memory_format_of(mask_c),
+        memory_format_of(offset), memory_format_of(mask_c), copies, part_zeroed,
     )  # fmt: skip
     return grads, plan
 
