@@ -852,6 +852,64 @@ def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
     report.add("")
 
 
+def _forward_run(tensors, geometry, blend_16: bool) -> Callable[[], object]:
+    """Closure: ``tdc.forward`` with the 16-bit blend on or off (``tdc.BLEND_IN_16_BIT``, set for the
+    call)."""
+
+    def run():
+        previous, tdc.BLEND_IN_16_BIT = tdc.BLEND_IN_16_BIT, blend_16
+        try:
+            return tdc.forward(*tensors, *geometry)
+        finally:
+            tdc.BLEND_IN_16_BIT = previous
+
+    return run
+
+
+def blend_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
+    """The forward with its 16-bit inputs' neighbours blended in fp16/bf16 arithmetic against the
+    default fp32 blend, per anchor shape, in CUDA graphs, with each one's output error against the
+    float64 reference (in eps x the output's sum of |terms|, as the correctness table)."""
+    report.add("## Forward: the blend in 16-bit against the fp32 blend (BLEND_IN_16_BIT)")
+    report.add("")
+    report.add(
+        "ms: GPU time (CUDA graph replays) of tdc.forward with each configuration's default tiles. err: the"
+        " largest output error against torchvision's float64 op, in eps x (sum of |terms|)."
+    )
+    report.add("")
+    report.add(
+        "| shape | dtype | fp32 blend ms | 16-bit blend ms | 16-bit / fp32 | fp32 blend err | 16-bit err |"
+    )
+    report.add("|---|---|---|---|---|---|---|")
+    problems = anchors(smoke)
+    for problem in problems[:1] if smoke else problems:
+        for dtype_name, dtype in DTYPES.items():
+            if dtype == torch.float32:
+                continue
+            if clock.left() < 0.6 * clock.budget:
+                report.skipped.append(f"blend A/B {problem.name} {dtype_name}")
+                continue
+            try:
+                tensors = problem.tensors(dtype, device)
+                geometry = (problem.stride, problem.padding, problem.dilation)
+                x, offset, mask, weight, bias = tensors
+                ordered = (x, offset, mask, weight, bias)
+                wide, narrow = (_forward_run(ordered, geometry, low) for low in (False, True))
+                wide_ms, narrow_ms = kernel_ms(wide, device), kernel_ms(narrow, device)
+                grad_output = torch.zeros(wide().shape, device=device, dtype=dtype)
+                ref_out, _ = reference(problem, tensors, grad_output, absolute=False)
+                abs_out, _ = reference(problem, tensors, grad_output, absolute=True)
+                eps = torch.finfo(dtype).eps
+                errors = [scaled_error(run(), ref_out, abs_out, eps) for run in (wide, narrow)]
+                report.add(
+                    f"| {problem.name} | {dtype_name} | {fmt(wide_ms)} | {fmt(narrow_ms)} | "
+                    f"{fmt(narrow_ms / wide_ms)} | {errors[0]:.2g} | {errors[1]:.2g} |"
+                )
+            except Exception as e:
+                report.failures.append(f"blend A/B {problem.name} {dtype_name}: {e!r}")
+    report.add("")
+
+
 def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
     """fp16 backend calls (``tdc.forward``/``tdc.backward``: the kernel plus its wrapper's layout
     copies), the data gradient also split by what it computes: grad_input alone (the fp32
@@ -1094,6 +1152,10 @@ def main(argv: list[str] | None = None) -> int:
         help="time the fused backward (off by default: level with the two kernels in run 8) against them",
     )  # fmt: skip
     parser.add_argument(
+        "--skip-blend-ab", action="store_true",
+        help="skip timing the forward's 16-bit blend (BLEND_IN_16_BIT, off until timed) against the fp32 one",
+    )  # fmt: skip
+    parser.add_argument(
         "--problems",
         type=_names,
         default=None,
@@ -1123,6 +1185,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add("")
     if not args.skip_correctness:
         correctness(device, report, clock, args.smoke, args.problems)
+    if not args.skip_blend_ab:
+        blend_ab(device, report, clock, args.smoke)
     if args.fused_ab:
         fused_ab(device, report, clock, args.smoke)
     # The breakdown before the timing table, which can take the whole budget: a few seconds that

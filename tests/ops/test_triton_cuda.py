@@ -87,6 +87,18 @@ def test_fused_backward_at_real_sizes_against_float64(monkeypatch, dtype):
     assert kernels.deform_conv_bwd_weight_kernel not in launched
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["det-c4", "groups-s2-d2"])
+def test_forward_blend_in_16_bit_at_real_sizes(monkeypatch, name, dtype):
+    """deform_conv.BLEND_IN_16_BIT: the forward's neighbours blended in fp16/bf16 arithmetic, within
+    the tolerances of the fp32 blend (bf16 runs it only here: the interpreter's bf16 arithmetic is not
+    the hardware's)."""
+    from deformable.ops._triton import deform_conv as tdc
+
+    monkeypatch.setattr(tdc, "BLEND_IN_16_BIT", True)
+    check_against_float64(name, dtype)
+
+
 def check_against_float64(name: str, dtype: torch.dtype) -> None:
     """The output and the five gradients of shape ``name`` in ``dtype`` against float64."""
     tensors, geometry = make_inputs(name, dtype)

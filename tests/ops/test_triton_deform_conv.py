@@ -299,6 +299,58 @@ def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat):
     assert [(kwargs["FLAT"], kwargs["num_stages"]) for kwargs in launched] == [(flat, 1 if flat else 3)]
 
 
+@pytest.mark.parametrize(
+    ("case_name", "dtype", "whole"),
+    [
+        ("dcnv1-no-bias-16ch", torch.float16, (True, True)),  # 16 channels in blocks of 16
+        ("dcnv1-no-bias-16ch", torch.float32, (True, False)),  # fp32's data kernel keeps its masks
+        ("groups2-offset-groups3", torch.float16, (False, False)),  # 3 channels a group: partial
+    ],
+    ids=str,
+)
+def test_whole_channel_blocks(small_tiles, monkeypatch, case_name, dtype, whole):
+    """WHOLE_BLOCKS: where the blocks divide every weight and offset group, the forward and (16-bit)
+    data kernels run without channel masks, with the references' results."""
+    launched = spy_launches(monkeypatch, whole=True)
+    case = CASES[case_name]
+    tensors = make_inputs(case, dtype)
+    out = forward(case, tensors)
+    check_forward(case, tensors, out, dtype)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
+    flags = {
+        kernel.__name__: spec.kwargs["WHOLE_BLOCKS"]
+        for kernel, spec in launched
+        if "WHOLE_BLOCKS" in spec.kwargs
+    }
+    assert (flags["deform_conv_fwd_kernel"], flags["deform_conv_bwd_data_kernel"]) == whole
+
+
+@pytest.mark.parametrize(
+    ("case_name", "config"),
+    [
+        ("groups2-offset-groups3", tdc.Config(16, 16, 16)),  # partial channel blocks, nested loops
+        ("dcnv1-no-bias-16ch", tdc.Config(16, 16, 16, num_stages=1, flat=True)),  # whole blocks, flat
+        ("kernel32-stride21-pad10-dil21-odd", tdc.Config(16, 16, 16, num_stages=1, flat=True)),
+    ],
+    ids=["nested-partial", "flat-whole", "flat-odd"],
+)
+def test_forward_blend_in_16_bit(monkeypatch, case_name, config):
+    """BLEND_IN_16_BIT: fp16 neighbours blended in fp16 arithmetic, within the same bound of the
+    float64 oracle as the fp32 blend (under the interpreter: 0.3-0.4 eps x scale, against 0.14-0.31
+    blending in fp32). bf16 blends in fp32 under the interpreter, whose bf16 arithmetic is not."""
+    monkeypatch.setattr(tdc, "BLEND_IN_16_BIT", True)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
+    launched = spy_launches(monkeypatch)
+    case = CASES[case_name]
+    for dtype in (torch.float16, torch.bfloat16):
+        tensors = make_inputs(case, dtype)
+        check_forward(case, tensors, forward(case, tensors), dtype)
+    assert [kwargs["LOW_BLEND"] for kwargs in launched] == [True, DEVICE.type == "cuda"]
+    if case_name == "dcnv1-no-bias-16ch":
+        assert [kwargs["WHOLE_BLOCKS"] for kwargs in launched] == [True, True]
+
+
 def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
     """The hand-pipelined flat loop keeps each step's samples apart: a NaN offset poisons its own
     pixel only, far offsets read nothing."""

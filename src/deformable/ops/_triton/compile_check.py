@@ -46,6 +46,7 @@ from .deform_conv import (
     Config,
     _blocks_align_with_offset_groups,
     _candidates,
+    _data_blocks_whole,
     _format_strides,
     _forward_flat,
     _forward_k_major,
@@ -69,7 +70,7 @@ _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG", "SEG")
 _FLAT_SHAPES = ("det-c3", "det-c4")
 # Kernels a user opts into (module switches of deform_conv, off by default): spills reported, not
 # failed.
-_OPT_IN = ("fused",)
+_OPT_IN = ("fused", "forward-16")
 
 
 def _compile(
@@ -222,13 +223,15 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
     mma = _k.MMA_SUM if dtype == torch.float64 else _k.MMA_DOT
     precision = ("tf32" if tf32 else "ieee") if dtype == torch.float32 else "tf32"
     common = {"MMA": mma, "PRECISION": precision, "CT": ct, "INDEX64": False}
-    if kernel == "forward":
+    if kernel in ("forward", "forward-16"):  # forward-16: the blend in 16-bit (BLEND_IN_16_BIT)
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "b_ptr", "out_ptr"), t)
         if config.splits > 1:  # partial sums go to an fp32 (fp64) buffer
             pointers["out_ptr"] = acc
         constexprs = {"HAS_MASK": True, "HAS_BIAS": True, "SPLIT_TAPS": config.splits > 1, **common}
         constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
         constexprs["FLAT"] = _forward_flat(geo, config)
+        constexprs["WHOLE_BLOCKS"] = _blocks_align_with_offset_groups(geo, config.block_k)
+        constexprs["LOW_BLEND"] = kernel == "forward-16"
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
@@ -241,6 +244,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs.update(DETERMINISTIC=kernel == "data-deterministic", **common)
         constexprs["ONE_O_BLOCK"] = config.block_k >= geo.group_out
         constexprs["DEFER_SUMS"] = config.deferred_sums
+        constexprs["WHOLE_BLOCKS"] = _data_blocks_whole(geo, config, dtype)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
         map_constexprs, map_divisible = _map_args(geo, "data")
@@ -355,7 +359,8 @@ def _jobs(
     kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
     may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
     (data, 256 channels or fewer), the opt-in fused backward's default and candidates (256 channels
-    or fewer) and, at ``_FLAT_SHAPES``, the forward's flat-loop candidates."""
+    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates, and in 16-bit the opt-in 16-bit
+    blend of the forward's default ("forward-16")."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
@@ -375,6 +380,8 @@ def _jobs(
         jobs += [("fused", c) for c in dict.fromkeys([fused, *_candidates("fused", geo, dtype, tf32)])]
     if name in _FLAT_SHAPES and dtype != torch.bfloat16:  # bf16: fp16's code (sm_90: within 6 registers)
         jobs += [("forward", c) for c in _candidates("forward", geo, dtype, tf32) if c.flat]
+    if dtype in _16_BIT:  # deform_conv.BLEND_IN_16_BIT: the forward's default with the 16-bit blend
+        jobs.append(("forward-16", defaults["forward"]))
     return jobs
 
 

@@ -669,10 +669,11 @@ def _planned(
 
 def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
-    product precision, autotuning, :data:`FUSED_BACKWARD`, configuration overrides and, for
-    ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
+    product precision, autotuning, :data:`FUSED_BACKWARD`, :data:`BLEND_IN_16_BIT`, configuration
+    overrides and, for ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
-    state = (precision, _autotune_enabled(t), get_memory_budget() if budgeted else None, FUSED_BACKWARD)
+    budget = get_memory_budget() if budgeted else None
+    state = (precision, _autotune_enabled(t), budget, FUSED_BACKWARD, BLEND_IN_16_BIT)
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -863,6 +864,20 @@ def _remember(key: tuple, plan) -> None:
 # Forward
 
 
+# The forward blends a 16-bit input's four neighbours in fp16/bf16 arithmetic (as torchvision's
+# kernels do) instead of converting them to fp32 and the blend back: sm_90, det-c3 fp16, the main loop
+# 467 -> 400 instructions (bf16 501 -> 401), the gathers and the matrix products unchanged; each
+# column value rounded in a few operations instead of once (the products still accumulate in fp32).
+# Off until a GPU has timed it (gpu_check's blend A/B). Part of every plan's settings.
+BLEND_IN_16_BIT = False
+
+
+def _blends_in_16_bit(t: Tensor) -> bool:
+    """Whether the forward blends tensors like ``t`` in 16-bit (``LOW_BLEND``): fp16, and bf16 on a
+    GPU (Triton's interpreter computes bf16 arithmetic on the raw bits: CPU tensors blend in fp32)."""
+    return BLEND_IN_16_BIT and (t.dtype == torch.float16 or (t.dtype == torch.bfloat16 and t.is_cuda))
+
+
 class _ForwardCall(NamedTuple):
     """A forward's call plan: the output's shape and format, how the input becomes rows
     (:func:`rows_plan`) and the weight its GEMM operand, or both at once (``copies``, a
@@ -986,7 +1001,9 @@ def _forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            W_K_MAJOR=k_major, FLAT=flat, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            W_K_MAJOR=k_major, FLAT=flat, WHOLE_BLOCKS=_blocks_align_with_offset_groups(geo, cfg.block_k),
+            LOW_BLEND=_blends_in_16_bit(input),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=1 if flat else cfg.num_stages,
             **_dot_args(input),
         ), {})  # fmt: skip
@@ -1482,7 +1499,7 @@ def _data_grads(
             return _Launch(_grid(programs), scalars, dict(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
                 DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
-                DEFER_SUMS=cfg.deferred_sums,
+                DEFER_SUMS=cfg.deferred_sums, WHOLE_BLOCKS=_data_blocks_whole(sub, cfg, dtype),
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2), GO_ALIGN=go_layout[3],
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
@@ -1514,6 +1531,13 @@ def _data_grads(
         return from_rows(gx, dtype, input_format)
 
     return (finish_input if need_input else None), grad_offset, grad_mask
+
+
+def _data_blocks_whole(geo: _Geometry, config: Config, dtype: torch.dtype) -> bool:
+    """The data kernel's ``WHOLE_BLOCKS``: no partial channel block, in 16-bit. In fp32 the unmasked
+    loop leaves ptxas more loads to hoist than registers (sm_90: the TF32 default at det-c3 spills 12
+    bytes, a deferred-sums candidate 40), so fp32 and fp64 keep the masks."""
+    return dtype in (torch.float16, torch.bfloat16) and _blocks_align_with_offset_groups(geo, config.block_n)
 
 
 def _images(t: Tensor, *, n0: int, n1: int) -> Tensor:
