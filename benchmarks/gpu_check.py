@@ -852,62 +852,87 @@ def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
     report.add("")
 
 
-def _forward_run(tensors, geometry, blend_16: bool) -> Callable[[], object]:
-    """Closure: ``tdc.forward`` with the 16-bit blend on or off (``tdc.BLEND_IN_16_BIT``, set for the
-    call)."""
+# The forward's opt-in variants (deform_conv module switches), each (BLEND_IN_16_BIT, FLAT_CHANNELS_INNER).
+FORWARD_VARIANTS = {
+    "default": (False, False),
+    "16-bit blend": (True, False),
+    "channels inner": (False, True),
+    "both": (True, True),
+}
+
+
+def _forward_run(tensors, geometry, switches: tuple[bool, bool]) -> Callable[[], object]:
+    """Closure: ``tdc.forward`` with ``tdc.BLEND_IN_16_BIT`` and ``tdc.FLAT_CHANNELS_INNER`` set to
+    ``switches`` for the call."""
 
     def run():
-        previous, tdc.BLEND_IN_16_BIT = tdc.BLEND_IN_16_BIT, blend_16
+        previous = tdc.BLEND_IN_16_BIT, tdc.FLAT_CHANNELS_INNER
+        tdc.BLEND_IN_16_BIT, tdc.FLAT_CHANNELS_INNER = switches
         try:
             return tdc.forward(*tensors, *geometry)
         finally:
-            tdc.BLEND_IN_16_BIT = previous
+            tdc.BLEND_IN_16_BIT, tdc.FLAT_CHANNELS_INNER = previous
 
     return run
 
 
-def blend_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
-    """The forward with its 16-bit inputs' neighbours blended in fp16/bf16 arithmetic against the
-    default fp32 blend, per anchor shape, in CUDA graphs, with each one's output error against the
-    float64 reference (in eps x the output's sum of |terms|, as the correctness table)."""
-    report.add("## Forward: the blend in 16-bit against the fp32 blend (BLEND_IN_16_BIT)")
+def forward_ab(device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None) -> None:
+    """The forward's opt-in variants against its default, per anchor shape (those named in ``only``,
+    as for the timing table), fp16 and bf16 (where both variants act), in CUDA graphs, with each
+    one's output error against the float64 reference (in eps x the output's sum of |terms|, as the
+    correctness table): the blend of 16-bit neighbours in their own dtype and the flat loop with
+    channels fastest (where the default runs the flat loop), and both."""
+    report.add("## Forward variants (BLEND_IN_16_BIT, FLAT_CHANNELS_INNER) against the default")
     report.add("")
     report.add(
-        "ms: GPU time (CUDA graph replays) of tdc.forward with each configuration's default tiles. err: the"
-        " largest output error against torchvision's float64 op, in eps x (sum of |terms|)."
+        "ms: GPU time (CUDA graph replays) of tdc.forward with the default tiles; x: the variant's time"
+        " over the default's; err: the largest output error against torchvision's float64 op, in eps x"
+        " (sum of |terms|). The channel order changes nothing where the default is not a flat loop:"
+        " n/a there."
     )
     report.add("")
-    report.add(
-        "| shape | dtype | fp32 blend ms | 16-bit blend ms | 16-bit / fp32 | fp32 blend err | 16-bit err |"
-    )
-    report.add("|---|---|---|---|---|---|---|")
-    problems = anchors(smoke)
+    names = list(FORWARD_VARIANTS)
+    report.add("| shape | dtype | " + " | ".join(f"{name} ms | err" for name in names) + " |")
+    report.add("|---|---|" + "---|---|" * len(names))
+    problems = [p for p in anchors(smoke) if only is None or p.name in only]
     for problem in problems[:1] if smoke else problems:
         for dtype_name, dtype in DTYPES.items():
             if dtype == torch.float32:
                 continue
             if clock.left() < 0.6 * clock.budget:
-                report.skipped.append(f"blend A/B {problem.name} {dtype_name}")
+                report.skipped.append(f"forward A/B {problem.name} {dtype_name}")
                 continue
             try:
-                tensors = problem.tensors(dtype, device)
-                geometry = (problem.stride, problem.padding, problem.dilation)
-                x, offset, mask, weight, bias = tensors
-                ordered = (x, offset, mask, weight, bias)
-                wide, narrow = (_forward_run(ordered, geometry, low) for low in (False, True))
-                wide_ms, narrow_ms = kernel_ms(wide, device), kernel_ms(narrow, device)
-                grad_output = torch.zeros(wide().shape, device=device, dtype=dtype)
-                ref_out, _ = reference(problem, tensors, grad_output, absolute=False)
-                abs_out, _ = reference(problem, tensors, grad_output, absolute=True)
-                eps = torch.finfo(dtype).eps
-                errors = [scaled_error(run(), ref_out, abs_out, eps) for run in (wide, narrow)]
-                report.add(
-                    f"| {problem.name} | {dtype_name} | {fmt(wide_ms)} | {fmt(narrow_ms)} | "
-                    f"{fmt(narrow_ms / wide_ms)} | {errors[0]:.2g} | {errors[1]:.2g} |"
-                )
+                cells = _forward_variant_cells(problem, dtype, device)
+                report.add(f"| {problem.name} | {dtype_name} | " + " | ".join(cells) + " |")
             except Exception as e:
-                report.failures.append(f"blend A/B {problem.name} {dtype_name}: {e!r}")
+                report.failures.append(f"forward A/B {problem.name} {dtype_name}: {e!r}")
     report.add("")
+
+
+def _forward_variant_cells(problem: Problem, dtype: torch.dtype, device) -> list[str]:
+    """The forward A/B row's cells for one shape and dtype: per variant 'ms (x default)' and 'err'."""
+    tensors = problem.tensors(dtype, device)
+    geometry = (problem.stride, problem.padding, problem.dilation)
+    x, offset, mask, weight, bias = tensors
+    geo = tdc._Geometry.of(x, offset, weight, *geometry)
+    flat = tdc._forward_flat(geo, tdc._default_config("forward", geo, x))
+    default = _forward_run((x, offset, mask, weight, bias), geometry, FORWARD_VARIANTS["default"])
+    grad_output = torch.zeros(default().shape, device=device, dtype=dtype)
+    ref_out, _ = reference(problem, tensors, grad_output, absolute=False)
+    abs_out, _ = reference(problem, tensors, grad_output, absolute=True)
+    eps = torch.finfo(dtype).eps
+    cells, base_ms = [], None
+    for blend, inner in FORWARD_VARIANTS.values():
+        if inner and not flat:
+            cells += ["n/a", "n/a"]
+            continue
+        run = _forward_run((x, offset, mask, weight, bias), geometry, (blend, inner))
+        ms = kernel_ms(run, device)
+        base_ms = base_ms or ms
+        cells.append(f"{fmt(ms)} ({ms / base_ms:.2f}x)")
+        cells.append(f"{scaled_error(run(), ref_out, abs_out, eps):.2g}")
+    return cells
 
 
 def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
@@ -1152,8 +1177,9 @@ def main(argv: list[str] | None = None) -> int:
         help="time the fused backward (off by default: level with the two kernels in run 8) against them",
     )  # fmt: skip
     parser.add_argument(
-        "--skip-blend-ab", action="store_true",
-        help="skip timing the forward's 16-bit blend (BLEND_IN_16_BIT, off until timed) against the fp32 one",
+        "--skip-forward-ab", action="store_true",
+        help="skip timing the forward's opt-in variants (BLEND_IN_16_BIT, FLAT_CHANNELS_INNER) against it "
+        "(fp16, bf16; the --timing-shapes)",
     )  # fmt: skip
     parser.add_argument(
         "--problems",
@@ -1185,8 +1211,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add("")
     if not args.skip_correctness:
         correctness(device, report, clock, args.smoke, args.problems)
-    if not args.skip_blend_ab:
-        blend_ab(device, report, clock, args.smoke)
+    if not args.skip_forward_ab:
+        forward_ab(device, report, clock, args.smoke, args.timing_shapes)
     if args.fused_ab:
         fused_ab(device, report, clock, args.smoke)
     # The breakdown before the timing table, which can take the whole budget: a few seconds that

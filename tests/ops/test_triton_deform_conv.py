@@ -286,17 +286,21 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
     ids=["40ch", "40ch-fp16", "offset-groups-bf16", "weight-and-offset-groups", "weight-groups-split-fp64",
          "kernel32-split", "40ch-split-mid-row", "straddle-falls-back"],
 )  # fmt: skip
-def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat):
+@pytest.mark.parametrize("channels_inner", [False, True], ids=["taps-inner", "channels-inner"])
+def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat, channels_inner):
     """Config.flat: one loop over (channel block, tap), pipelined by hand in registers (launched with
     one stage): the oracle's output, with partial channel and pixel tiles, offset groups changing
-    mid-loop, weight groups, no mask and split taps."""
+    mid-loop, weight groups, no mask and split taps; in either order (FLAT_CHANNELS_INNER: channel
+    blocks fastest, the samples set up only where a step starts a tap or an offset group)."""
     monkeypatch.setitem(
         tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, num_stages=3, splits=splits, flat=True)
     )
+    monkeypatch.setattr(tdc, "FLAT_CHANNELS_INNER", channels_inner)
     launched = spy_launches(monkeypatch)
     tensors = make_inputs(case, dtype)
     check_forward(case, tensors, forward(case, tensors), dtype)
     assert [(kwargs["FLAT"], kwargs["num_stages"]) for kwargs in launched] == [(flat, 1 if flat else 3)]
+    assert [kwargs["CHANNELS_INNER"] for kwargs in launched] == [flat and channels_inner]
 
 
 @pytest.mark.parametrize(
@@ -335,11 +339,13 @@ def test_whole_channel_blocks(small_tiles, monkeypatch, case_name, dtype, whole)
     ],
     ids=["nested-partial", "flat-whole", "flat-odd"],
 )
-def test_forward_blend_in_16_bit(monkeypatch, case_name, config):
+@pytest.mark.parametrize("channels_inner", [False, True], ids=["taps-inner", "channels-inner"])
+def test_forward_blend_in_16_bit(monkeypatch, case_name, config, channels_inner):
     """BLEND_IN_16_BIT: fp16 neighbours blended in fp16 arithmetic, within the same bound of the
     float64 oracle as the fp32 blend (under the interpreter: 0.3-0.4 eps x scale, against 0.14-0.31
     blending in fp32). bf16 blends in fp32 under the interpreter, whose bf16 arithmetic is not."""
     monkeypatch.setattr(tdc, "BLEND_IN_16_BIT", True)
+    monkeypatch.setattr(tdc, "FLAT_CHANNELS_INNER", channels_inner)
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
     launched = spy_launches(monkeypatch)
     case = CASES[case_name]
@@ -351,9 +357,11 @@ def test_forward_blend_in_16_bit(monkeypatch, case_name, config):
         assert [kwargs["WHOLE_BLOCKS"] for kwargs in launched] == [True, True]
 
 
-def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
+@pytest.mark.parametrize("channels_inner", [False, True], ids=["taps-inner", "channels-inner"])
+def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch, channels_inner):
     """The hand-pipelined flat loop keeps each step's samples apart: a NaN offset poisons its own
     pixel only, far offsets read nothing."""
+    monkeypatch.setattr(tdc, "FLAT_CHANNELS_INNER", channels_inner)
     # Two offset groups of 16 channels: one 16-channel block each (the flat loop runs).
     case = Case(batch=1, in_channels=32, out_channels=3, offset_groups=2)
     x, offset, mask, weight, bias = make_inputs(case, torch.float64)
@@ -371,9 +379,11 @@ def test_forward_flat_loop_with_nan_and_far_offsets(monkeypatch):
     torch.testing.assert_close(out.cpu(), oracle(case, tensors), rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
-def test_forward_flat_loop_with_64_bit_indices(monkeypatch):
+@pytest.mark.parametrize("channels_inner", [False, True], ids=["taps-inner", "channels-inner"])
+def test_forward_flat_loop_with_64_bit_indices(monkeypatch, channels_inner):
     """The flat loop's 64-bit index arithmetic (INDEX64, for tensors of 2**30+ elements), split taps
     included, gives the bits of the 32-bit one."""
+    monkeypatch.setattr(tdc, "FLAT_CHANNELS_INNER", channels_inner)
     case = Case(batch=2, in_channels=40, out_channels=6, size=(4, 5))
     config = tdc.Config(16, 16, 16, num_stages=1, splits=2, flat=True)
     monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)

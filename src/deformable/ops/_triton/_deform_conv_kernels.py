@@ -272,23 +272,29 @@ def _blend_dot(
 
 
 @triton.jit
-def _fwd_step_operands(
-    x_ptr, w_ptr, dy, dx, dm, n, oy, ox, row_ok, live, i, j, wk, c0, seg_hi, c_lo,
-    H, W, C, CG_IN, CG_OUT, ocols, omask, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    W_K_MAJOR: tl.constexpr, CT: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr,
+def _fwd_step_setup(
+    dy, dx, dm, n, oy, ox, row_ok, live, i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    CT: tl.constexpr,
 ):  # fmt: skip
-    """A flat-loop step's operands, tap (i, j) displaced by (dy, dx) with mask value dm, channels
-    [c0, seg_hi), weight row block ``wk``: the blend factors w.. [BLOCK_M], the four neighbours v..
-    [BLOCK_M, BLOCK_K] in the input's dtype, the weight tile and the channel mask. Nothing is loaded
-    where ``live`` (a scalar) is false."""
+    """A flat-loop step's samples, tap (i, j) displaced by (dy, dx) with mask value dm: the blend
+    factors w.. [BLOCK_M], the top-left neighbour's flat pixel and the four in-map masks (all false
+    where ``live``, a scalar, is false)."""
     y0, x0, ly, lx, inside, outside, mod = _sample_at(
         dy, dx, dm, oy, ox, i, j, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, CT
     )
     # tl.where, not &: the interpreter gives `bool tensor & scalar` an integer dtype (float once
     # 64-bit), which breaks the masks built on it.
-    w00, w01, w10, w11, r00, ok00, ok01, ok10, ok11 = _blend_factors(
-        n, tl.where(live, row_ok, False), H, W, y0, x0, ly, lx, inside, outside, mod
-    )
+    return _blend_factors(n, tl.where(live, row_ok, False), H, W, y0, x0, ly, lx, inside, outside, mod)
+
+
+@triton.jit
+def _fwd_step_loads(
+    x_ptr, w_ptr, r00, ok00, ok01, ok10, ok11, live, wk, c0, seg_hi, c_lo, W, C, CG_IN, CG_OUT, ocols, omask,
+    W_K_MAJOR: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A flat-loop step's loads for channels [c0, seg_hi) of samples set up by :func:`_fwd_step_setup`:
+    the four neighbours v.. [BLOCK_M, BLOCK_K] in the input's dtype, the weight tile of row block
+    ``wk`` (zero where ``live`` is false) and the channel mask."""
     cols = c0 + tl.arange(0, BLOCK_K)
     cmask = _channel_mask(cols, seg_hi, WHOLE_BLOCKS, BLOCK_K)
     v00, v01, v10, v11 = _gather(
@@ -297,7 +303,7 @@ def _fwd_step_operands(
     wt = _fwd_weight_tile(
         w_ptr, wk, cols, tl.where(live, cmask, False), c_lo, CG_IN, CG_OUT, ocols, omask, W_K_MAJOR
     )
-    return w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask
+    return v00, v01, v10, v11, wt, cmask
 
 
 @triton.jit
@@ -318,6 +324,38 @@ def _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K: tl.cons
     )
 
 
+@triton.jit
+def _flat_next_channels_inner(k, i, j, c0, g, c_lo, c_hi, g_lo, KW, CPG, BLOCK_K: tl.constexpr):
+    """The step after (tap k = i*KW + j, channels from c0, offset group g) in the forward's flat loop
+    with channels fastest (``CHANNELS_INNER``), and whether it needs new samples (a new tap or a new
+    offset group). Past the last tap it runs on into taps beyond, for the caller to mask."""
+    c_next = c0 + BLOCK_K
+    wrap = c_next >= c_hi
+    row_end = j + 1 == KW
+    g_next = tl.where(wrap, g_lo, tl.where(c_next >= g * CPG + CPG, g + 1, g))
+    return (
+        tl.where(wrap, k + 1, k),
+        tl.where(wrap, tl.where(row_end, i + 1, i), i),
+        tl.where(wrap, tl.where(row_end, 0, j + 1), j),
+        tl.where(wrap, c_lo, c_next),
+        g_next,
+        wrap | (g_next != g),
+    )
+
+
+@triton.jit
+def _flat_step_after(
+    k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, c_lo, c_hi, g_lo, KW, CPG,
+    CHANNELS_INNER: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The flat loop's next step in either order, and whether it sets its samples up (always, taps
+    inner)."""
+    if CHANNELS_INNER:
+        return _flat_next_channels_inner(k, i, j, c0, g, c_lo, c_hi, g_lo, KW, CPG, BLOCK_K)
+    k1, i1, j1, c1, g1 = _flat_next(k, i, j, c0, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+    return k1, i1, j1, c1, g1, k1 == k1
+
+
 @triton.jit(do_not_specialize=[*_SPATIAL_ARGS, "TILES", "TAPS_PER_SPLIT"])
 def deform_conv_fwd_kernel(
     x_ptr, off_ptr, msk_ptr, w_ptr, b_ptr, out_ptr,
@@ -326,7 +364,7 @@ def deform_conv_fwd_kernel(
     OFF_SN, OFF_SC, OFF_SP, MSK_SN, MSK_SC, MSK_SP, OUT_SN, OUT_SC, OUT_SP,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_TAPS: tl.constexpr, MMA: tl.constexpr,
     PRECISION: tl.constexpr, CT: tl.constexpr, INDEX64: tl.constexpr, W_K_MAJOR: tl.constexpr,
-    FLAT: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, LOW_BLEND: tl.constexpr,
+    FLAT: tl.constexpr, CHANNELS_INNER: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, LOW_BLEND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, o] = bias[o] + sum over taps k and input channels c of w[k, c, o] * sample(m, k, c).
@@ -335,7 +373,9 @@ def deform_conv_fwd_kernel(
     [groups, K, CG_IN, CG_OUT].
     ``FLAT`` (``Config.flat``): one loop over (channel block, tap), taps fastest, pipelined by hand
     (launched with one stage), instead of a channel-block loop inside a tap loop; it needs every
-    channel block inside one offset group. ``WHOLE_BLOCKS``: BLOCK_K divides the channels of every
+    channel block inside one offset group. ``CHANNELS_INNER`` (flat only): the flat loop with the
+    channel blocks fastest instead of the taps, setting the samples up only where a step starts a
+    tap or an offset group. ``WHOLE_BLOCKS``: BLOCK_K divides the channels of every
     weight group and offset group, so no channel block is partial (``_channel_mask``). ``LOW_BLEND``
     (16-bit only): the neighbours blended in their own dtype (``_blend_dot``).
 
@@ -398,36 +438,55 @@ def deform_conv_fwd_kernel(
                         acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT, LOW_BLEND
                     )
     else:
-        # One loop over (channel block, tap), taps fastest, pipelined by hand in registers: each step
-        # issues the next step's gathers and weight tile, and the offsets of the one after, before it
-        # blends its own. No drain at the end of every tap's few channel blocks, and a channel
-        # block's neighbourhoods, which overlap from tap to tap, are read in succession with plain
-        # loads that L1 caches (Triton's pipeline copies with cp.async, 16 bytes at a time, through
-        # L2 only). Each step sets its samples up again. Suffix 1: the next step; 2: the one after.
+        # One loop over (channel block, tap), pipelined by hand in registers: each step issues the
+        # next step's gathers and weight tile, and the offsets of the one after, before it blends its
+        # own. No drain at the end of every tap's few channel blocks, and plain loads that L1 caches
+        # (Triton's pipeline copies with cp.async, 16 bytes at a time, through L2 only). Taps fastest
+        # (default): a channel block's neighbourhoods, which overlap from tap to tap, are read in
+        # succession, and each step sets its samples up again. CHANNELS_INNER: channel blocks fastest,
+        # a step reusing the samples of the one before unless it starts a tap or an offset group.
+        # Suffix 1: the next step; 2: the one after.
         steps = tl.cdiv(CG_IN, BLOCK_K) * (k_hi - k_lo)
         i_lo = k_lo // KW
         j_lo = k_lo % KW
-        g = c_lo // CPG
+        g_lo = c_lo // CPG
         dy, dx, dm = _tap_offsets(
-            off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, row_ok, g * NTAPS + k_lo, HAS_MASK, CT
+            off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, row_ok, g_lo * NTAPS + k_lo, HAS_MASK, CT
         )
-        w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask = _fwd_step_operands(
-            x_ptr, w_ptr, dy, dx, dm, n, oy, ox, row_ok, True, i_lo, j_lo, wg * NTAPS + k_lo, c_lo,
-            tl.minimum(c_hi, g * CPG + CPG), c_lo, H, W, C, CG_IN, CG_OUT, ocols, omask,
-            stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, W_K_MAJOR, CT, WHOLE_BLOCKS, BLOCK_K,
+        s00, s01, s10, s11, r00, ok00, ok01, ok10, ok11 = _fwd_step_setup(
+            dy, dx, dm, n, oy, ox, row_ok, True, i_lo, j_lo, H, W, stride_h, stride_w, pad_h, pad_w,
+            dil_h, dil_w, CT,
         )  # fmt: skip
-        k1, i1, j1, c1, g1 = _flat_next(k_lo, i_lo, j_lo, c_lo, g, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+        v00, v01, v10, v11, wt, cmask = _fwd_step_loads(
+            x_ptr, w_ptr, r00, ok00, ok01, ok10, ok11, True, wg * NTAPS + k_lo, c_lo,
+            tl.minimum(c_hi, g_lo * CPG + CPG), c_lo, W, C, CG_IN, CG_OUT, ocols, omask,
+            W_K_MAJOR, WHOLE_BLOCKS, BLOCK_K,
+        )  # fmt: skip
+        w00, w01, w10, w11 = s00, s01, s10, s11
+        k1, i1, j1, c1, g1, fresh1 = _flat_step_after(
+            k_lo, i_lo, j_lo, c_lo, g_lo, k_lo, k_hi, i_lo, j_lo, c_lo, c_hi, g_lo, KW, CPG,
+            CHANNELS_INNER, BLOCK_K,
+        )  # fmt: skip
         dy, dx, dm = _tap_offsets(
             off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC, tl.where(steps > 1, row_ok, False),
             g1 * NTAPS + k1, HAS_MASK, CT,
         )  # fmt: skip
         for step in range(0, steps):
-            u00, u01, u10, u11, n00, n01, n10, n11, nwt, cmask1 = _fwd_step_operands(
-                x_ptr, w_ptr, dy, dx, dm, n, oy, ox, row_ok, step + 1 < steps, i1, j1, wg * NTAPS + k1,
-                c1, tl.minimum(c_hi, g1 * CPG + CPG), c_lo, H, W, C, CG_IN, CG_OUT, ocols, omask,
-                stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, W_K_MAJOR, CT, WHOLE_BLOCKS, BLOCK_K,
+            live = step + 1 < steps
+            # A new tap or offset group (taps inner: every step), or past the end (nothing loaded).
+            if fresh1 | (step + 1 >= steps):
+                s00, s01, s10, s11, r00, ok00, ok01, ok10, ok11 = _fwd_step_setup(
+                    dy, dx, dm, n, oy, ox, row_ok, live, i1, j1, H, W, stride_h, stride_w, pad_h, pad_w,
+                    dil_h, dil_w, CT,
+                )  # fmt: skip
+            n00, n01, n10, n11, nwt, cmask1 = _fwd_step_loads(
+                x_ptr, w_ptr, r00, ok00, ok01, ok10, ok11, live, wg * NTAPS + k1, c1,
+                tl.minimum(c_hi, g1 * CPG + CPG), c_lo, W, C, CG_IN, CG_OUT, ocols, omask,
+                W_K_MAJOR, WHOLE_BLOCKS, BLOCK_K,
             )  # fmt: skip
-            k2, i2, j2, c2, g2 = _flat_next(k1, i1, j1, c1, g1, k_lo, k_hi, i_lo, j_lo, KW, CPG, BLOCK_K)
+            k2, i2, j2, c2, g2, fresh2 = _flat_step_after(
+                k1, i1, j1, c1, g1, k_lo, k_hi, i_lo, j_lo, c_lo, c_hi, g_lo, KW, CPG, CHANNELS_INNER, BLOCK_K
+            )
             dy, dx, dm = _tap_offsets(
                 off_ptr, msk_ptr, off_row, msk_row, OFF_SC, MSK_SC,
                 tl.where(step + 2 < steps, row_ok, False), g2 * NTAPS + k2, HAS_MASK, CT,
@@ -435,11 +494,11 @@ def deform_conv_fwd_kernel(
             acc = _blend_dot(
                 acc, w00, w01, w10, w11, v00, v01, v10, v11, wt, cmask, MMA, PRECISION, CT, LOW_BLEND
             )
-            w00, w01, w10, w11 = u00, u01, u10, u11
+            w00, w01, w10, w11 = s00, s01, s10, s11
             v00, v01, v10, v11 = n00, n01, n10, n11
             wt = nwt
             cmask = cmask1
-            k1, i1, j1, c1, g1 = k2, i2, j2, c2, g2
+            k1, i1, j1, c1, g1, fresh1 = k2, i2, j2, c2, g2, fresh2
 
     oc = wg * CG_OUT + ocols
     if HAS_BIAS:

@@ -70,7 +70,7 @@ _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG", "SEG")
 _FLAT_SHAPES = ("det-c3", "det-c4")
 # Kernels a user opts into (module switches of deform_conv, off by default): spills reported, not
 # failed.
-_OPT_IN = ("fused", "forward-16")
+_OPT_IN = ("fused", "forward-16", "forward-ci", "forward-ci-16")
 
 
 def _compile(
@@ -223,7 +223,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
     mma = _k.MMA_SUM if dtype == torch.float64 else _k.MMA_DOT
     precision = ("tf32" if tf32 else "ieee") if dtype == torch.float32 else "tf32"
     common = {"MMA": mma, "PRECISION": precision, "CT": ct, "INDEX64": False}
-    if kernel in ("forward", "forward-16"):  # forward-16: the blend in 16-bit (BLEND_IN_16_BIT)
+    if kernel.startswith("forward"):  # -16: the blend in 16-bit (BLEND_IN_16_BIT); -ci: FLAT_CHANNELS_INNER
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "b_ptr", "out_ptr"), t)
         if config.splits > 1:  # partial sums go to an fp32 (fp64) buffer
             pointers["out_ptr"] = acc
@@ -231,7 +231,8 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
         constexprs["FLAT"] = _forward_flat(geo, config)
         constexprs["WHOLE_BLOCKS"] = _blocks_align_with_offset_groups(geo, config.block_k)
-        constexprs["LOW_BLEND"] = kernel == "forward-16"
+        constexprs["LOW_BLEND"] = kernel.endswith("-16")
+        constexprs["CHANNELS_INNER"] = constexprs["FLAT"] and "-ci" in kernel
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
@@ -359,8 +360,9 @@ def _jobs(
     kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
     may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
     (data, 256 channels or fewer), the opt-in fused backward's default and candidates (256 channels
-    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates, and in 16-bit the opt-in 16-bit
-    blend of the forward's default ("forward-16")."""
+    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates, in 16-bit the opt-in 16-bit
+    blend of the forward's default ("forward-16"), and where that default is a flat loop its opt-in
+    channels-inner order ("forward-ci", "forward-ci-16")."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
@@ -382,7 +384,27 @@ def _jobs(
         jobs += [("forward", c) for c in _candidates("forward", geo, dtype, tf32) if c.flat]
     if dtype in _16_BIT:  # deform_conv.BLEND_IN_16_BIT: the forward's default with the 16-bit blend
         jobs.append(("forward-16", defaults["forward"]))
+    if _forward_flat(geo, defaults["forward"]):  # deform_conv.FLAT_CHANNELS_INNER, with either blend
+        jobs.append(("forward-ci", defaults["forward"]))
+        if dtype in _16_BIT:
+            jobs.append(("forward-ci-16", defaults["forward"]))
     return jobs
+
+
+def _checked(
+    args, fn, pointers: dict, constexprs: dict, ints16: set[str], warps: int, stages: int,
+    sass: bool | None = None, spills_fail: bool = True,
+) -> tuple[dict | str, bool]:  # fmt: skip
+    """:func:`_compile` with ``main``'s options: (its report, or the failure's text; whether the job
+    fails the check: it did not compile, or, where ``spills_fail``, spilled more than allowed)."""
+    try:
+        result = _compile(
+            fn, pointers, constexprs, ints16, warps, stages, args.arch, fast=args.fast,
+            sass=not args.fast if sass is None else sass,
+        )  # fmt: skip
+    except Exception as e:  # report every failure, then fail
+        return f"FAILED: {type(e).__name__}: {str(e)[:300]}", True
+    return result, spills_fail and result["spill_bytes"] > args.max_spill_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,17 +456,14 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
                 if key in seen:
                     continue
-                try:
-                    seen[key] = result = _compile(
-                        fn, pointers, constexprs, ints16 | divisible, config.num_warps, config.num_stages,
-                        args.arch, fast=args.fast,
-                        sass=not args.fast or (kernel in ("data", "weight") and dtype in _16_BIT),
-                    )  # fmt: skip
-                    # Off by default (deform_conv.FUSED_BACKWARD): its spills are reported, not failed.
-                    bad += result["spill_bytes"] > args.max_spill_bytes and kernel not in _OPT_IN
-                except Exception as e:  # report every failure, then fail
-                    seen[key] = result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
-                    bad += 1
+                sass = not args.fast or (kernel in ("data", "weight") and dtype in _16_BIT)
+                # Opt-in variants (off by default): their spills are reported, not failed.
+                result, failed = _checked(
+                    args, fn, pointers, constexprs, ints16 | divisible, config.num_warps, config.num_stages,
+                    sass=sass, spills_fail=kernel not in _OPT_IN,
+                )  # fmt: skip
+                seen[key] = result
+                bad += failed
                 mode = _TL[dtype] + ("" if dtype != torch.float32 else ("-tf32" if tf32 else "-ieee"))
                 blocks: tuple[int, ...] = (
                     config.block_m,
@@ -459,38 +478,20 @@ def main(argv: list[str] | None = None) -> int:
     for dtype, _ in modes[:3] + modes[4:]:
         for kernel in ("roi-forward", "roi-backward"):
             fn, pointers, constexprs, warps = _roi_kernel_args(kernel, dtype)
-            try:
-                result = _compile(
-                    fn, pointers, constexprs, {"C"}, warps, 1, args.arch, fast=args.fast, sass=not args.fast
-                )
-                bad += result["spill_bytes"] > args.max_spill_bytes
-            except Exception as e:
-                result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
-                bad += 1
+            result, failed = _checked(args, fn, pointers, constexprs, {"C"}, warps, 1)
+            bad += failed
             seen[(kernel, dtype)] = result
             print(f"{'fpn-7x7':10s} {kernel:12s} {_TL[dtype]:10s} {result}", flush=True)
     for what, src, dst, rows, cols in _TRANSPOSES:
         fn, pointers, constexprs, divisible = _transpose_args(src, dst, rows, cols)
-        try:
-            result = _compile(
-                fn, pointers, constexprs, divisible, 4, 1, args.arch, fast=args.fast, sass=not args.fast
-            )
-            bad += result["spill_bytes"] > args.max_spill_bytes
-        except Exception as e:
-            result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
-            bad += 1
+        result, failed = _checked(args, fn, pointers, constexprs, divisible, 4, 1)
+        bad += failed
         seen[("transpose", what, src, dst)] = result
         print(f"{what:11s} {'transpose':12s} {_TL[src] + '->' + _TL[dst]:10s} {result}", flush=True)
     for what, a, b in _TRANSPOSE_PAIRS:
         fn, pointers, constexprs, divisible = _transpose_pair_args(a, b)
-        try:
-            result = _compile(
-                fn, pointers, constexprs, divisible, 4, 1, args.arch, fast=args.fast, sass=not args.fast
-            )
-            bad += result["spill_bytes"] > args.max_spill_bytes
-        except Exception as e:
-            result = f"FAILED: {type(e).__name__}: {str(e)[:300]}"
-            bad += 1
+        result, failed = _checked(args, fn, pointers, constexprs, divisible, 4, 1)
+        bad += failed
         seen[("transpose pair", what, a[0])] = result
         print(f"{what:11s} {'transposes':12s} {_TL[a[0]]:10s} {result}", flush=True)
     print(f"{len(seen)} compilations, {bad} failed or spilled more than {args.max_spill_bytes} bytes")

@@ -669,11 +669,12 @@ def _planned(
 
 def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
-    product precision, autotuning, :data:`FUSED_BACKWARD`, :data:`BLEND_IN_16_BIT`, configuration
-    overrides and, for ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
+    product precision, autotuning, :data:`FUSED_BACKWARD`, :data:`BLEND_IN_16_BIT`,
+    :data:`FLAT_CHANNELS_INNER`, configuration overrides and, for ``budgeted`` plans (the
+    deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
     budget = get_memory_budget() if budgeted else None
-    state = (precision, _autotune_enabled(t), budget, FUSED_BACKWARD, BLEND_IN_16_BIT)
+    state = (precision, _autotune_enabled(t), budget, FUSED_BACKWARD, BLEND_IN_16_BIT, FLAT_CHANNELS_INNER)
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -872,6 +873,13 @@ def _remember(key: tuple, plan) -> None:
 BLEND_IN_16_BIT = False
 
 
+# The forward's flat loop (Config.flat) with the channel blocks fastest instead of the taps: a step
+# sets its samples up only where it starts a tap or an offset group, instead of at every step (sm_90,
+# det-c3 fp16: the set-up is most of a step's instructions besides the blend and the product). Off
+# until a GPU has timed it (gpu_check's forward A/B). Part of every plan's settings.
+FLAT_CHANNELS_INNER = False
+
+
 def _blends_in_16_bit(t: Tensor) -> bool:
     """Whether the forward blends tensors like ``t`` in 16-bit (``LOW_BLEND``): fp16, and bf16 on a
     GPU (Triton's interpreter computes bf16 arithmetic on the raw bits: CPU tensors blend in fp32)."""
@@ -1001,7 +1009,8 @@ def _forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            W_K_MAJOR=k_major, FLAT=flat, WHOLE_BLOCKS=_blocks_align_with_offset_groups(geo, cfg.block_k),
+            W_K_MAJOR=k_major, FLAT=flat, CHANNELS_INNER=flat and FLAT_CHANNELS_INNER,
+            WHOLE_BLOCKS=_blocks_align_with_offset_groups(geo, cfg.block_k),
             LOW_BLEND=_blends_in_16_bit(input),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=1 if flat else cfg.num_stages,
