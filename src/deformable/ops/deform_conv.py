@@ -241,28 +241,28 @@ def _keeps_formats(backend: str) -> bool:
     return getattr(_implementation(backend), "RESULTS_IN_FORMATS", False)
 
 
+def _call_without_autocast(t: Tensor, fn, *args):
+    """``fn(*args)`` with autocast off on ``t``'s device type, as :func:`_no_autocast` does for a
+    block, but entering no context at all where autocast is off (a context costs microseconds)."""
+    if autocast_enabled(t.device.type):
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
+
 def _run_forward(input, offset, mask, weight, bias, stride, padding, dilation, backend: str) -> Tensor:
-    forward = _implementation(backend).forward
-    args = (input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
-    if autocast_enabled(input.device.type):  # no context at all otherwise: it costs microseconds
-        with torch.autocast(input.device.type, enabled=False):
-            out = forward(*args)
-    else:
-        out = forward(*args)
+    out = _call_without_autocast(
+        input, _implementation(backend).forward,
+        input, offset, mask, weight, bias, tuple(stride), tuple(padding), tuple(dilation),
+    )  # fmt: skip
     return out if _keeps_formats(backend) else _in_format_of(out, input)
 
 
 def _run_backward(grad_output, input, offset, mask, weight, stride, padding, dilation, output_mask, backend):
-    backward = _implementation(backend).backward
-    args = (
-        grad_output, input, offset, mask, weight,
+    grads = _call_without_autocast(
+        input, _implementation(backend).backward, grad_output, input, offset, mask, weight,
         tuple(stride), tuple(padding), tuple(dilation), tuple(output_mask),
     )  # fmt: skip
-    if autocast_enabled(input.device.type):
-        with torch.autocast(input.device.type, enabled=False):
-            grads = backward(*args)
-    else:
-        grads = backward(*args)
     if _keeps_formats(backend):
         return grads
     return (*_grads_in_formats(grads[:4], (input, offset, mask, weight)), grads[4])

@@ -35,6 +35,7 @@ from ._launch import device_guard, launch_planned
 __all__ = [
     "from_rows",
     "rows_as_planned",
+    "rows_buffer",
     "rows_plan",
     "run_transpose",
     "run_transpose_pair",
@@ -300,6 +301,12 @@ def rows_plan(t: Tensor, dtype: torch.dtype, *, kernel: bool | None = None) -> t
     return ROWS_GENERIC, None
 
 
+def rows_buffer(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised [N, H, W, C] buffer of ``dtype`` for the rows of ``t`` [N, C, H, W]."""
+    n, c, h, w = t.shape
+    return torch.empty((n, h, w, c), dtype=dtype, device=t.device)
+
+
 def rows_as_planned(t: Tensor, plan: tuple[int, tuple | None], dtype: torch.dtype) -> Tensor:
     """:func:`to_rows` ``(t, dtype)`` for a tensor like the one ``plan`` (:func:`rows_plan`) was made
     for (a launch on the current device)."""
@@ -308,8 +315,7 @@ def rows_as_planned(t: Tensor, plan: tuple[int, tuple | None], dtype: torch.dtyp
         return t.permute(0, 2, 3, 1)
     if mode == ROWS_KERNEL:
         assert copy is not None
-        n, c, h, w = t.shape
-        return run_transpose(copy, t, torch.empty((n, h, w, c), dtype=dtype, device=t.device))
+        return run_transpose(copy, t, rows_buffer(t, dtype))
     return t.permute(0, 2, 3, 1).to(dtype).contiguous()
 
 

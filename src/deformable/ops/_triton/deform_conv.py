@@ -106,6 +106,7 @@ from ._relayout import (
     ROWS_KERNEL,
     from_rows,
     rows_as_planned,
+    rows_buffer,
     rows_plan,
     run_transpose,
     run_transpose_pair,
@@ -797,8 +798,12 @@ _WEIGHT_OPERANDS = {
 }
 
 
-def _weight_layout(weight: Tensor, geo: _Geometry, operand: str) -> _WeightLayout:
-    """The :class:`_WeightLayout` of ``operand`` (a key of ``_WEIGHT_OPERANDS``) for ``weight``."""
+def _weight_layout(
+    weight: Tensor, geo: _Geometry, operand: str, zero: torch.dtype | None = None
+) -> _WeightLayout:
+    """The :class:`_WeightLayout` of ``operand`` (a key of ``_WEIGHT_OPERANDS``) for ``weight``;
+    ``zero``: the dtype of a buffer laid out as the operand that its copy also clears
+    (:func:`transpose_plan`)."""
     order, transposed = _WEIGHT_OPERANDS[operand]
     dims = (geo.groups, geo.group_out, geo.group_in, geo.taps)
     shape = (dims[order[0]], dims[order[1]], dims[order[2]], dims[order[3]])
@@ -806,7 +811,7 @@ def _weight_layout(weight: Tensor, geo: _Geometry, operand: str) -> _WeightLayou
     if transposed is not None and weight.is_contiguous():
         rows, cols = transposed(*dims[1:])
         if transpose_uses_kernel(weight, rows, cols):
-            copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype)
+            copy = transpose_plan(geo.groups, rows, cols, weight.dtype, weight.dtype, zero)
     return _WeightLayout(shape, order, copy)
 
 
@@ -911,12 +916,6 @@ def _copies_together(x_rows: tuple, w_copy: tuple | None) -> tuple | None:
     return transpose_pair_plan(x_copy, w_copy)
 
 
-def _rows_buffer(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialised [N, H, W, C] buffer for the rows of ``t`` [N, C, H, W]."""
-    n, c, h, w = t.shape
-    return torch.empty((n, h, w, c), dtype=dtype, device=t.device)
-
-
 def forward(
     input: Tensor,
     offset: Tensor,
@@ -963,7 +962,7 @@ def _planned_forward(
 ) -> Tensor:
     out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device, memory_format=plan.out_format)
     if plan.copies is not None:
-        x, w = _rows_buffer(input, input.dtype), weight.new_empty(plan.w_layout.shape)
+        x, w = rows_buffer(input, input.dtype), weight.new_empty(plan.w_layout.shape)
         run_transpose_pair(plan.copies, (input, x, None), (weight, w, None))
     else:
         x = rows_as_planned(input, plan.x_rows, input.dtype)
@@ -1155,7 +1154,7 @@ def _planned_backward(
     w = part = None
     if plan.copies is not None:  # the rows and the data kernel's weight (made early: weight-sized)
         assert plan.w_layout is not None
-        x, w = _rows_buffer(input, dtype), weight.new_empty(plan.w_layout.shape)
+        x, w = rows_buffer(input, dtype), weight.new_empty(plan.w_layout.shape)
         if plan.part_zeroed:
             part = torch.empty(plan.part_shape, dtype=acc, device=input.device)
         run_transpose_pair(plan.copies, (input, x, None), (weight, w, part))
@@ -1322,14 +1321,12 @@ def _backward(
     x_rows = rows_plan(input, dtype) if need_weight or need_offset or need_mask else None
     copies, part_zeroed = None, False
     if x_rows is not None and w_layout is not None and w_layout.copy is not None:
-        w_copy = w_layout.copy
+        w_copy: tuple | None = w_layout.copy
         # The weight kernel's single fp32 buffer (one split outside deterministic mode) is laid out as
         # the data kernel's weight: the same launch clears it.
         part_zeroed = weight_plan is not None and math.prod(weight_plan[1]) == math.prod(w_layout.shape)
         if part_zeroed:
-            w_copy = transpose_plan(
-                geo.groups, geo.group_out, geo.group_in * geo.taps, dtype, dtype, _compute_dtype(dtype)
-            )
+            w_copy = _weight_layout(weight, geo, "data", zero=_compute_dtype(dtype)).copy
         copies = _copies_together(x_rows, w_copy)
         part_zeroed = part_zeroed and copies is not None
     plan = _BackwardCall(
@@ -1547,8 +1544,8 @@ def _data_grads(
 
 def _data_blocks_whole(geo: _Geometry, config: Config, dtype: torch.dtype) -> bool:
     """The data kernel's ``WHOLE_BLOCKS``: no partial channel block, in 16-bit. In fp32 the unmasked
-    loop leaves ptxas more loads to hoist than registers (sm_90: the TF32 default at det-c3 spills 12
-    bytes, a deferred-sums candidate 40), so fp32 and fp64 keep the masks."""
+    loop leaves ptxas more loads to hoist than registers (sm_90: the TF32 default at det-c3 spilled 12
+    bytes), so fp32 and fp64 keep the masks."""
     return dtype in (torch.float16, torch.bfloat16) and _blocks_align_with_offset_groups(geo, config.block_n)
 
 
