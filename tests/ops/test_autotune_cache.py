@@ -30,6 +30,8 @@ def test_store_keeps_what_other_processes_wrote(path):
     assert cache.lookup("GPU B | triton 3", "k3") is None  # scopes do not mix
     cache.store("GPU A | triton 3", "k4", (64, 256, 64, 8, 1, 1, 1))  # with the go_first flag
     assert cache.lookup("GPU A | triton 3", "k4") == (64, 256, 64, 8, 1, 1, 1)
+    cache.store("GPU A | triton 3", "k5", (64, 128, 32, 4, 1, 1, 2))  # the flat forward, channels inner
+    assert cache.lookup("GPU A | triton 3", "k5") == (64, 128, 32, 4, 1, 1, 2)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +41,7 @@ def test_store_keeps_what_other_processes_wrote(path):
         [64, 128, 32, 8, 3, 0],
         [64, 100, 32, 8, 3, 1],
         [64, 128, 32, 8, True, 1],
-        [64, 128, 32, 8, 3, 1, 2],  # the go_first flag is 0 or 1
+        [64, 128, 32, 8, 3, 1, 3],  # the variant is 0, 1 or 2
         [64, 128, 32, 8, 3, 1, False],
         [64, 128, 32, 8, 3, 1, 1, 1],
         [64, 128, 32, 3, 2, 1],  # 3 warps

@@ -5,6 +5,8 @@ which is slow: shapes stay tiny and tiles are pinned small so that they straddle
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -290,12 +292,11 @@ def test_forward_with_split_taps(monkeypatch, splits, case_name, dtype):
 def test_forward_flat_loop(monkeypatch, case, dtype, splits, flat, channels_inner):
     """Config.flat: one loop over (channel block, tap), pipelined by hand in registers (launched with
     one stage): the oracle's output, with partial channel and pixel tiles, offset groups changing
-    mid-loop, weight groups, no mask and split taps; in either order (FLAT_CHANNELS_INNER: channel
-    blocks fastest, the samples set up only where a step starts a tap or an offset group)."""
-    monkeypatch.setitem(
-        tdc.CONFIG_OVERRIDES, "forward", tdc.Config(16, 16, 16, num_stages=3, splits=splits, flat=True)
-    )
-    monkeypatch.setattr(tdc, "FLAT_CHANNELS_INNER", channels_inner)
+    mid-loop, weight groups, no mask and split taps; in either order (Config.channels_inner, the
+    autotuner's candidate: channel blocks fastest, the samples set up only where a step starts a tap
+    or an offset group; the tests below take the FLAT_CHANNELS_INNER switch)."""
+    config = tdc.Config(16, 16, 16, num_stages=3, splits=splits, flat=True, channels_inner=channels_inner)
+    monkeypatch.setitem(tdc.CONFIG_OVERRIDES, "forward", config)
     launched = spy_launches(monkeypatch)
     tensors = make_inputs(case, dtype)
     check_forward(case, tensors, forward(case, tensors), dtype)
@@ -546,9 +547,27 @@ def test_an_autotuned_go_first_entry_is_read_back(monkeypatch):
     assert tuned["weight"] == tdc.Config(16, 16, 16, 4, 1, 1, go_first=True)
     assert tuned["data"] == tdc.Config(16, 16, 16, 4, 1, 1, deferred_sums=True)
     assert tuned["weight"].cache_fields() == tuned["data"].cache_fields() == (16, 16, 16, 4, 1, 1, 1)
-    # The forward's variant is the flat loop.
+    # The forward's variant is the flat loop; 2 is the flat loop with its channel blocks fastest.
     flat = tdc.Config.from_cache_fields("forward", (16, 16, 16, 4, 1, 1, 1))
     assert flat == tdc.Config(16, 16, 16, 4, 1, 1, flat=True) and flat.cache_fields()[-1] == 1
+    inner = tdc.Config.from_cache_fields("forward", (16, 16, 16, 4, 1, 1, 2))
+    assert inner == tdc.Config(16, 16, 16, 4, 1, 1, flat=True, channels_inner=True)
+    assert inner.cache_fields()[-1] == 2 and inner.variants() == ("flat", "channels_inner")
+    for kernel, variant in (("data", 2), ("fused", 1), ("forward", 3)):
+        with pytest.raises(ValueError, match=f"no variant {variant} for the {kernel} kernel"):
+            tdc.Config.from_cache_fields(kernel, (16, 16, 16, 4, 1, 1, variant))
+    with pytest.raises(ValueError, match=r"channels_inner .* needs flat=True"):
+        tdc.Config(16, 16, 16, channels_inner=True)
+
+
+def test_every_flat_forward_candidate_comes_in_both_orders():
+    """Autotuning times each flat-loop candidate with taps fastest and with channel blocks fastest."""
+    geo = tdc._Geometry(2, 128, 100, 168, 128, 1, 3, 3, 1, 100, 168, (1, 1), (1, 1), (1, 1))
+    for dtype, tf32 in ((torch.float16, True), (torch.float32, True), (torch.float32, False)):
+        flat = [c for c in tdc._candidates("forward", geo, dtype, tf32) if c.flat]
+        assert len(flat) == (6 if dtype == torch.float16 else 2 if tf32 else 0)
+        inner = {c for c in flat if c.channels_inner}
+        assert {dataclasses.replace(c, channels_inner=True) for c in flat} == inner
 
 
 def test_deterministic_forward_ignores_split_taps(monkeypatch, deterministic):

@@ -15,7 +15,8 @@ configuration, or whose trial launch fails, is ignored with a warning and tuned 
 
 File layout: ``{"format": 1, "scopes": {scope: {key: [block_m, block_n, block_k, warps, stages,
 splits, variant]}}}``, variant 0 or 1: the kernel's alternative form (the weight kernel's go_first, the
-data kernel's deferred_sums; entries without it, of earlier versions, mean 0).
+data kernel's deferred_sums, the forward's flat loop), 2: the forward's flat loop with its channel
+blocks fastest; entries without it, of earlier versions, mean 0.
 """
 
 from __future__ import annotations
@@ -67,13 +68,13 @@ def _read(path: Path) -> dict[str, dict[str, list]] | None:
 
 
 def _valid(entry) -> bool:
-    """Six positive ints, power-of-two block sizes and warps (at most 32), then optionally a 0/1 flag:
-    what a launch needs (the trial launch of the caller tests the rest)."""
+    """Six positive ints, power-of-two block sizes and warps (at most 32), then optionally a variant
+    0, 1 or 2: what a launch needs (the caller's Config and trial launch test the rest)."""
     if not isinstance(entry, list) or len(entry) not in (_REQUIRED, _REQUIRED + 1):
         return False
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in entry):
         return False
-    if not all(v > 0 for v in entry[:_REQUIRED]) or entry[_REQUIRED:] not in ([], [0], [1]):
+    if not all(v > 0 for v in entry[:_REQUIRED]) or entry[_REQUIRED:] not in ([], [0], [1], [2]):
         return False
     return all(v & (v - 1) == 0 for v in entry[:4]) and entry[3] <= 32
 

@@ -232,7 +232,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs["FLAT"] = _forward_flat(geo, config)
         constexprs["WHOLE_BLOCKS"] = _blocks_align_with_offset_groups(geo, config.block_k)
         constexprs["LOW_BLEND"] = kernel.endswith("-16")
-        constexprs["CHANNELS_INNER"] = constexprs["FLAT"] and "-ci" in kernel
+        constexprs["CHANNELS_INNER"] = constexprs["FLAT"] and ("-ci" in kernel or config.channels_inner)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
@@ -360,9 +360,9 @@ def _jobs(
     kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
     may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
     (data, 256 channels or fewer), the opt-in fused backward's default and candidates (256 channels
-    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates, in 16-bit the opt-in 16-bit
-    blend of the forward's default ("forward-16"), and where that default is a flat loop its opt-in
-    channels-inner order ("forward-ci", "forward-ci-16")."""
+    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates (in either order), in 16-bit the
+    opt-in 16-bit blend of the forward's default ("forward-16"), and where that default is a flat loop
+    its opt-in channels-inner order ("forward-ci", "forward-ci-16")."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")

@@ -168,6 +168,11 @@ class Config:
     block crosses an offset group (:func:`_flat_forward_ok`); elsewhere the nested loops run. The
     16-bit default at 64-128 input channels (H200: 15-18% faster there; slower at 256 and 512 and in
     TF32).
+
+    ``channels_inner`` (with ``flat`` only) orders that loop channel blocks fastest: a step sets its
+    samples up only where it starts a tap or an offset group (sm_90, det-c3 fp16: 26% fewer
+    instructions per step with the 16-bit blend, the same count without it). An autotuning
+    candidate beside each flat one; :data:`FLAT_CHANNELS_INNER` turns it on for every flat loop.
     """
 
     block_m: int
@@ -179,23 +184,36 @@ class Config:
     go_first: bool = False
     deferred_sums: bool = False
     flat: bool = False
+    channels_inner: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels_inner and not self.flat:
+            raise ValueError("Config: channels_inner orders the flat loop; it needs flat=True")
 
     def cache_fields(self) -> tuple[int, ...]:
-        """The autotune cache's entry: six launch fields and the kernel's variant flag (weight:
-        go_first; data: deferred_sums; forward: flat; 0 or 1)."""
+        """The autotune cache's entry: six launch fields and the kernel's variant (weight: go_first;
+        data: deferred_sums; forward: flat; 0 or 1; 2: the forward's flat loop with channels_inner)."""
         launch = (self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages, self.splits)
-        return (*launch, int(bool(self.variants())))
+        return (*launch, 2 if self.channels_inner else int(bool(self.variants())))
 
     def variants(self) -> tuple[str, ...]:
-        """The names of the variant flags (:data:`VARIANT_FLAGS`) this configuration sets."""
-        return tuple(flag for flag in VARIANT_FLAGS.values() if getattr(self, flag))
+        """The names of the variant flags (:data:`VARIANT_FLAGS`, then channels_inner) this
+        configuration sets."""
+        flags = tuple(flag for flag in VARIANT_FLAGS.values() if getattr(self, flag))
+        return (*flags, "channels_inner") if self.channels_inner else flags
 
     @classmethod
     def from_cache_fields(cls, kernel: str, fields: Sequence[int]) -> Config:
-        """The inverse of :meth:`cache_fields` for ``kernel`` (entries without the flag mean 0)."""
+        """The inverse of :meth:`cache_fields` for ``kernel`` (entries without the variant mean 0);
+        ValueError for a variant ``kernel`` does not have."""
         m, n, k, warps, stages, splits = fields[:6]
-        flag = VARIANT_FLAGS.get(kernel) if tuple(fields[6:]) == (1,) else None
-        return cls(m, n, k, warps, stages, splits, **({flag: True} if flag else {}))
+        variant = fields[6] if len(fields) > 6 else 0
+        flag = VARIANT_FLAGS.get(kernel)
+        if variant == 0:
+            return cls(m, n, k, warps, stages, splits)
+        if flag is None or variant not in (1, 2) or (variant == 2 and kernel != "forward"):
+            raise ValueError(f"no variant {variant} for the {kernel} kernel")
+        return cls(m, n, k, warps, stages, splits, **{flag: True}, channels_inner=variant == 2)
 
 
 # Kernel name ("forward", "data", "weight", "fused", "cells", "gather") -> Config used instead of the
@@ -505,9 +523,11 @@ def _candidates(kernel: str, geo: _Geometry, dtype: torch.dtype, tf32: bool = Tr
             # TF32, no spills; 128 x 128 tiles spill in TF32).
             raw = [(64, 256, 32, 8)]
             raw += [(128, 128, 32, 8), (64, 128, 32, 4)] if dtype != torch.float32 else []
+            # Each in either order of its steps: taps fastest, or channel blocks (channels_inner).
             configs += [
-                Config(m, min(n, cap_n), kk, w, 1, flat=True)
+                Config(m, min(n, cap_n), kk, w, 1, flat=True, channels_inner=inner)
                 for m, n, kk, w in raw
+                for inner in (False, True)
                 if _flat_forward_ok(geo, kk)
             ]
     elif kernel == "data":
@@ -884,7 +904,8 @@ BLEND_IN_16_BIT = False
 # The forward's flat loop (Config.flat) with the channel blocks fastest instead of the taps: a step
 # sets its samples up only where it starts a tap or an offset group, instead of at every step (sm_90,
 # det-c3 fp16: the set-up is most of a step's instructions besides the blend and the product). Off
-# until a GPU has timed it (gpu_check's forward A/B). Part of every plan's settings.
+# until a GPU has timed it (gpu_check's forward A/B); autotuning tries it per shape as
+# ``Config.channels_inner``. Part of every plan's settings.
 FLAT_CHANNELS_INNER = False
 
 
@@ -1011,7 +1032,7 @@ def _forward(
         )  # fmt: skip
         return _Launch(_grid(splits * tiles), scalars, dict(
             HAS_MASK=flags[0], HAS_BIAS=flags[1], SPLIT_TAPS=splits > 1, INDEX64=geo.index64(),
-            W_K_MAJOR=k_major, FLAT=flat, CHANNELS_INNER=flat and FLAT_CHANNELS_INNER,
+            W_K_MAJOR=k_major, FLAT=flat, CHANNELS_INNER=flat and (cfg.channels_inner or FLAT_CHANNELS_INNER),
             WHOLE_BLOCKS=_blocks_align_with_offset_groups(geo, cfg.block_k),
             LOW_BLEND=_blends_in_16_bit(input),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
