@@ -80,7 +80,7 @@ def test_eval_indices_takes_none_or_a_positive_count():
 def test_short_training_reduces_the_loss_on_a_fixed_batch(smoke_overrides):
     from deformable.data import collate_detection
 
-    cfg = load_config("demo_smoke", [*smoke_overrides, "iterations=30", "lr=0.01", "checkpoint_every=30"])
+    cfg = load_config("demo_smoke", [*smoke_overrides, "iterations=15", "lr=0.01", "checkpoint_every=15"])
     train_set, _ = build_datasets(cfg)
     batches = [
         collate_detection([train_set[i] for i in range(start, start + 4)]) for start in range(0, 16, 4)

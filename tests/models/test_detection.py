@@ -94,10 +94,16 @@ def _loss(model, images, targets) -> tuple[torch.Tensor, dict]:
     return sum(losses.values()), losses
 
 
+# Every pair of (variant, kind), (variant, layout) and (kind, layout) in 8 detectors, not all 16.
+PAIRWISE = [
+    (variant, kind, layout)
+    for i, variant in enumerate(VARIANTS)
+    for kind, layout in ((("faster", "fpn"), ("mask", "c4")), (("mask", "fpn"), ("faster", "c4")))[i % 2]
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["fpn", "c4"])
-@pytest.mark.parametrize("kind", ["faster", "mask"])
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize(("variant", "kind", "layout"), PAIRWISE)
 def test_training_reduces_loss_and_eval_is_well_formed(variant, kind, layout):
     model = build(kind, layout, **VARIANTS[variant])
     images, targets = batch(kind == "mask")
