@@ -179,6 +179,46 @@ def _scatter_corners(gx_ptr, r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, gm
 
 
 @triton.jit
+def _corner_pairs(r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, W):
+    """The four neighbours as two rows of two, for :func:`_scatter_corner_pairs`: per row (top,
+    bottom) the flat pixel index [BLOCK, 2] of its left and right neighbour, their in-map masks and
+    their bilinear weights."""
+    right = tl.arange(0, 2)[None, :]
+    top = r00[:, None] + right
+    ok_top = tl.where(right == 0, ok00[:, None], ok01[:, None])
+    ok_bottom = tl.where(right == 0, ok10[:, None], ok11[:, None])
+    b_top = tl.where(right == 0, b00[:, None], b01[:, None])
+    b_bottom = tl.where(right == 0, b10[:, None], b11[:, None])
+    return top, top + W, ok_top, ok_bottom, b_top, b_bottom
+
+
+@triton.jit
+def _scatter_corner_pairs(gx_ptr, top, bottom, ok_top, ok_bottom, b_top, b_bottom, gm, cols, cmask, C):
+    """:func:`_scatter_corners` with each row of two neighbours (:func:`_corner_pairs`) in one
+    [BLOCK, 2, len(cols)] atomic: ``gm`` enters the atomics' layout once, where four separate atomics
+    convert each of their four products."""
+    g = gm[:, None, :]
+    cm = cmask[None, None, :]
+    ptr = gx_ptr + top[:, :, None] * C + cols[None, None, :]
+    tl.atomic_add(ptr, g * b_top[:, :, None], mask=ok_top[:, :, None] & cm, sem="relaxed")
+    ptr = gx_ptr + bottom[:, :, None] * C + cols[None, None, :]
+    tl.atomic_add(ptr, g * b_bottom[:, :, None], mask=ok_bottom[:, :, None] & cm, sem="relaxed")
+
+
+@triton.jit
+def _off_the_matrix_layout(t, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``t`` [BLOCK_M, BLOCK_N] itself, through an identity gather along its columns.
+
+    Triton computes every elementwise operation with a matrix product's result as an operand in the
+    matrix unit's layout: the other operands are converted to it, and the results back wherever a
+    reduction or a memory operation wants its own layout, each conversion a round trip through shared
+    memory with two barriers. A gather's result takes a blocked layout instead, so ``t`` is converted
+    once and the elementwise work follows the gathered neighbours' layout."""
+    columns = tl.broadcast_to(tl.arange(0, BLOCK_N)[None, :], [BLOCK_M, BLOCK_N])
+    return tl.gather(t, columns, 1)
+
+
+@triton.jit
 def _load_grad_out(go_ptr, n, p, HoWo, oc, omask, GO_SN, GO_SC, GO_SP, GO_ALIGN: tl.constexpr):
     """grad_out [BLOCK, len(oc)] of image n, pixels p (a tile of ``_pixel_tile``), output channels oc.
 
@@ -537,9 +577,12 @@ def deform_conv_bwd_data_kernel(
     ``WHOLE_BLOCKS``: BLOCK_C divides the channels of every weight group and offset group (no partial
     channel block: ``_channel_mask``).
     ``DEFER_SUMS`` accumulates the three products with gcol in [BLOCK_M, BLOCK_C] tiles across the
-    channel blocks and sums them over channels once, after the loops: the products stay in the matrix
-    unit's layout, so three of the per-block layout conversions (through shared memory) leave the loop,
-    for 3 * BLOCK_M * BLOCK_C more accumulator registers per program.
+    channel blocks and sums them over channels once, after the loops, for 3 * BLOCK_M * BLOCK_C more
+    accumulator registers per program (in fp32 the products stay in the matrix unit's layout: three
+    of the ten layout conversions per block leave the loop; in 16-bit the sums' shuffles do).
+    For 16-bit inputs gcol leaves the matrix unit's layout once per block (``_off_the_matrix_layout``)
+    and the scatter adds rows of two neighbours (``_scatter_corner_pairs``): 3 layout conversions
+    through shared memory per channel block instead of 10.
     grad_input is either scattered with atomics into the float accumulator ``gx`` [N, H, W, C]
     (channels-last), or, with DETERMINISTIC, not scattered at all: the program stores
     gcol * mod to ``colgrad`` [M*G*K, CPG], the fractional parts (ly, lx) to ``frac`` [M*G*K, 2]
@@ -565,6 +608,14 @@ def deform_conv_bwd_data_kernel(
     )  # fmt: skip
     r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
     b00, b01, b10, b11 = _bilinear_weights(ly, lx)
+    # 16-bit inputs: gcol leaves the matrix unit's layout once per channel block, and the scatter adds
+    # rows of two neighbours (their loads are 8 to a thread, fp32 atomics 4: the scatter's values
+    # change layout once, not once per neighbour). fp32 keeps the plain form: its 32-row TF32 tiles
+    # already hold about 250 registers and spill with either change (sm_90, Triton 3.6 and 3.8).
+    SIXTEEN_BIT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16
+    upper, lower, ok_upper, ok_lower, b_upper, b_lower = _corner_pairs(
+        r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, W
+    )  # (dead code in fp32 and fp64)
     scale = tl.where(inside, 1.0, outside) * mod
     sample = ((n * HoWo + p) * G + g) * NTAPS + k
 
@@ -612,6 +663,8 @@ def deform_conv_bwd_data_kernel(
                     )
                     gcol = _mma(go, wt, gcol, MMA, PRECISION)
             gcol = tl.where(cmask[None, :], gcol, 0.0)
+            if SIXTEEN_BIT:
+                gcol = _off_the_matrix_layout(gcol, BLOCK_M, BLOCK_C)
 
             if NEED_OFFSET or NEED_MASK:
                 v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
@@ -643,6 +696,10 @@ def deform_conv_bwd_data_kernel(
                         colgrad_ptr + sample[:, None] * CPG + (cols - cg_lo)[None, :],
                         gm,
                         mask=row_ok[:, None] & cmask[None, :],
+                    )
+                elif SIXTEEN_BIT:
+                    _scatter_corner_pairs(
+                        gx_ptr, upper, lower, ok_upper, ok_lower, b_upper, b_lower, gm, cols, cmask, C
                     )
                 else:
                     _scatter_corners(

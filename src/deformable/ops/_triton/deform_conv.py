@@ -154,10 +154,11 @@ class Config:
     default; not for full fp32 (its multiply-add products spill registers in that order).
 
     ``deferred_sums`` (data only) accumulates the offset and mask gradients' products with the column
-    gradient in tiles across the channel blocks and sums them once after the loop, moving three of the
-    ten layout conversions per channel block out of it (sm_90: 35 -> 23 barriers per iteration) for
-    more registers. An autotuning candidate at 256 channels or fewer (H200, 2026-11-28: fp16 det-c3
-    0.340 ms against the default's 0.359, within the sweep's noise; slower at det-c4 and in TF32).
+    gradient in tiles across the channel blocks and sums them once after the loop, for more registers
+    (it moved three of then ten layout conversions per channel block out of the loop; since the
+    column gradient leaves the matrix unit's layout once per block, only the sums' shuffles). An
+    autotuning candidate at 256 channels or fewer (H200, 2026-11-28: fp16 det-c3 0.340 ms against the
+    default's 0.359, within the sweep's noise; slower at det-c4 and in TF32).
 
     ``flat`` (forward only) runs one loop over (channel block, tap), taps fastest, instead of a
     channel-block loop inside a tap loop, pipelined by hand in registers (``num_stages`` is then 1):
