@@ -935,6 +935,65 @@ def _forward_variant_cells(problem: Problem, dtype: torch.dtype, device) -> list
     return cells
 
 
+def _data_run(grad_output, tensors, geometry, gathered: bool | None) -> Callable[[], object]:
+    """Closure: ``tdc.backward`` of the input, offset and mask gradients (the data kernel) with
+    ``tdc.DATA_GATHERED_LAYOUT`` set to ``gathered`` for the call."""
+    x, offset, mask, weight = tensors
+
+    def run():
+        previous, tdc.DATA_GATHERED_LAYOUT = tdc.DATA_GATHERED_LAYOUT, gathered
+        try:
+            return tdc.backward(
+                grad_output, x, offset, mask, weight, *geometry, (True, True, True, False, False)
+            )
+        finally:
+            tdc.DATA_GATHERED_LAYOUT = previous
+
+    return run
+
+
+def data_ab(device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None) -> None:
+    """The data kernel with its column gradient out of the matrix unit's layout and its scatter in
+    rows of two neighbours (DATA_GATHERED_LAYOUT; the default in 16-bit, off in fp32) against the other
+    choice, per anchor shape (those named in ``only``) and dtype, in CUDA graphs."""
+    report.add("## Data kernel: column gradient out of the matrix unit's layout (DATA_GATHERED_LAYOUT)")
+    report.add("")
+    report.add(
+        "ms: GPU time (CUDA graph replays) of tdc.backward for the input, offset and mask gradients with"
+        " the default configuration; fp32 with TF32. default: 16-bit on, fp32 off; flipped: the other."
+        " diff: the largest difference of any gradient, relative to its largest magnitude."
+    )
+    report.add("")
+    report.add("| shape | dtype | default ms | flipped ms | flipped / default | diff |")
+    report.add("|---|---|---|---|---|---|")
+    problems = [p for p in anchors(smoke) if only is None or p.name in only]
+    for problem in problems[:1] if smoke else problems:
+        for dtype_name, dtype in DTYPES.items():
+            if clock.left() < 0.6 * clock.budget:
+                report.skipped.append(f"data A/B {problem.name} {dtype_name}")
+                continue
+            try:
+                with tf32(True):
+                    x, offset, mask, weight, bias = problem.tensors(dtype, device)
+                    geometry = (problem.stride, problem.padding, problem.dilation)
+                    go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device)
+                    go = go.to(dtype)
+                    flipped = dtype == torch.float32  # the default's opposite
+                    default, other = (
+                        _data_run(go, (x, offset, mask, weight), geometry, choice)
+                        for choice in (None, flipped)
+                    )
+                    default_ms, other_ms = kernel_ms(default, device), kernel_ms(other, device)
+                    diff = _relative_difference(_tensors(other()), _tensors(default()))
+                report.add(
+                    f"| {problem.name} | {dtype_name} | {fmt(default_ms)} | {fmt(other_ms)} | "
+                    f"{fmt(other_ms / default_ms)} | {diff:.1e} |"
+                )
+            except Exception as e:
+                report.failures.append(f"data A/B {problem.name} {dtype_name}: {e!r}")
+    report.add("")
+
+
 def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
     """fp16 backend calls (``tdc.forward``/``tdc.backward``: the kernel plus its wrapper's layout
     copies), the data gradient also split by what it computes: grad_input alone (the fp32
@@ -1182,6 +1241,10 @@ def main(argv: list[str] | None = None) -> int:
         "(fp16, bf16; the --timing-shapes)",
     )  # fmt: skip
     parser.add_argument(
+        "--skip-data-ab", action="store_true",
+        help="skip timing the data kernel with DATA_GATHERED_LAYOUT flipped (each dtype, --timing-shapes)",
+    )  # fmt: skip
+    parser.add_argument(
         "--problems",
         type=_names,
         default=None,
@@ -1213,6 +1276,8 @@ def main(argv: list[str] | None = None) -> int:
         correctness(device, report, clock, args.smoke, args.problems)
     if not args.skip_forward_ab:
         forward_ab(device, report, clock, args.smoke, args.timing_shapes)
+    if not args.skip_data_ab:
+        data_ab(device, report, clock, args.smoke, args.timing_shapes)
     if args.fused_ab:
         fused_ab(device, report, clock, args.smoke)
     # The breakdown before the timing table, which can take the whole budget: a few seconds that

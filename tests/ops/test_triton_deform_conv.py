@@ -332,6 +332,34 @@ def test_whole_channel_blocks(small_tiles, monkeypatch, case_name, dtype, whole)
 
 
 @pytest.mark.parametrize(
+    ("dtype", "switch", "gathered"),
+    [
+        (torch.float16, None, True),  # the default: 16-bit inputs
+        (torch.float16, False, False),
+        (torch.float32, None, False),
+        (torch.float32, True, True),
+        (torch.float64, True, False),  # no matrix unit layout to leave
+    ],
+    ids=str,
+)
+def test_data_kernel_in_either_layout(small_tiles, monkeypatch, dtype, switch, gathered):
+    """DATA_GATHERED_LAYOUT: the data kernel's column gradient taken out of the matrix unit's layout
+    and its scatter in rows of two neighbours, or not: the references' gradients either way (partial
+    channel blocks, offset groups, neighbours off the map)."""
+    monkeypatch.setattr(tdc, "DATA_GATHERED_LAYOUT", switch)
+    launched = spy_launches(monkeypatch, whole=True)
+    case = CASES["groups2-offset-groups3"]
+    tensors = make_inputs(case, dtype)
+    grad_output = torch.randn(
+        case.batch, case.out_channels, *case.out_size, generator=torch.Generator().manual_seed(1)
+    )
+    grad_output = grad_output.to(dtype).to(DEVICE)
+    check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
+    flags = [spec.kwargs["GATHERED_LAYOUT"] for kernel, spec in launched if "GATHERED_LAYOUT" in spec.kwargs]
+    assert flags == [gathered]
+
+
+@pytest.mark.parametrize(
     ("case_name", "config"),
     [
         ("groups2-offset-groups3", tdc.Config(16, 16, 16)),  # partial channel blocks, nested loops

@@ -563,7 +563,8 @@ def deform_conv_bwd_data_kernel(
     HAS_MASK: tl.constexpr, NEED_INPUT: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr,
     DETERMINISTIC: tl.constexpr, ONE_O_BLOCK: tl.constexpr, MMA: tl.constexpr, PRECISION: tl.constexpr,
     CT: tl.constexpr, INDEX64: tl.constexpr, GO_ALIGN: tl.constexpr, DEFER_SUMS: tl.constexpr,
-    WHOLE_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
+    WHOLE_BLOCKS: tl.constexpr, GATHERED_LAYOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
 ):  # fmt: skip
     """Gradients through the sampled columns for one (pixel block, offset group g, tap k).
 
@@ -580,9 +581,10 @@ def deform_conv_bwd_data_kernel(
     channel blocks and sums them over channels once, after the loops, for 3 * BLOCK_M * BLOCK_C more
     accumulator registers per program (in fp32 the products stay in the matrix unit's layout: three
     of the ten layout conversions per block leave the loop; in 16-bit the sums' shuffles do).
-    For 16-bit inputs gcol leaves the matrix unit's layout once per block (``_off_the_matrix_layout``)
-    and the scatter adds rows of two neighbours (``_scatter_corner_pairs``): 3 layout conversions
-    through shared memory per channel block instead of 10.
+    ``GATHERED_LAYOUT``: gcol leaves the matrix unit's layout once per block
+    (``_off_the_matrix_layout``) and the scatter adds rows of two neighbours
+    (``_scatter_corner_pairs``): 2-3 layout conversions through shared memory per channel block
+    instead of 10 (the host's choice: ``deform_conv.DATA_GATHERED_LAYOUT``).
     grad_input is either scattered with atomics into the float accumulator ``gx`` [N, H, W, C]
     (channels-last), or, with DETERMINISTIC, not scattered at all: the program stores
     gcol * mod to ``colgrad`` [M*G*K, CPG], the fractional parts (ly, lx) to ``frac`` [M*G*K, 2]
@@ -608,14 +610,11 @@ def deform_conv_bwd_data_kernel(
     )  # fmt: skip
     r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
     b00, b01, b10, b11 = _bilinear_weights(ly, lx)
-    # 16-bit inputs: gcol leaves the matrix unit's layout once per channel block, and the scatter adds
-    # rows of two neighbours (their loads are 8 to a thread, fp32 atomics 4: the scatter's values
-    # change layout once, not once per neighbour). fp32 keeps the plain form: its 32-row TF32 tiles
-    # already hold about 250 registers and spill with either change (sm_90, Triton 3.6 and 3.8).
-    SIXTEEN_BIT: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16
+    # GATHERED_LAYOUT's scatter in rows of two neighbours: 16-bit neighbours load 8 to a thread and the
+    # fp32 atomics take 4, so the scatter's values change layout once, not once per neighbour.
     upper, lower, ok_upper, ok_lower, b_upper, b_lower = _corner_pairs(
         r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, W
-    )  # (dead code in fp32 and fp64)
+    )  # (dead code without GATHERED_LAYOUT)
     scale = tl.where(inside, 1.0, outside) * mod
     sample = ((n * HoWo + p) * G + g) * NTAPS + k
 
@@ -663,7 +662,7 @@ def deform_conv_bwd_data_kernel(
                     )
                     gcol = _mma(go, wt, gcol, MMA, PRECISION)
             gcol = tl.where(cmask[None, :], gcol, 0.0)
-            if SIXTEEN_BIT:
+            if GATHERED_LAYOUT:
                 gcol = _off_the_matrix_layout(gcol, BLOCK_M, BLOCK_C)
 
             if NEED_OFFSET or NEED_MASK:
@@ -697,7 +696,7 @@ def deform_conv_bwd_data_kernel(
                         gm,
                         mask=row_ok[:, None] & cmask[None, :],
                     )
-                elif SIXTEEN_BIT:
+                elif GATHERED_LAYOUT:
                     _scatter_corner_pairs(
                         gx_ptr, upper, lower, ok_upper, ok_lower, b_upper, b_lower, gm, cols, cmask, C
                     )

@@ -695,11 +695,12 @@ def _planned(
 def _settings(t: Tensor, budgeted: bool = False) -> tuple:
     """Everything besides shapes and flags that a plan for tensors like ``t`` depends on: the fp32
     product precision, autotuning, :data:`FUSED_BACKWARD`, :data:`BLEND_IN_16_BIT`,
-    :data:`FLAT_CHANNELS_INNER`, configuration overrides and, for ``budgeted`` plans (the
-    deterministic backward's buffers), the memory budget."""
+    :data:`FLAT_CHANNELS_INNER`, :data:`DATA_GATHERED_LAYOUT`, configuration overrides and, for
+    ``budgeted`` plans (the deterministic backward's buffers), the memory budget."""
     precision = _fp32_precision() if t.dtype == torch.float32 else None
     budget = get_memory_budget() if budgeted else None
-    state = (precision, _autotune_enabled(t), budget, FUSED_BACKWARD, BLEND_IN_16_BIT, FLAT_CHANNELS_INNER)
+    switches = (FUSED_BACKWARD, BLEND_IN_16_BIT, FLAT_CHANNELS_INNER, DATA_GATHERED_LAYOUT)
+    state = (precision, _autotune_enabled(t), budget, *switches)
     return (*state, *CONFIG_OVERRIDES.items()) if CONFIG_OVERRIDES else state
 
 
@@ -1531,6 +1532,7 @@ def _data_grads(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
                 DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
                 DEFER_SUMS=cfg.deferred_sums, WHOLE_BLOCKS=_data_blocks_whole(sub, cfg, dtype),
+                GATHERED_LAYOUT=_data_gathered_layout(dtype),
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2), GO_ALIGN=go_layout[3],
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
@@ -1562,6 +1564,24 @@ def _data_grads(
         return from_rows(gx, dtype, input_format)
 
     return (finish_input if need_input else None), grad_offset, grad_mask
+
+
+# The data kernel's column gradient taken out of the matrix unit's layout once per channel block
+# (``_off_the_matrix_layout``), its scatter in rows of two neighbours: 2-3 layout conversions through
+# shared memory per block instead of 10, 6-15% fewer main-loop instructions in 16-bit (sm_90,
+# triton_sass_sm90.md; not yet timed). None: 16-bit inputs only (in fp32 Triton 3.6 and 3.8 disagree,
+# and the 32-row TF32 tiles spill); True: every dtype but float64; False: none. gpu_check's data-kernel
+# A/B times the flip. Part of every plan's settings.
+DATA_GATHERED_LAYOUT: bool | None = None
+
+
+def _data_gathered_layout(dtype: torch.dtype) -> bool:
+    """The data kernel's ``GATHERED_LAYOUT`` for inputs of ``dtype`` (:data:`DATA_GATHERED_LAYOUT`)."""
+    if dtype == torch.float64:  # products by multiply and sum: no matrix unit layout to leave
+        return False
+    if DATA_GATHERED_LAYOUT is None:
+        return dtype in (torch.float16, torch.bfloat16)
+    return DATA_GATHERED_LAYOUT
 
 
 def _data_blocks_whole(geo: _Geometry, config: Config, dtype: torch.dtype) -> bool:
