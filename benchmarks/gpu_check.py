@@ -794,21 +794,26 @@ def _kernel_runs(problem: Problem, device, dtype: torch.dtype = torch.float16):
     return tdc._Geometry.of(x, offset, weight, *geometry), runs, x
 
 
-def _backward_run(grad_output, tensors, geometry, fused: bool) -> Callable[[], object]:
-    """Closure: ``tdc.backward`` of the input, offset, mask and weight gradients, with the data and
-    weight kernels fused into one pass or not (``tdc.FUSED_BACKWARD``, set for the call)."""
+def _backward_with(grad_output, tensors, geometry, switch: str, value, needs: tuple) -> Callable[[], object]:
+    """Closure: ``tdc.backward`` of the gradients ``needs`` asks for, with the module switch
+    ``tdc.<switch>`` set to ``value`` for the call."""
     x, offset, mask, weight = tensors
 
     def run():
-        previous, tdc.FUSED_BACKWARD = tdc.FUSED_BACKWARD, fused
+        previous = getattr(tdc, switch)
+        setattr(tdc, switch, value)
         try:
-            return tdc.backward(
-                grad_output, x, offset, mask, weight, *geometry, (True, True, True, True, False)
-            )
+            return tdc.backward(grad_output, x, offset, mask, weight, *geometry, needs)
         finally:
-            tdc.FUSED_BACKWARD = previous
+            setattr(tdc, switch, previous)
 
     return run
+
+
+def _backward_run(grad_output, tensors, geometry, fused: bool) -> Callable[[], object]:
+    """Closure: ``tdc.backward`` of the input, offset, mask and weight gradients, with the data and
+    weight kernels fused into one pass or not (``tdc.FUSED_BACKWARD``, set for the call)."""
+    return _backward_with(grad_output, tensors, geometry, "FUSED_BACKWARD", fused, (True,) * 4 + (False,))
 
 
 def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
@@ -825,31 +830,40 @@ def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
     report.add("")
     report.add("| shape | dtype | two kernels | fused | fused / two | diff |")
     report.add("|---|---|---|---|---|---|")
+
+    def runs(go, tensors, geometry, dtype):
+        return tuple(_backward_run(go, tensors, geometry, fused) for fused in (False, True))
+
     problems = [p for p in anchors(smoke) if p.out_channels <= 256]
+    _ab_rows(device, report, clock, smoke, problems, "fused A/B", runs, reserve=0.5)
+    report.add("")
+
+
+def _ab_rows(
+    device, report: Report, clock: Clock, smoke: bool, problems, label: str, runs_of, reserve: float
+) -> None:
+    """The rows of an A/B of two backend backward calls, per problem (the first only in a smoke run)
+    and dtype (fp32 with TF32): ``runs_of(grad_output, (x, offset, mask, weight), geometry, dtype)``
+    gives the (a, b) closures, each timed in CUDA graphs; a row holds a's ms, b's ms, b / a and the
+    largest difference of their gradients relative to each gradient's largest magnitude. A row is
+    skipped (named with ``label``) once less than ``reserve`` of the budget is left."""
     for problem in problems[:1] if smoke else problems:
         for dtype_name, dtype in DTYPES.items():
-            if clock.left() < 0.5 * clock.budget:
-                report.skipped.append(f"fused A/B {problem.name} {dtype_name}")
+            if clock.left() < reserve * clock.budget:
+                report.skipped.append(f"{label} {problem.name} {dtype_name}")
                 continue
             try:
                 with tf32(True):
                     x, offset, mask, weight, bias = problem.tensors(dtype, device)
                     geometry = (problem.stride, problem.padding, problem.dilation)
                     go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device)
-                    go = go.to(dtype)
-                    two, one = (
-                        _backward_run(go, (x, offset, mask, weight), geometry, fused)
-                        for fused in (False, True)
-                    )
-                    two_ms, one_ms = kernel_ms(two, device), kernel_ms(one, device)
-                    diff = _relative_difference(_tensors(one()), _tensors(two()))
-                report.add(
-                    f"| {problem.name} | {dtype_name} | {fmt(two_ms)} | {fmt(one_ms)} | "
-                    f"{fmt(one_ms / two_ms)} | {diff:.1e} |"
-                )
+                    a, b = runs_of(go.to(dtype), (x, offset, mask, weight), geometry, dtype)
+                    a_ms, b_ms = kernel_ms(a, device), kernel_ms(b, device)
+                    diff = _relative_difference(_tensors(b()), _tensors(a()))
+                times = f"{fmt(a_ms)} | {fmt(b_ms)} | {fmt(b_ms / a_ms)}"
+                report.add(f"| {problem.name} | {dtype_name} | {times} | {diff:.1e} |")
             except Exception as e:
-                report.failures.append(f"fused A/B {problem.name} {dtype_name}: {e!r}")
-    report.add("")
+                report.failures.append(f"{label} {problem.name} {dtype_name}: {e!r}")
 
 
 # The forward's opt-in variants (deform_conv module switches), each (BLEND_IN_16_BIT, FLAT_CHANNELS_INNER).
@@ -938,18 +952,8 @@ def _forward_variant_cells(problem: Problem, dtype: torch.dtype, device) -> list
 def _data_run(grad_output, tensors, geometry, gathered: bool | None) -> Callable[[], object]:
     """Closure: ``tdc.backward`` of the input, offset and mask gradients (the data kernel) with
     ``tdc.DATA_GATHERED_LAYOUT`` set to ``gathered`` for the call."""
-    x, offset, mask, weight = tensors
-
-    def run():
-        previous, tdc.DATA_GATHERED_LAYOUT = tdc.DATA_GATHERED_LAYOUT, gathered
-        try:
-            return tdc.backward(
-                grad_output, x, offset, mask, weight, *geometry, (True, True, True, False, False)
-            )
-        finally:
-            tdc.DATA_GATHERED_LAYOUT = previous
-
-    return run
+    needs = (True, True, True, False, False)
+    return _backward_with(grad_output, tensors, geometry, "DATA_GATHERED_LAYOUT", gathered, needs)
 
 
 def data_ab(device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None) -> None:
@@ -966,31 +970,13 @@ def data_ab(device, report: Report, clock: Clock, smoke: bool, only: list[str] |
     report.add("")
     report.add("| shape | dtype | default ms | flipped ms | flipped / default | diff |")
     report.add("|---|---|---|---|---|---|")
+
+    def runs(go, tensors, geometry, dtype):
+        flipped = dtype == torch.float32  # the default's opposite
+        return tuple(_data_run(go, tensors, geometry, choice) for choice in (None, flipped))
+
     problems = [p for p in anchors(smoke) if only is None or p.name in only]
-    for problem in problems[:1] if smoke else problems:
-        for dtype_name, dtype in DTYPES.items():
-            if clock.left() < 0.6 * clock.budget:
-                report.skipped.append(f"data A/B {problem.name} {dtype_name}")
-                continue
-            try:
-                with tf32(True):
-                    x, offset, mask, weight, bias = problem.tensors(dtype, device)
-                    geometry = (problem.stride, problem.padding, problem.dilation)
-                    go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device)
-                    go = go.to(dtype)
-                    flipped = dtype == torch.float32  # the default's opposite
-                    default, other = (
-                        _data_run(go, (x, offset, mask, weight), geometry, choice)
-                        for choice in (None, flipped)
-                    )
-                    default_ms, other_ms = kernel_ms(default, device), kernel_ms(other, device)
-                    diff = _relative_difference(_tensors(other()), _tensors(default()))
-                report.add(
-                    f"| {problem.name} | {dtype_name} | {fmt(default_ms)} | {fmt(other_ms)} | "
-                    f"{fmt(other_ms / default_ms)} | {diff:.1e} |"
-                )
-            except Exception as e:
-                report.failures.append(f"data A/B {problem.name} {dtype_name}: {e!r}")
+    _ab_rows(device, report, clock, smoke, problems, "data A/B", runs, reserve=0.6)
     report.add("")
 
 
