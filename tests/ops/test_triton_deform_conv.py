@@ -331,15 +331,19 @@ def test_whole_channel_blocks(small_tiles, monkeypatch, case_name, dtype, whole)
     assert (flags["deform_conv_fwd_kernel"], flags["deform_conv_bwd_data_kernel"]) == whole
 
 
+def test_data_kernel_layout_defaults():
+    """DATA_GATHERED_LAYOUT None: 16-bit inputs only; never float64 (no matrix unit layout to leave)."""
+    assert tdc.DATA_GATHERED_LAYOUT is None
+    assert [tdc._data_gathered_layout(d) for d in (torch.float16, torch.bfloat16, torch.float32)] == [
+        True, True, False
+    ]  # fmt: skip
+    assert not tdc._data_gathered_layout(torch.float64)
+
+
+# The defaults (16-bit on, fp32 off) run in every other test; here the flipped choices.
 @pytest.mark.parametrize(
     ("dtype", "switch", "gathered"),
-    [
-        (torch.float16, None, True),  # the default: 16-bit inputs
-        (torch.float16, False, False),
-        (torch.float32, None, False),
-        (torch.float32, True, True),
-        (torch.float64, True, False),  # no matrix unit layout to leave
-    ],
+    [(torch.float16, False, False), (torch.float32, True, True), (torch.float64, True, False)],
     ids=str,
 )
 def test_data_kernel_in_either_layout(small_tiles, monkeypatch, dtype, switch, gathered):
@@ -350,10 +354,10 @@ def test_data_kernel_in_either_layout(small_tiles, monkeypatch, dtype, switch, g
     launched = spy_launches(monkeypatch, whole=True)
     case = CASES["groups2-offset-groups3"]
     tensors = make_inputs(case, dtype)
-    grad_output = torch.randn(
-        case.batch, case.out_channels, *case.out_size, generator=torch.Generator().manual_seed(1)
+    seed = torch.Generator().manual_seed(1)
+    grad_output = (
+        torch.randn(case.batch, case.out_channels, *case.out_size, generator=seed).to(dtype).to(DEVICE)
     )
-    grad_output = grad_output.to(dtype).to(DEVICE)
     check_grads(case, tensors, grad_output, backward(case, tensors, grad_output), dtype)
     flags = [spec.kwargs["GATHERED_LAYOUT"] for kernel, spec in launched if "GATHERED_LAYOUT" in spec.kwargs]
     assert flags == [gathered]
