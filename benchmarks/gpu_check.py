@@ -820,50 +820,55 @@ def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
     """The fused backward (one pass for the data and weight gradients) against the two kernels, per
     shape and dtype where it applies (C_out/groups <= 256), in CUDA graphs, with the largest difference
     of their gradients."""
-    report.add("## Fused backward (data + weight in one kernel) against the two kernels")
-    report.add("")
-    report.add(
+    problems = [p for p in anchors(smoke) if p.out_channels <= 256]
+    _ab_section(
+        device, report, clock, smoke, problems,
+        "Fused backward (data + weight in one kernel) against the two kernels",
         "ms: GPU time (CUDA graph replays) of tdc.backward for the input, offset, mask and weight gradients"
         " with each kernel's default configuration; fp32 with TF32. diff: the largest difference of any"
-        " gradient, relative to that gradient's largest magnitude."
-    )
-    report.add("")
-    report.add("| shape | dtype | two kernels | fused | fused / two | diff |")
-    report.add("|---|---|---|---|---|---|")
-
-    def runs(go, tensors, geometry, dtype):
-        return tuple(_backward_run(go, tensors, geometry, fused) for fused in (False, True))
-
-    problems = [p for p in anchors(smoke) if p.out_channels <= 256]
-    _ab_rows(device, report, clock, smoke, problems, "fused A/B", runs, reserve=0.5)
-    report.add("")
+        " gradient, relative to that gradient's largest magnitude.",
+        ("two kernels", "fused", "fused / two"),
+        _backward_run, reserve=0.5,
+    )  # fmt: skip
 
 
-def _ab_rows(
-    device, report: Report, clock: Clock, smoke: bool, problems, label: str, runs_of, reserve: float
-) -> None:
-    """The rows of an A/B of two backend backward calls, per problem (the first only in a smoke run)
-    and dtype (fp32 with TF32): ``runs_of(grad_output, (x, offset, mask, weight), geometry, dtype)``
-    gives the (a, b) closures, each timed in CUDA graphs; a row holds a's ms, b's ms, b / a and the
+def _ab_section(
+    device, report: Report, clock: Clock, smoke: bool, problems, title: str, text: str,
+    columns: tuple[str, str, str], run_with, reserve: float,
+) -> None:  # fmt: skip
+    """An A/B of a backend backward call with a switch off and on: ``title``'s section, ``text`` and
+    per problem (the first only in a smoke run) and dtype (fp32 with TF32) a row:
+    ``run_with(grad_output, (x, offset, mask, weight), geometry, on)`` gives the closure for each
+    choice, timed in CUDA graphs; ``columns`` name the off ms, the on ms and on / off, then the
     largest difference of their gradients relative to each gradient's largest magnitude. A row is
-    skipped (named with ``label``) once less than ``reserve`` of the budget is left."""
+    skipped (named by the title) once less than ``reserve`` of the budget is left."""
+    report.add(f"## {title}")
+    report.add("")
+    report.add(text)
+    report.add("")
+    report.add(f"| shape | dtype | {' | '.join(columns)} | diff |")
+    report.add("|---|---|---|---|---|---|")
     for problem in problems[:1] if smoke else problems:
         for dtype_name, dtype in DTYPES.items():
             if clock.left() < reserve * clock.budget:
-                report.skipped.append(f"{label} {problem.name} {dtype_name}")
+                report.skipped.append(f"{title}: {problem.name} {dtype_name}")
                 continue
             try:
                 with tf32(True):
                     x, offset, mask, weight, bias = problem.tensors(dtype, device)
                     geometry = (problem.stride, problem.padding, problem.dilation)
                     go = torch.randn(problem.call(ours, (x, offset, mask, weight, bias)).shape, device=device)
-                    a, b = runs_of(go.to(dtype), (x, offset, mask, weight), geometry, dtype)
+                    a, b = (
+                        run_with(go.to(dtype), (x, offset, mask, weight), geometry, on)
+                        for on in (False, True)
+                    )
                     a_ms, b_ms = kernel_ms(a, device), kernel_ms(b, device)
                     diff = _relative_difference(_tensors(b()), _tensors(a()))
                 times = f"{fmt(a_ms)} | {fmt(b_ms)} | {fmt(b_ms / a_ms)}"
                 report.add(f"| {problem.name} | {dtype_name} | {times} | {diff:.1e} |")
             except Exception as e:
-                report.failures.append(f"{label} {problem.name} {dtype_name}: {e!r}")
+                report.failures.append(f"{title}: {problem.name} {dtype_name}: {e!r}")
+    report.add("")
 
 
 # The forward's opt-in variants (deform_conv module switches), each (BLEND_IN_16_BIT, FLAT_CHANNELS_INNER).
@@ -949,7 +954,7 @@ def _forward_variant_cells(problem: Problem, dtype: torch.dtype, device) -> list
     return cells
 
 
-def _data_run(grad_output, tensors, geometry, gathered: bool | None) -> Callable[[], object]:
+def _data_run(grad_output, tensors, geometry, gathered: bool) -> Callable[[], object]:
     """Closure: ``tdc.backward`` of the input, offset and mask gradients (the data kernel) with
     ``tdc.DATA_GATHERED_LAYOUT`` set to ``gathered`` for the call."""
     needs = (True, True, True, False, False)
@@ -958,26 +963,20 @@ def _data_run(grad_output, tensors, geometry, gathered: bool | None) -> Callable
 
 def data_ab(device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None) -> None:
     """The data kernel with its column gradient out of the matrix unit's layout and its scatter in
-    rows of two neighbours (DATA_GATHERED_LAYOUT; the default in 16-bit, off in fp32) against the other
-    choice, per anchor shape (those named in ``only``) and dtype, in CUDA graphs."""
-    report.add("## Data kernel: column gradient out of the matrix unit's layout (DATA_GATHERED_LAYOUT)")
-    report.add("")
-    report.add(
-        "ms: GPU time (CUDA graph replays) of tdc.backward for the input, offset and mask gradients with"
-        " the default configuration; fp32 with TF32. default: 16-bit on, fp32 off; flipped: the other."
-        " diff: the largest difference of any gradient, relative to its largest magnitude."
-    )
-    report.add("")
-    report.add("| shape | dtype | default ms | flipped ms | flipped / default | diff |")
-    report.add("|---|---|---|---|---|---|")
-
-    def runs(go, tensors, geometry, dtype):
-        flipped = dtype == torch.float32  # the default's opposite
-        return tuple(_data_run(go, tensors, geometry, choice) for choice in (None, flipped))
-
+    rows of two neighbours (DATA_GATHERED_LAYOUT True) against without (False), per anchor shape (those
+    named in ``only``) and dtype, in CUDA graphs."""
     problems = [p for p in anchors(smoke) if only is None or p.name in only]
-    _ab_rows(device, report, clock, smoke, problems, "data A/B", runs, reserve=0.6)
-    report.add("")
+    _ab_section(
+        device, report, clock, smoke, problems,
+        "Data kernel: column gradient out of the matrix unit's layout (DATA_GATHERED_LAYOUT)",
+        "ms: GPU time (CUDA graph replays) of tdc.backward for the input, offset and mask gradients with"
+        " the default configuration; fp32 with TF32. off: DATA_GATHERED_LAYOUT False; on: True. The"
+        " default is on in 16-bit and in TF32's 64-pixel, 8-warp tiles (det-c4, det-c5, cls-c4, cls-c5),"
+        " off in TF32's 32-pixel tiles (det-c3, cls-c3). diff: the largest difference of any gradient,"
+        " relative to its largest magnitude.",
+        ("off ms", "on ms", "on / off"),
+        _data_run, reserve=0.6,
+    )  # fmt: skip
 
 
 def _breakdown_runs(problem: Problem, device) -> dict[str, Callable[[], object]]:
@@ -1228,7 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--skip-data-ab", action="store_true",
-        help="skip timing the data kernel with DATA_GATHERED_LAYOUT flipped (each dtype, --timing-shapes)",
+        help="skip timing the data kernel with DATA_GATHERED_LAYOUT off and on (each dtype, --timing-shapes)",
     )  # fmt: skip
     parser.add_argument(
         "--problems",

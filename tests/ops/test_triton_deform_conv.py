@@ -332,15 +332,21 @@ def test_whole_channel_blocks(small_tiles, monkeypatch, case_name, dtype, whole)
 
 
 def test_data_kernel_layout_defaults():
-    """DATA_GATHERED_LAYOUT None: 16-bit inputs only; never float64 (no matrix unit layout to leave)."""
+    """DATA_GATHERED_LAYOUT None: 16-bit inputs, and TF32 in 64-pixel tiles over 8 warps (its other
+    tiles spill); never full fp32 or float64 (no matrix unit layout to leave)."""
     assert tdc.DATA_GATHERED_LAYOUT is None
-    assert [tdc._data_gathered_layout(d) for d in (torch.float16, torch.bfloat16, torch.float32)] == [
-        True, True, False
-    ]  # fmt: skip
-    assert not tdc._data_gathered_layout(torch.float64)
+    wide = tdc.Config(64, 64, 256, 8, 2)
+    others = [tdc.Config(32, 64, 64, 4, 2), tdc.Config(128, 32, 64, 8, 2), tdc.Config(64, 32, 64, 4, 2)]
+    for config in (wide, *others):
+        assert tdc._data_gathered_layout(torch.float16, config, True)
+        assert tdc._data_gathered_layout(torch.bfloat16, config, True)
+        assert not tdc._data_gathered_layout(torch.float32, config, False)
+        assert not tdc._data_gathered_layout(torch.float64, config, False)
+        assert tdc._data_gathered_layout(torch.float32, config, True) == (config is wide)
 
 
-# The defaults (16-bit on, fp32 off) run in every other test; here the flipped choices.
+# The defaults (16-bit on; fp32 off in the tests' 16-pixel tiles) run in every other test; here the
+# flipped choices.
 @pytest.mark.parametrize(
     ("dtype", "switch", "gathered"),
     [(torch.float16, False, False), (torch.float32, True, True), (torch.float64, True, False)],

@@ -610,8 +610,9 @@ def deform_conv_bwd_data_kernel(
     )  # fmt: skip
     r00, ok00, ok01, ok10, ok11 = _corners(n, y0, x0, inside, row_ok, H, W)
     b00, b01, b10, b11 = _bilinear_weights(ly, lx)
-    # GATHERED_LAYOUT's scatter in rows of two neighbours: 16-bit neighbours load 8 to a thread and the
-    # fp32 atomics take 4, so the scatter's values change layout once, not once per neighbour.
+    # GATHERED_LAYOUT's scatter in rows of two neighbours: where the neighbours' loads and the fp32
+    # atomics take different layouts (16-bit neighbours load 8 to a thread, the atomics 4; Triton 3.6's
+    # fp32 gather takes 2), the scatter's values change layout once, not once per neighbour.
     upper, lower, ok_upper, ok_lower, b_upper, b_lower = _corner_pairs(
         r00, ok00, ok01, ok10, ok11, b00, b01, b10, b11, W
     )  # (dead code without GATHERED_LAYOUT)

@@ -247,7 +247,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs["ONE_O_BLOCK"] = config.block_k >= geo.group_out
         constexprs["DEFER_SUMS"] = config.deferred_sums
         constexprs["WHOLE_BLOCKS"] = _data_blocks_whole(geo, config, dtype)
-        constexprs["GATHERED_LAYOUT"] = _data_gathered_layout(dtype)
+        constexprs["GATHERED_LAYOUT"] = _data_gathered_layout(dtype, config, tf32)
         constexprs.update(BLOCK_M=config.block_m, BLOCK_C=config.block_n, BLOCK_O=config.block_k)
         go_constexprs, divisible = _grad_out_args(dtype, geo)
         map_constexprs, map_divisible = _map_args(geo, "data")

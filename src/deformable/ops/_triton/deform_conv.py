@@ -1532,7 +1532,7 @@ def _data_grads(
                 HAS_MASK=has_mask, NEED_INPUT=need_input, NEED_OFFSET=need_offset, NEED_MASK=need_mask,
                 DETERMINISTIC=deterministic, ONE_O_BLOCK=cfg.block_k >= sub.group_out,
                 DEFER_SUMS=cfg.deferred_sums, WHOLE_BLOCKS=_data_blocks_whole(sub, cfg, dtype),
-                GATHERED_LAYOUT=_data_gathered_layout(dtype),
+                GATHERED_LAYOUT=_data_gathered_layout(dtype, cfg, _products_on_matrix_unit(dtype)),
                 INDEX64=sub.index64(sub.pixels * sub.offset_groups * sub.taps * 2), GO_ALIGN=go_layout[3],
                 BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_O=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_dot_args(x),
@@ -1568,20 +1568,24 @@ def _data_grads(
 
 # The data kernel's column gradient taken out of the matrix unit's layout once per channel block
 # (``_off_the_matrix_layout``), its scatter in rows of two neighbours: 2-3 layout conversions through
-# shared memory per block instead of 10, 6-15% fewer main-loop instructions in 16-bit (sm_90,
-# triton_sass_sm90.md; not yet timed). None: 16-bit inputs only (in fp32 Triton 3.6 and 3.8 disagree,
-# and the 32-row TF32 tiles spill); True: every dtype but float64; False: none. gpu_check's data-kernel
-# A/B times the flip. Part of every plan's settings.
+# shared memory per block instead of 10, 6-15% fewer main-loop instructions (sm_90,
+# triton_sass_sm90.md; not yet timed). None: the default of :func:`_data_gathered_layout`; True: every
+# dtype but float64; False: none. gpu_check's data-kernel A/B times both. Part of every plan's settings.
 DATA_GATHERED_LAYOUT: bool | None = None
 
 
-def _data_gathered_layout(dtype: torch.dtype) -> bool:
-    """The data kernel's ``GATHERED_LAYOUT`` for inputs of ``dtype`` (:data:`DATA_GATHERED_LAYOUT`)."""
-    if dtype == torch.float64:  # products by multiply and sum: no matrix unit layout to leave
+def _data_gathered_layout(dtype: torch.dtype, config: Config, tf32: bool) -> bool:
+    """The data kernel's ``GATHERED_LAYOUT`` for inputs of ``dtype`` launched with ``config``
+    (:data:`DATA_GATHERED_LAYOUT`; ``tf32``: fp32 products on the matrix unit). By default 16-bit
+    inputs, and fp32 ones multiplied in TF32 in tiles of 64 pixels over 8 warps (the TF32 defaults at
+    256-512 channels): other TF32 tiles (32 pixels on mma.sync, 128 pixels, 4 warps) already hold
+    about 255 registers and spill with it (sm_90, Triton 3.6 and 3.8), and full fp32's multiply-add
+    products have no matrix unit layout to leave (nor has float64: never)."""
+    if dtype == torch.float64:
         return False
-    if DATA_GATHERED_LAYOUT is None:
-        return dtype in (torch.float16, torch.bfloat16)
-    return DATA_GATHERED_LAYOUT
+    if DATA_GATHERED_LAYOUT is not None:
+        return DATA_GATHERED_LAYOUT
+    return dtype != torch.float32 or (tf32 and config.block_m == 64 and config.num_warps == 8)
 
 
 def _data_blocks_whole(geo: _Geometry, config: Config, dtype: torch.dtype) -> bool:
