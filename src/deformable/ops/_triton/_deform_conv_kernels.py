@@ -579,8 +579,9 @@ def deform_conv_bwd_data_kernel(
     channel block: ``_channel_mask``).
     ``DEFER_SUMS`` accumulates the three products with gcol in [BLOCK_M, BLOCK_C] tiles across the
     channel blocks and sums them over channels once, after the loops, for 3 * BLOCK_M * BLOCK_C more
-    accumulator registers per program (in fp32 the products stay in the matrix unit's layout: three
-    of the ten layout conversions per block leave the loop; in 16-bit the sums' shuffles do).
+    accumulator registers per program (without GATHERED_LAYOUT the products stay in the matrix unit's
+    layout and three of the ten layout conversions per block leave the loop; with it the sums' shuffles
+    do).
     ``GATHERED_LAYOUT``: gcol leaves the matrix unit's layout once per block
     (``_off_the_matrix_layout``) and the scatter adds rows of two neighbours
     (``_scatter_corner_pairs``): 2-3 layout conversions through shared memory per channel block

@@ -155,8 +155,8 @@ class Config:
 
     ``deferred_sums`` (data only) accumulates the offset and mask gradients' products with the column
     gradient in tiles across the channel blocks and sums them once after the loop, for more registers
-    (it moved three of then ten layout conversions per channel block out of the loop; since the
-    column gradient leaves the matrix unit's layout once per block, only the sums' shuffles). An
+    (three of the ten layout conversions per channel block leave the loop; where the column gradient
+    leaves the matrix unit's layout once per block, :data:`DATA_GATHERED_LAYOUT`, the sums' shuffles). An
     autotuning candidate at 256 channels or fewer (H200, 2026-11-28: fp16 det-c3 0.340 ms against the
     default's 0.359, within the sweep's noise; slower at det-c4 and in TF32).
 
