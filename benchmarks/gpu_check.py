@@ -794,18 +794,27 @@ def _kernel_runs(problem: Problem, device, dtype: torch.dtype = torch.float16):
     return tdc._Geometry.of(x, offset, weight, *geometry), runs, x
 
 
+@contextlib.contextmanager
+def _switched(**values):
+    """deform_conv's module switches (``tdc.<name>``) set to ``values`` inside the block."""
+    previous = {name: getattr(tdc, name) for name in values}
+    for name, value in values.items():
+        setattr(tdc, name, value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            setattr(tdc, name, value)
+
+
 def _backward_with(grad_output, tensors, geometry, switch: str, value, needs: tuple) -> Callable[[], object]:
     """Closure: ``tdc.backward`` of the gradients ``needs`` asks for, with the module switch
     ``tdc.<switch>`` set to ``value`` for the call."""
     x, offset, mask, weight = tensors
 
     def run():
-        previous = getattr(tdc, switch)
-        setattr(tdc, switch, value)
-        try:
+        with _switched(**{switch: value}):
             return tdc.backward(grad_output, x, offset, mask, weight, *geometry, needs)
-        finally:
-            setattr(tdc, switch, previous)
 
     return run
 
@@ -885,12 +894,8 @@ def _forward_run(tensors, geometry, switches: tuple[bool, bool]) -> Callable[[],
     ``switches`` for the call."""
 
     def run():
-        previous = tdc.BLEND_IN_16_BIT, tdc.FLAT_CHANNELS_INNER
-        tdc.BLEND_IN_16_BIT, tdc.FLAT_CHANNELS_INNER = switches
-        try:
+        with _switched(BLEND_IN_16_BIT=switches[0], FLAT_CHANNELS_INNER=switches[1]):
             return tdc.forward(*tensors, *geometry)
-        finally:
-            tdc.BLEND_IN_16_BIT, tdc.FLAT_CHANNELS_INNER = previous
 
     return run
 

@@ -71,7 +71,7 @@ _CHANNEL_ARGS = ("C", "CG_IN", "CG_OUT", "CPG", "SEG")
 _FLAT_SHAPES = ("det-c3", "det-c4")
 # Kernels a user opts into (module switches of deform_conv, off by default): spills reported, not
 # failed.
-_OPT_IN = ("fused", "forward-16", "forward-ci", "forward-ci-16")
+_OPT_IN = ("fused", "forward-16")
 
 
 def _compile(
@@ -224,7 +224,7 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
     mma = _k.MMA_SUM if dtype == torch.float64 else _k.MMA_DOT
     precision = ("tf32" if tf32 else "ieee") if dtype == torch.float32 else "tf32"
     common = {"MMA": mma, "PRECISION": precision, "CT": ct, "INDEX64": False}
-    if kernel.startswith("forward"):  # -16: the blend in 16-bit (BLEND_IN_16_BIT); -ci: FLAT_CHANNELS_INNER
+    if kernel.startswith("forward"):  # forward-16: the blend in 16-bit (BLEND_IN_16_BIT)
         pointers = dict.fromkeys(("x_ptr", "off_ptr", "msk_ptr", "w_ptr", "b_ptr", "out_ptr"), t)
         if config.splits > 1:  # partial sums go to an fp32 (fp64) buffer
             pointers["out_ptr"] = acc
@@ -232,8 +232,8 @@ def _kernel_args(kernel: str, dtype: torch.dtype, config, tf32: bool, geo: _Geom
         constexprs["W_K_MAJOR"] = _forward_k_major(dtype, "tf32" if tf32 else "ieee")
         constexprs["FLAT"] = _forward_flat(geo, config)
         constexprs["WHOLE_BLOCKS"] = _blocks_align_with_offset_groups(geo, config.block_k)
-        constexprs["LOW_BLEND"] = kernel.endswith("-16")
-        constexprs["CHANNELS_INNER"] = constexprs["FLAT"] and ("-ci" in kernel or config.channels_inner)
+        constexprs["LOW_BLEND"] = kernel == "forward-16"
+        constexprs["CHANNELS_INNER"] = constexprs["FLAT"] and config.channels_inner
         constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         map_constexprs, divisible = _map_args(geo, "forward")
         return _k.deform_conv_fwd_kernel, pointers, {**constexprs, **map_constexprs}, divisible
@@ -362,9 +362,10 @@ def _jobs(
     kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
     may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
     (data, 256 channels or fewer), the opt-in fused backward's default and candidates (256 channels
-    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates (in either order), in 16-bit the
-    opt-in 16-bit blend of the forward's default ("forward-16"), and where that default is a flat loop
-    its opt-in channels-inner order ("forward-ci", "forward-ci-16")."""
+    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates (in either order), where the
+    forward's default is a flat loop that loop with its channels inner (FLAT_CHANNELS_INNER, an
+    autotuning candidate too), and in 16-bit the opt-in 16-bit blend of the forward's default and of
+    that channels-inner loop ("forward-16")."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
@@ -384,12 +385,12 @@ def _jobs(
         jobs += [("fused", c) for c in dict.fromkeys([fused, *_candidates("fused", geo, dtype, tf32)])]
     if name in _FLAT_SHAPES and dtype != torch.bfloat16:  # bf16: fp16's code (sm_90: within 6 registers)
         jobs += [("forward", c) for c in _candidates("forward", geo, dtype, tf32) if c.flat]
-    if dtype in _16_BIT:  # deform_conv.BLEND_IN_16_BIT: the forward's default with the 16-bit blend
-        jobs.append(("forward-16", defaults["forward"]))
-    if _forward_flat(geo, defaults["forward"]):  # deform_conv.FLAT_CHANNELS_INNER, with either blend
-        jobs.append(("forward-ci", defaults["forward"]))
-        if dtype in _16_BIT:
-            jobs.append(("forward-ci-16", defaults["forward"]))
+    forwards = [defaults["forward"]]
+    if _forward_flat(geo, defaults["forward"]):  # deform_conv.FLAT_CHANNELS_INNER
+        forwards.append(dataclasses.replace(defaults["forward"], channels_inner=True))
+        jobs.append(("forward", forwards[-1]))  # compiled once where a candidate above is the same
+    if dtype in _16_BIT:  # deform_conv.BLEND_IN_16_BIT: with the 16-bit blend
+        jobs += [("forward-16", c) for c in forwards]
     return jobs
 
 
