@@ -195,7 +195,7 @@ def test_two_process_torchrun_on_cpu(smoke_overrides, tmp_path):
 def test_demo_smoke_end_to_end(data_dir, tmp_path):
     from deformable.engine.demo import ROWS, run_demo
 
-    out = run_demo("smoke", tmp_path / "demo", [f"data_dir={data_dir}", "progress=false"])
+    out = run_demo("smoke", tmp_path / "demo", [f"data_dir={data_dir}", "progress=false", "iterations=3"])
     table = (out / "report.md").read_text()
     for name, _ in ROWS:
         assert name in table
@@ -237,7 +237,9 @@ def test_classification_demo_smoke(tmp_path, monkeypatch):
     from deformable.engine.classification import run_classification_demo
 
     monkeypatch.setenv("DEFORMABLE_CACHE", str(tmp_path / "cache"))
-    results = run_classification_demo("smoke", tmp_path / "out", ["iterations=3"])
+    results = run_classification_demo(
+        "smoke", tmp_path / "out", ["iterations=2", "num_train=64", "num_val=32", "batch_size=16"]
+    )
     assert [r.name for r in results] == ["regular", "DCNv1 (conv3-5)", "DCNv2 (conv3-5)"]
     assert all(0.0 <= r.top1_error <= 1.0 for r in results)
     assert results[2].parameters > results[0].parameters

@@ -20,12 +20,12 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         # --fast: a third less time (no second ptxas, SASS only where checked below); --defaults-only:
-        # the configurations the heuristic picks. The full report (`python -m
-        # deformable.ops._triton.compile_check`) also flags serialised wgmma and compiles the
-        # autotuner's variant candidates.
+        # the configurations the heuristic picks; --quick: every mode at one shape, fp16 and TF32 at
+        # all. The full report (`python -m deformable.ops._triton.compile_check`) also flags
+        # serialised wgmma and compiles every mode everywhere and the autotuner's variant candidates.
         [
             sys.executable, "-m", "deformable.ops._triton.compile_check", "--max-spill-bytes", "16", "--fast",
-            "--defaults-only",
+            "--defaults-only", "--quick",
         ],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
@@ -37,6 +37,6 @@ def test_every_kernel_compiles_for_sm90_without_spills():
     # narrow loads per iteration; what remains are the per-pixel offset and mask loads.
     narrow = re.compile(r"^(\S+)\s+(data|weight)\s+(fp16|bf16)\s.*'loop_narrow_loads': (\d+)", re.M)
     found = narrow.findall(result.stdout)
-    assert len(found) >= 12, result.stdout[-4000:]
+    assert len(found) >= 8, result.stdout[-4000:]
     for shape, kernel, dtype, count in found:
         assert int(count) <= 8, f"{shape} {kernel} {dtype}: {count} narrow loads in the main loop"

@@ -727,7 +727,7 @@ def _channels_last(tensors):
 @pytest.mark.parametrize(
     ("mode", "dtype"), [("atomic", torch.float32), ("deterministic", torch.float16)], ids=["fp32", "fp16-det"]
 )
-def test_channels_last_in_channels_last_out(small_tiles, request, mode, dtype):
+def test_channels_last_in_channels_last_out(request, mode, dtype):
     """A channels_last model's tensors are read as they are (input, offset, mask and weight through
     their strides) and the output and gradients come back channels_last: the values of the NCHW path
     (bitwise under the interpreter; the bias gradient, a PyTorch sum, up to its order)."""

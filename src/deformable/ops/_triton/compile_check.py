@@ -2,7 +2,8 @@
 
     python -m deformable.ops._triton.compile_check             # sm_90 (H100), the anchor shapes
     python -m deformable.ops._triton.compile_check --arch 80   # another compute capability
-    python -m deformable.ops._triton.compile_check --fast      # the test suite's shorter check
+    python -m deformable.ops._triton.compile_check --fast      # quicker: resources from the cubin
+    python -m deformable.ops._triton.compile_check --fast --defaults-only --quick  # the test suite's
 
 For every deform_conv2d kernel, dtype and launch configuration the heuristic picks for the seven
 anchor shapes of ``shared/anchors``, and for the deformable RoI pooling kernels (7x7 bins, 256
@@ -16,7 +17,9 @@ compile or spills more than ``--max-spill-bytes`` (default 0): a check a session
 before handing kernels over (the test suite runs it with a small allowance, as ptxas may keep a few
 bytes of a loop's state on the stack). ``--fast`` reads the resources from the cubin Triton assembled
 (spills as its stack frame, an upper bound; no serialisation flag) and disassembles only the 16-bit
-data and weight kernels, whose loop loads the test suite checks: about a third less time.
+data and weight kernels, whose loop loads the test suite checks: about a third less time. ``--quick``
+compiles every mode at the first anchor shape only, and at the others the modes a GPU trains in by
+default (fp16 and TF32), without the deterministic data kernel: about half the compilations.
 Uses Triton internals (``ASTSource``, ``GPUTarget``), so it may need updating with Triton; it does
 not work under ``TRITON_INTERPRET=1``.
 """
@@ -62,6 +65,7 @@ ANCHORS = {
     "det-c4-s2": (2, 256, 100, 168, 2), "cls-c3": (64, 128, 28, 28, 1), "cls-c4": (64, 256, 14, 14, 1),
     "cls-c5": (64, 512, 7, 7, 1),
 }  # fmt: skip
+_QUICK_MODES = ((torch.float16, True), (torch.float32, True))  # --quick, after the first shape: (dtype, tf32)
 _16_BIT = (torch.float16, torch.bfloat16)  # --fast disassembles their data and weight kernels
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # Integer arguments whose divisibility by 16 the JIT would see for the anchor shapes (channel counts).
@@ -356,22 +360,24 @@ def _transpose_pair_args(a: tuple, b: tuple):
 
 
 def _jobs(
-    name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int, defaults_only: bool = False
-) -> list[tuple[str, Config]]:
-    """(kernel, config) pairs to compile for one shape and mode: each kernel's default (the data
-    kernel's also in deterministic mode), and unless ``defaults_only`` the variants the autotuner
-    may pick: split taps (forward, 512 channels), go_first (weight), every deferred-sums candidate
-    (data, 256 channels or fewer), the opt-in fused backward's default and candidates (256 channels
-    or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates (in either order), where the
-    forward's default is a flat loop that loop with its channels inner (FLAT_CHANNELS_INNER, an
-    autotuning candidate too), and in 16-bit the opt-in 16-bit blend of the forward's default and of
-    that channels-inner loop ("forward-16")."""
+    name: str, geo: _Geometry, dtype: torch.dtype, tf32: bool, sms: int, defaults_only: bool = False,
+    deterministic: bool = True,
+) -> list[tuple[str, Config]]:  # fmt: skip
+    """(kernel, config) pairs to compile for one shape and mode: each kernel's default (where
+    ``deterministic``, the data kernel's also in deterministic mode), and unless ``defaults_only``
+    the variants the autotuner may pick: split taps (forward, 512 channels), go_first (weight),
+    every deferred-sums candidate (data, 256 channels or fewer), the opt-in fused backward's default
+    and candidates (256 channels or fewer), at ``_FLAT_SHAPES`` the forward's flat-loop candidates
+    (in either order), where the forward's default is a flat loop that loop with its channels inner
+    (FLAT_CHANNELS_INNER, an autotuning candidate too), and in 16-bit the opt-in 16-bit blend of the
+    forward's default and of that channels-inner loop ("forward-16")."""
     defaults = {
         kernel: _heuristic(kernel, geo, dtype, interpreted=False, sms=sms, tf32=tf32)
         for kernel in ("forward", "data", "weight", "cells", "gather")
     }
     jobs = list(defaults.items())
-    jobs.insert(2, ("data-deterministic", defaults["data"]))
+    if deterministic:
+        jobs.insert(2, ("data-deterministic", defaults["data"]))
     if dtype == torch.float64 or defaults_only:
         return jobs
     if geo.group_out == 512:
@@ -429,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only the configurations the heuristic picks (normal and deterministic mode), not the "
         "autotuner's variant candidates (deferred sums, flat loops elsewhere, split taps): the test suite",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="every mode at the first anchor shape; at the others fp16 and TF32 only, and no deterministic "
+        "data kernel (the test suite)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET", file=sys.stderr)
@@ -438,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     modes.append((torch.float64, False))
     seen: dict[tuple, dict | str] = {}
     bad = 0
-    for name, (n, c, h, w, s) in ANCHORS.items():
+    for index, (name, (n, c, h, w, s)) in enumerate(ANCHORS.items()):
+        everything = index == 0 or not args.quick
         ho, wo = (h - 1) // s + 1, (w - 1) // s + 1
         geo = _Geometry(n, c, h, w, c, 1, 3, 3, 1, ho, wo, (s, s), (1, 1), (1, 1))
         ints16 = set(_CHANNEL_ARGS)
@@ -446,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             ints16.add("HoWo")
         if (h * w) % 16 == 0:
             ints16.add("HW")
-        for dtype, tf32 in modes:
-            for kernel, config in _jobs(name, geo, dtype, tf32, args.sms, args.defaults_only):
+        for dtype, tf32 in modes if everything else _QUICK_MODES:
+            for kernel, config in _jobs(name, geo, dtype, tf32, args.sms, args.defaults_only, everything):
                 fn, pointers, constexprs, divisible = _kernel_args(kernel, dtype, config, tf32, geo)
                 # What the compiled code depends on: shapes and modes that give a kernel the same
                 # arguments, specialisations and launch shape (e.g. the deterministic reduction's
