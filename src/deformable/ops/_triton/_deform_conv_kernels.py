@@ -992,10 +992,14 @@ def deform_conv_bwd_fused_kernel(
         gcol = _mma(go, wt, tl.zeros([BLOCK_M, BLOCK_C], dtype=CT), MMA, PRECISION)
         gcol = tl.where(cm, gcol, 0.0)
         v00, v01, v10, v11 = _gather(x_ptr, r00, ok00, ok01, ok10, ok11, cols, cmask, C, W, CT)
-        val = b00[:, None] * v00 + b01[:, None] * v01 + b10[:, None] * v10 + b11[:, None] * v11
+        # The value and its two derivatives through shared differences, as in the data kernel.
+        dtop = v01 - v00
+        dbot = v11 - v10
+        top = v00 + lx[:, None] * dtop
+        dvy = v10 + lx[:, None] * dbot - top  # bottom row minus top row
+        val = top + ly[:, None] * dvy
         if NEED_OFFSET:
-            dvy = (1.0 - lx)[:, None] * (v10 - v00) + lx[:, None] * (v11 - v01)
-            dvx = (1.0 - ly)[:, None] * (v01 - v00) + ly[:, None] * (v11 - v10)
+            dvx = dtop + ly[:, None] * (dbot - dtop)
             gy = tl.where(inside, tl.sum(gcol * dvy, axis=1) * mod, outside)
             gx = tl.where(inside, tl.sum(gcol * dvx, axis=1) * mod, outside)
             where = goff_ptr + n * GOFF_SN + p * GOFF_SP + (2 * gk) * GOFF_SC
