@@ -1,8 +1,9 @@
 """Double backward: second derivatives of both operators, every backend and both dispatch routes.
 
 gradgradcheck (finite differences of the first derivative, float64) judges the reference and the aten
-backend; the Triton backend, whose interpreted forward is too slow for gradgradcheck's thousands of
-calls, must give the same second-order products as the aten backend.
+backend through the eager route; the custom op's route must give the eager route's second-order
+products (a Hessian-vector product over every input pair), and the Triton backend, whose interpreted
+forward is too slow for gradgradcheck's thousands of calls, the aten backend's on either route.
 """
 
 from __future__ import annotations
