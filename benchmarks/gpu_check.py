@@ -825,11 +825,11 @@ def _backward_run(grad_output, tensors, geometry, fused: bool) -> Callable[[], o
     return _backward_with(grad_output, tensors, geometry, "FUSED_BACKWARD", fused, (True,) * 4 + (False,))
 
 
-def fused_ab(device, report: Report, clock: Clock, smoke: bool) -> None:
+def fused_ab(device, report: Report, clock: Clock, smoke: bool, only: list[str] | None = None) -> None:
     """The fused backward (one pass for the data and weight gradients) against the two kernels, per
-    shape and dtype where it applies (C_out/groups <= 256), in CUDA graphs, with the largest difference
-    of their gradients."""
-    problems = [p for p in anchors(smoke) if p.out_channels <= 256]
+    anchor shape (those named in ``only``, as for the other A/B sections) and dtype where it applies
+    (C_out/groups <= 256), in CUDA graphs, with the largest difference of their gradients."""
+    problems = [p for p in anchors(smoke) if p.out_channels <= 256 and (only is None or p.name in only)]
     _ab_section(
         device, report, clock, smoke, problems,
         "Fused backward (data + weight in one kernel) against the two kernels",
@@ -1223,7 +1223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-breakdown", action="store_true")
     parser.add_argument(
         "--fused-ab", action="store_true",
-        help="time the fused backward (off by default: level with the two kernels in run 8) against them",
+        help="time the fused backward (off by default: level with the two kernels in run 8) against them "
+        "(each dtype, the --timing-shapes of up to 256 output channels)",
     )  # fmt: skip
     parser.add_argument(
         "--skip-forward-ab", action="store_true",
@@ -1269,7 +1270,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_data_ab:
         data_ab(device, report, clock, args.smoke, args.timing_shapes)
     if args.fused_ab:
-        fused_ab(device, report, clock, args.smoke)
+        fused_ab(device, report, clock, args.smoke, args.timing_shapes)
     # The breakdown before the timing table, which can take the whole budget: a few seconds that
     # say which part of each kernel costs what (runs 3-5 of 2026-11-27 never reached it).
     if not args.skip_breakdown:
